@@ -1,0 +1,11 @@
+"""Mullama: a Python drop-in replacement for Ollama over llama.cpp.
+
+The in-process engine is public: ``mullama.Model`` loads a GGUF in this
+process and generates, embeds and tokenizes without any HTTP hop.
+"""
+
+__version__ = "0.1.0"
+
+from mullama.engine import Completion, Generation, Model, Timings
+
+__all__ = ["Completion", "Generation", "Model", "Timings", "__version__"]

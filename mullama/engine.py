@@ -1,0 +1,578 @@
+"""The in-process engine: a GGUF model, its contexts, generation and embeddings.
+
+``Model`` is public: a program can load a model in its own process and use
+it with no server::
+
+    import mullama
+    model = mullama.Model("SmolLM2-135M-Instruct.Q4_1.gguf", num_ctx=2048)
+    for piece in model.generate("The capital of France is", num_predict=16, temperature=0):
+        print(piece, end="", flush=True)
+
+One llama context holds ``num_parallel`` sequences, each with its own
+``num_ctx`` tokens of KV cache. ``Model.generate`` drives one sequence;
+the daemon's scheduler drives all of them at once with :class:`Batch` and
+:meth:`Context.decode`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import os
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mullama import gguf
+from mullama.errors import BadRequestError, CancelledError, ModelLoadError, MullamaError
+from mullama.ffi import llama as L
+from mullama.ffi import load
+from mullama.sampling import Sampler, SamplingParams
+from mullama.textstream import TextStream
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """What is fixed when a model is loaded, with Ollama's option names."""
+
+    num_ctx: int = 4096
+    num_batch: int = 512
+    #: Layers to offload to the GPU; -1 means all that fit (Ollama's default).
+    num_gpu: int = -1
+    main_gpu: int = 0
+    #: 0 lets Mullama choose (physical cores).
+    num_thread: int = 0
+    use_mmap: bool = True
+    use_mlock: bool = False
+    #: None means llama.cpp decides (auto).
+    flash_attention: bool | None = None
+    kv_cache_type: str = "f16"
+    num_parallel: int = 1
+
+    @classmethod
+    def from_options(cls, options: Any = None, **overrides: Any) -> "LoadOptions":
+        """Pick the load-time fields out of an options object or mapping."""
+        values: dict[str, Any] = {}
+        for name in cls.__dataclass_fields__:
+            if isinstance(options, dict) and options.get(name) is not None:
+                values[name] = options[name]
+            elif options is not None and getattr(options, name, None) is not None:
+                values[name] = getattr(options, name)
+        values.update({k: v for k, v in overrides.items() if k in cls.__dataclass_fields__ and v is not None})
+        return cls(**values)
+
+
+@dataclass
+class Timings:
+    """Durations in nanoseconds and counts, named as Ollama reports them."""
+
+    load_duration: int = 0
+    prompt_eval_count: int = 0
+    prompt_eval_duration: int = 0
+    eval_count: int = 0
+    eval_duration: int = 0
+    total_duration: int = 0
+
+
+@dataclass
+class Completion:
+    """The outcome of one generation."""
+
+    text: str = ""
+    tokens: list[int] = field(default_factory=list)
+    #: "stop" (end of turn or a stop string), "length" (num_predict or context end) or "cancel".
+    done_reason: str = ""
+    timings: Timings = field(default_factory=Timings)
+    #: Prompt tokens dropped to fit the context (0 when nothing was cut).
+    truncated: int = 0
+    #: The whole token sequence the model saw plus what it generated (Ollama's ``context``).
+    context: list[int] = field(default_factory=list)
+
+
+def default_threads() -> int:
+    """Physical cores where we can tell, else all logical CPUs; as llama.cpp's tools pick."""
+    try:
+        cores = set()
+        block: dict[str, str] = {}
+        with open("/proc/cpuinfo") as handle:
+            for line in list(handle) + ["\n"]:
+                if not line.strip():
+                    if "core id" in block:
+                        cores.add((block.get("physical id"), block["core id"]))
+                    block = {}
+                elif ":" in line:
+                    key, _, value = line.partition(":")
+                    block[key.strip()] = value.strip()
+        if cores:
+            return len(cores)
+    except OSError:
+        pass
+    return os.cpu_count() or 1
+
+
+class Batch:
+    """A reusable ``llama_batch`` filled from Python without reallocating."""
+
+    def __init__(self, lib: ctypes.CDLL, capacity: int, n_seq_max: int) -> None:
+        self._lib = lib
+        self.capacity = capacity
+        self.raw = lib.llama_batch_init(capacity, 0, n_seq_max)
+        self.n = 0
+
+    def clear(self) -> None:
+        self.n = 0
+
+    def add(self, token: int, pos: int, seq_id: int, logits: bool) -> int:
+        """Append one token; return its index in the batch (the output index if ``logits``)."""
+        i = self.n
+        raw = self.raw
+        raw.token[i] = token
+        raw.pos[i] = pos
+        raw.n_seq_id[i] = 1
+        raw.seq_id[i][0] = seq_id
+        raw.logits[i] = logits
+        self.n = i + 1
+        return i
+
+    def close(self) -> None:
+        if self.raw is not None:
+            self.raw.n_tokens = self.capacity
+            self._lib.llama_batch_free(self.raw)
+            self.raw = None
+
+
+class Context:
+    """A llama context: ``n_seq`` sequences sharing one KV cache and one decode call."""
+
+    def __init__(self, model: "Model", opts: LoadOptions, *, embeddings: bool = False, pooling: int | None = None) -> None:
+        self.model = model
+        lib = self._lib = model.lib
+        params = lib.llama_context_default_params()
+        self.n_seq = max(1, opts.num_parallel)
+        params.n_ctx = opts.num_ctx * self.n_seq
+        params.n_batch = opts.num_batch
+        params.n_ubatch = opts.num_batch if not embeddings else opts.num_ctx
+        if embeddings:
+            params.n_batch = params.n_ubatch = opts.num_ctx
+        params.n_seq_max = self.n_seq
+        threads = opts.num_thread or default_threads()
+        params.n_threads = params.n_threads_batch = threads
+        params.flash_attn_type = {None: L.LLAMA_FLASH_ATTN_TYPE_AUTO, True: L.LLAMA_FLASH_ATTN_TYPE_ENABLED,
+                                  False: L.LLAMA_FLASH_ATTN_TYPE_DISABLED}[opts.flash_attention]
+        kv_type = L.GGML_TYPES.get(opts.kv_cache_type.lower())
+        if kv_type is None:
+            raise BadRequestError(f"unknown kv_cache_type {opts.kv_cache_type!r}; use one of {', '.join(L.GGML_TYPES)}")
+        params.type_k = params.type_v = kv_type
+        params.kv_unified = embeddings
+        params.no_perf = False
+        params.embeddings = embeddings
+        if pooling is not None:
+            params.pooling_type = pooling
+        self._abort_requested = False
+        self._abort_cb = L.ggml_abort_callback(lambda _data: self._abort_requested)
+        self.ptr = lib.llama_init_from_model(model.ptr, params)
+        if not self.ptr:
+            raise ModelLoadError(f"llama.cpp could not create a context of {params.n_ctx} tokens for {model.path.name}")
+        self.memory = lib.llama_get_memory(self.ptr)
+        self.n_ctx_seq = lib.llama_n_ctx_seq(self.ptr)
+        self.n_batch = lib.llama_n_batch(self.ptr)
+        self.batch = Batch(lib, self.n_batch, self.n_seq)
+        #: Tokens currently held in the KV cache of each sequence, for prefix reuse.
+        self.cached: list[list[int]] = [[] for _ in range(self.n_seq)]
+
+    def decode(self, batch: Batch, *, abortable: bool = False) -> None:
+        """Run the model on ``batch``; raise on failure or when aborted.
+
+        ``abortable`` installs the abort callback for this call only: ggml asks
+        it between graph nodes, which is worth it for a long prompt chunk and
+        not for a one-token step.
+        """
+        lib = self._lib
+        batch.raw.n_tokens = batch.n
+        if abortable:
+            self._abort_requested = False
+            lib.llama_set_abort_callback(self.ptr, self._abort_cb, None)
+        try:
+            code = lib.llama_decode(self.ptr, batch.raw)
+        finally:
+            if abortable:
+                lib.llama_set_abort_callback(self.ptr, L.ggml_abort_callback(), None)
+        if code == 2:
+            raise CancelledError("generation cancelled")
+        if code == 1:
+            raise MullamaError("the KV cache is full: no slot for this batch (lower num_parallel or num_ctx)")
+        if code != 0:
+            raise MullamaError(f"llama_decode failed with code {code}")
+
+    def abort(self) -> None:
+        """Make an abortable decode in progress stop at its next graph node."""
+        self._abort_requested = True
+
+    def forget(self, seq: int, keep: int = 0) -> None:
+        """Drop the KV cache of ``seq`` from position ``keep`` on."""
+        self._lib.llama_memory_seq_rm(self.memory, seq, keep, -1)
+        del self.cached[seq][keep:]
+
+    def reuse_prefix(self, seq: int, tokens: Sequence[int]) -> int:
+        """Keep the longest cached prefix of ``tokens`` in ``seq``; return its length.
+
+        At least the last prompt token is always evaluated again, since its
+        logits are needed to sample the first new token.
+        """
+        cached = self.cached[seq]
+        limit = min(len(cached), len(tokens) - 1)
+        n = 0
+        while n < limit and cached[n] == tokens[n]:
+            n += 1
+        if n < len(cached):
+            self.forget(seq, n)
+        return n
+
+    def close(self) -> None:
+        if self.ptr:
+            self.batch.close()
+            self._lib.llama_free(self.ptr)
+            self.ptr = None
+
+
+class Model:
+    """A GGUF model loaded in this process.
+
+    ``path`` is validated by :mod:`mullama.gguf` before llama.cpp opens it.
+    Options use Ollama's names: ``num_ctx``, ``num_batch``, ``num_gpu``,
+    ``num_thread``, ``use_mmap``, ``flash_attention``, ``kv_cache_type``,
+    ``num_parallel``. Use it as a context manager or call :meth:`close`.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], options: Any = None, **overrides: Any) -> None:
+        started = time.perf_counter_ns()
+        self.path = Path(path)
+        self.options = LoadOptions.from_options(options, **overrides)
+        if self.options.num_ctx < 16 or self.options.num_batch < 1 or self.options.num_parallel < 1:
+            raise BadRequestError("num_ctx must be at least 16, num_batch and num_parallel at least 1")
+        self.info = gguf.read_gguf(self.path)
+        native = load()
+        self.native = native
+        lib = self.lib = native.llama
+        params = lib.llama_model_default_params()
+        params.n_gpu_layers = self.options.num_gpu if self.options.num_gpu >= 0 else 999
+        params.main_gpu = self.options.main_gpu
+        params.load_mode = (L.LLAMA_LOAD_MODE_MMAP_MLOCK if self.options.use_mlock else L.LLAMA_LOAD_MODE_MMAP) \
+            if self.options.use_mmap else (L.LLAMA_LOAD_MODE_MLOCK if self.options.use_mlock else L.LLAMA_LOAD_MODE_NONE)
+        self.ptr = lib.llama_model_load_from_file(str(self.path).encode(), params)
+        if not self.ptr:
+            raise ModelLoadError(f"llama.cpp could not load {self.path} (see the log for its reason)")
+        self.vocab = lib.llama_model_get_vocab(self.ptr)
+        self.n_vocab = lib.llama_vocab_n_tokens(self.vocab)
+        self.n_ctx_train = lib.llama_model_n_ctx_train(self.ptr)
+        self.n_embd = lib.llama_model_n_embd(self.ptr)
+        self._piece_cache: dict[int, bytes] = {}
+        self._lock = threading.Lock()
+        self._context: Context | None = None
+        self._embed_context: Context | None = None
+        try:
+            self._context = Context(self, self.options)
+        except BaseException:
+            self.close()
+            raise
+        self.load_duration = time.perf_counter_ns() - started
+
+    # --- lifecycle -----------------------------------------------------------
+
+    def __enter__(self) -> "Model":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Free the contexts and the weights; the model is unusable afterwards."""
+        for ctx in (self._context, self._embed_context):
+            if ctx is not None:
+                ctx.close()
+        self._context = self._embed_context = None
+        if getattr(self, "ptr", None):
+            self.lib.llama_model_free(self.ptr)
+            self.ptr = None
+
+    @property
+    def context(self) -> Context:
+        """The generation context (``num_parallel`` sequences)."""
+        if self._context is None:
+            raise MullamaError("the model is closed")
+        return self._context
+
+    # --- metadata ------------------------------------------------------------
+
+    @property
+    def chat_template(self) -> str | None:
+        """The GGUF's own Jinja chat template, if it has one."""
+        return self.info.chat_template
+
+    def special_token(self, which: str) -> str:
+        """Text of the ``bos``/``eos`` token (for chat templates), or ``""``."""
+        token = {"bos": self.lib.llama_vocab_bos, "eos": self.lib.llama_vocab_eos}[which](self.vocab)
+        return "" if token == L.LLAMA_TOKEN_NULL else self.token_bytes(token, special=True).decode("utf-8", "replace")
+
+    @property
+    def add_bos(self) -> bool:
+        return bool(self.lib.llama_vocab_get_add_bos(self.vocab))
+
+    # --- tokens --------------------------------------------------------------
+
+    def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = True) -> list[int]:
+        """Text to token ids; ``parse_special`` lets ``<|im_start|>`` and the like be one token."""
+        data = text.encode("utf-8", "surrogatepass")
+        capacity = len(data) + 8
+        buffer = (L.llama_token * capacity)()
+        n = self.lib.llama_tokenize(self.vocab, data, len(data), buffer, capacity, add_special, parse_special)
+        if n < 0:
+            capacity = -n
+            buffer = (L.llama_token * capacity)()
+            n = self.lib.llama_tokenize(self.vocab, data, len(data), buffer, capacity, add_special, parse_special)
+        if n < 0:
+            raise BadRequestError("the text could not be tokenized")
+        return buffer[:n]
+
+    def token_bytes(self, token: int, *, special: bool = False) -> bytes:
+        """The bytes of one token (possibly part of a UTF-8 character)."""
+        key = token if not special else -token - 1
+        cached = self._piece_cache.get(key)
+        if cached is not None:
+            return cached
+        buffer = ctypes.create_string_buffer(64)
+        n = self.lib.llama_token_to_piece(self.vocab, token, buffer, 64, 0, special)
+        if n < 0:
+            buffer = ctypes.create_string_buffer(-n)
+            n = self.lib.llama_token_to_piece(self.vocab, token, buffer, -n, 0, special)
+        piece = buffer.raw[:max(n, 0)]
+        self._piece_cache[key] = piece
+        return piece
+
+    def detokenize(self, tokens: Sequence[int], *, special: bool = False) -> str:
+        """Token ids back to text (special tokens rendered only if ``special``)."""
+        if not tokens:
+            return ""
+        array = (L.llama_token * len(tokens))(*tokens)
+        capacity = len(tokens) * 8 + 16
+        buffer = ctypes.create_string_buffer(capacity)
+        n = self.lib.llama_detokenize(self.vocab, array, len(tokens), buffer, capacity, not special, special)
+        if n < 0:
+            capacity = -n
+            buffer = ctypes.create_string_buffer(capacity)
+            n = self.lib.llama_detokenize(self.vocab, array, len(tokens), buffer, capacity, not special, special)
+        return buffer.raw[:n].decode("utf-8", "replace")
+
+    def is_end_of_generation(self, token: int) -> bool:
+        return bool(self.lib.llama_vocab_is_eog(self.vocab, token))
+
+    # --- generation ----------------------------------------------------------
+
+    def generate(self, prompt: str | Sequence[int], options: Any = None, *, grammar: str | None = None,
+                 **overrides: Any) -> "Generation":
+        """Start generating from ``prompt`` (text, or token ids); iterate for text pieces.
+
+        Sampling options use Ollama's names (``temperature``, ``top_k``,
+        ``num_predict``, ``stop``, ``seed``, ...). The returned
+        :class:`Generation` yields text as it is produced and holds the
+        :class:`Completion` in ``.result`` once done; ``cancel()`` from any
+        thread stops it within one token.
+        """
+        merged: dict[str, Any] = {}
+        if isinstance(options, dict):
+            merged.update(options)
+        elif options is not None:
+            merged.update({k: getattr(options, k) for k in dir(options) if not k.startswith("_")})
+        merged.update(overrides)
+        tokens = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
+        return Generation(self, tokens, merged, grammar)
+
+    def complete(self, prompt: str | Sequence[int], options: Any = None, **overrides: Any) -> Completion:
+        """Generate to the end and return the :class:`Completion`."""
+        generation = self.generate(prompt, options, **overrides)
+        for _ in generation:
+            pass
+        return generation.result
+
+    # --- embeddings ----------------------------------------------------------
+
+    def embed(self, inputs: str | Sequence[str], *, truncate: bool = True, normalize: bool = True) -> list[list[float]]:
+        """Pooled embeddings, one per input, L2-normalised; several inputs share decodes."""
+        texts = [inputs] if isinstance(inputs, str) else list(inputs)
+        if not texts:
+            return []
+        with self._lock:
+            ctx = self._embedding_context()
+            token_lists = [self._fit_for_embedding(self.tokenize(t), ctx.n_ctx_seq, truncate) for t in texts]
+            return [_l2(v) if normalize else v for v in self._embed_tokens(ctx, token_lists)]
+
+    def _embedding_context(self) -> Context:
+        if self._embed_context is None:
+            pooling = self.info.pooling_type
+            if pooling is None or pooling == L.LLAMA_POOLING_TYPE_NONE:
+                pooling = L.LLAMA_POOLING_TYPE_MEAN
+            n_seq = 16
+            opts = LoadOptions(**{**self.options.__dict__, "num_parallel": n_seq,
+                                  "num_ctx": min(self.options.num_ctx, self.n_ctx_train or self.options.num_ctx)})
+            self._embed_context = Context(self, opts, embeddings=True, pooling=pooling)
+        return self._embed_context
+
+    @staticmethod
+    def _fit_for_embedding(tokens: list[int], limit: int, truncate: bool) -> list[int]:
+        if len(tokens) <= limit:
+            return tokens
+        if not truncate:
+            raise BadRequestError(f"input length {len(tokens)} exceeds the context length {limit}")
+        return tokens[:limit]
+
+    def _embed_tokens(self, ctx: Context, token_lists: list[list[int]]) -> list[list[float]]:
+        """Pack inputs into as few decodes as fit in one batch, one sequence each."""
+        results: list[list[float]] = [[] for _ in token_lists]
+        batch = ctx.batch
+        pending = list(range(len(token_lists)))
+        while pending:
+            batch.clear()
+            group: list[int] = []
+            for index in pending:
+                tokens = token_lists[index]
+                if group and (len(group) == ctx.n_seq or batch.n + len(tokens) > batch.capacity):
+                    break
+                seq = len(group)
+                for pos, token in enumerate(tokens):
+                    batch.add(token, pos, seq, True)
+                group.append(index)
+            pending = pending[len(group):]
+            self.lib.llama_memory_clear(ctx.memory, True)
+            ctx.decode(batch)
+            n_embd = self.lib.llama_model_n_embd_out(self.ptr) or self.n_embd
+            for seq, index in enumerate(group):
+                vector = self.lib.llama_get_embeddings_seq(ctx.ptr, seq)
+                if not vector:
+                    raise MullamaError("llama.cpp returned no pooled embedding for this model")
+                results[index] = vector[:n_embd]
+        return results
+
+
+def _l2(vector: list[float]) -> list[float]:
+    norm = math.sqrt(sum(x * x for x in vector))
+    return [x / norm for x in vector] if norm > 0 else vector
+
+
+def fit_prompt(tokens: list[int], n_ctx: int, num_keep: int, num_predict: int) -> tuple[list[int], int]:
+    """Ollama's rule when a prompt does not fit: keep ``num_keep`` tokens, drop the oldest after them.
+
+    Room is left for at least one generated token. Returns the tokens and
+    how many were dropped.
+    """
+    limit = n_ctx - 1
+    if len(tokens) <= limit:
+        return tokens, 0
+    keep = max(0, min(num_keep, limit // 2))
+    dropped = len(tokens) - limit
+    return tokens[:keep] + tokens[keep + dropped:], dropped
+
+
+class Generation:
+    """One running generation on sequence 0 of a model's context; iterate for text."""
+
+    def __init__(self, model: Model, tokens: list[int], options: dict[str, Any], grammar: str | None) -> None:
+        if not tokens:
+            raise BadRequestError("the prompt is empty")
+        self.model = model
+        self.prompt_tokens = tokens
+        self.options = options
+        self.grammar = grammar
+        self.result: Completion | None = None
+        self._cancelled = threading.Event()
+
+    def cancel(self) -> None:
+        """Stop at the next token (or the next graph node of a prompt chunk)."""
+        self._cancelled.set()
+        context = self.model._context
+        if context is not None:
+            context.abort()
+
+    def __iter__(self) -> Iterator[str]:
+        model = self.model
+        with model._lock:
+            yield from self._run(model, model.context)
+
+    def _run(self, model: Model, ctx: Context) -> Iterator[str]:
+        started = time.perf_counter_ns()
+        opts = self.options
+        num_predict = int(opts.get("num_predict") if opts.get("num_predict") is not None else -1)
+        stop = opts.get("stop") or []
+        stream = TextStream(stop=[stop] if isinstance(stop, str) else list(stop))
+        tokens, truncated = fit_prompt(self.prompt_tokens, ctx.n_ctx_seq, int(opts.get("num_keep") or 4), num_predict)
+        sampler = Sampler(model.lib, model.vocab, SamplingParams.from_options(opts), self.grammar)
+        completion = Completion(truncated=truncated, timings=Timings(load_duration=0))
+        pieces: list[str] = []
+        try:
+            n_past = ctx.reuse_prefix(0, tokens)
+            prompt_started = time.perf_counter_ns()
+            self._eval_prompt(ctx, tokens, n_past)
+            completion.timings.prompt_eval_count = len(tokens) - n_past
+            completion.timings.prompt_eval_duration = time.perf_counter_ns() - prompt_started
+            eval_started = time.perf_counter_ns()
+            completion.done_reason = yield from self._decode_loop(model, ctx, sampler, stream, num_predict, completion, pieces)
+            completion.timings.eval_duration = time.perf_counter_ns() - eval_started
+            tail = stream.finish()
+            if tail:
+                pieces.append(tail)
+                yield tail
+        finally:
+            sampler.close()
+        completion.text = "".join(pieces)
+        completion.context = list(ctx.cached[0])
+        completion.timings.total_duration = time.perf_counter_ns() - started
+        self.result = completion
+
+    def _eval_prompt(self, ctx: Context, tokens: list[int], n_past: int) -> None:
+        batch = ctx.batch
+        for start in range(n_past, len(tokens), batch.capacity):
+            if self._cancelled.is_set():
+                ctx.forget(0, start)
+                raise CancelledError("generation cancelled")
+            chunk = tokens[start:start + batch.capacity]
+            batch.clear()
+            last = start + len(chunk) - 1
+            for offset, token in enumerate(chunk):
+                batch.add(token, start + offset, 0, start + offset == last)
+            try:
+                ctx.decode(batch, abortable=True)
+            except MullamaError:
+                ctx.forget(0, start)
+                raise
+            ctx.cached[0].extend(chunk)
+
+    def _decode_loop(self, model: Model, ctx: Context, sampler: Sampler, stream: TextStream,
+                     num_predict: int, completion: Completion, pieces: list[str]) -> Iterator[str]:
+        """Sample, yield text, decode the sampled token; return the done reason."""
+        batch = ctx.batch
+        cached = ctx.cached[0]
+        generated = completion.tokens
+        output = -1
+        while True:
+            if self._cancelled.is_set():
+                return "cancel"
+            token = sampler.sample(ctx.ptr, output)
+            if model.is_end_of_generation(token):
+                return "stop"
+            generated.append(token)
+            completion.timings.eval_count += 1
+            text = stream.feed(model.token_bytes(token))
+            if text:
+                pieces.append(text)
+                yield text
+            if stream.stopped:
+                return "stop"
+            if len(generated) == num_predict or len(cached) + 1 >= ctx.n_ctx_seq:
+                return "length"
+            batch.clear()
+            batch.add(token, len(cached), 0, True)
+            ctx.decode(batch)
+            cached.append(token)
+            output = 0

@@ -1,0 +1,198 @@
+"""Find and load libllama (and libmtmd), once per process.
+
+Search order: ``MULLAMA_LIBRARY_PATH`` (a directory or the libllama file),
+then the newest build in the user cache made by ``build_native.py``, then a
+libllama the system linker knows. ggml's backends are loaded and the devices
+they expose are reported, so a user sees at once whether the GPU was found.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import functools
+import json
+import logging
+import os
+import sys
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mullama import config
+from mullama.errors import NativeLibraryError
+from mullama.ffi import llama as L
+from mullama.ffi import mtmd as M
+
+log = logging.getLogger("mullama.native")
+
+if sys.platform == "darwin":
+    _SUFFIX = ".dylib"
+elif os.name == "nt":
+    _SUFFIX = ".dll"
+else:
+    _SUFFIX = ".so"
+
+#: Loaded first and globally so libllama and the backends resolve their ggml symbols.
+_GGML_LIBRARIES = ["ggml-base", "ggml"]
+
+
+@dataclass(frozen=True)
+class Device:
+    """A ggml compute device, as the backend reports it."""
+
+    name: str
+    description: str
+    kind: str
+    memory_total: int
+    memory_free: int
+
+
+@dataclass
+class Native:
+    """The loaded libraries and what they found on this machine."""
+
+    llama: ctypes.CDLL
+    mtmd: ctypes.CDLL | None
+    directory: Path
+    devices: list[Device]
+    system_info: str
+    manifest: dict = field(default_factory=dict)
+    #: The C side keeps the log callback's pointer forever, so Python must keep the object.
+    log_callback: object = None
+
+    @property
+    def gpu_devices(self) -> list[Device]:
+        return [d for d in self.devices if d.kind in ("gpu", "igpu")]
+
+    def describe(self) -> str:
+        """One line for logs: where the libraries came from and the devices they see."""
+        devices = ", ".join(f"{d.name} ({d.description})" for d in self.devices) or "no devices"
+        return f"llama.cpp {self.manifest.get('llama_cpp_commit', 'unknown')[:10]} from {self.directory}: {devices}"
+
+
+def _libname(stem: str) -> str:
+    return stem + ".dll" if os.name == "nt" else "lib" + stem + _SUFFIX
+
+
+def candidate_directories() -> list[Path]:
+    """Directories that may hold libllama, most preferred first."""
+    found: list[Path] = []
+    explicit = os.environ.get("MULLAMA_LIBRARY_PATH")
+    if explicit:
+        path = Path(explicit).expanduser()
+        found.append(path.parent if path.is_file() else path)
+    builds = config.native_build_dir()
+    if builds.is_dir():
+        manifests = sorted(builds.glob("*/manifest.json"), key=lambda p: p.stat().st_mtime, reverse=True)
+        found += [m.parent / "lib" for m in manifests]
+    return found
+
+
+def _find_directory() -> Path | None:
+    for directory in candidate_directories():
+        if (directory / _libname("llama")).exists():
+            return directory
+    if os.environ.get("MULLAMA_LIBRARY_PATH"):
+        raise NativeLibraryError(f"MULLAMA_LIBRARY_PATH={os.environ['MULLAMA_LIBRARY_PATH']} holds no {_libname('llama')}")
+    return None
+
+
+def _read_manifest(directory: Path) -> dict:
+    try:
+        return json.loads((directory.parent / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _route_logs(llama: ctypes.CDLL, mtmd: ctypes.CDLL | None) -> object:
+    """Send llama.cpp's log lines to the ``mullama.native`` logger.
+
+    llama.cpp writes a message in pieces (``GGML_LOG_LEVEL_CONT`` continues
+    the previous one), so pieces are joined until a newline ends them.
+    """
+    levels = {L.GGML_LOG_LEVEL_DEBUG: logging.DEBUG, L.GGML_LOG_LEVEL_INFO: logging.DEBUG,
+              L.GGML_LOG_LEVEL_WARN: logging.WARNING, L.GGML_LOG_LEVEL_ERROR: logging.ERROR}
+    pending = threading.local()
+
+    def callback(level: int, text: bytes | None, _user: int | None) -> None:
+        piece = (text or b"").decode("utf-8", "replace")
+        if level != L.GGML_LOG_LEVEL_CONT:
+            pending.level = levels.get(level, logging.DEBUG)
+            pending.text = ""
+        pending.text = getattr(pending, "text", "") + piece
+        if pending.text.endswith("\n"):
+            line, pending.text = pending.text.rstrip(), ""
+            if line:
+                log.log(getattr(pending, "level", logging.DEBUG), "%s", line)
+
+    c_callback = L.ggml_log_callback(callback)
+    llama.llama_log_set(c_callback, None)
+    if mtmd is not None and hasattr(mtmd, "mtmd_log_set"):
+        mtmd.mtmd_log_set.argtypes = [L.ggml_log_callback, ctypes.c_void_p]
+        mtmd.mtmd_log_set.restype = None
+        mtmd.mtmd_log_set(c_callback, None)
+    return c_callback
+
+
+def _devices(llama: ctypes.CDLL) -> list[Device]:
+    kinds = {L.GGML_BACKEND_DEVICE_TYPE_CPU: "cpu", L.GGML_BACKEND_DEVICE_TYPE_GPU: "gpu",
+             L.GGML_BACKEND_DEVICE_TYPE_IGPU: "igpu", L.GGML_BACKEND_DEVICE_TYPE_ACCEL: "accel"}
+    devices = []
+    for i in range(llama.ggml_backend_dev_count()):
+        dev = llama.ggml_backend_dev_get(i)
+        free, total = ctypes.c_size_t(), ctypes.c_size_t()
+        llama.ggml_backend_dev_memory(dev, ctypes.byref(free), ctypes.byref(total))
+        devices.append(Device(
+            name=llama.ggml_backend_dev_name(dev).decode(),
+            description=llama.ggml_backend_dev_description(dev).decode(errors="replace"),
+            kind=kinds.get(llama.ggml_backend_dev_type(dev), "unknown"),
+            memory_total=total.value,
+            memory_free=free.value,
+        ))
+    return devices
+
+
+@functools.lru_cache(maxsize=1)
+def load() -> Native:
+    """Load the libraries once; later calls return the same :class:`Native`."""
+    directory = _find_directory()
+    mode = ctypes.RTLD_GLOBAL
+    try:
+        if directory is not None:
+            for stem in _GGML_LIBRARIES:
+                path = directory / _libname(stem)
+                if path.exists():
+                    ctypes.CDLL(str(path), mode=mode)
+            llama = ctypes.CDLL(str(directory / _libname("llama")), mode=mode)
+            mtmd_path = directory / _libname("mtmd")
+            mtmd = ctypes.CDLL(str(mtmd_path), mode=mode) if mtmd_path.exists() else None
+        else:
+            system = ctypes.util.find_library("llama")
+            if not system:
+                raise NativeLibraryError(
+                    "libllama not found: run `python build_native.py` (or set MULLAMA_LIBRARY_PATH)")
+            llama = ctypes.CDLL(system, mode=mode)
+            directory = Path(system).parent
+            found_mtmd = ctypes.util.find_library("mtmd")
+            mtmd = ctypes.CDLL(found_mtmd, mode=mode) if found_mtmd else None
+    except OSError as exc:
+        raise NativeLibraryError(f"could not load libllama from {directory}: {exc}") from exc
+    L.bind(llama, L.FUNCTIONS)
+    L.bind(llama, L.GGML_FUNCTIONS)
+    if mtmd is not None:
+        L.bind(mtmd, M.FUNCTIONS)
+    log_callback = _route_logs(llama, mtmd)
+    llama.ggml_backend_load_all()
+    llama.llama_backend_init()
+    native = Native(
+        llama=llama,
+        mtmd=mtmd,
+        directory=directory,
+        devices=_devices(llama),
+        system_info=llama.llama_print_system_info().decode(errors="replace"),
+        manifest=_read_manifest(directory),
+        log_callback=log_callback,
+    )
+    log.info("%s", native.describe())
+    return native

@@ -1,0 +1,81 @@
+"""Hand-written ctypes declarations for the parts of ``mtmd.h`` Mullama uses.
+
+libmtmd turns images (and audio) into embeddings a multimodal model reads,
+through a projector file (``mmproj``). As with ``llama.py``, the test suite
+checks every declaration against the pinned header.
+"""
+
+from __future__ import annotations
+
+from ctypes import CFUNCTYPE, POINTER, Structure, c_bool, c_char_p, c_float, c_int, c_int32, c_size_t, c_uint32, c_ubyte, c_void_p
+
+from mullama.ffi.llama import c_enum, ggml_backend_sched_eval_callback, llama_pos, llama_token
+
+MTMD_INPUT_CHUNK_TYPE_TEXT = 0
+MTMD_INPUT_CHUNK_TYPE_IMAGE = 1
+MTMD_INPUT_CHUNK_TYPE_AUDIO = 2
+
+mtmd_progress_callback = CFUNCTYPE(c_bool, c_float, c_void_p)
+
+
+class mtmd_context_params(Structure):
+    """How a projector is loaded."""
+
+    _fields_ = [
+        ("use_gpu", c_bool),
+        ("device", c_void_p),
+        ("print_timings", c_bool),
+        ("n_threads", c_int),
+        ("image_marker", c_char_p),
+        ("media_marker", c_char_p),
+        ("flash_attn_type", c_enum),
+        ("warmup", c_bool),
+        ("image_min_tokens", c_int),
+        ("image_max_tokens", c_int),
+        ("cb_eval", ggml_backend_sched_eval_callback),
+        ("cb_eval_user_data", c_void_p),
+        ("batch_max_tokens", c_int32),
+        ("progress_callback", mtmd_progress_callback),
+        ("progress_callback_user_data", c_void_p),
+    ]
+
+
+class mtmd_input_text(Structure):
+    """A prompt with media markers where the bitmaps go."""
+
+    _fields_ = [
+        ("text", c_char_p),
+        ("text_len", c_size_t),
+        ("add_special", c_bool),
+        ("parse_special", c_bool),
+    ]
+
+
+STRUCTS = [mtmd_context_params, mtmd_input_text]
+
+p = c_void_p
+
+FUNCTIONS: dict[str, tuple[object, list[object]]] = {
+    "mtmd_default_marker": (c_char_p, []),
+    "mtmd_context_params_default": (mtmd_context_params, []),
+    "mtmd_init_from_file": (p, [c_char_p, p, mtmd_context_params]),
+    "mtmd_free": (None, [p]),
+    "mtmd_support_vision": (c_bool, [p]),
+    "mtmd_support_audio": (c_bool, [p]),
+    "mtmd_decode_use_non_causal": (c_bool, [p, p]),
+    "mtmd_decode_use_mrope": (c_bool, [p]),
+    "mtmd_bitmap_init": (p, [c_uint32, c_uint32, POINTER(c_ubyte)]),
+    "mtmd_bitmap_free": (None, [p]),
+    "mtmd_bitmap_set_id": (None, [p, c_char_p]),
+    "mtmd_input_chunks_init": (p, []),
+    "mtmd_input_chunks_size": (c_size_t, [p]),
+    "mtmd_input_chunks_get": (p, [p, c_size_t]),
+    "mtmd_input_chunks_free": (None, [p]),
+    "mtmd_input_chunk_get_type": (c_enum, [p]),
+    "mtmd_input_chunk_get_tokens_text": (POINTER(llama_token), [p, POINTER(c_size_t)]),
+    "mtmd_input_chunk_get_n_tokens": (c_size_t, [p]),
+    "mtmd_input_chunk_get_n_pos": (llama_pos, [p]),
+    "mtmd_tokenize": (c_int32, [p, p, POINTER(mtmd_input_text), POINTER(c_void_p), c_size_t]),
+    "mtmd_encode_chunk": (c_int32, [p, p]),
+    "mtmd_get_output_embd": (POINTER(c_float), [p]),
+}

