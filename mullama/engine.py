@@ -152,7 +152,9 @@ class Context:
         lib = self._lib = model.lib
         params = lib.llama_context_default_params()
         self.n_seq = max(1, opts.num_parallel)
-        params.n_ctx = opts.num_ctx * self.n_seq
+        # Generation gives each sequence its own num_ctx; an embedding context is
+        # unified (see kv_unified below), so its sequences share one num_ctx.
+        params.n_ctx = opts.num_ctx if embeddings else opts.num_ctx * self.n_seq
         params.n_batch = opts.num_batch
         params.n_ubatch = opts.num_batch if not embeddings else opts.num_ctx
         if embeddings:
@@ -166,6 +168,8 @@ class Context:
         if kv_type is None:
             raise BadRequestError(f"unknown kv_cache_type {opts.kv_cache_type!r}; use one of {', '.join(L.GGML_TYPES)}")
         params.type_k = params.type_v = kv_type
+        # Pooled embeddings of several sequences in one batch come out wrong with a
+        # split KV cache in the pinned llama.cpp, so embedding contexts are unified.
         params.kv_unified = embeddings
         params.no_perf = False
         params.embeddings = embeddings

@@ -1,0 +1,116 @@
+#!/usr/bin/env python3
+"""Engine speed against llama-bench, built from the same llama.cpp source.
+
+    python build_native.py --with-tools      # once: builds llama-bench beside the libraries
+    python bench/engine.py [--model PATH] [--threads N] [--rounds 3] [--json]
+
+Prompt processing (512 tokens in one batch, as llama-bench's pp512) and
+decoding (128 tokens one at a time, as tg128) are measured for Mullama's
+engine and for llama-bench, alternating round by round so that both see the
+same machine load; the medians are compared. With ``--json`` the last line
+is a JSON object with ``decode_ratio`` and ``prompt_ratio`` (engine /
+llama-bench).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import mullama  # noqa: E402
+from mullama.engine import default_threads  # noqa: E402
+from mullama.ffi import loader  # noqa: E402
+
+N_PROMPT = 512
+N_GEN = 128
+
+
+def find_llama_bench(explicit: str | None) -> Path:
+    if explicit:
+        return Path(explicit)
+    native = loader.load()
+    candidate = native.directory.parent / "bin" / "llama-bench"
+    if candidate.exists():
+        return candidate
+    raise SystemExit("llama-bench not found next to the loaded libraries: run `python build_native.py --with-tools`")
+
+
+def default_model() -> Path:
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    from conftest import smollm2_path
+
+    return smollm2_path()
+
+
+def llama_bench_round(exe: Path, model: Path, threads: int) -> tuple[float, float]:
+    """(prompt tokens/s, decode tokens/s) from one llama-bench run."""
+    command = [str(exe), "-m", str(model), "-p", str(N_PROMPT), "-n", str(N_GEN), "-t", str(threads),
+               "-r", "1", "-fa", "auto", "-o", "json"]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"llama-bench failed: {result.stderr.strip().splitlines()[-1:]}")
+    rows = json.loads(result.stdout)
+    prompt = next(r["avg_ts"] for r in rows if r["n_prompt"] == N_PROMPT and r["n_gen"] == 0)
+    decode = next(r["avg_ts"] for r in rows if r["n_gen"] == N_GEN and r["n_prompt"] == 0)
+    return prompt, decode
+
+
+def engine_round(model: mullama.Model, rng: random.Random) -> tuple[float, float]:
+    """(prompt tokens/s, decode tokens/s) through the engine's public generation path."""
+    prompt = [rng.randrange(100, model.n_vocab) for _ in range(N_PROMPT)]
+    model.context.forget(0)
+    pp = model.complete(prompt, temperature=0, num_predict=1).timings
+    model.context.forget(0)
+    tokens = model.tokenize("<|im_start|>user\nWrite a very long essay about the history of Rome.<|im_end|>\n"
+                            "<|im_start|>assistant\n")
+    tg = model.complete(tokens, temperature=0, num_predict=N_GEN).timings
+    return pp.prompt_eval_count / pp.prompt_eval_duration * 1e9, tg.eval_count / tg.eval_duration * 1e9
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", type=Path, help="GGUF file (default: the SmolLM2-135M test model)")
+    parser.add_argument("--threads", type=int, default=default_threads())
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--llama-bench", help="path of llama-bench (default: from the build cache)")
+    parser.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
+    args = parser.parse_args()
+    model_path = args.model or default_model()
+    exe = find_llama_bench(args.llama_bench)
+    rng = random.Random(0)
+    ours, theirs = [], []
+    with mullama.Model(model_path, num_ctx=N_PROMPT + N_GEN + 64, num_batch=N_PROMPT, num_thread=args.threads) as model:
+        engine_round(model, rng)  # warm-up: page in the weights, build the graphs
+        for i in range(args.rounds):
+            theirs.append(llama_bench_round(exe, model_path, args.threads))
+            ours.append(engine_round(model, rng))
+            print(f"round {i + 1}: engine pp {ours[-1][0]:8.1f} tg {ours[-1][1]:7.1f} | "
+                  f"llama-bench pp {theirs[-1][0]:8.1f} tg {theirs[-1][1]:7.1f} tokens/s", flush=True)
+    summary = {
+        "model": model_path.name,
+        "threads": args.threads,
+        "engine_prompt_tps": statistics.median(r[0] for r in ours),
+        "engine_decode_tps": statistics.median(r[1] for r in ours),
+        "llama_bench_prompt_tps": statistics.median(r[0] for r in theirs),
+        "llama_bench_decode_tps": statistics.median(r[1] for r in theirs),
+    }
+    summary["prompt_ratio"] = summary["engine_prompt_tps"] / summary["llama_bench_prompt_tps"]
+    summary["decode_ratio"] = summary["engine_decode_tps"] / summary["llama_bench_decode_tps"]
+    print(f"pp{N_PROMPT}: engine {summary['engine_prompt_tps']:.1f} vs llama-bench "
+          f"{summary['llama_bench_prompt_tps']:.1f} tokens/s  ratio {summary['prompt_ratio']:.3f}")
+    print(f"tg{N_GEN}: engine {summary['engine_decode_tps']:.1f} vs llama-bench "
+          f"{summary['llama_bench_decode_tps']:.1f} tokens/s  ratio {summary['decode_ratio']:.3f}")
+    if args.json:
+        print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,354 @@
+"""Below the APIs: from a chat or generate request to a stream of deltas.
+
+Ollama's ``/api/chat``, OpenAI's chat completions and Anthropic's messages
+all build a :class:`ChatRequest`; this module renders the prompt with the
+model's template, turns ``format`` and forced tool calls into a grammar,
+submits the tokens to the model's scheduler, and splits the output into
+thinking, content and tool calls. The API modules only translate.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from typing import Any
+
+from mullama import grammar as grammars
+from mullama.chat_template import render_jinja
+from mullama.engine import Completion, Model, Timings
+from mullama.errors import BadRequestError
+from mullama.models import LoadedModel, ModelManager, ModelRecord
+from mullama.prompt import render_chat, render_generate
+from mullama.thinking import ThinkingSplitter, prompt_opens_thinking
+from mullama.toolcalls import TextDelta, ToolCallEvent, ToolCallParser, ToolFormat, detect_format
+from mullama.types import Message, Tool, ToolCall
+
+log = logging.getLogger("mullama.chat")
+
+#: Used when a model's own template says nothing about tools.
+DEFAULT_TOOL_FORMAT = ToolFormat("hermes")
+
+
+@dataclass
+class ChatRequest:
+    """A conversation to continue, as every API describes it."""
+
+    model: str
+    messages: list[Message] = field(default_factory=list)
+    tools: list[Tool] = field(default_factory=list)
+    #: Ollama's ``options`` (already parsed), including ``num_predict``, ``stop``...
+    options: dict[str, Any] = field(default_factory=dict)
+    #: ``"json"``, a JSON Schema dict, or None.
+    format: Any = None
+    think: bool | None = None
+    keep_alive: Any = None
+    #: "auto", "none", "required", or the name of one tool that must be called.
+    tool_choice: str = "auto"
+    #: False: a prompt longer than the context is an error instead of being cut.
+    truncate: bool = True
+
+
+@dataclass
+class GenerateRequest:
+    """Ollama's ``/api/generate`` (and OpenAI's legacy completions)."""
+
+    model: str
+    prompt: str = ""
+    suffix: str = ""
+    system: str | None = None
+    template: str | None = None
+    raw: bool = False
+    images: list[bytes] = field(default_factory=list)
+    context: list[int] = field(default_factory=list)
+    options: dict[str, Any] = field(default_factory=dict)
+    format: Any = None
+    think: bool | None = None
+    keep_alive: Any = None
+    truncate: bool = True
+
+
+@dataclass
+class Delta:
+    """A piece of a reply: content text, thinking text, or finished tool calls."""
+
+    content: str = ""
+    thinking: str = ""
+    tool_calls: list[ToolCall] = field(default_factory=list)
+
+
+@dataclass
+class ChatResult:
+    """The end of a reply: the whole message and how generation went."""
+
+    model: str
+    message: Message
+    done_reason: str
+    timings: Timings
+    truncated: int = 0
+    context: list[int] = field(default_factory=list)
+    prompt_tokens: int = 0
+
+
+class Reply:
+    """A streaming reply: iterate for :class:`Delta`, then read :attr:`result`.
+
+    It holds the model loaded until it is exhausted or closed; ``cancel()``
+    (a disconnecting client) stops generation within one decode step.
+    """
+
+    def __init__(self, model_name: str, stack: ExitStack, request: Any, splitter: ThinkingSplitter | None,
+                 parser: ToolCallParser | None, started: int, load_duration: int, prompt_tokens: int) -> None:
+        self.model_name = model_name
+        self._stack = stack
+        self._request = request
+        self._splitter = splitter
+        self._parser = parser
+        self._started = started
+        self._load_duration = load_duration
+        self._prompt_tokens = prompt_tokens
+        self.result: ChatResult | None = None
+
+    def cancel(self) -> None:
+        if self._request is not None:
+            self._request.cancel()
+
+    def close(self) -> None:
+        """Release the model (cancelling generation if it still runs)."""
+        if self.result is None:
+            self.cancel()
+        self._stack.close()
+
+    def __iter__(self) -> Iterator[Delta]:
+        message = Message(role="assistant")
+        try:
+            if self._request is None:
+                completion = Completion(done_reason="load")
+            else:
+                for piece in self._request:
+                    yield from self._deltas(piece, message, final=False)
+                yield from self._deltas("", message, final=True)
+                completion = self._request.result
+            timings = dataclasses.replace(completion.timings, load_duration=self._load_duration,
+                                          total_duration=time.perf_counter_ns() - self._started)
+            self.result = ChatResult(model=self.model_name, message=message, done_reason=completion.done_reason,
+                                     timings=timings, truncated=completion.truncated, context=completion.context,
+                                     prompt_tokens=self._prompt_tokens)
+        finally:
+            self.close()
+
+    def _deltas(self, piece: str, message: Message, final: bool) -> Iterator[Delta]:
+        parts: list[tuple[str, str]] = [("content", piece)] if piece else []
+        if self._splitter is not None:
+            parts = self._splitter.feed(piece) if not final else self._splitter.flush()
+        for kind, text in parts:
+            if kind == "thinking":
+                message.thinking += text
+                yield Delta(thinking=text)
+            else:
+                yield from self._content(text, message, final=False)
+        if final:
+            yield from self._content("", message, final=True)
+
+    def _content(self, text: str, message: Message, final: bool) -> Iterator[Delta]:
+        if self._parser is None:
+            if text:
+                message.content += text
+                yield Delta(content=text)
+            return
+        events = self._parser.feed(text) if not final else self._parser.finish()
+        for event in events:
+            if isinstance(event, TextDelta) and event.text:
+                message.content += event.text
+                yield Delta(content=event.text)
+            elif isinstance(event, ToolCallEvent):
+                event.call.index = len(message.tool_calls)
+                message.tool_calls.append(event.call)
+                yield Delta(tool_calls=[event.call])
+
+
+def _thinking_enabled(record: ModelRecord, model: Model, think: bool | None) -> bool:
+    template = (record.template or "") + (model.chat_template or "")
+    return think is not False and "<think>" in template
+
+
+def _with_defaults(record: ModelRecord, messages: list[Message]) -> list[Message]:
+    """The Modelfile's SYSTEM and MESSAGE lines go before the request's own messages."""
+    prefix = list(record.messages)
+    if record.system and not any(m.role == "system" for m in messages):
+        prefix.insert(0, Message(role="system", content=record.system))
+    return prefix + list(messages)
+
+
+def _tools_as_system(tools: list[Tool], messages: list[Message]) -> list[Message]:
+    """Describe tools in a system message for templates that have no place for them (Hermes style)."""
+    listing = "\n".join(json.dumps({"type": "function", "function": {
+        "name": t.name, "description": t.description, "parameters": t.parameters}}) for t in tools)
+    text = ("You may call one or more functions to assist with the user query. Function signatures are "
+            f"within <tools></tools> XML tags:\n<tools>\n{listing}\n</tools>\nFor each function call, return a "
+            "json object with function name and arguments within <tool_call></tool_call> XML tags:\n"
+            '<tool_call>\n{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call>')
+    if messages and messages[0].role == "system":
+        return [dataclasses.replace(messages[0], content=messages[0].content + "\n\n" + text)] + messages[1:]
+    return [Message(role="system", content=text)] + messages
+
+
+def render_prompt(record: ModelRecord, model: Model, messages: list[Message], tools: list[Tool],
+                  think: bool | None) -> str:
+    """The exact prompt text: the Modelfile TEMPLATE, else the GGUF's own Jinja template."""
+    messages = _with_defaults(record, messages)
+    if record.template is not None:
+        return render_chat(record.template, messages, tools or None, think=think)
+    template = model.chat_template
+    if template is None:
+        raise BadRequestError(f"{record.name} has no chat template; create it with a Modelfile TEMPLATE")
+    if tools and "tools" not in template:
+        messages = _tools_as_system(tools, messages)
+    extra = {"enable_thinking": think} if think is not None else None
+    return render_jinja(template, messages, tools or None, bos_token=model.special_token("bos"),
+                        eos_token=model.special_token("eos"), extra=extra)
+
+
+def tokenize_prompt(model: Model, prompt: str) -> list[int]:
+    """Tokens of a rendered prompt; BOS is added unless the template wrote it already."""
+    bos = model.special_token("bos")
+    add_special = model.add_bos and not (bos and prompt.startswith(bos))
+    return model.tokenize(prompt, add_special=add_special, parse_special=True)
+
+
+def tool_format(record: ModelRecord, model: Model) -> ToolFormat:
+    return detect_format((record.template or "") + (model.chat_template or ""), record.name) or DEFAULT_TOOL_FORMAT
+
+
+def grammar_for(fmt: Any, tools: list[Tool], tool_choice: str, calls: ToolFormat) -> str | None:
+    """A GBNF grammar for ``format`` (JSON or a schema) or for forced tool calls."""
+    if tools and tool_choice not in ("auto", "none", ""):
+        if calls.name != "hermes":
+            open_tag, close_tag = {"mistral": ("[TOOL_CALLS]", ""), "granite": ("<|tool_call|>", "")}.get(
+                calls.name, ("<tool_call>", "</tool_call>"))
+        else:
+            open_tag, close_tag = "<tool_call>", "</tool_call>"
+        forced = None if tool_choice == "required" else tool_choice
+        return grammars.tool_call_grammar(tools, forced=forced, open_tag=open_tag + "\n", close_tag="\n" + close_tag)
+    if fmt is None or fmt == "":
+        return None
+    if fmt == "json":
+        return grammars.JSON_GRAMMAR
+    if isinstance(fmt, dict):
+        return grammars.schema_to_gbnf(fmt)
+    raise BadRequestError(f"invalid format {fmt!r}: use \"json\" or a JSON schema object", param="format")
+
+
+def _options_dict(manager: ModelManager, record: ModelRecord, request_options: dict[str, Any]) -> dict[str, Any]:
+    return dataclasses.asdict(manager.options_for(record, request_options))
+
+
+def _start(manager: ModelManager, model_name: str, options: dict[str, Any], keep_alive: Any,
+           ) -> tuple[ExitStack, LoadedModel, int]:
+    started = time.perf_counter_ns()
+    stack = ExitStack()
+    try:
+        loaded = stack.enter_context(manager.use(model_name, options, keep_alive))
+    except BaseException:
+        stack.close()
+        raise
+    return stack, loaded, time.perf_counter_ns() - started
+
+
+def chat(manager: ModelManager, req: ChatRequest) -> Reply:
+    """Start a chat reply (an empty ``messages`` just loads the model)."""
+    started = time.perf_counter_ns()
+    stack, loaded, load_duration = _start(manager, req.model, req.options, req.keep_alive)
+    try:
+        record, model = loaded.record, loaded.model
+        if not req.messages:
+            return Reply(record.name, stack, None, None, None, started, load_duration, 0)
+        tools = req.tools if req.tool_choice != "none" else []
+        prompt = render_prompt(record, model, req.messages, tools, req.think)
+        calls = tool_format(record, model)
+        grammar = grammar_for(req.format, tools, req.tool_choice, calls)
+        tokens = tokenize_prompt(model, prompt)
+        request = loaded.scheduler.submit(tokens, _options_dict(manager, record, req.options), grammar=grammar,
+                                          truncate=req.truncate)
+        splitter = None
+        if _thinking_enabled(record, model, req.think) and not grammar:
+            splitter = ThinkingSplitter(starts_inside=prompt_opens_thinking(prompt))
+        parser = ToolCallParser(calls, tools) if tools else None
+        return Reply(record.name, stack, request, splitter, parser, started, load_duration, len(tokens))
+    except BaseException:
+        stack.close()
+        raise
+
+
+def generate(manager: ModelManager, req: GenerateRequest) -> Reply:
+    """Start a generate reply (an empty prompt just loads the model)."""
+    started = time.perf_counter_ns()
+    stack, loaded, load_duration = _start(manager, req.model, req.options, req.keep_alive)
+    try:
+        record, model = loaded.record, loaded.model
+        if not req.prompt and not req.context:
+            return Reply(record.name, stack, None, None, None, started, load_duration, 0)
+        if req.raw:
+            prompt = req.prompt
+        elif req.template is not None or record.template is not None:
+            system = req.system if req.system is not None else record.system
+            prompt = render_generate(req.template if req.template is not None else record.template, req.prompt,
+                                     system=system, suffix=req.suffix, think=req.think)
+        else:
+            messages = [Message(role="system", content=req.system)] if req.system else []
+            prompt = render_prompt(record, model, messages + [Message(role="user", content=req.prompt)], [],
+                                   req.think)
+        tokens = list(req.context) + (model.tokenize(prompt, add_special=not req.context and model.add_bos,
+                                                     parse_special=True) if req.raw else tokenize_prompt(model, prompt))
+        grammar = grammar_for(req.format, [], "auto", DEFAULT_TOOL_FORMAT)
+        request = loaded.scheduler.submit(tokens, _options_dict(manager, record, req.options), grammar=grammar,
+                                          truncate=req.truncate)
+        splitter = None
+        if not req.raw and _thinking_enabled(record, model, req.think) and not grammar:
+            splitter = ThinkingSplitter(starts_inside=prompt_opens_thinking(prompt))
+        return Reply(record.name, stack, request, splitter, None, started, load_duration, len(tokens))
+    except BaseException:
+        stack.close()
+        raise
+
+
+def apply_template(manager: ModelManager, req: ChatRequest) -> str:
+    """The prompt a chat request would give the model, without generating."""
+    with manager.use(req.model, req.options, req.keep_alive) as loaded:
+        return render_prompt(loaded.record, loaded.model, req.messages, req.tools, req.think)
+
+
+@dataclass
+class Embeddings:
+    """Vectors for several inputs, with what Ollama reports about them."""
+
+    model: str
+    vectors: list[list[float]]
+    prompt_tokens: int
+    load_duration: int
+    total_duration: int
+
+
+def embed(manager: ModelManager, model_name: str, inputs: list[str], *, truncate: bool = True,
+          dimensions: int | None = None, options: dict[str, Any] | None = None, keep_alive: Any = None) -> Embeddings:
+    """Embed ``inputs`` (several per decode); ``dimensions`` keeps the first N, re-normalised."""
+    started = time.perf_counter_ns()
+    stack, loaded, load_duration = _start(manager, model_name, options or {}, keep_alive)
+    with stack:
+        model = loaded.model
+        vectors = model.embed(inputs, truncate=truncate)
+        if dimensions is not None:
+            if dimensions < 1 or dimensions > model.n_embd:
+                raise BadRequestError(f"dimensions must be between 1 and {model.n_embd}", param="dimensions")
+            vectors = [_renormalise(v[:dimensions]) for v in vectors]
+        tokens = sum(len(model.tokenize(text)) for text in inputs)
+        return Embeddings(loaded.record.name, vectors, tokens, load_duration, time.perf_counter_ns() - started)
+
+
+def _renormalise(vector: list[float]) -> list[float]:
+    norm = sum(x * x for x in vector) ** 0.5
+    return [x / norm for x in vector] if norm else vector

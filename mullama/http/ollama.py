@@ -1,0 +1,611 @@
+"""Ollama's ``/api/*``: the same fields, defaults, status codes and error bodies.
+
+Each route reads Ollama's JSON, builds a :mod:`mullama.chat` request or
+calls the store, and writes Ollama's JSON back; streaming responses are
+NDJSON with one flushed line per token.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import dataclasses
+import hashlib
+import json
+import os
+import tempfile
+import time
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from mullama import __version__, chat, gguf
+from mullama.errors import BadRequestError, MullamaError, NotFoundError
+from mullama.http.server import Request, Router
+from mullama.models import ModelRecord, find_model, parse_keep_alive
+from mullama.modelfile import Modelfile, render as render_modelfile
+from mullama.names import ModelName, canonical_digest
+from mullama.options import Options, parse_options
+from mullama.pull import pull
+from mullama.store import MEDIA_TYPES, Layer, Manifest
+from mullama.types import Message, Tool, ToolCall
+
+#: The Ollama version Mullama answers to; clients gate features on it.
+OLLAMA_COMPATIBLE_VERSION = "0.13.0"
+NDJSON = "application/x-ndjson"
+
+
+def register(router: Router) -> None:
+    """Add every Ollama route."""
+    router.add("GET", "/", root)
+    router.add("HEAD", "/", root)
+    router.add("GET", "/api/version", version)
+    router.add("POST", "/api/generate", generate)
+    router.add("POST", "/api/chat", chat_route)
+    router.add("POST", "/api/embed", embed)
+    router.add("POST", "/api/embeddings", embeddings_legacy)
+    router.add("GET", "/api/tags", tags)
+    router.add("GET", "/api/ps", ps)
+    router.add("POST", "/api/show", show)
+    router.add("POST", "/api/create", create)
+    router.add("POST", "/api/copy", copy)
+    router.add("DELETE", "/api/delete", delete)
+    router.add("POST", "/api/pull", pull_route)
+    router.add("POST", "/api/push", push)
+    router.add("HEAD", "/api/blobs/{digest}", blob_exists)
+    router.add("POST", "/api/blobs/{digest}", blob_upload)
+    router.add("POST", "/api/apply-template", apply_template)
+
+
+# --- small helpers ----------------------------------------------------------
+
+
+def now() -> str:
+    """RFC 3339 with nanoseconds, as Go's time.Time marshals."""
+    t = time.time_ns()
+    return datetime.fromtimestamp(t // 1_000_000_000, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S") + \
+        f".{t % 1_000_000_000:09d}Z"
+
+
+def _iso(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, timezone.utc).astimezone().isoformat()
+
+
+def _field(body: dict[str, Any], name: str, kind: type | tuple[type, ...], default: Any = None) -> Any:
+    value = body.get(name, default)
+    if value is None:
+        return default
+    if not isinstance(value, kind) or (isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,))):
+        raise BadRequestError(f"invalid value for {name!r}", param=name)
+    return value
+
+
+def _model_name(body: dict[str, Any], key: str = "model") -> str:
+    name = body.get(key) or (body.get("name") if key == "model" else None)
+    if not isinstance(name, str) or not name.strip():
+        raise BadRequestError("model is required", param="model")
+    return name
+
+
+def _options(body: dict[str, Any]) -> dict[str, Any]:
+    return parse_options(_field(body, "options", dict, {}))
+
+
+def _format(body: dict[str, Any]) -> Any:
+    value = body.get("format")
+    if value in (None, ""):
+        return None
+    if value == "json" or isinstance(value, dict):
+        return value
+    raise BadRequestError(f"invalid format {value!r}: use \"json\" or a JSON schema", param="format")
+
+
+def _think(body: dict[str, Any]) -> bool | None:
+    value = body.get("think")
+    if value is None or isinstance(value, bool):
+        return value
+    if value in ("low", "medium", "high"):
+        return True
+    raise BadRequestError("think must be true, false, \"low\", \"medium\" or \"high\"", param="think")
+
+
+def _images(value: Any) -> list[bytes]:
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise BadRequestError("images must be a list of base64 strings", param="images")
+    try:
+        return [base64.b64decode(v, validate=True) for v in value]
+    except (binascii.Error, ValueError):
+        raise BadRequestError("images must be base64-encoded", param="images") from None
+
+
+def _stream(body: dict[str, Any]) -> bool:
+    return _field(body, "stream", bool, True)
+
+
+def _timings(result: chat.ChatResult) -> dict[str, Any]:
+    t = result.timings
+    out = {"done_reason": result.done_reason, "total_duration": t.total_duration,
+           "load_duration": t.load_duration, "prompt_eval_count": t.prompt_eval_count,
+           "prompt_eval_duration": t.prompt_eval_duration, "eval_count": t.eval_count,
+           "eval_duration": t.eval_duration}
+    if result.truncated:
+        out["truncated"] = result.truncated
+    return out
+
+
+def _send_reply(request: Request, reply: chat.Reply, stream: bool, shape: Any, final: Any) -> None:
+    """Write a reply as NDJSON (one flushed line per delta) or as one JSON object."""
+    handler = request.handler
+    if not stream:
+        collected = list(reply)
+        handler.send_json(200, final(reply.result, collected))
+        return
+    handler.start_stream(NDJSON)
+    try:
+        for delta in reply:
+            if handler.app.stopping.is_set():
+                raise MullamaError("the server is shutting down")
+            handler.write_chunk((json.dumps(shape(delta), ensure_ascii=False) + "\n").encode())
+        handler.write_chunk((json.dumps(final(reply.result, None), ensure_ascii=False) + "\n").encode())
+    except (BrokenPipeError, ConnectionResetError):
+        reply.cancel()
+        raise
+    except MullamaError as error:
+        handler.write_chunk((json.dumps({"error": error.message}) + "\n").encode())
+    finally:
+        reply.close()
+    handler.end_stream()
+
+
+# --- routes -----------------------------------------------------------------
+
+
+def root(request: Request) -> None:
+    request.handler.send_bytes(200, b"Ollama is running", "text/plain; charset=utf-8")
+
+
+def version(request: Request) -> None:
+    request.handler.send_json(200, {"version": OLLAMA_COMPATIBLE_VERSION, "mullama_version": __version__})
+
+
+def _unload_reply(request: Request, name: str, keep_alive: Any, key: str) -> bool:
+    """An empty prompt with keep_alive 0 unloads the model instead of loading it."""
+    if keep_alive is None or parse_keep_alive(keep_alive) != 0:
+        return False
+    find_model(request.handler.app.manager.store, name)
+    request.handler.app.manager.unload(name)
+    body = {"model": name, "created_at": now(), "done": True, "done_reason": "unload"}
+    body[key] = "" if key == "response" else {"role": "assistant", "content": ""}
+    request.handler.send_json(200, body)
+    return True
+
+
+def generate(request: Request) -> None:
+    body = request.json()
+    name = _model_name(body)
+    prompt = _field(body, "prompt", str, "")
+    context = _field(body, "context", list, [])
+    if not all(isinstance(t, int) and not isinstance(t, bool) for t in context):
+        raise BadRequestError("context must be a list of token ids", param="context")
+    if not prompt and not context and _unload_reply(request, name, body.get("keep_alive"), "response"):
+        return
+    req = chat.GenerateRequest(
+        model=name, prompt=prompt, suffix=_field(body, "suffix", str, ""), system=_field(body, "system", str),
+        template=_field(body, "template", str), raw=_field(body, "raw", bool, False),
+        images=_images(body.get("images")), context=context, options=_options(body), format=_format(body),
+        think=_think(body), keep_alive=body.get("keep_alive"), truncate=_field(body, "truncate", bool, True))
+    reply = chat.generate(request.handler.app.manager, req)
+    model = reply.model_name
+
+    def shape(delta: chat.Delta) -> dict[str, Any]:
+        out: dict[str, Any] = {"model": model, "created_at": now(), "response": delta.content, "done": False}
+        if delta.thinking:
+            out["thinking"] = delta.thinking
+        return out
+
+    def final(result: chat.ChatResult, collected: list[chat.Delta] | None) -> dict[str, Any]:
+        out: dict[str, Any] = {"model": model, "created_at": now(),
+                               "response": result.message.content if collected is not None else "", "done": True}
+        if collected is not None and result.message.thinking:
+            out["thinking"] = result.message.thinking
+        out.update(_timings(result))
+        if result.context:
+            out["context"] = result.context
+        return out
+
+    _send_reply(request, reply, _stream(body), shape, final)
+
+
+def _messages(value: Any) -> list[Message]:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise BadRequestError("messages must be a list", param="messages")
+    messages = []
+    for i, item in enumerate(value):
+        if not isinstance(item, dict) or not isinstance(item.get("role"), str):
+            raise BadRequestError(f"messages[{i}] must be an object with a role", param="messages")
+        content = item.get("content", "")
+        if content is None:
+            content = ""
+        if not isinstance(content, str):
+            raise BadRequestError(f"messages[{i}].content must be a string", param="messages")
+        calls = []
+        for j, call in enumerate(item.get("tool_calls") or []):
+            function = call.get("function") if isinstance(call, dict) else None
+            if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+                raise BadRequestError(f"messages[{i}].tool_calls[{j}] needs function.name", param="messages")
+            arguments = function.get("arguments") or {}
+            if isinstance(arguments, str):
+                try:
+                    arguments = json.loads(arguments)
+                except ValueError:
+                    raise BadRequestError(f"messages[{i}].tool_calls[{j}].function.arguments is not JSON") from None
+            if not isinstance(arguments, dict):
+                raise BadRequestError(f"messages[{i}].tool_calls[{j}].function.arguments must be an object")
+            calls.append(ToolCall(name=function["name"], arguments=arguments, id=str(call.get("id") or ""),
+                                  index=j))
+        messages.append(Message(role=item["role"], content=content, thinking=str(item.get("thinking") or ""),
+                                images=_images(item.get("images")), tool_calls=calls,
+                                tool_name=str(item.get("tool_name") or item.get("name") or ""),
+                                tool_call_id=str(item.get("tool_call_id") or "")))
+    return messages
+
+
+def parse_tools(value: Any) -> list[Tool]:
+    """OpenAI-style tool definitions (Ollama uses the same shape)."""
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise BadRequestError("tools must be a list", param="tools")
+    tools = []
+    for i, item in enumerate(value):
+        function = item.get("function") if isinstance(item, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"]:
+            raise BadRequestError(f"tools[{i}] must have a function with a name", param="tools")
+        parameters = function.get("parameters") or {"type": "object", "properties": {}}
+        if not isinstance(parameters, dict):
+            raise BadRequestError(f"tools[{i}].function.parameters must be a JSON schema object", param="tools")
+        tools.append(Tool(name=function["name"], description=str(function.get("description") or ""),
+                          parameters=parameters))
+    return tools
+
+
+def tool_call_json(call: ToolCall) -> dict[str, Any]:
+    return {"id": call.id, "function": {"index": call.index, "name": call.name, "arguments": call.arguments}}
+
+
+def chat_route(request: Request) -> None:
+    body = request.json()
+    name = _model_name(body)
+    messages = _messages(body.get("messages"))
+    if not messages and _unload_reply(request, name, body.get("keep_alive"), "message"):
+        return
+    req = chat.ChatRequest(model=name, messages=messages, tools=parse_tools(body.get("tools")),
+                           options=_options(body), format=_format(body), think=_think(body),
+                           keep_alive=body.get("keep_alive"), truncate=_field(body, "truncate", bool, True))
+    reply = chat.chat(request.handler.app.manager, req)
+    model = reply.model_name
+
+    def message_json(content: str, thinking: str, calls: list[ToolCall]) -> dict[str, Any]:
+        message: dict[str, Any] = {"role": "assistant", "content": content}
+        if thinking:
+            message["thinking"] = thinking
+        if calls:
+            message["tool_calls"] = [tool_call_json(c) for c in calls]
+        return message
+
+    def shape(delta: chat.Delta) -> dict[str, Any]:
+        return {"model": model, "created_at": now(),
+                "message": message_json(delta.content, delta.thinking, delta.tool_calls), "done": False}
+
+    def final(result: chat.ChatResult, collected: list[chat.Delta] | None) -> dict[str, Any]:
+        m = result.message
+        message = message_json(m.content, m.thinking, m.tool_calls) if collected is not None else \
+            message_json("", "", [])
+        out = {"model": model, "created_at": now(), "message": message, "done": True}
+        out.update(_timings(result))
+        return out
+
+    _send_reply(request, reply, _stream(body), shape, final)
+
+
+def embed(request: Request) -> None:
+    body = request.json()
+    name = _model_name(body)
+    value = body.get("input")
+    inputs = [value] if isinstance(value, str) else value
+    if not isinstance(inputs, list) or not all(isinstance(v, str) for v in inputs):
+        raise BadRequestError("input must be a string or a list of strings", param="input")
+    dimensions = _field(body, "dimensions", int)
+    result = chat.embed(request.handler.app.manager, name, inputs, truncate=_field(body, "truncate", bool, True),
+                        dimensions=dimensions, options=_options(body), keep_alive=body.get("keep_alive"))
+    request.handler.send_json(200, {"model": result.model, "embeddings": result.vectors,
+                                    "total_duration": result.total_duration, "load_duration": result.load_duration,
+                                    "prompt_eval_count": result.prompt_tokens})
+
+
+def embeddings_legacy(request: Request) -> None:
+    body = request.json()
+    name = _model_name(body)
+    prompt = _field(body, "prompt", str, "")
+    if not prompt:
+        request.handler.send_json(200, {"embedding": []})
+        return
+    result = chat.embed(request.handler.app.manager, name, [prompt], options=_options(body),
+                        keep_alive=body.get("keep_alive"))
+    request.handler.send_json(200, {"embedding": result.vectors[0]})
+
+
+def _details(record: ModelRecord) -> dict[str, Any]:
+    try:
+        info = gguf.read_gguf(record.model_path)
+    except (MullamaError, OSError):
+        return {"parent_model": "", "format": "gguf", "family": "", "families": None,
+                "parameter_size": "", "quantization_level": ""}
+    family = info.architecture or ""
+    return {"parent_model": "", "format": "gguf", "family": family, "families": [family] if family else None,
+            "parameter_size": _parameter_size(info.parameter_count), "quantization_level": info.quantization}
+
+
+def _parameter_size(count: int) -> str:
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if count >= scale:
+            return f"{count / scale:.2f}".rstrip("0").rstrip(".") + unit
+    return str(count)
+
+
+def tags(request: Request) -> None:
+    manager = request.handler.app.manager
+    models = []
+    for entry in manager.store.list_models():
+        try:
+            record = find_model(manager.store, entry.name.display)
+        except MullamaError:
+            continue
+        models.append({"name": entry.name.display, "model": entry.name.display, "modified_at": _iso(entry.modified),
+                       "size": entry.size, "digest": entry.digest, "details": _details(record)})
+    request.handler.send_json(200, {"models": models})
+
+
+def ps(request: Request) -> None:
+    manager = request.handler.app.manager
+    models = []
+    for loaded in manager.running():
+        record = loaded.record
+        expires = loaded.expires_at if loaded.in_use == 0 else time.time() + loaded.keep_alive
+        if loaded.pinned or expires == float("inf"):
+            expires_text = "2318-01-01T00:00:00Z"
+        else:
+            expires_text = _iso(expires)
+        gpu = bool(loaded.model.native.gpu_devices) and loaded.load_options.num_gpu != 0
+        size = record.size
+        models.append({"name": record.name, "model": record.name, "size": size, "digest": record.digest,
+                       "details": _details(record), "expires_at": expires_text, "size_vram": size if gpu else 0,
+                       "context_length": loaded.model.context.n_ctx_seq,
+                       "num_parallel": loaded.model.context.n_seq})
+    request.handler.send_json(200, {"models": models})
+
+
+def _capabilities(record: ModelRecord, info: gguf.GGUFInfo) -> list[str]:
+    template = (record.template or "") + (info.chat_template or "")
+    caps = ["completion"]
+    if info.pooling_type not in (None, 0) or "bert" in (info.architecture or ""):
+        caps = ["embedding"]
+    if "tools" in template or "tool_call" in template:
+        caps.append("tools")
+    if "<think>" in template:
+        caps.append("thinking")
+    if record.projector_path is not None:
+        caps.append("vision")
+    if "suffix" in template.lower() or "fim" in template.lower():
+        caps.append("insert")
+    return caps
+
+
+def _parameters_text(parameters: dict[str, Any]) -> str:
+    lines = []
+    for name, value in parameters.items():
+        for item in value if isinstance(value, list) else [value]:
+            text = json.dumps(item) if isinstance(item, str) else str(item).lower() if isinstance(item, bool) else str(item)
+            lines.append(f"{name:<30} {text}")
+    return "\n".join(lines)
+
+
+def show(request: Request) -> None:
+    body = request.json()
+    name = _model_name(body)
+    manager = request.handler.app.manager
+    record = find_model(manager.store, name)
+    info = gguf.read_gguf(record.model_path)
+    template = record.template if record.template is not None else (info.chat_template or "")
+    modelfile = Modelfile(from_=str(record.model_path), parameters=dict(record.parameters), template=template,
+                          system=record.system, adapters=[str(a) for a in record.adapters],
+                          licenses=list(record.license), messages=list(record.messages))
+    out: dict[str, Any] = {
+        "modelfile": render_modelfile(modelfile, name=record.name),
+        "parameters": _parameters_text(record.parameters),
+        "template": template,
+        "details": _details(record),
+        "model_info": info.model_info(verbose=bool(body.get("verbose"))),
+        "capabilities": _capabilities(record, info),
+        "modified_at": _iso(record.modified or time.time()),
+    }
+    if record.system:
+        out["system"] = record.system
+    if record.license or info.license:
+        out["license"] = "\n".join(record.license) if record.license else info.license
+    if record.messages:
+        out["messages"] = [{"role": m.role, "content": m.content} for m in record.messages]
+    request.handler.send_json(200, out)
+
+
+def _status_stream(request: Request, stream: bool, work: Any) -> None:
+    """Run ``work(emit)`` and send its progress as NDJSON, or only the outcome."""
+    handler = request.handler
+    if not stream:
+        work(lambda event: None)
+        handler.send_json(200, {"status": "success"})
+        return
+    handler.start_stream(NDJSON)
+    try:
+        work(lambda event: handler.write_chunk((json.dumps(event) + "\n").encode()))
+    except MullamaError as error:
+        handler.write_chunk((json.dumps({"error": error.message}) + "\n").encode())
+    handler.end_stream()
+
+
+def create(request: Request) -> None:
+    body = request.json()
+    name = ModelName.parse(_model_name(body))
+    manager = request.handler.app.manager
+    store = manager.store
+    if body.get("quantize"):
+        raise BadRequestError("quantize is not supported by Mullama yet: pull or create a model that is already "
+                              "quantized (for example hf.co/<owner>/<repo>:Q4_K_M)", param="quantize")
+    parameters = parse_options(_field(body, "parameters", dict, {}))
+    licenses = body.get("license")
+    licenses = [licenses] if isinstance(licenses, str) else list(licenses or [])
+    messages = _messages(body.get("messages"))
+
+    def work(emit: Any) -> None:
+        layers: list[Layer] = []
+        base: Manifest | None = None
+        source = body.get("from")
+        files = _field(body, "files", dict, {})
+        if isinstance(source, str) and source:
+            candidate = Path(source).expanduser()
+            if candidate.suffix == ".gguf" and candidate.is_file():
+                gguf.read_gguf(candidate)
+                emit({"status": "copying file"})
+                digest = store.add_blob_from_file(candidate, link=True)
+                layers.append(Layer(MEDIA_TYPES["model"], digest, candidate.stat().st_size))
+            else:
+                base_name = ModelName.parse(source)
+                if not store.has_model(base_name):
+                    raise NotFoundError(f'model "{source}" not found, try pulling it first')
+                base = store.read_manifest(base_name)
+                layers.extend(base.layers)
+        for filename, digest in files.items():
+            digest = canonical_digest(digest)
+            if not store.has_blob(digest):
+                raise BadRequestError(f"blob {digest} for {filename} was not uploaded", param="files")
+            emit({"status": f"using existing layer {digest}"})
+            gguf.read_gguf(store.blob_path(digest))
+            media = MEDIA_TYPES["projector"] if "mmproj" in filename.lower() else MEDIA_TYPES["model"]
+            layers.append(Layer(media, digest, store.blob_path(digest).stat().st_size))
+        for filename, digest in _field(body, "adapters", dict, {}).items():
+            digest = canonical_digest(digest)
+            if not store.has_blob(digest):
+                raise BadRequestError(f"blob {digest} for adapter {filename} was not uploaded", param="adapters")
+            layers.append(Layer(MEDIA_TYPES["adapter"], digest, store.blob_path(digest).stat().st_size))
+        if not any(layer.media_type == MEDIA_TYPES["model"] for layer in layers):
+            raise BadRequestError("neither 'from' nor 'files' was specified", param="from")
+
+        def replace(kind: str, data: bytes | None) -> None:
+            nonlocal layers
+            if data is None:
+                return
+            layers = [layer for layer in layers if layer.media_type != MEDIA_TYPES[kind]]
+            digest = store.add_blob_bytes(data)
+            layers.append(Layer(MEDIA_TYPES[kind], digest, len(data)))
+
+        template, system = _field(body, "template", str), _field(body, "system", str)
+        replace("template", template.encode() if template is not None else None)
+        replace("system", system.encode() if system is not None else None)
+        if parameters:
+            inherited = {}
+            for layer in layers:
+                if layer.media_type == MEDIA_TYPES["params"]:
+                    inherited = json.loads(store.blob_path(layer.digest).read_text())
+            replace("params", json.dumps({**inherited, **parameters}).encode())
+        if messages:
+            replace("messages", json.dumps([{"role": m.role, "content": m.content} for m in messages]).encode())
+        for text in licenses:
+            digest = store.add_blob_bytes(str(text).encode())
+            layers.append(Layer(MEDIA_TYPES["license"], digest, len(str(text).encode())))
+        emit({"status": "writing manifest"})
+        config_data = json.dumps({"model_format": "gguf", "model_family": "", "file_type": ""}).encode()
+        config_layer = Layer("application/vnd.docker.container.image.v1+json", store.add_blob_bytes(config_data),
+                             len(config_data))
+        store.write_manifest(name, Manifest(config_layer, tuple(layers)))
+        emit({"status": "success"})
+
+    _status_stream(request, _field(body, "stream", bool, True), work)
+
+
+def copy(request: Request) -> None:
+    body = request.json()
+    source, destination = body.get("source"), body.get("destination")
+    if not isinstance(source, str) or not isinstance(destination, str) or not source or not destination:
+        raise BadRequestError("source and destination are required")
+    store = request.handler.app.manager.store
+    src = ModelName.parse(source)
+    if not store.has_model(src):
+        raise NotFoundError(f'model "{source}" not found')
+    store.copy(src, ModelName.parse(destination))
+    request.handler.send_bytes(200, b"", "application/json")
+
+
+def delete(request: Request) -> None:
+    body = request.json()
+    name = ModelName.parse(_model_name(body))
+    manager = request.handler.app.manager
+    if not manager.store.has_model(name):
+        raise NotFoundError(f'model "{body.get("model") or body.get("name")}" not found')
+    manager.unload(name.display)
+    manager.store.delete(name)
+    request.handler.send_bytes(200, b"", "application/json")
+
+
+def pull_route(request: Request) -> None:
+    body = request.json()
+    name = _model_name(body)
+    store = request.handler.app.manager.store
+    _status_stream(request, _field(body, "stream", bool, True), lambda emit: pull(name, store, emit))
+
+
+def push(request: Request) -> None:
+    body = request.json()
+    _model_name(body)
+    raise BadRequestError("push is not supported: Mullama models come from Hugging Face; upload the GGUF with "
+                          "`huggingface-cli upload` instead")
+
+
+def blob_exists(request: Request) -> None:
+    digest = canonical_digest(request.params["digest"])
+    exists = request.handler.app.manager.store.has_blob(digest)
+    request.handler.send_bytes(200 if exists else 404, b"", "text/plain")
+
+
+def blob_upload(request: Request) -> None:
+    digest = canonical_digest(request.params["digest"])
+    store = request.handler.app.manager.store
+    if store.has_blob(digest):
+        request.handler.send_bytes(200, b"", "text/plain")
+        return
+    store.root.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=store.root, prefix=".upload-")
+    hasher = hashlib.sha256()
+    try:
+        with os.fdopen(fd, "wb") as out:
+            for block in request.handler.body_chunks():
+                hasher.update(block)
+                out.write(block)
+        if "sha256:" + hasher.hexdigest() != digest:
+            raise BadRequestError(f"digest mismatch: the upload has sha256:{hasher.hexdigest()}, expected {digest}")
+        store.add_blob_from_file(tmp, digest)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    request.handler.send_bytes(201, b"", "text/plain")
+
+
+def apply_template(request: Request) -> None:
+    body = request.json()
+    req = chat.ChatRequest(model=_model_name(body), messages=_messages(body.get("messages")),
+                           tools=parse_tools(body.get("tools")), think=_think(body), options=_options(body))
+    request.handler.send_json(200, {"prompt": chat.apply_template(request.handler.app.manager, req)})

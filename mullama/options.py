@@ -1,0 +1,174 @@
+"""Runtime options: the names, types and defaults of Ollama's ``options``.
+
+The same table serves the ``options`` object of an API request and the
+``PARAMETER`` lines of a Modelfile, so both accept exactly the same names.
+Values from JSON are checked the way Ollama's ``Options.FromMap`` checks them;
+values from a Modelfile are text, converted the way ``api.FormatParams`` does.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+from mullama.errors import BadRequestError
+
+#: Options that Ollama once had and now accepts but ignores; clients still send them.
+IGNORED_OPTIONS = frozenset(
+    {
+        "penalize_newline",
+        "low_vram",
+        "f16_kv",
+        "logits_all",
+        "vocab_only",
+        "use_mlock",
+        "numa",
+        "tfs_z",
+    }
+)
+
+#: Values accepted by ``kv_cache_type`` (llama.cpp's K/V cache element types).
+KV_CACHE_TYPES = ("f16", "q8_0", "q4_0")
+
+_INT64_MAX = 2**63 - 1
+# Longer numbers are out of int64's range anyway, and int() refuses very long text.
+_INT_TEXT = re.compile(r"[+-]?[0-9]{1,19}")
+_FLOAT_TEXT = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+_BOOL_TEXT = {
+    "1": True, "t": True, "T": True, "true": True, "TRUE": True, "True": True,
+    "0": False, "f": False, "F": False, "false": False, "FALSE": False, "False": False,
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Options:
+    """Every option of a generation, with Ollama's defaults.
+
+    Load-time options (``num_ctx`` to ``flash_attention``) decide how a model
+    is loaded; a request that changes them needs a reload.  ``None`` means
+    "let Mullama decide".
+    """
+
+    # Load time (Ollama's ``Runner``).
+    num_ctx: int = 4096
+    num_batch: int = 512
+    num_gpu: int = -1
+    main_gpu: int = 0
+    use_mmap: bool | None = None
+    num_thread: int = 0
+    draft_num_predict: int = 4
+    num_parallel: int = 1
+    kv_cache_type: str = "f16"
+    flash_attention: bool | None = None
+    # Prediction.
+    num_keep: int = 4
+    seed: int = -1
+    num_predict: int = -1
+    top_k: int = 40
+    top_p: float = 0.9
+    min_p: float = 0.0
+    typical_p: float = 1.0
+    repeat_last_n: int = 64
+    temperature: float = 0.8
+    repeat_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    mirostat: int = 0
+    mirostat_tau: float = 5.0
+    mirostat_eta: float = 0.1
+    stop: tuple[str, ...] = field(default_factory=tuple)
+    think: bool = False
+
+    def merged(self, *layers: dict[str, Any]) -> Options:
+        """Return a copy with each layer of parsed values applied in turn.
+
+        Layers come from :func:`parse_options` or a Modelfile's parameters,
+        typically the Modelfile's first and the request's last; a later
+        layer replaces a value (``stop`` included) rather than extending it.
+        """
+        changes: dict[str, Any] = {}
+        for layer in layers:
+            for name, value in layer.items():
+                value = _typed(name, value)
+                changes[name] = tuple(value) if isinstance(value, list) else value
+        return replace(self, **changes)
+
+
+# Field annotations are strings (postponed evaluation); a new kind of field
+# must be added here, which import-time KeyError makes impossible to forget.
+_ANNOTATION_TYPES = {"int": int, "float": float, "bool": bool, "bool | None": bool, "str": str, "tuple[str, ...]": list}
+
+#: The type of every option: ``int``, ``float``, ``bool``, ``str`` or ``list`` (of str).
+PARAMETER_TYPES: dict[str, type] = {f.name: _ANNOTATION_TYPES[str(f.type)] for f in fields(Options)}
+
+
+def parse_options(values: dict[str, Any]) -> dict[str, Any]:
+    """Check a request's ``options`` object and return its typed values.
+
+    Numbers for integer options must be integral (JSON may carry ``4096.0``);
+    ``None`` values and the options Ollama retired are skipped, as Ollama
+    does.  Raises :class:`BadRequestError` naming the first bad option.
+    """
+    if not isinstance(values, dict):
+        raise BadRequestError("options must be an object", param="options")
+    parsed: dict[str, Any] = {}
+    for name, value in values.items():
+        if value is None or name in IGNORED_OPTIONS:
+            continue
+        parsed[name] = _typed(name, value)
+    return parsed
+
+
+def parse_parameter(name: str, text: str) -> Any:
+    """Convert the text of a Modelfile ``PARAMETER`` to its typed value.
+
+    ``stop`` gives a one-item list, to be accumulated by the caller.
+    Raises :class:`BadRequestError` for an unknown name or a malformed value.
+    """
+    kind = _type_of(name)
+    if kind is list:
+        return [text]
+    if kind is int and _INT_TEXT.fullmatch(text):
+        return _typed(name, int(text))
+    if kind is float and _FLOAT_TEXT.fullmatch(text):
+        return _typed(name, float(text))
+    if kind is bool and text in _BOOL_TEXT:
+        return _BOOL_TEXT[text]
+    if kind is str:
+        return _typed(name, text)
+    raise BadRequestError(f'invalid {_TYPE_NAMES[kind]} value "{text}" for parameter "{name}"', param=name)
+
+
+_TYPE_NAMES = {int: "integer", float: "number", bool: "boolean", str: "string", list: "array of strings"}
+
+
+def _type_of(name: str) -> type:
+    try:
+        return PARAMETER_TYPES[name]
+    except (KeyError, TypeError):
+        raise BadRequestError(f'unknown option "{name}"', param=str(name)) from None
+
+
+def _typed(name: str, value: Any) -> Any:
+    """Check ``value`` against the type of option ``name``; return it normalised."""
+    kind = _type_of(name)
+    if kind is int and isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value) if abs(value) < 2**1023 else math.inf
+    if kind is list:
+        ok = isinstance(value, (list, tuple)) and all(isinstance(s, str) for s in value)
+        value = list(value) if ok else value
+    else:
+        ok = isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
+    if not ok:
+        raise BadRequestError(f'option "{name}" must be of type {_TYPE_NAMES[kind]}', param=name)
+    if kind is int and abs(value) > _INT64_MAX:
+        raise BadRequestError(f'option "{name}" is out of range', param=name)
+    if kind is float and not math.isfinite(value):
+        raise BadRequestError(f'option "{name}" must be a finite number', param=name)
+    if name == "kv_cache_type" and value not in KV_CACHE_TYPES:
+        raise BadRequestError(f'option "kv_cache_type" must be one of {", ".join(KV_CACHE_TYPES)}', param=name)
+    return value

@@ -1,0 +1,384 @@
+"""The content-addressed model store, laid out exactly like Ollama's.
+
+``blobs/sha256-<hex>`` holds file contents, named by their hash;
+``manifests/<host>/<namespace>/<model>/<tag>`` holds one JSON manifest per
+model name, listing the blobs (layers) that make the model. Every write is
+atomic (a temporary file in the same directory, fsync, rename), a blob is
+admitted only once its bytes hash to its name, and a manifest is written
+last, so a crash at any moment leaves either the old or the new state.
+
+A layer may instead *reference* a GGUF file where it lies, without copying
+it: the layer keeps its digest and size, and its ``from`` field holds the
+file's absolute path. Ollama uses ``from`` for the model a layer came from;
+Mullama gives it this meaning only when the value is an absolute path and no
+blob with the layer's digest is present.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import json
+import os
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from mullama import config
+from mullama.errors import BadRequestError, InvalidModelFileError, ModelNotFoundError, NotFoundError
+from mullama.names import ModelName, blob_path, canonical_digest, parse_digest
+from mullama.pypi import sha256_file
+
+MANIFEST_MEDIA_TYPE = "application/vnd.docker.distribution.manifest.v2+json"
+CONFIG_MEDIA_TYPE = "application/vnd.docker.container.image.v1+json"
+MEDIA_TYPES = {kind: f"application/vnd.ollama.image.{kind}" for kind in (
+    "model", "adapter", "projector", "template", "system", "params", "messages", "license")}
+
+_CHUNK = 1 << 20
+# Linux's FICLONE ioctl: a copy-on-write clone on btrfs, XFS and similar.
+_FICLONE = 0x40049409
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One blob of a manifest: a model, projector, template, parameters..."""
+
+    media_type: str
+    digest: str
+    size: int
+    #: Absolute path of a file referenced in place instead of a blob.
+    from_path: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """The layer as it appears in manifest JSON."""
+        data: dict[str, Any] = {"mediaType": self.media_type, "digest": self.digest, "size": self.size}
+        if self.from_path:
+            data["from"] = self.from_path
+        return data
+
+    @classmethod
+    def from_json(cls, data: Any) -> Layer:
+        """Read one layer object, rejecting anything malformed."""
+        if not isinstance(data, dict):
+            raise InvalidModelFileError("manifest layer is not an object")
+        media_type, digest, size = data.get("mediaType"), data.get("digest"), data.get("size")
+        source = data.get("from")
+        if not isinstance(media_type, str) or not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise InvalidModelFileError("manifest layer lacks a media type or size")
+        if not isinstance(source, str):
+            source = None
+        try:
+            digest = canonical_digest(digest)
+        except BadRequestError as exc:
+            raise InvalidModelFileError(f"manifest layer: {exc.message}") from None
+        return cls(media_type, digest, size, source)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A model: a config blob plus its layers, in Ollama's schema version 2."""
+
+    config: Layer
+    layers: tuple[Layer, ...]
+
+    def to_bytes(self) -> bytes:
+        """The JSON bytes Ollama would write for this manifest."""
+        return json.dumps({
+            "schemaVersion": 2,
+            "mediaType": MANIFEST_MEDIA_TYPE,
+            "config": self.config.to_json(),
+            "layers": [layer.to_json() for layer in self.layers],
+        }).encode()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Manifest:
+        """Parse manifest JSON, raising :class:`InvalidModelFileError` when it is not one."""
+        try:
+            obj = json.loads(data)
+        except (ValueError, RecursionError) as exc:
+            raise InvalidModelFileError(f"manifest is not valid JSON: {exc}") from None
+        if not isinstance(obj, dict) or obj.get("schemaVersion") != 2 or not isinstance(obj.get("layers"), list):
+            raise InvalidModelFileError("manifest is not a schema version 2 image manifest")
+        return cls(Layer.from_json(obj.get("config")), tuple(Layer.from_json(item) for item in obj["layers"]))
+
+    @property
+    def size(self) -> int:
+        """Total bytes of the config and every layer."""
+        return self.config.size + sum(layer.size for layer in self.layers)
+
+    def digests(self) -> set[str]:
+        """Every blob digest this manifest needs."""
+        return {self.config.digest, *(layer.digest for layer in self.layers)}
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """One model of :meth:`Store.list_models`."""
+
+    name: ModelName
+    #: Hex sha256 of the manifest file, which is what Ollama reports as the model's digest.
+    digest: str
+    size: int
+    #: Modification time of the manifest, seconds since the epoch.
+    modified: float
+
+
+class Store:
+    """A model store rooted at ``root`` (default :func:`config.models_dir`)."""
+
+    def __init__(self, root: Path | str | None = None) -> None:
+        self.root = Path(root) if root is not None else config.models_dir()
+
+    @property
+    def partial_dir(self) -> Path:
+        """Where downloads in progress live, on the store's file system so they can be renamed in."""
+        return self.root / "partial"
+
+    def blob_path(self, digest: str) -> Path:
+        """The file of a blob, whether or not it exists yet."""
+        return blob_path(self.root, digest)
+
+    def has_blob(self, digest: str) -> bool:
+        """Whether the blob is in the store."""
+        return self.blob_path(digest).is_file()
+
+    def add_blob_bytes(self, data: bytes) -> str:
+        """Store ``data`` as a blob and return its ``sha256:`` digest."""
+        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        target = self.blob_path(digest)
+        if not target.exists():
+            _atomic_write(target, lambda out: out.write(data))
+        return digest
+
+    def add_blob_from_file(self, path: Path | str, expected_digest: str | None = None, link: bool = False) -> str:
+        """Admit a file as a blob and return its digest.
+
+        With ``expected_digest`` the file must hash to it, else
+        :class:`InvalidModelFileError` is raised and nothing is admitted.
+        With ``link`` the blob shares the file's storage (a hard link, else a
+        reflink) when the file system allows; otherwise the bytes are copied
+        and hashed in the same pass.
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise NotFoundError(f"{path}: no such file")
+        if expected_digest is not None and self.has_blob(expected_digest):
+            return canonical_digest(expected_digest)
+        if link:
+            digest = "sha256:" + sha256_file(path)
+            _check_digest(path, digest, expected_digest)
+            if self.has_blob(digest) or _link_or_clone(path, self.blob_path(digest)):
+                return digest
+        return self._copy_in(path, expected_digest)
+
+    def _copy_in(self, path: Path, expected_digest: str | None) -> str:
+        blobs = self.root / "blobs"
+        blobs.mkdir(parents=True, exist_ok=True)
+        hasher = hashlib.sha256()
+        with _temp_file(blobs) as (out, tmp):
+            with open(path, "rb") as source:
+                while block := source.read(_CHUNK):
+                    hasher.update(block)
+                    out.write(block)
+            digest = "sha256:" + hasher.hexdigest()
+            _check_digest(path, digest, expected_digest)
+            _commit(out, tmp, self.blob_path(digest))
+        return digest
+
+    def admit_verified(self, path: Path, digest: str) -> None:
+        """Rename a downloaded file that already hashed to ``digest`` into the blobs."""
+        target = self.blob_path(digest)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(path, target)
+        _fsync_dir(target.parent)
+
+    def reference_file(self, path: Path | str, media_type: str = MEDIA_TYPES["model"]) -> Layer:
+        """A layer for a GGUF file used where it lies; nothing is copied."""
+        path = Path(path).expanduser().resolve()
+        if not path.is_file():
+            raise NotFoundError(f"{path}: no such file")
+        return Layer(media_type, "sha256:" + sha256_file(path), path.stat().st_size, str(path))
+
+    def layer_path(self, layer: Layer) -> Path:
+        """The file that holds a layer's bytes: its blob, or the file it references.
+
+        A referenced file must still exist with the recorded size; it is not
+        re-hashed on every use, which would cost seconds per load.
+        """
+        blob = self.blob_path(layer.digest)
+        if blob.is_file():
+            return blob
+        if layer.from_path and os.path.isabs(layer.from_path):
+            source = Path(layer.from_path)
+            if not source.is_file():
+                raise NotFoundError(f"model file {source} is gone; recreate the model")
+            if source.stat().st_size != layer.size:
+                raise InvalidModelFileError(
+                    f"model file {source} changed size ({source.stat().st_size} bytes, expected {layer.size});"
+                    " recreate the model")
+            return source
+        raise NotFoundError(f"blob {layer.digest} is missing from the store; pull the model again")
+
+    def write_manifest(self, name: ModelName, manifest: Manifest) -> None:
+        """Write (or replace) a model's manifest; every blob it names must already be present."""
+        for layer in (manifest.config, *manifest.layers):
+            self.layer_path(layer)
+        existing = self._find_manifest(name)
+        target = existing if existing is not None else name.manifest_path(self.root)
+        data = manifest.to_bytes()
+        _atomic_write(target, lambda out: out.write(data))
+
+    def read_manifest(self, name: ModelName) -> Manifest:
+        """The manifest of ``name`` (matched case-insensitively), or :class:`ModelNotFoundError`."""
+        path = self._find_manifest(name)
+        if path is None:
+            raise ModelNotFoundError(name.display)
+        return Manifest.from_bytes(path.read_bytes())
+
+    def has_model(self, name: ModelName) -> bool:
+        """Whether a manifest exists for ``name``."""
+        return self._find_manifest(name) is not None
+
+    def list_models(self) -> list[ModelEntry]:
+        """Every readable model in the store, sorted by name."""
+        entries = []
+        for name, path in self._manifest_files():
+            try:
+                data = path.read_bytes()
+                manifest = Manifest.from_bytes(data)
+                modified = path.stat().st_mtime
+            except (OSError, InvalidModelFileError):
+                continue
+            entries.append(ModelEntry(name, hashlib.sha256(data).hexdigest(), manifest.size, modified))
+        return sorted(entries, key=lambda entry: entry.name.display)
+
+    def copy(self, src: ModelName, dst: ModelName) -> None:
+        """Give the model ``src`` a second name; blobs are shared, not copied."""
+        self.write_manifest(dst, self.read_manifest(src))
+
+    def delete(self, name: ModelName) -> None:
+        """Remove a model, and the blobs no other manifest uses."""
+        path = self._find_manifest(name)
+        if path is None:
+            raise ModelNotFoundError(name.display)
+        manifest = Manifest.from_bytes(path.read_bytes())
+        path.unlink()
+        _prune_empty_dirs(path.parent, self.root / "manifests")
+        in_use: set[str] = set()
+        for _, other in self._manifest_files():
+            with contextlib.suppress(OSError, InvalidModelFileError):
+                in_use |= Manifest.from_bytes(other.read_bytes()).digests()
+        for digest in manifest.digests() - in_use:
+            with contextlib.suppress(FileNotFoundError):
+                self.blob_path(digest).unlink()
+
+    def _find_manifest(self, name: ModelName) -> Path | None:
+        exact = name.manifest_path(self.root)
+        if exact.is_file():
+            return exact
+        # Names match case-insensitively, as in Ollama, while the file keeps
+        # the case it was first written with.
+        for other, path in self._manifest_files():
+            if other.key == name.key:
+                return path
+        return None
+
+    def _manifest_files(self) -> Iterator[tuple[ModelName, Path]]:
+        base = self.root / "manifests"
+        for path in base.glob("*/*/*/*"):
+            if not path.is_file():
+                continue
+            host, namespace, model, tag = path.relative_to(base).parts
+            try:
+                name = ModelName.parse(f"{host}/{namespace}/{model}:{tag}")
+            except BadRequestError:
+                continue  # temporary files and strays never parse as names
+            yield name, path
+
+
+def _check_digest(path: Path, digest: str, expected: str | None) -> None:
+    if expected is not None and parse_digest(expected) != parse_digest(digest):
+        raise InvalidModelFileError(f"{path} has digest {digest}, expected {canonical_digest(expected)}")
+
+
+@contextlib.contextmanager
+def _temp_file(directory: Path) -> Iterator[tuple[BinaryIO, Path]]:
+    """A hidden temporary file in ``directory``, removed unless it was renamed away."""
+    fd, name = tempfile.mkstemp(dir=directory, prefix=".tmp-")
+    tmp = Path(name)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            yield out, tmp
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+def _commit(out: BinaryIO, tmp: Path, target: Path) -> None:
+    out.flush()
+    os.fsync(out.fileno())
+    os.replace(tmp, target)
+    _fsync_dir(target.parent)
+
+
+def _atomic_write(target: Path, write: Any) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with _temp_file(target.parent) as (out, tmp):
+        write(out)
+        _commit(out, tmp, target)
+
+
+def _fsync_dir(directory: Path) -> None:
+    # Makes the rename itself durable; directories cannot be opened on Windows.
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _link_or_clone(source: Path, target: Path) -> bool:
+    """Make ``target`` share ``source``'s bytes; False when the file system cannot."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".tmp-link-{os.getpid()}-{time.monotonic_ns()}"
+    try:
+        os.link(source, tmp)
+    except OSError:
+        if not _clone(source, tmp):
+            return False
+    os.replace(tmp, target)
+    _fsync_dir(target.parent)
+    return True
+
+
+def _clone(source: Path, target: Path) -> bool:
+    try:
+        import fcntl
+    except ImportError:
+        return False
+    try:
+        with open(source, "rb") as src, open(target, "wb") as dst:
+            fcntl.ioctl(dst.fileno(), _FICLONE, src.fileno())
+            os.fsync(dst.fileno())
+        return True
+    except OSError as exc:
+        with contextlib.suppress(FileNotFoundError):
+            target.unlink()
+        if exc.errno not in (errno.EOPNOTSUPP, errno.EXDEV, errno.EINVAL, errno.ENOTTY, errno.EBADF, errno.ENOSYS):
+            raise
+        return False
+
+
+def _prune_empty_dirs(directory: Path, stop: Path) -> None:
+    while directory != stop and stop in directory.parents:
+        try:
+            directory.rmdir()
+        except OSError:
+            return
+        directory = directory.parent
+

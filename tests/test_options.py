@@ -1,0 +1,169 @@
+"""Runtime options: names, types and defaults as Ollama has them."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import fields
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mullama.errors import BadRequestError
+from mullama.options import (
+    IGNORED_OPTIONS,
+    PARAMETER_TYPES,
+    Options,
+    parse_options,
+    parse_parameter,
+)
+
+
+def test_defaults_are_ollamas():
+    options = Options()
+    assert (options.num_predict, options.num_keep, options.seed) == (-1, 4, -1)
+    assert (options.temperature, options.top_k, options.top_p, options.typical_p) == (0.8, 40, 0.9, 1.0)
+    assert (options.repeat_last_n, options.repeat_penalty) == (64, 1.0)
+    assert (options.num_batch, options.num_gpu, options.num_thread) == (512, -1, 0)
+    assert options.use_mmap is None and options.flash_attention is None
+    assert options.stop == ()
+
+
+def test_every_field_has_a_parameter_type():
+    assert set(PARAMETER_TYPES) == {f.name for f in fields(Options)}
+    assert PARAMETER_TYPES["stop"] is list
+    assert PARAMETER_TYPES["num_ctx"] is int and PARAMETER_TYPES["temperature"] is float
+    assert PARAMETER_TYPES["use_mmap"] is bool and PARAMETER_TYPES["kv_cache_type"] is str
+
+
+def test_parse_options_converts_json_numbers():
+    parsed = parse_options({"num_ctx": 8192.0, "temperature": 1, "stop": ["a", "b"], "use_mmap": False})
+    assert parsed == {"num_ctx": 8192, "temperature": 1.0, "stop": ["a", "b"], "use_mmap": False}
+    assert type(parsed["num_ctx"]) is int and type(parsed["temperature"]) is float
+
+
+def test_parse_options_skips_none_and_retired_options():
+    assert parse_options({"seed": None, "mirostat_tau": None, "numa": True, "penalize_newline": False}) == {}
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"num_ctx": 1.5}, 'option "num_ctx" must be of type integer'),
+        ({"num_ctx": "4096"}, 'option "num_ctx" must be of type integer'),
+        ({"seed": True}, 'option "seed" must be of type integer'),
+        ({"temperature": "hot"}, 'option "temperature" must be of type number'),
+        ({"temperature": False}, 'option "temperature" must be of type number'),
+        ({"temperature": math.nan}, 'option "temperature" must be a finite number'),
+        ({"temperature": 10**400}, 'option "temperature" must be a finite number'),
+        ({"stop": "\n"}, 'option "stop" must be of type array of strings'),
+        ({"stop": ["a", 1]}, 'option "stop" must be of type array of strings'),
+        ({"use_mmap": 1}, 'option "use_mmap" must be of type boolean'),
+        ({"kv_cache_type": "q5_1"}, 'option "kv_cache_type" must be one of f16, q8_0, q4_0'),
+        ({"num_ctx": 2.0**70}, 'option "num_ctx" is out of range'),
+        ({"tempreature": 0.5}, 'unknown option "tempreature"'),
+    ],
+)
+def test_parse_options_names_the_bad_option(values, message):
+    with pytest.raises(BadRequestError) as caught:
+        parse_options(values)
+    assert caught.value.message == message
+    assert caught.value.param == next(iter(values))
+
+
+def test_parse_options_needs_an_object():
+    with pytest.raises(BadRequestError, match="options must be an object"):
+        parse_options(["temperature"])  # type: ignore[arg-type]
+
+
+def test_merged_applies_layers_in_order_without_changing_the_original():
+    base = Options()
+    merged = base.merged({"temperature": 0.1, "stop": ["x"]}, {"temperature": 0.2, "stop": ["y", "z"]})
+    assert merged.temperature == 0.2 and merged.stop == ("y", "z")
+    assert base.temperature == 0.8 and base.stop == ()
+
+
+def test_merged_rejects_unknown_names():
+    with pytest.raises(BadRequestError, match='unknown option "bogus"'):
+        Options().merged({"bogus": 1})
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "value"),
+    [
+        ("num_ctx", "+8192", 8192),
+        ("seed", "-1", -1),
+        ("temperature", "0.7", 0.7),
+        ("temperature", ".5", 0.5),
+        ("temperature", "1e-3", 0.001),
+        ("temperature", "2", 2.0),
+        ("use_mmap", "T", True),
+        ("use_mmap", "FALSE", False),
+        ("use_mmap", "0", False),
+        ("kv_cache_type", "q8_0", "q8_0"),
+        ("stop", "<|im_end|>", ["<|im_end|>"]),
+    ],
+)
+def test_parse_parameter(name, text, value):
+    assert parse_parameter(name, text) == value
+
+
+@pytest.mark.parametrize(
+    ("name", "text"),
+    [
+        ("num_ctx", "4096.0"),
+        ("num_ctx", "9" * 5000),
+        ("num_ctx", "9223372036854775808"),
+        ("temperature", "1e999"),
+        ("num_ctx", "1_000"),
+        ("num_ctx", "\u0661\u0662"),
+        ("num_ctx", ""),
+        ("temperature", "nan"),
+        ("temperature", "inf"),
+        ("temperature", "0x1p-2"),
+        ("use_mmap", "yes"),
+        ("kv_cache_type", "f32"),
+        ("unknown", "1"),
+    ],
+)
+def test_parse_parameter_rejects(name, text):
+    with pytest.raises(BadRequestError):
+        parse_parameter(name, text)
+
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=5),
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=5), children, max_size=3),
+    max_leaves=6,
+)
+_names = st.sampled_from(sorted(PARAMETER_TYPES) + sorted(IGNORED_OPTIONS)) | st.text(max_size=8)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(_names, _json, max_size=6))
+def test_parse_options_accepts_only_typed_values(values):
+    try:
+        parsed = parse_options(values)
+    except BadRequestError:
+        return
+    for name, value in parsed.items():
+        expected = PARAMETER_TYPES[name]
+        assert isinstance(value, expected) and (expected is bool or not isinstance(value, bool))
+    assert isinstance(Options().merged(parsed), Options)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.sampled_from(sorted(PARAMETER_TYPES)), st.text(max_size=12))
+def test_parse_parameter_raises_only_bad_request(name, text):
+    try:
+        value = parse_parameter(name, text)
+    except BadRequestError:
+        return
+    assert isinstance(value, PARAMETER_TYPES[name])
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.floats(allow_nan=False, allow_infinity=False), st.integers(-(2**63) + 1, 2**63 - 1))
+def test_parse_parameter_reads_what_python_writes(number, integer):
+    assert parse_parameter("temperature", repr(number)) == number
+    assert parse_parameter("num_ctx", str(integer)) == integer
