@@ -221,7 +221,9 @@ def tokenize_prompt(model: Model, prompt: str) -> list[int]:
 
 
 def tool_format(record: ModelRecord, model: Model) -> ToolFormat:
-    return detect_format((record.template or "") + (model.chat_template or ""), record.name) or DEFAULT_TOOL_FORMAT
+    """The model's tool-call syntax; Hermes when its template has none (tools are then described Hermes-style)."""
+    found = detect_format((record.template or "") + (model.chat_template or ""), record.name)
+    return DEFAULT_TOOL_FORMAT if found.name == "json" else found
 
 
 def grammar_for(fmt: Any, tools: list[Tool], tool_choice: str, calls: ToolFormat) -> str | None:
