@@ -1159,12 +1159,15 @@ def _search(pattern: str, value: str) -> bool:
         out.append("\\Z" if ch == "$" and not in_class else ch)
         i += 1
     try:
-        return re.search("".join(out), value) is not None
+        # ECMA-262's \w and \d are ASCII-only, as in the grammar.
+        return re.search("".join(out), value, re.ASCII) is not None
     except re.error:
         return False
 
 
-def _valid_format(fmt: str, value: str) -> bool:
+def _valid_format(fmt: Any, value: str) -> bool:
+    if not isinstance(fmt, str):
+        return False
     check = _FORMAT_CHECKS.get(fmt)
     if check is None:
         return True
@@ -1222,10 +1225,14 @@ class _Validator:
             out += self.array_errors(value, schema, where)
         elif kind == "string":
             length = len(value)
-            if length < schema.get("minLength", 0) or length > schema.get("maxLength", math.inf):
+            low, high = schema.get("minLength", 0), schema.get("maxLength", math.inf)
+            if not _numbers(low, high):
+                out.append(f"{at}: minLength/maxLength are not numbers")
+            elif length < low or length > high:
                 out.append(f"{at}: length {length} out of range")
-            if "pattern" in schema and not _search(schema["pattern"], value):
-                out.append(f"{at}: does not match pattern {schema['pattern']!r}")
+            pattern = schema.get("pattern")
+            if pattern is not None and (not isinstance(pattern, str) or not _search(pattern, value)):
+                out.append(f"{at}: does not match pattern {pattern!r}")
             if "format" in schema and not _valid_format(schema["format"], value):
                 out.append(f"{at}: not a valid {schema['format']}")
         elif kind in ("integer", "number"):

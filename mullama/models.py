@@ -23,7 +23,6 @@ from typing import Any
 from mullama import config
 from mullama.engine import LoadOptions, Model
 from mullama.errors import BadRequestError, ModelNotFoundError
-from mullama.names import ModelName
 from mullama.options import Options, parse_options
 from mullama.registry import resolve
 from mullama.scheduler import Scheduler

@@ -18,7 +18,7 @@ from mullama.ffi import llama as L
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """The sampling options of one request, with Ollama's names and defaults."""
+    """The sampling options of one request, with Ollama's names and defaults (as in ``mullama.options.Options``)."""
 
     temperature: float = 0.8
     top_k: int = 40
@@ -26,7 +26,7 @@ class SamplingParams:
     min_p: float = 0.0
     typical_p: float = 1.0
     repeat_last_n: int = 64
-    repeat_penalty: float = 1.1
+    repeat_penalty: float = 1.0
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     mirostat: int = 0

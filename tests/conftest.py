@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+import json
+
 from mullama import config
 from mullama.pypi import fetch_member
 
@@ -25,3 +27,17 @@ def smollm2_path() -> Path:
 def model_path() -> Path:
     """The real SmolLM2-135M-Instruct Q4_1 GGUF."""
     return smollm2_path()
+
+
+def llama_cpp_source() -> Path:
+    """The llama.cpp tree the loaded libraries were built from (``build_native.py`` extracts it)."""
+    from mullama.ffi import loader
+
+    recorded = loader.load().manifest.get("source_path")
+    if recorded and Path(recorded, "include", "llama.h").exists():
+        return Path(recorded)
+    pin = json.loads((Path(__file__).parent.parent / "native" / "source.json").read_text())
+    tree = config.user_cache_dir() / "sources" / f"llama.cpp-{pin['sha256'][:16]}"
+    if not (tree / "include" / "llama.h").exists():
+        pytest.fail(f"the pinned llama.cpp source is not at {tree}: run `python build_native.py`")
+    return tree

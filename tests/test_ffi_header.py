@@ -10,32 +10,20 @@ offsets against ``sizeof``/``offsetof``.
 from __future__ import annotations
 
 import ctypes
-import json
 import re
 import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
+from conftest import llama_cpp_source
 
 from mullama.ffi import llama as L
-from mullama.ffi import loader
 from mullama.ffi import mtmd as M
 
 
 def _source_root() -> Path:
-    """The llama.cpp tree the loaded library was built from (its manifest says)."""
-    native = loader.load()
-    source = native.manifest.get("source_path")
-    if source and Path(source, "include", "llama.h").exists():
-        return Path(source)
-    pin = json.loads((Path(__file__).parent.parent / "native" / "source.json").read_text())
-    from mullama import config
-
-    tree = config.user_cache_dir() / "sources" / f"llama.cpp-{pin['sha256'][:16]}"
-    if not (tree / "include" / "llama.h").exists():
-        pytest.fail(f"pinned llama.cpp source not found at {tree}: run `python build_native.py`")
-    return tree
+    return llama_cpp_source()
 
 
 def _strip(text: str) -> str:

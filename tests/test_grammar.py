@@ -5,7 +5,6 @@ from __future__ import annotations
 import calendar
 import ctypes
 import json
-import os
 from typing import Any
 
 import pytest
@@ -654,23 +653,16 @@ def test_tool_call_grammar_errors_and_refs() -> None:
 # --- llama.cpp's own parser -------------------------------------------------
 
 
-def _libllama() -> ctypes.CDLL | None:
-    path = os.environ.get("MULLAMA_TEST_LIBLLAMA")
-    if not path or not os.path.exists(path):
-        return None
-    lib = ctypes.CDLL(path)
-    lib.llama_sampler_init_grammar.restype = ctypes.c_void_p
-    lib.llama_sampler_init_grammar.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_char_p]
-    lib.llama_sampler_free.argtypes = [ctypes.c_void_p]
-    return lib
+def _libllama() -> ctypes.CDLL:
+    from mullama.ffi import load
+
+    return load().llama
 
 
-@pytest.mark.skipif(_libllama() is None, reason="set MULLAMA_TEST_LIBLLAMA to a built libllama.so")
 @FAST
 @given(SCHEMAS | with_refs())
 def test_llama_cpp_parses_the_grammars(pair: tuple[dict[str, Any], Any]) -> None:
     lib = _libllama()
-    assert lib is not None
     extra = [
         JSON_GRAMMAR,
         schema_to_gbnf({"type": "string", "minLength": 1500, "maxLength": 3100}),

@@ -5,12 +5,12 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import llama_cpp_source
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -374,10 +374,7 @@ LLAMA_CPP_TEMPLATES = {
 
 @pytest.mark.parametrize(("name", "expected"), sorted(LLAMA_CPP_TEMPLATES.items()))
 def test_detect_format_of_real_templates(name: str, expected: str) -> None:
-    source = os.environ.get("MULLAMA_LLAMA_CPP_SRC")
-    if not source:
-        pytest.skip("set MULLAMA_LLAMA_CPP_SRC to a llama.cpp source tree")
-    path = Path(source) / "models" / "templates" / name
+    path = llama_cpp_source() / "models" / "templates" / name
     if not path.exists():
         pytest.skip(f"{name} is not in this llama.cpp tree")
     assert detect_format(path.read_text(encoding="utf-8")).name == expected
