@@ -1,0 +1,253 @@
+#!/usr/bin/env python3
+"""Mullama's daemon against llama-server, same GGUF, threads and slots, in one run.
+
+    python build_native.py --with-tools      # once: llama-server from the same llama.cpp source
+    python bench/serve.py [--model PATH] [--threads N] [--slots 8] [--tokens 64] [--json]
+
+Both servers get the same load through the same OpenAI-compatible streaming
+endpoint, interleaved run by run: streaming chat at concurrency 1, 4 and 8
+(aggregate generated tokens/s, time to first token p50/p95), a chat that
+grows for 10 turns (TTFT per turn), and embeddings (inputs/s). Prints a table
+and the ratios (Mullama / llama-server; for TTFT, llama-server / Mullama, so
+that above 1.0 always means Mullama is better).
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from mullama.engine import default_threads  # noqa: E402
+from mullama.ffi import loader  # noqa: E402
+
+QUESTIONS = [
+    "Explain how a refrigerator works.", "Write a short story about a lighthouse keeper.",
+    "What are the main causes of the French Revolution?", "Describe the water cycle in detail.",
+    "How do vaccines train the immune system?", "Give me a recipe for a vegetable soup.",
+    "Why do leaves change colour in autumn?", "Explain recursion to a new programmer.",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Server:
+    """One server under test, reached over its OpenAI-compatible API."""
+
+    name: str
+    port: int
+    model: str
+    process: subprocess.Popen | None = None
+    extra: dict = field(default_factory=dict)
+
+    def post(self, path: str, body: dict, stream: bool = False) -> tuple[float | None, int, dict]:
+        """POST and read the whole answer; return (TTFT seconds, generated tokens, last JSON)."""
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=600)
+        started = time.perf_counter()
+        conn.request("POST", path, json.dumps({**body, **self.extra}), {"Content-Type": "application/json"})
+        response = conn.getresponse()
+        if response.status != 200:
+            raise RuntimeError(f"{self.name} {path}: HTTP {response.status}: {response.read()[:300]!r}")
+        if not stream:
+            return None, 0, json.loads(response.read())
+        first, last, tokens = None, {}, 0
+        for raw in response:
+            line = raw.strip()
+            if not line.startswith(b"data: ") or line == b"data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            choices = chunk.get("choices") or []
+            if choices and choices[0].get("delta", {}).get("content") and first is None:
+                first = time.perf_counter() - started
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+            last = chunk
+        conn.close()
+        return first, tokens, last
+
+    def wait_ready(self, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process is not None and self.process.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.process.returncode}")
+            try:
+                self.post("/v1/chat/completions", {"model": self.model, "max_tokens": 1,
+                                                   "messages": [{"role": "user", "content": "hi"}]})
+                return
+            except (OSError, RuntimeError):
+                time.sleep(0.5)
+        raise RuntimeError(f"{self.name} did not become ready")
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(30)
+
+
+def start_mullama(model: Path, threads: int, slots: int, ctx: int, home: Path) -> Server:
+    port = free_port()
+    env = {**os.environ, "MULLAMA_HOST": f"127.0.0.1:{port}", "MULLAMA_HOME": str(home),
+           "MULLAMA_MODELS": str(home / "models"), "MULLAMA_NUM_PARALLEL": str(slots)}
+    process = subprocess.Popen([sys.executable, "-m", "mullama", "serve"], env=env, cwd=ROOT,
+                               stdout=subprocess.DEVNULL, stderr=open(home / "mullama.log", "w"))
+    return Server("mullama", port, str(model), process,
+                  {"options": {"num_ctx": ctx, "num_thread": threads, "num_parallel": slots}})
+
+
+def start_llama_server(exe: Path, model: Path, threads: int, slots: int, ctx: int, log: Path,
+                       embeddings: bool = False) -> Server:
+    port = free_port()
+    command = [str(exe), "-m", str(model), "--port", str(port), "-t", str(threads), "-tb", str(threads),
+               "-np", str(slots), "-c", str(ctx * slots), "--no-webui"]
+    if embeddings:
+        command += ["--embeddings", "--pooling", "mean"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=open(log, "w"))
+    return Server("llama-server", port, str(model), process)
+
+
+def chat_load(server: Server, concurrency: int, tokens: int) -> tuple[float, list[float]]:
+    """Aggregate generated tokens/s and the TTFTs of ``concurrency`` simultaneous streams."""
+    results: list[tuple[float | None, int]] = []
+    lock = threading.Lock()
+
+    def one(i: int) -> None:
+        body = {"model": server.model, "max_tokens": tokens, "temperature": 0, "stream": True,
+                "stream_options": {"include_usage": True},
+                "messages": [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}]}
+        ttft, generated, _ = server.post("/v1/chat/completions", body, stream=True)
+        with lock:
+            results.append((ttft, generated))
+
+    started = time.perf_counter()
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - started
+    return sum(g for _, g in results) / elapsed, [t for t, _ in results if t is not None]
+
+
+def growing_chat(server: Server, turns: int, tokens: int) -> list[float]:
+    """TTFT of each turn of one conversation that keeps its history."""
+    messages: list[dict] = []
+    ttfts = []
+    for turn in range(turns):
+        messages.append({"role": "user", "content": QUESTIONS[turn % len(QUESTIONS)]})
+        body = {"model": server.model, "max_tokens": tokens, "temperature": 0, "stream": True,
+                "stream_options": {"include_usage": True}, "messages": messages}
+        ttft, _, _ = server.post("/v1/chat/completions", body, stream=True)
+        ttfts.append(ttft or 0.0)
+        answer = server.post("/v1/chat/completions", {**body, "stream": False})[2]
+        messages.append({"role": "assistant", "content": answer["choices"][0]["message"]["content"]})
+    return ttfts
+
+
+def embeddings(server: Server, n: int) -> float:
+    inputs = [f"{QUESTIONS[i % len(QUESTIONS)]} (variant {i})" for i in range(n)]
+    started = time.perf_counter()
+    server.post("/v1/embeddings", {"model": server.model, "input": inputs})
+    return n / (time.perf_counter() - started)
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))] if ordered else float("nan")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", type=Path, help="GGUF file (default: the SmolLM2-135M test model)")
+    parser.add_argument("--threads", type=int, default=default_threads())
+    parser.add_argument("--slots", type=int, default=8)
+    parser.add_argument("--ctx", type=int, default=2048, help="context per slot")
+    parser.add_argument("--tokens", type=int, default=64, help="tokens generated per request")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    if args.model is None:
+        sys.path.insert(0, str(ROOT / "tests"))
+        from conftest import smollm2_path
+
+        args.model = smollm2_path()
+    exe = loader.load().directory.parent / "bin" / "llama-server"
+    if not exe.exists():
+        raise SystemExit("llama-server not found: run `python build_native.py --with-tools`")
+    table: dict[str, dict[str, list[float]]] = {"mullama": {}, "llama-server": {}}
+    with tempfile.TemporaryDirectory(prefix="mullama-bench-") as tmp:
+        home = Path(tmp)
+        servers = [start_mullama(args.model, args.threads, args.slots, args.ctx, home),
+                   start_llama_server(exe, args.model, args.threads, args.slots, args.ctx, home / "ls.log")]
+        try:
+            for server in servers:
+                server.wait_ready()
+            for _ in range(args.rounds):
+                for server in servers:
+                    row = table[server.name]
+                    for concurrency in (1, 4, 8):
+                        tps, ttfts = chat_load(server, concurrency, args.tokens)
+                        row.setdefault(f"c{concurrency}_tps", []).append(tps)
+                        row.setdefault(f"c{concurrency}_ttft_p50", []).append(percentile(ttfts, 0.5))
+                        row.setdefault(f"c{concurrency}_ttft_p95", []).append(percentile(ttfts, 0.95))
+                    turns = growing_chat(server, 10, 32)
+                    row.setdefault("turn1_ttft", []).append(turns[0])
+                    row.setdefault("turn10_ttft", []).append(turns[-1])
+        finally:
+            for server in servers:
+                server.stop()
+        embedders = [start_mullama(args.model, args.threads, args.slots, args.ctx, home),
+                     start_llama_server(exe, args.model, args.threads, args.slots, args.ctx, home / "lse.log",
+                                        embeddings=True)]
+        try:
+            for server in embedders:
+                deadline = time.monotonic() + 120
+                while True:
+                    try:
+                        embeddings(server, 1)
+                        break
+                    except (OSError, RuntimeError):
+                        if time.monotonic() > deadline:
+                            raise
+                        time.sleep(0.5)
+            for _ in range(args.rounds):
+                for server in embedders:
+                    table[server.name].setdefault("embed_per_s", []).append(embeddings(server, 64))
+        finally:
+            for server in embedders:
+                server.stop()
+    summary = {name: {k: statistics.median(v) for k, v in row.items()} for name, row in table.items()}
+    ours, theirs = summary["mullama"], summary["llama-server"]
+    print(f"{'metric':<18}{'mullama':>12}{'llama-server':>14}{'ratio':>8}")
+    ratios = {}
+    for key in ours:
+        better_high = key.endswith("tps") or key.endswith("per_s")
+        ratio = ours[key] / theirs[key] if better_high else theirs[key] / ours[key]
+        ratios[key] = ratio
+        print(f"{key:<18}{ours[key]:>12.3f}{theirs[key]:>14.3f}{ratio:>8.2f}")
+    print(f"growing chat: turn 10 TTFT / turn 1 TTFT = {ours['turn10_ttft'] / ours['turn1_ttft']:.2f} (mullama), "
+          f"{theirs['turn10_ttft'] / theirs['turn1_ttft']:.2f} (llama-server)")
+    if args.json:
+        print(json.dumps({"mullama": ours, "llama_server": theirs, "ratios": ratios}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,465 @@
+"""Continuous batching: many generations on one llama context.
+
+A :class:`Scheduler` owns the generation context of a :class:`Model` (its
+``num_parallel`` sequences) and one engine thread. Each step of that thread
+builds a single batch holding the next token of every generating sequence
+plus chunks of the prompts still being read, decodes it once, then samples
+each sequence whose logits came out. HTTP threads only call :meth:`submit`
+and read the :class:`Request` it returns::
+
+    scheduler = Scheduler(model)
+    request = scheduler.submit(model.tokenize(prompt), {"temperature": 0, "num_predict": 32})
+    for piece in request:
+        print(piece, end="")
+    print(request.result.done_reason)
+
+Requests wait in a bounded FIFO queue for a free sequence. A free sequence
+whose KV cache shares the longest prefix with the new prompt is chosen, so a
+conversation that goes on only pays for its new tokens.
+
+While a Scheduler runs it is the only user of ``model.context``: do not call
+``Model.generate`` on the same model. ``Model.embed`` uses its own context
+and runs alongside.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import queue
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from mullama.engine import Completion, Context, Model, Timings, fit_prompt
+from mullama.errors import BadRequestError, OverloadedError
+from mullama.sampling import Sampler, SamplingParams
+from mullama.textstream import TextStream
+
+log = logging.getLogger("mullama.scheduler")
+
+#: Marks the end of a request's output queue.
+_END = object()
+
+#: Ollama's default ``num_keep``: prompt tokens kept at the front when a prompt is cut.
+DEFAULT_NUM_KEEP = 4
+
+
+class Request:
+    """One generation submitted to a :class:`Scheduler`.
+
+    Iterate it for text pieces as they are produced (iteration blocks, and
+    raises the error if the generation failed); afterwards ``result`` holds
+    the :class:`Completion`. Leaving the iteration early cancels the request.
+    """
+
+    def __init__(self, scheduler: Scheduler, tokens: list[int], truncated: int, sampler: Sampler,
+                 stream: TextStream, num_predict: int) -> None:
+        #: The prompt as the model reads it (after any truncation).
+        self.tokens = tokens
+        #: Prompt tokens dropped to fit the context.
+        self.truncated = truncated
+        #: The completion, set once the request is done (None while it runs or if it failed).
+        self.result: Completion | None = None
+        #: The exception that ended the request, if it failed.
+        self.error: BaseException | None = None
+        self._scheduler = scheduler
+        self._sampler = sampler
+        self._stream = stream
+        self._num_predict = num_predict
+        self._output: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._done = threading.Event()
+        self._cancelled = False
+        # Engine-thread state, meaningful once the request holds a sequence.
+        self._seq = -1
+        self._cached: list[int] = []
+        self._fed = 0
+        self._chunk_end = 0
+        self._pending = -1
+        self._out = -1
+        self._pieces: list[str] = []
+        self._completion = Completion(truncated=truncated, timings=Timings())
+        self._submitted = time.perf_counter_ns()
+        self._started = 0
+        self._first_token = 0
+
+    def __iter__(self) -> Iterator[str]:
+        try:
+            while True:
+                item = self._output.get()
+                if item is _END:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            if not self._done.is_set():
+                self.cancel()
+
+    def cancel(self) -> None:
+        """Stop the generation; its sequence is free again within one decode step. Any thread."""
+        self._scheduler._cancel(self)
+
+    def wait(self, timeout: float | None = None) -> Completion:
+        """Block until the request is done; return its completion or raise its error."""
+        if not self._done.wait(timeout):
+            raise TimeoutError("the generation is still running")
+        if self.error is not None:
+            raise self.error
+        assert self.result is not None
+        return self.result
+
+    @property
+    def done(self) -> bool:
+        """True once the request finished, failed or was cancelled."""
+        return self._done.is_set()
+
+
+class Scheduler:
+    """Runs every generation of one model through a single decode loop.
+
+    ``max_queue`` bounds the requests that wait for a free sequence; past it
+    :meth:`submit` raises :class:`OverloadedError`. Call :meth:`close` (or use
+    the scheduler as a context manager) to stop its thread; the model stays open.
+    """
+
+    def __init__(self, model: Model, *, max_queue: int = 512) -> None:
+        self.model = model
+        self.max_queue = max_queue
+        self._ctx: Context = model.context
+        self._is_eog = model.is_end_of_generation
+        self._token_bytes = model.token_bytes
+        self._lock = threading.Lock()
+        self._wakeup = threading.Condition(self._lock)
+        self._waiting: collections.deque[Request] = collections.deque()
+        #: The request holding each sequence, or None.
+        self._slots: list[Request | None] = [None] * self._ctx.n_seq
+        #: Holders in admission order, which is also the order prompts are read in.
+        self._running: list[Request] = []
+        self._last_used = [0] * self._ctx.n_seq
+        self._admissions = 0
+        self._closing = False
+        self._thread = threading.Thread(target=self._loop, name=f"mullama-engine-{model.path.name}", daemon=True)
+        self._thread.start()
+
+    # --- public API ------------------------------------------------------------
+
+    def __enter__(self) -> Scheduler:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def submit(self, tokens: Sequence[int], options: Any = None, *, grammar: str | None = None,
+               truncate: bool = True) -> Request:
+        """Queue a generation from prompt ``tokens``; options use Ollama's names.
+
+        Raises :class:`BadRequestError` for an empty or invalid prompt, a bad
+        grammar, or (with ``truncate=False``) a prompt longer than the context;
+        :class:`OverloadedError` when the queue is full or the scheduler closed.
+        """
+        get = _getter(options)
+        tokens = list(tokens)
+        if not tokens:
+            raise BadRequestError("the prompt is empty")
+        n_vocab = self.model.n_vocab
+        if any(not 0 <= t < n_vocab for t in tokens):
+            raise BadRequestError(f"the prompt holds a token id outside the vocabulary (0..{n_vocab - 1})")
+        try:
+            num_predict = int(_value(get, "num_predict", -1))
+            num_keep = int(_value(get, "num_keep", DEFAULT_NUM_KEEP))
+            params = SamplingParams.from_options(options or {})
+        except (TypeError, ValueError) as exc:
+            raise BadRequestError(f"invalid option: {exc}") from None
+        tokens, truncated = self._fit(tokens, num_keep, num_predict, truncate)
+        stop = _value(get, "stop", [])
+        stream = TextStream(stop=[stop] if isinstance(stop, str) else list(stop))
+        sampler = Sampler(self.model.lib, self.model.vocab, params, grammar)
+        request = Request(self, tokens, truncated, sampler, stream, num_predict)
+        with self._wakeup:
+            if self._closing:
+                sampler.close()
+                raise OverloadedError("the model is shutting down")
+            if len(self._waiting) >= self.max_queue:
+                sampler.close()
+                raise OverloadedError(f"server busy: {len(self._waiting)} requests already wait for "
+                                      f"{self.model.path.name} (max_queue is {self.max_queue}); retry later")
+            self._waiting.append(request)
+            self._wakeup.notify()
+        return request
+
+    def embed(self, texts: str | Sequence[str], *, truncate: bool = True, normalize: bool = True) -> list[list[float]]:
+        """Pooled embeddings through :meth:`Model.embed`; runs alongside generation."""
+        return self.model.embed(texts, truncate=truncate, normalize=normalize)
+
+    def cancel_all(self) -> None:
+        """End every queued and running generation with done_reason "cancel"."""
+        with self._wakeup:
+            waiting = list(self._waiting)
+            self._waiting.clear()
+            for request in self._running:
+                request._cancelled = True
+            self._wakeup.notify()
+        for request in waiting:
+            request._cancelled = True
+            self._finish_unstarted(request)
+
+    def close(self) -> None:
+        """Cancel everything and stop the engine thread; safe to call twice."""
+        with self._wakeup:
+            self._closing = True
+        self.cancel_all()
+        self._thread.join()
+
+    @property
+    def busy(self) -> bool:
+        """True while any request runs or waits."""
+        with self._lock:
+            return bool(self._running or self._waiting)
+
+    @property
+    def active_count(self) -> int:
+        """Requests holding a sequence."""
+        with self._lock:
+            return len(self._running)
+
+    @property
+    def queued_count(self) -> int:
+        """Requests waiting for a free sequence."""
+        with self._lock:
+            return len(self._waiting)
+
+    # --- submission helpers (caller threads) -------------------------------------
+
+    def _fit(self, tokens: list[int], num_keep: int, num_predict: int, truncate: bool) -> tuple[list[int], int]:
+        """Cut a prompt that does not fit, leaving a quarter of the context (at most) for the answer."""
+        n_ctx = self._ctx.n_ctx_seq
+        if len(tokens) < n_ctx:
+            return tokens, 0
+        if not truncate:
+            raise BadRequestError(f"the prompt has {len(tokens)} tokens but the context holds {n_ctx} "
+                                  f"(at most {n_ctx - 1} for the prompt); shorten it or raise num_ctx")
+        room = max(1, min(num_predict if num_predict > 0 else n_ctx, n_ctx // 4))
+        fitted, dropped = fit_prompt(tokens, n_ctx - room + 1, max(0, num_keep), num_predict)
+        log.warning("prompt of %d tokens truncated to %d to fit a context of %d tokens (num_keep=%d)",
+                    len(tokens), len(fitted), n_ctx, num_keep)
+        return fitted, dropped
+
+    def _cancel(self, request: Request) -> None:
+        with self._wakeup:
+            if request._done.is_set():
+                return
+            request._cancelled = True
+            try:
+                self._waiting.remove(request)
+            except ValueError:
+                self._wakeup.notify()
+                return
+        self._finish_unstarted(request)
+
+    def _finish_unstarted(self, request: Request) -> None:
+        request._completion.done_reason = "cancel"
+        request._completion.timings.total_duration = time.perf_counter_ns() - request._submitted
+        request._sampler.close()
+        request.result = request._completion
+        request._output.put(_END)
+        request._done.set()
+
+    # --- engine thread -----------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self._wakeup:
+                while not (self._closing or self._waiting or self._running):
+                    self._wakeup.wait()
+                if self._closing:
+                    break
+                admitted = self._admit()
+            try:
+                for request in admitted:
+                    self._start(request)
+                for request in [r for r in self._running if r._cancelled]:
+                    self._finish(request, "cancel")
+                if self._running:
+                    self._step()
+            except Exception as exc:  # the engine thread must outlive any request's failure
+                log.exception("generation step failed")
+                self._fail(list(self._running), exc)
+        for request in list(self._running):
+            self._finish(request, "cancel")
+
+    def _admit(self) -> list[Request]:
+        """Give free sequences to waiting requests, FIFO (called with the lock held)."""
+        admitted = []
+        free = [seq for seq, holder in enumerate(self._slots) if holder is None]
+        while free and self._waiting:
+            request = self._waiting.popleft()
+            seq = self._choose(free, request.tokens)
+            free.remove(seq)
+            self._admissions += 1
+            self._last_used[seq] = self._admissions
+            request._seq = seq
+            self._slots[seq] = request
+            self._running.append(request)
+            admitted.append(request)
+        return admitted
+
+    def _choose(self, free: list[int], tokens: list[int]) -> int:
+        """The free sequence whose cache holds most of the prompt, else the least recently used one.
+
+        A cache that shares only a little (a chat template's first tokens) is
+        not worth evicting a conversation for; as llama.cpp's server, we reuse
+        a cache only when it holds more than half of the prompt.
+        """
+        cached = self._ctx.cached
+        best = max(free, key=lambda s: (_common_prefix(cached[s], tokens), -self._last_used[s]))
+        if _common_prefix(cached[best], tokens) * 2 > len(tokens):
+            return best
+        return min(free, key=self._last_used.__getitem__)
+
+    def _start(self, request: Request) -> None:
+        request._started = time.perf_counter_ns()
+        request._cached = self._ctx.cached[request._seq]
+        request._fed = self._ctx.reuse_prefix(request._seq, request.tokens)
+        request._completion.timings.prompt_eval_count = len(request.tokens) - request._fed
+
+    def _step(self) -> None:
+        """One decode: a token for each generating sequence, then prompt chunks in the room left."""
+        ctx = self._ctx
+        batch = ctx.batch
+        batch.clear()
+        running = self._running
+        for request in running:
+            if request._pending >= 0:
+                request._out = batch.add(request._pending, len(request._cached), request._seq, True)
+            else:
+                request._out = -1
+        room = batch.capacity - batch.n
+        for request in running:
+            if room <= 0:
+                break
+            if request._pending < 0:
+                prompt = request.tokens
+                start, seq, last = request._fed, request._seq, len(prompt) - 1
+                end = min(len(prompt), start + room)
+                for pos in range(start, end):
+                    batch.add(prompt[pos], pos, seq, pos == last)
+                if end == len(prompt):
+                    request._out = batch.n - 1
+                request._chunk_end = end
+                room -= end - start
+        try:
+            ctx.decode(batch)
+        except Exception as exc:  # noqa: BLE001 - fail the requests in this batch only
+            # What a failed decode left in the KV cache is unknown: forget the sequences it touched.
+            touched = [r for r in running if r._pending >= 0 or r._chunk_end > r._fed]
+            for request in touched:
+                ctx.forget(request._seq, 0)
+            self._fail(touched, exc)
+            return
+        for request in running:
+            if request._pending >= 0:
+                request._cached.append(request._pending)
+                request._pending = -1
+            elif request._chunk_end > request._fed:
+                request._cached.extend(request.tokens[request._fed:request._chunk_end])
+                request._fed = request._chunk_end
+        ended: list[tuple[Request, str | Exception]] = []
+        for request in running:
+            if request._out >= 0:
+                try:
+                    reason = self._advance(request)
+                except Exception as exc:  # noqa: BLE001 - fail this request only
+                    ended.append((request, exc))
+                    continue
+                if reason:
+                    ended.append((request, reason))
+        for request, outcome in ended:
+            if isinstance(outcome, str):
+                self._finish(request, outcome)
+            else:
+                self._fail([request], outcome)
+
+    def _advance(self, request: Request) -> str:
+        """Sample the next token of ``request``; return a done reason, or "" to go on."""
+        token = request._sampler.sample(self._ctx.ptr, request._out)
+        if not request._first_token:
+            request._first_token = time.perf_counter_ns()
+        if self._is_eog(token):
+            return "stop"
+        completion = request._completion
+        completion.tokens.append(token)
+        completion.timings.eval_count += 1
+        stream = request._stream
+        text = stream.feed(self._token_bytes(token))
+        if text:
+            request._pieces.append(text)
+            request._output.put(text)
+        if stream.stopped:
+            return "stop"
+        if completion.timings.eval_count == request._num_predict or len(request._cached) >= self._ctx.n_ctx_seq:
+            return "length"
+        request._pending = token
+        return ""
+
+    def _finish(self, request: Request, reason: str) -> None:
+        """Complete a running request and free its sequence."""
+        tail = request._stream.finish()
+        if tail:
+            request._pieces.append(tail)
+            request._output.put(tail)
+        now = time.perf_counter_ns()
+        completion = request._completion
+        completion.done_reason = reason
+        completion.stop_sequence = request._stream.stop_hit
+        completion.text = "".join(request._pieces)
+        completion.stop_sequence = request._stream.stop_hit
+        completion.context = request.tokens + completion.tokens
+        timings = completion.timings
+        first = request._first_token or now
+        timings.prompt_eval_duration = first - request._started
+        timings.eval_duration = now - first
+        timings.total_duration = now - request._submitted
+        request.result = completion
+        self._release(request)
+        request._output.put(_END)
+        request._done.set()
+
+    def _fail(self, requests: list[Request], error: BaseException) -> None:
+        """End ``requests`` with ``error``, raised to whoever iterates or waits on them."""
+        for request in requests:
+            if request._done.is_set():
+                continue
+            request.error = error
+            self._release(request)
+            request._output.put(error)
+            request._done.set()
+
+    def _release(self, request: Request) -> None:
+        request._sampler.close()
+        request._pending = -1
+        with self._lock:
+            self._slots[request._seq] = None
+            self._running.remove(request)
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def _getter(options: Any) -> Any:
+    if options is None:
+        return lambda name, default: default
+    if isinstance(options, dict):
+        return options.get
+    return lambda name, default: getattr(options, name, default)
+
+
+def _value(get: Any, name: str, default: Any) -> Any:
+    value = get(name, default)
+    return default if value is None else value

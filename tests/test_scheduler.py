@@ -1,0 +1,225 @@
+"""Continuous batching on the real model (SmolLM2-135M-Instruct Q4_1)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import pytest
+
+import mullama
+from mullama.errors import BadRequestError, MullamaError, OverloadedError
+from mullama.sampling import Sampler
+from mullama.scheduler import Scheduler
+
+CHAT = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
+QUESTIONS = [
+    "Write a short story about a dragon.", "What is the capital of France?", "Name a colour.",
+    "Write a haiku about rain.", "Tell me about the moon.", "Who wrote Hamlet?", "Describe a cat.",
+    "List three fruits.",
+]
+GREEDY = {"temperature": 0, "num_predict": 12}
+#: A grammar with no end: the model can only stop at num_predict, the context end or a cancel.
+ENDLESS = 'root ::= "la " root'
+
+# One thread per context: on a small shared CI machine, llama.cpp's spinning
+# thread barriers make two threads much slower than one when cores are busy.
+
+
+@pytest.fixture(scope="module")
+def model(model_path):
+    # A small batch forces prompts to be read in chunks between generated tokens.
+    with mullama.Model(model_path, num_ctx=512, num_parallel=8, num_batch=48, num_thread=1) as loaded:
+        yield loaded
+
+
+@pytest.fixture(scope="module")
+def scheduler(model):
+    with Scheduler(model) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def single(model_path):
+    with mullama.Model(model_path, num_ctx=512, num_parallel=1, num_thread=1) as loaded:
+        yield loaded
+
+
+def tokens_of(model, question):
+    return model.tokenize(CHAT.format(question))
+
+
+def test_concurrent_greedy_requests_match_single_sequence_generation(model, scheduler, single):
+    alone = [single.complete(CHAT.format(q), GREEDY) for q in QUESTIONS]
+    # The first request generates while the others are queued, admitted and read in chunks.
+    first = scheduler.submit(tokens_of(model, QUESTIONS[0]), dict(GREEDY, num_predict=100))
+    pieces = iter(first)
+    head = next(pieces)
+    others = [scheduler.submit(tokens_of(model, q), GREEDY) for q in QUESTIONS[1:]]
+    results = [r.wait(60) for r in others]
+    assert not first.done, "the other requests should finish while the long one still runs"
+    head += "".join(pieces)
+    assert first.result.done_reason == "length" and first.result.text == head
+    assert first.result.tokens[:12] == alone[0].tokens
+    for question, reference, result in zip(QUESTIONS[1:], alone[1:], results):
+        assert result.timings.prompt_eval_count == len(tokens_of(model, question))
+        assert result.tokens == reference.tokens
+        assert result.text == reference.text
+        assert result.done_reason == reference.done_reason
+        assert result.timings.eval_duration > 0 and result.timings.total_duration >= result.timings.eval_duration
+
+
+def test_prompt_cache_goes_to_the_sequence_that_holds_it(model, scheduler):
+    prompt = tokens_of(model, "Tell me about the sun and its planets.")
+    first = scheduler.submit(prompt, GREEDY).wait(60)
+    assert first.timings.prompt_eval_count > len(prompt) // 2
+    # Seven other prompts fill the other sequences without evicting this one.
+    for request in [scheduler.submit(tokens_of(model, f"Count to {n}."), GREEDY) for n in range(7)]:
+        request.wait(60)
+    again = scheduler.submit(prompt, GREEDY).wait(60)
+    assert again.timings.prompt_eval_count == 1
+    assert again.tokens == first.tokens
+    # A conversation that goes on evaluates only what is new.
+    follow_up = first.context + tokens_of(model, "And the moon?")
+    longer = scheduler.submit(follow_up, GREEDY).wait(60)
+    assert longer.timings.prompt_eval_count <= len(follow_up) - len(prompt)
+
+
+def test_long_prompt_is_truncated_and_reported(model, scheduler, caplog):
+    words = model.tokenize("word " * 800)
+    with caplog.at_level(logging.WARNING, logger="mullama.scheduler"):
+        request = scheduler.submit(words, {"temperature": 0, "num_predict": 3, "num_keep": 5})
+    result = request.wait(60)
+    n_ctx = model.context.n_ctx_seq
+    assert result.truncated == request.truncated == len(words) - len(request.tokens) > 0
+    assert request.tokens[:5] == words[:5] and request.tokens[5:] == words[-(len(request.tokens) - 5):]
+    assert len(request.tokens) + 3 <= n_ctx
+    assert result.context == request.tokens + result.tokens
+    assert "truncated" in caplog.text
+    with pytest.raises(BadRequestError, match=f"{len(words)} tokens.*{n_ctx}"):
+        scheduler.submit(words, GREEDY, truncate=False)
+
+
+def test_generation_stops_with_length_at_the_context_end(model, scheduler):
+    n_ctx = model.context.n_ctx_seq
+    prompt = model.tokenize("word " * 600)[:n_ctx - 20]
+    request = scheduler.submit(prompt, {"temperature": 0, "num_predict": -1}, grammar=ENDLESS, truncate=False)
+    result = request.wait(60)
+    assert result.done_reason == "length" and result.truncated == 0
+    assert n_ctx <= len(result.context) <= n_ctx + 1
+    assert result.text.startswith("la la la")
+
+
+def test_cancel_frees_the_sequence_for_a_queued_request_and_the_queue_is_bounded(model_path):
+    with mullama.Model(model_path, num_ctx=256, num_parallel=1, num_thread=1) as model, \
+            Scheduler(model, max_queue=2) as scheduler:
+        endless = scheduler.submit(tokens_of(model, "Sing."), {"temperature": 0}, grammar=ENDLESS)
+        pieces = iter(endless)
+        head = next(pieces)
+        queued = [scheduler.submit(tokens_of(model, q), GREEDY) for q in QUESTIONS[1:3]]
+        assert scheduler.queued_count == 2 and scheduler.active_count == 1 and scheduler.busy
+        with pytest.raises(OverloadedError, match="max_queue is 2"):
+            scheduler.submit(tokens_of(model, "One more?"), GREEDY)
+        queued[1].cancel()
+        assert queued[1].wait(1).done_reason == "cancel" and list(queued[1]) == []
+        assert scheduler.queued_count == 1
+        cancelled_at = time.monotonic()
+        threading.Thread(target=endless.cancel).start()
+        rest = list(pieces)
+        result = queued[0].wait(60)
+        assert endless.result.done_reason == "cancel"
+        assert endless.result.timings.eval_count < 100
+        assert endless.result.text == head + "".join(rest) and endless.result.text.startswith("la")
+        assert result.done_reason in ("stop", "length") and result.text
+        assert time.monotonic() - cancelled_at < 30
+        assert not scheduler.busy
+
+
+def test_leaving_the_iteration_early_cancels(model, scheduler):
+    request = scheduler.submit(tokens_of(model, "Sing."), {"temperature": 0}, grammar=ENDLESS)
+    for _ in request:
+        break
+    assert request.wait(30).done_reason == "cancel"
+    assert request.result.timings.eval_count < 100
+
+
+def test_cancel_all_and_close(model_path):
+    with mullama.Model(model_path, num_ctx=256, num_parallel=2, num_thread=1) as model:
+        scheduler = Scheduler(model, max_queue=4)
+        requests = [scheduler.submit(tokens_of(model, "Sing."), {"temperature": 0}, grammar=ENDLESS)
+                    for _ in range(4)]
+        pieces = iter(requests[0])
+        next(pieces)
+        scheduler.cancel_all()
+        assert [r.wait(30).done_reason for r in requests] == ["cancel"] * 4
+        assert not scheduler.busy
+        running = scheduler.submit(tokens_of(model, "Sing."), {"temperature": 0}, grammar=ENDLESS)
+        pieces = iter(running)
+        next(pieces)
+        scheduler.close()
+        assert running.wait(1).done_reason == "cancel"
+        with pytest.raises(OverloadedError):
+            scheduler.submit(tokens_of(model, "Hello"), GREEDY)
+        scheduler.close()
+
+
+def test_engine_errors_reach_the_request_and_the_engine_survives(model, scheduler, monkeypatch):
+    def broken(self, ctx, index):
+        raise RuntimeError("sampler exploded")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Sampler, "sample", broken)
+        request = scheduler.submit(tokens_of(model, "Hello"), GREEDY)
+        with pytest.raises(RuntimeError, match="exploded"):
+            list(request)
+        with pytest.raises(RuntimeError, match="exploded"):
+            request.wait(1)
+    assert scheduler.submit(tokens_of(model, "Hello"), GREEDY).wait(60).done_reason in ("stop", "length")
+
+    def failing(batch, **kwargs):
+        raise MullamaError("llama_decode failed with code -1")
+
+    prompt = tokens_of(model, "Tell me a secret about the ocean.")
+    with monkeypatch.context() as patch:
+        patch.setattr(model.context, "decode", failing)
+        with pytest.raises(MullamaError, match="code -1"):
+            scheduler.submit(prompt, GREEDY).wait(10)
+    # The failed sequence's cache was forgotten, not trusted.
+    assert all(cached[:len(prompt)] != prompt for cached in model.context.cached)
+    assert scheduler.submit(prompt, GREEDY).wait(60).done_reason in ("stop", "length")
+
+
+def test_bad_requests_are_rejected_at_submit(model, scheduler):
+    with pytest.raises(BadRequestError, match="empty"):
+        scheduler.submit([], GREEDY)
+    with pytest.raises(BadRequestError, match="vocabulary"):
+        scheduler.submit([model.n_vocab + 5], GREEDY)
+    with pytest.raises(BadRequestError, match="grammar"):
+        scheduler.submit(tokens_of(model, "Hi"), GREEDY, grammar="root ::= (")
+    with pytest.raises(BadRequestError, match="option"):
+        scheduler.submit(tokens_of(model, "Hi"), {"num_predict": "many"})
+
+
+def test_stop_strings_and_seeds(model, scheduler, single):
+    prompt = CHAT.format(QUESTIONS[0])
+    reference = single.complete(prompt, temperature=0.9, seed=11, num_predict=16)
+    sampled = scheduler.submit(model.tokenize(prompt), {"temperature": 0.9, "seed": 11, "num_predict": 16}).wait(60)
+    assert sampled.tokens == reference.tokens
+    stop = reference.text[5:9]
+    stopped = scheduler.submit(model.tokenize(prompt), {"temperature": 0.9, "seed": 11, "stop": [stop]}).wait(60)
+    assert stopped.done_reason == "stop" and stopped.text == reference.text[:reference.text.index(stop)]
+    assert stopped.stop_sequence == stop and sampled.stop_sequence == ""
+
+
+def test_embeddings_run_alongside_generation(model, scheduler):
+    texts = ["The cat sleeps on the sofa.", "Quantum chromodynamics."]
+    expected = model.embed(texts)
+    request = scheduler.submit(tokens_of(model, "Sing."), {"temperature": 0, "num_predict": 60}, grammar=ENDLESS)
+    pieces = iter(request)
+    next(pieces)
+    during = scheduler.embed(texts)
+    assert not request.done or request.result.timings.eval_count == 60
+    for a, b in zip(expected, during):
+        assert max(abs(x - y) for x, y in zip(a, b)) < 1e-4
+    assert request.wait(60).done_reason == "length"
