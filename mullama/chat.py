@@ -51,6 +51,8 @@ class ChatRequest:
     tool_choice: str = "auto"
     #: False: a prompt longer than the context is an error instead of being cut.
     truncate: bool = True
+    #: With a forced tool choice, whether the grammar allows more than one call.
+    parallel_tool_calls: bool = False
 
 
 @dataclass
@@ -92,6 +94,8 @@ class ChatResult:
     truncated: int = 0
     context: list[int] = field(default_factory=list)
     prompt_tokens: int = 0
+    #: The stop string that ended generation ("" when it ended otherwise).
+    stop_sequence: str = ""
 
 
 class Reply:
@@ -112,6 +116,11 @@ class Reply:
         self._load_duration = load_duration
         self._prompt_tokens = prompt_tokens
         self.result: ChatResult | None = None
+
+    @property
+    def prompt_tokens(self) -> int:
+        """Tokens of the rendered prompt, known before the first delta."""
+        return self._prompt_tokens
 
     def cancel(self) -> None:
         if self._request is not None:
@@ -137,7 +146,7 @@ class Reply:
                                           total_duration=time.perf_counter_ns() - self._started)
             self.result = ChatResult(model=self.model_name, message=message, done_reason=completion.done_reason,
                                      timings=timings, truncated=completion.truncated, context=completion.context,
-                                     prompt_tokens=self._prompt_tokens)
+                                     prompt_tokens=self._prompt_tokens, stop_sequence=completion.stop_sequence)
         finally:
             self.close()
 
@@ -184,8 +193,25 @@ def _with_defaults(record: ModelRecord, messages: list[Message]) -> list[Message
     return prefix + list(messages)
 
 
+def _hermes_history(messages: list[Message]) -> list[Message]:
+    """Earlier calls and results as Hermes text, for templates that know no tool roles."""
+    rewritten = []
+    for message in messages:
+        if message.role == "assistant" and message.tool_calls:
+            calls = "\n".join("<tool_call>\n" + json.dumps({"name": c.name, "arguments": c.arguments}) + "\n</tool_call>"
+                              for c in message.tool_calls)
+            text = (message.content + "\n" if message.content else "") + calls
+            rewritten.append(dataclasses.replace(message, content=text, tool_calls=[]))
+        elif message.role == "tool":
+            rewritten.append(Message(role="user", content=f"<tool_response>\n{message.content}\n</tool_response>"))
+        else:
+            rewritten.append(message)
+    return rewritten
+
+
 def _tools_as_system(tools: list[Tool], messages: list[Message]) -> list[Message]:
     """Describe tools in a system message for templates that have no place for them (Hermes style)."""
+    messages = _hermes_history(messages)
     listing = "\n".join(json.dumps({"type": "function", "function": {
         "name": t.name, "description": t.description, "parameters": t.parameters}}) for t in tools)
     text = ("You may call one or more functions to assist with the user query. Function signatures are "
@@ -206,8 +232,8 @@ def render_prompt(record: ModelRecord, model: Model, messages: list[Message], to
     template = model.chat_template
     if template is None:
         raise BadRequestError(f"{record.name} has no chat template; create it with a Modelfile TEMPLATE")
-    if tools and "tools" not in template:
-        messages = _tools_as_system(tools, messages)
+    if "tools" not in template and (tools or any(m.tool_calls or m.role == "tool" for m in messages)):
+        messages = _tools_as_system(tools, messages) if tools else _hermes_history(messages)
     extra = {"enable_thinking": think} if think is not None else None
     return render_jinja(template, messages, tools or None, bos_token=model.special_token("bos"),
                         eos_token=model.special_token("eos"), extra=extra)
@@ -226,7 +252,7 @@ def tool_format(record: ModelRecord, model: Model) -> ToolFormat:
     return DEFAULT_TOOL_FORMAT if found.name == "json" else found
 
 
-def grammar_for(fmt: Any, tools: list[Tool], tool_choice: str, calls: ToolFormat) -> str | None:
+def grammar_for(fmt: Any, tools: list[Tool], tool_choice: str, calls: ToolFormat, parallel: bool = False) -> str | None:
     """A GBNF grammar for ``format`` (JSON or a schema) or for forced tool calls."""
     if tools and tool_choice not in ("auto", "none", ""):
         if calls.name != "hermes":
@@ -235,7 +261,8 @@ def grammar_for(fmt: Any, tools: list[Tool], tool_choice: str, calls: ToolFormat
         else:
             open_tag, close_tag = "<tool_call>", "</tool_call>"
         forced = None if tool_choice == "required" else tool_choice
-        return grammars.tool_call_grammar(tools, forced=forced, open_tag=open_tag + "\n", close_tag="\n" + close_tag)
+        return grammars.tool_call_grammar(tools, forced=forced, open_tag=open_tag + "\n", close_tag="\n" + close_tag,
+                                          parallel=parallel)
     if fmt is None or fmt == "":
         return None
     if fmt == "json":
@@ -261,6 +288,15 @@ def _start(manager: ModelManager, model_name: str, options: dict[str, Any], keep
     return stack, loaded, time.perf_counter_ns() - started
 
 
+def _check_images(record: ModelRecord, has_images: bool) -> None:
+    """Images are refused out loud rather than silently dropped."""
+    if not has_images:
+        return
+    if record.projector_path is None:
+        raise BadRequestError(f"{record.name} does not support images: it has no vision projector", param="images")
+    raise BadRequestError("image input is not supported by this Mullama version yet", param="images")
+
+
 def chat(manager: ModelManager, req: ChatRequest) -> Reply:
     """Start a chat reply (an empty ``messages`` just loads the model)."""
     started = time.perf_counter_ns()
@@ -269,10 +305,11 @@ def chat(manager: ModelManager, req: ChatRequest) -> Reply:
         record, model = loaded.record, loaded.model
         if not req.messages:
             return Reply(record.name, stack, None, None, None, started, load_duration, 0)
+        _check_images(record, any(m.images for m in req.messages))
         tools = req.tools if req.tool_choice != "none" else []
         prompt = render_prompt(record, model, req.messages, tools, req.think)
         calls = tool_format(record, model)
-        grammar = grammar_for(req.format, tools, req.tool_choice, calls)
+        grammar = grammar_for(req.format, tools, req.tool_choice, calls, req.parallel_tool_calls)
         tokens = tokenize_prompt(model, prompt)
         request = loaded.scheduler.submit(tokens, _options_dict(manager, record, req.options), grammar=grammar,
                                           truncate=req.truncate)
@@ -294,6 +331,7 @@ def generate(manager: ModelManager, req: GenerateRequest) -> Reply:
         record, model = loaded.record, loaded.model
         if not req.prompt and not req.context:
             return Reply(record.name, stack, None, None, None, started, load_duration, 0)
+        _check_images(record, bool(req.images))
         if req.raw:
             prompt = req.prompt
         elif req.template is not None or record.template is not None:
@@ -322,6 +360,14 @@ def apply_template(manager: ModelManager, req: ChatRequest) -> str:
     """The prompt a chat request would give the model, without generating."""
     with manager.use(req.model, req.options, req.keep_alive) as loaded:
         return render_prompt(loaded.record, loaded.model, req.messages, req.tools, req.think)
+
+
+def count_tokens(manager: ModelManager, req: ChatRequest) -> int:
+    """How many tokens the prompt of a chat request takes, as :func:`chat` would submit it."""
+    with manager.use(req.model, req.options, req.keep_alive) as loaded:
+        tools = req.tools if req.tool_choice != "none" else []
+        prompt = render_prompt(loaded.record, loaded.model, req.messages, tools, req.think)
+        return len(tokenize_prompt(loaded.model, prompt))
 
 
 @dataclass

@@ -85,6 +85,8 @@ class Completion:
     tokens: list[int] = field(default_factory=list)
     #: "stop" (end of turn or a stop string), "length" (num_predict or context end) or "cancel".
     done_reason: str = ""
+    #: The stop string that ended generation ("" when it ended otherwise).
+    stop_sequence: str = ""
     timings: Timings = field(default_factory=Timings)
     #: Prompt tokens dropped to fit the context (0 when nothing was cut).
     truncated: int = 0
@@ -530,6 +532,7 @@ class Generation:
         finally:
             sampler.close()
         completion.text = "".join(pieces)
+        completion.stop_sequence = stream.stop_hit
         completion.context = list(ctx.cached[0])
         completion.timings.total_duration = time.perf_counter_ns() - started
         self.result = completion

@@ -1072,11 +1072,15 @@ def json_grammar() -> str:
 JSON_GRAMMAR = json_grammar()
 
 
-def tool_call_grammar(tools: list[Tool], *, forced: str | None, open_tag: str, close_tag: str) -> str:
-    """A grammar forcing one or more tool calls, each ``open_tag {"name": ..., "arguments": ...} close_tag``.
+def tool_call_grammar(tools: list[Tool], *, forced: str | None, open_tag: str, close_tag: str,
+                      parallel: bool = True) -> str:
+    """A grammar forcing tool calls, each ``open_tag {"name": ..., "arguments": ...} close_tag``.
 
     ``forced`` names the one tool the model must call, or ``None`` for any of
-    ``tools``.  Arguments follow each tool's parameters schema.
+    ``tools``.  Arguments follow each tool's parameters schema. With
+    ``parallel`` the model may add more calls after the first; without it the
+    grammar ends after one call, so a small model cannot keep adding calls
+    until it runs out of tokens.
     """
     chosen = [t for t in tools if forced is None or t.name == forced]
     if not chosen:
@@ -1095,7 +1099,7 @@ def tool_call_grammar(tools: list[Tool], *, forced: str | None, open_tag: str, c
         name = _lit(json.dumps(tool.name, ensure_ascii=False))
         calls.append(g.define(f"{tool.name}-call", f'"\\"name\\"" {ws} ":" {ws} {name} {ws} "," {ws} "\\"arguments\\"" {ws} ":" {ws} {args}'))
     call = g.define("tool-call", f'{_lit(open_tag)} {ws} "{{" {ws} {_alt(calls)} "}}" {ws} {_lit(close_tag)}')
-    return g.text(f"{call} ({ws} {call})*")
+    return g.text(f"{call} ({ws} {call})*" if parallel else call)
 
 
 # --- validation --------------------------------------------------------------

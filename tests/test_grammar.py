@@ -673,3 +673,12 @@ def test_llama_cpp_parses_the_grammars(pair: tuple[dict[str, Any], Any]) -> None
         sampler = lib.llama_sampler_init_grammar(None, text.encode(), b"root")
         assert sampler, text
         lib.llama_sampler_free(sampler)
+
+
+def test_tool_call_grammar_without_parallel_ends_after_one_call() -> None:
+    single = parse(tool_call_grammar([WEATHER, CLOCK], forced=None, open_tag=OPEN, close_tag=CLOSE, parallel=False))
+    several = parse(tool_call_grammar([WEATHER, CLOCK], forced=None, open_tag=OPEN, close_tag=CLOSE))
+    call = OPEN + '{"name": "time.now", "arguments": {}}' + CLOSE
+    assert matches(single, call) and matches(several, call)
+    assert matches(several, call + "\n" + call)
+    assert not matches(single, call + "\n" + call)

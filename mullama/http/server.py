@@ -43,6 +43,8 @@ log = logging.getLogger("mullama.server")
 DEFAULT_PORT = 11434
 #: Bodies above this are refused (blob uploads stream to disk and are exempt).
 DEFAULT_MAX_BODY = 64 * 1024 * 1024
+#: An unread body up to this size is skipped to keep the connection; a bigger one closes it.
+_DRAIN_LIMIT = 1024 * 1024
 _DEFAULT_ORIGIN_HOSTS = ("localhost", "127.0.0.1", "0.0.0.0", "[::1]")
 _DEFAULT_ORIGIN_SCHEMES = ("app://", "file://", "tauri://", "vscode-webview://", "vscode-file://")
 
@@ -92,7 +94,9 @@ class Router:
     error_formats: list[tuple[str, ErrorFormatter]] = field(default_factory=list)
 
     def add(self, method: str, pattern: str, route: Route) -> None:
-        regex = re.compile("^" + re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", pattern) + "$")
+        """Route ``method`` on ``pattern``: ``{name}`` captures one path segment, ``{name...}`` the rest."""
+        regex = re.compile("^" + re.sub(r"\{(\w+)(\.\.\.)?\}",
+                                        lambda m: f"(?P<{m[1]}>{'.+' if m[2] else '[^/]+'})", pattern) + "$")
         self.routes.append((method, regex, route))
 
     def match(self, method: str, path: str) -> tuple[Route | None, dict[str, str], bool]:
@@ -176,6 +180,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def _dispatch(self, method: str) -> None:
         self._started_response = False
+        self._body_read = False
         split = urlsplit(self.path)
         path = split.path.rstrip("/") or "/"
         try:
@@ -195,6 +200,21 @@ class Handler(BaseHTTPRequestHandler):
         except Exception:  # noqa: BLE001 - the client gets a clean 500, the log gets the traceback
             log.error("unexpected error on %s %s\n%s", method, path, traceback.format_exc())
             self._fail(path, MullamaError("internal server error"))
+        self._skip_unread_body()
+
+    def _skip_unread_body(self) -> None:
+        """Drain a small body the route did not read, so keep-alive stays in step; close on a big one."""
+        if self._body_read or self.close_connection:
+            return
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            length = -1
+        chunked = self.headers.get("Transfer-Encoding", "").lower() == "chunked"
+        if chunked or not 0 <= length <= _DRAIN_LIMIT:
+            self.close_connection = True
+        elif length:
+            self.rfile.read(length)
 
     def _fail(self, path: str, error: MullamaError) -> None:
         if error.status >= 500:
@@ -243,10 +263,12 @@ class Handler(BaseHTTPRequestHandler):
         if length > limit:
             self.close_connection = True
             raise PayloadTooLargeError(f"request body of {length} bytes exceeds the limit of {limit}")
+        self._body_read = True
         return self.rfile.read(length)
 
     def body_chunks(self) -> Iterable[bytes]:
         """The body in pieces, without a size limit (blob uploads)."""
+        self._body_read = True
         if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
             yield self._read_chunked(sys.maxsize)
             return
@@ -260,12 +282,16 @@ class Handler(BaseHTTPRequestHandler):
 
     def _read_chunked(self, limit: int) -> bytes:
         data = bytearray()
+        self._body_read = True
         while True:
             line = self.rfile.readline(1024)
             try:
                 size = int(line.split(b";")[0].strip(), 16)
             except ValueError:
-                raise BadRequestError("malformed chunked body") from None
+                size = -1
+            if size < 0:
+                self.close_connection = True
+                raise BadRequestError("malformed chunked body")
             if size == 0:
                 self.rfile.readline(1024)
                 return bytes(data)

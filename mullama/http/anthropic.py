@@ -1,0 +1,426 @@
+"""Anthropic's Messages API: ``/v1/messages`` and ``/v1/messages/count_tokens``.
+
+Requests become a :class:`mullama.chat.ChatRequest`: content blocks turn into
+:class:`~mullama.types.Message` fields (tool results into ``tool`` messages),
+``max_tokens`` and ``stop_sequences`` into Ollama's ``num_predict`` and
+``stop``. Replies go back as a message object or as the server-sent events
+Anthropic streams, with Anthropic's error bodies, so the official SDKs work
+unchanged. Ollama options may ride along as ``options`` or top-level fields.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+import secrets
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from mullama import chat
+from mullama.errors import BadRequestError, MullamaError, OverloadedError
+from mullama.http.server import Request, Router
+from mullama.options import PARAMETER_TYPES, parse_options
+from mullama.types import Message, Tool, ToolCall
+
+log = logging.getLogger("mullama.anthropic")
+
+SSE = "text/event-stream; charset=utf-8"
+Event = tuple[str, dict[str, Any]]
+
+_ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+    529: "overloaded_error",
+}
+_EMPTY_BLOCKS = {"text": {"type": "text", "text": ""}, "thinking": {"type": "thinking", "thinking": "", "signature": ""}}
+_TOOL_CHOICES = {"auto": "auto", "any": "required", "none": "none"}
+_TYPE_NAMES = {int: "an integer", bool: "a boolean", list: "a list", dict: "an object"}
+
+
+def register(router: Router) -> None:
+    """Add the Messages routes and Anthropic's error body for them."""
+    router.add("POST", "/v1/messages", messages_route)
+    router.add("POST", "/v1/messages/count_tokens", count_tokens_route)
+    router.error_formats.append(("/v1/messages", error_body))
+
+
+def error_type(status: int) -> str:
+    """Anthropic's error type for an HTTP status."""
+    return _ERROR_TYPES.get(status) or ("invalid_request_error" if 400 <= status < 500 else "api_error")
+
+
+def error_body(error: MullamaError) -> dict[str, Any]:
+    """``{"type": "error", "error": {"type": ..., "message": ...}}``."""
+    return {"type": "error", "error": {"type": error_type(error.status), "message": error.message}}
+
+
+# --- requests ----------------------------------------------------------------
+
+
+def _typed(body: dict[str, Any], name: str, kind: type, default: Any = None) -> Any:
+    """``body[name]`` checked against ``kind`` (bool is never taken for int)."""
+    value = body.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+        raise BadRequestError(f"{name}: expected {_TYPE_NAMES[kind]}", param=name)
+    return value
+
+
+def _text_of(blocks: list[Any], where: str) -> str:
+    """The text of a list of text blocks (a system prompt or a tool result)."""
+    parts = []
+    for i, block in enumerate(blocks):
+        if not isinstance(block, dict) or block.get("type") != "text" or not isinstance(block.get("text"), str):
+            raise BadRequestError(f"{where}[{i}]: expected a text block")
+        parts.append(block["text"])
+    return "\n".join(parts)
+
+
+def _image(block: dict[str, Any], where: str) -> bytes:
+    source = block.get("source")
+    if not isinstance(source, dict):
+        raise BadRequestError(f"{where}.source: expected an object")
+    if source.get("type") != "base64":
+        raise BadRequestError(f"{where}: image sources of type {source.get('type')!r} are not supported; "
+                              "send the image inline with source.type \"base64\"")
+    data = source.get("data")
+    if not isinstance(data, str):
+        raise BadRequestError(f"{where}.source.data: expected a base64 string")
+    try:
+        return base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise BadRequestError(f"{where}.source.data: invalid base64") from None
+
+
+def _tool_result(block: dict[str, Any], names: dict[str, str], where: str) -> Message:
+    call_id = block.get("tool_use_id")
+    if not isinstance(call_id, str) or not call_id:
+        raise BadRequestError(f"{where}.tool_use_id: expected a string")
+    content = block.get("content", "")
+    images = []
+    if content is None:
+        text = ""
+    elif isinstance(content, str):
+        text = content
+    elif isinstance(content, list):
+        images = [_image(b, f"{where}.content[{i}]") for i, b in enumerate(content)
+                  if isinstance(b, dict) and b.get("type") == "image"]
+        text = _text_of([b for b in content if not (isinstance(b, dict) and b.get("type") == "image")],
+                        f"{where}.content")
+    else:
+        raise BadRequestError(f"{where}.content: expected a string or a list of blocks")
+    if block.get("is_error"):
+        text = f"Error: {text}"
+    return Message(role="tool", content=text, images=images, tool_name=names.get(call_id, ""),
+                   tool_call_id=call_id)
+
+
+def _tool_use(block: dict[str, Any], where: str) -> ToolCall:
+    call_id, name, arguments = block.get("id"), block.get("name"), block.get("input", {})
+    if not isinstance(call_id, str) or not call_id or not isinstance(name, str) or not name:
+        raise BadRequestError(f"{where}: a tool_use block needs an id and a name")
+    if not isinstance(arguments, dict):
+        raise BadRequestError(f"{where}.input: expected an object")
+    return ToolCall(name=name, arguments=arguments, id=call_id)
+
+
+def _message(role: str, content: Any, names: dict[str, str], where: str) -> list[Message]:
+    """One Anthropic message as Mullama messages: tool results first, then the turn itself."""
+    if isinstance(content, str):
+        return [Message(role=role, content=content)]
+    if not isinstance(content, list):
+        raise BadRequestError(f"{where}.content: expected a string or a list of content blocks")
+    turn = Message(role=role)
+    texts: list[str] = []
+    results: list[Message] = []
+    for i, block in enumerate(content):
+        at = f"{where}.content[{i}]"
+        kind = block.get("type") if isinstance(block, dict) else None
+        if kind == "text" and isinstance(block.get("text"), str):
+            texts.append(block["text"])
+        elif kind == "image":
+            turn.images.append(_image(block, at))
+        elif kind == "tool_use" and role == "assistant":
+            call = _tool_use(block, at)
+            call.index = len(turn.tool_calls)
+            names[call.id] = call.name
+            turn.tool_calls.append(call)
+        elif kind == "tool_result" and role == "user":
+            results.append(_tool_result(block, names, at))
+        elif kind == "thinking" and role == "assistant" and isinstance(block.get("thinking"), str):
+            turn.thinking += block["thinking"]
+        elif kind == "redacted_thinking" and role == "assistant":
+            continue  # opaque to anything but Anthropic's own models
+        else:
+            raise BadRequestError(f"{at}: invalid or unsupported content block {kind!r} in a {role} message")
+    turn.content = "\n".join(texts)
+    has_turn = bool(texts or turn.images or turn.tool_calls or turn.thinking)
+    return results + ([turn] if has_turn or not results else [])
+
+
+def parse_messages(value: Any, system: Any = None) -> list[Message]:
+    """Anthropic's ``system`` and ``messages`` as Mullama messages."""
+    messages = []
+    if isinstance(system, list):
+        system = _text_of(system, "system")
+    elif system is not None and not isinstance(system, str):
+        raise BadRequestError("system: expected a string or a list of text blocks", param="system")
+    if system:
+        messages.append(Message(role="system", content=system))
+    if not isinstance(value, list) or not value:
+        raise BadRequestError("messages: expected a non-empty list", param="messages")
+    names: dict[str, str] = {}
+    for i, item in enumerate(value):
+        if not isinstance(item, dict) or item.get("role") not in ("user", "assistant"):
+            raise BadRequestError(f"messages[{i}]: expected an object with role \"user\" or \"assistant\"",
+                                  param="messages")
+        messages.extend(_message(item["role"], item.get("content"), names, f"messages[{i}]"))
+    return messages
+
+
+def parse_tools(value: Any) -> list[Tool]:
+    """Anthropic tool definitions (``name``, ``description``, ``input_schema``)."""
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise BadRequestError("tools: expected a list", param="tools")
+    tools = []
+    for i, item in enumerate(value):
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str) or not item["name"]:
+            raise BadRequestError(f"tools[{i}]: expected an object with a name", param="tools")
+        if item.get("type") not in (None, "custom"):
+            raise BadRequestError(f"tools[{i}]: server tools ({item['type']!r}) are not supported", param="tools")
+        schema = item.get("input_schema") or {"type": "object", "properties": {}}
+        if not isinstance(schema, dict):
+            raise BadRequestError(f"tools[{i}].input_schema: expected a JSON schema object", param="tools")
+        tools.append(Tool(name=item["name"], description=str(item.get("description") or ""), parameters=schema))
+    return tools
+
+
+def parse_tool_choice(value: Any, tools: list[Tool]) -> str:
+    """``tool_choice`` as ChatRequest's "auto", "required", "none" or a tool name."""
+    if value is None:
+        return "auto"
+    kind = value.get("type") if isinstance(value, dict) else None
+    if kind == "tool":
+        name = value.get("name")
+        if not any(tool.name == name for tool in tools):
+            raise BadRequestError(f"tool_choice: no tool named {name!r} in tools", param="tool_choice")
+        return name
+    if kind not in _TOOL_CHOICES:
+        raise BadRequestError("tool_choice: expected {\"type\": \"auto\" | \"any\" | \"tool\" | \"none\"}",
+                              param="tool_choice")
+    if kind == "any" and not tools:
+        raise BadRequestError("tool_choice: \"any\" needs at least one tool", param="tool_choice")
+    return _TOOL_CHOICES[kind]
+
+
+def parse_thinking(value: Any) -> bool | None:
+    """``thinking``: enabled → True, disabled → False; adaptive, other modes or absent → the model's default."""
+    if value is None:
+        return None
+    kind = value.get("type") if isinstance(value, dict) else None
+    if not isinstance(kind, str):
+        raise BadRequestError("thinking: expected {\"type\": \"enabled\" | \"disabled\" | \"adaptive\"}",
+                              param="thinking")
+    return {"enabled": True, "disabled": False}.get(kind)
+
+
+def parse_output_format(value: Any) -> dict[str, Any] | None:
+    """``output_config.format`` (structured outputs): the JSON schema the reply must follow."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise BadRequestError("output_config: expected an object", param="output_config")
+    fmt = value.get("format")
+    if fmt is None:
+        return None
+    if not isinstance(fmt, dict) or fmt.get("type") != "json_schema" or not isinstance(fmt.get("schema"), dict):
+        raise BadRequestError("output_config.format: expected {\"type\": \"json_schema\", \"schema\": {...}}",
+                              param="output_config")
+    return fmt["schema"]
+
+
+def parse_request(body: dict[str, Any], *, counting: bool = False) -> chat.ChatRequest:
+    """A Messages (or count_tokens, where ``max_tokens`` is not needed) body as a ChatRequest."""
+    model = body.get("model")
+    if not isinstance(model, str) or not model.strip():
+        raise BadRequestError("model: field required", param="model")
+    options = parse_options(_typed(body, "options", dict, {}))
+    options.update(parse_options({name: value for name, value in body.items() if name in PARAMETER_TYPES}))
+    max_tokens = _typed(body, "max_tokens", int)
+    if max_tokens is None and not counting:
+        raise BadRequestError("max_tokens: field required", param="max_tokens")
+    if max_tokens is not None:
+        if max_tokens < 1:
+            raise BadRequestError("max_tokens: must be at least 1", param="max_tokens")
+        options["num_predict"] = max_tokens
+    stops = _typed(body, "stop_sequences", list)
+    if stops is not None:
+        if not all(isinstance(s, str) for s in stops):
+            raise BadRequestError("stop_sequences: expected a list of strings", param="stop_sequences")
+        options["stop"] = stops
+    tools = parse_tools(body.get("tools"))
+    return chat.ChatRequest(model=model, messages=parse_messages(body.get("messages"), body.get("system")),
+                            tools=tools, options=options, format=parse_output_format(body.get("output_config")),
+                            think=parse_thinking(body.get("thinking")),
+                            keep_alive=body.get("keep_alive"),
+                            tool_choice=parse_tool_choice(body.get("tool_choice"), tools))
+
+
+# --- replies -----------------------------------------------------------------
+
+
+def tool_use_id(call: ToolCall) -> str:
+    """The call's id in Anthropic's ``toolu_`` style."""
+    if not call.id:
+        call.id = "call_" + secrets.token_hex(12)
+    return "toolu_" + call.id.removeprefix("call_")
+
+
+def stop_reason(result: chat.ChatResult) -> str:
+    """end_turn, max_tokens, stop_sequence or tool_use."""
+    if result.message.tool_calls:
+        return "tool_use"
+    if result.done_reason == "length":
+        return "max_tokens"
+    return "stop_sequence" if result.stop_sequence else "end_turn"
+
+
+def _usage(result: chat.ChatResult) -> dict[str, int]:
+    return {"input_tokens": result.prompt_tokens, "output_tokens": result.timings.eval_count}
+
+
+def message_json(message_id: str, model: str, result: chat.ChatResult) -> dict[str, Any]:
+    """The whole reply as Anthropic's message object."""
+    m = result.message
+    content: list[dict[str, Any]] = []
+    if m.thinking:
+        content.append({"type": "thinking", "thinking": m.thinking, "signature": ""})
+    if m.content:
+        content.append({"type": "text", "text": m.content})
+    content.extend({"type": "tool_use", "id": tool_use_id(c), "name": c.name, "input": c.arguments}
+                   for c in m.tool_calls)
+    return {"id": message_id, "type": "message", "role": "assistant", "model": model, "content": content,
+            "stop_reason": stop_reason(result), "stop_sequence": result.stop_sequence or None,
+            "usage": _usage(result)}
+
+
+@dataclass
+class _Blocks:
+    """The content block being streamed: opens, fills and closes blocks in order."""
+
+    index: int = -1
+    #: Type of the open block; "" when none is open.
+    open_kind: str = ""
+    pinged: bool = False
+
+    def start(self, block: dict[str, Any]) -> list[Event]:
+        events = self.stop()
+        self.index += 1
+        self.open_kind = block["type"]
+        events.append(("content_block_start", {"type": "content_block_start", "index": self.index,
+                                               "content_block": block}))
+        if not self.pinged:
+            self.pinged = True
+            events.append(("ping", {"type": "ping"}))
+        return events
+
+    def stop(self) -> list[Event]:
+        if not self.open_kind:
+            return []
+        self.open_kind = ""
+        return [("content_block_stop", {"type": "content_block_stop", "index": self.index})]
+
+    def delta(self, delta: dict[str, Any]) -> Event:
+        return "content_block_delta", {"type": "content_block_delta", "index": self.index, "delta": delta}
+
+    def text(self, kind: str, text: str) -> list[Event]:
+        events = self.start(dict(_EMPTY_BLOCKS[kind])) if self.open_kind != kind else []
+        key = "text" if kind == "text" else "thinking"
+        events.append(self.delta({"type": f"{key}_delta", key: text}))
+        return events
+
+    def tool_use(self, call: ToolCall) -> list[Event]:
+        events = self.start({"type": "tool_use", "id": tool_use_id(call), "name": call.name, "input": {}})
+        events.append(self.delta({"type": "input_json_delta",
+                                  "partial_json": json.dumps(call.arguments, ensure_ascii=False)}))
+        return events + self.stop()
+
+
+def stream_events(reply: chat.Reply, message_id: str, model: str) -> Iterator[Event]:
+    """The server-sent events of a streamed reply, as (event name, data) pairs."""
+    yield "message_start", {"type": "message_start", "message": {
+        "id": message_id, "type": "message", "role": "assistant", "model": model, "content": [],
+        "stop_reason": None, "stop_sequence": None,
+        "usage": {"input_tokens": reply.prompt_tokens, "output_tokens": 0}}}
+    blocks = _Blocks()
+    for delta in reply:
+        if delta.thinking:
+            yield from blocks.text("thinking", delta.thinking)
+        if delta.content:
+            yield from blocks.text("text", delta.content)
+        for call in delta.tool_calls:
+            yield from blocks.tool_use(call)
+    yield from blocks.stop()
+    result = reply.result
+    assert result is not None
+    yield "message_delta", {"type": "message_delta",
+                            "delta": {"stop_reason": stop_reason(result),
+                                      "stop_sequence": result.stop_sequence or None},
+                            "usage": _usage(result)}
+    yield "message_stop", {"type": "message_stop"}
+
+
+def sse(name: str, data: dict[str, Any]) -> bytes:
+    """One server-sent event."""
+    return f"event: {name}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n".encode()
+
+
+# --- routes ------------------------------------------------------------------
+
+
+def messages_route(request: Request) -> None:
+    body = request.json()
+    req = parse_request(body)
+    stream = _typed(body, "stream", bool, False)
+    handler = request.handler
+    reply = chat.chat(handler.app.manager, req)
+    message_id = "msg_" + secrets.token_hex(12)
+    if not stream:
+        for _ in reply:
+            pass
+        assert reply.result is not None
+        handler.send_json(200, message_json(message_id, req.model, reply.result))
+        return
+    handler.start_stream(SSE)
+    try:
+        for name, data in stream_events(reply, message_id, req.model):
+            if handler.app.stopping.is_set():
+                raise OverloadedError("the server is shutting down")
+            handler.write_chunk(sse(name, data))
+    except (BrokenPipeError, ConnectionResetError):
+        reply.cancel()
+        raise
+    except MullamaError as error:
+        handler.write_chunk(sse("error", error_body(error)))
+    except Exception:  # the headers are sent: the client still gets an error event
+        log.exception("streaming /v1/messages failed")
+        handler.write_chunk(sse("error", error_body(MullamaError("internal server error"))))
+    finally:
+        reply.close()
+    handler.end_stream()
+
+
+def count_tokens_route(request: Request) -> None:
+    req = parse_request(request.json(), counting=True)
+    request.handler.send_json(200, {"input_tokens": chat.count_tokens(request.handler.app.manager, req)})

@@ -1,0 +1,711 @@
+"""OpenAI's ``/v1``: chat completions, completions, embeddings, models and responses.
+
+Each route reads OpenAI's JSON into a :mod:`mullama.chat` request and writes
+back the shapes the official ``openai`` SDK parses; streams are server-sent
+events. The engine does not report token log probabilities yet, so
+``logprobs`` is accepted and answered with ``null``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import copy
+import json
+import secrets
+import struct
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from typing import Any
+from urllib.parse import unquote
+
+from mullama import chat
+from mullama.errors import BadRequestError, ModelNotFoundError, MullamaError
+from mullama.http.ollama import parse_tools
+from mullama.http.server import Request, Router
+from mullama.names import ModelName
+from mullama.options import PARAMETER_TYPES, parse_options
+from mullama.types import Message, Tool, ToolCall
+
+SSE = "text/event-stream"
+FINGERPRINT = "fp_mullama"
+_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+_REASONING_EFFORTS = ("minimal", "low", "medium", "high", "xhigh")
+_TEXT_PARTS = ("text", "input_text", "output_text")
+_IMAGE_PARTS = ("image_url", "input_image")
+#: OpenAI error types by status; the SDK picks its exception class from the status alone.
+_ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 429: "rate_limit_error"}
+
+
+def register(router: Router) -> None:
+    """Add every OpenAI route and OpenAI's error body for ``/v1/``."""
+    router.add("POST", "/v1/chat/completions", chat_completions)
+    router.add("POST", "/v1/completions", completions)
+    router.add("POST", "/v1/embeddings", embeddings)
+    router.add("GET", "/v1/models", list_models)
+    router.add("GET", "/v1/models/{model...}", retrieve_model)
+    router.add("POST", "/v1/responses", responses)
+    router.error_formats.append(("/v1/", openai_error))
+
+
+def openai_error(error: MullamaError) -> dict[str, Any]:
+    """OpenAI's error body: ``{"error": {"message", "type", "param", "code"}}``."""
+    kind = "server_error" if error.status >= 500 else _ERROR_TYPES.get(error.status, "invalid_request_error")
+    code = "model_not_found" if isinstance(error, ModelNotFoundError) else None if error.kind == kind else error.kind
+    return {"error": {"message": error.message, "type": kind, "param": error.param, "code": code}}
+
+
+# --- request fields ---------------------------------------------------------
+
+
+def _get(body: dict[str, Any], name: str, kind: type, default: Any = None) -> Any:
+    value = body.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+        raise BadRequestError(f"invalid type for {name!r}: expected {kind.__name__}", param=name)
+    return value
+
+
+def _model(body: dict[str, Any]) -> str:
+    name = body.get("model")
+    if not isinstance(name, str) or not name.strip():
+        raise BadRequestError("you must provide a model parameter", param="model")
+    return name
+
+
+def _only_one(body: dict[str, Any], name: str) -> None:
+    if _get(body, name, int, 1) != 1:
+        raise BadRequestError(f"{name} must be 1: Mullama returns one choice per request", param=name)
+
+
+def _check_logprobs(body: dict[str, Any]) -> None:
+    """Accept the log-probability fields (answered with null) but refuse malformed ones."""
+    _get(body, "logprobs", bool)
+    top = _get(body, "top_logprobs", int)
+    if top is not None and not 0 <= top <= 20:
+        raise BadRequestError("top_logprobs must be between 0 and 20", param="top_logprobs")
+
+
+def _options(body: dict[str, Any], max_tokens: tuple[str, ...]) -> dict[str, Any]:
+    """Ollama's ``options`` object, then Ollama option names given at the top level, then OpenAI's fields."""
+    values = dict(_get(body, "options", dict, {}))
+    # temperature, top_p, seed and the penalties have the same names in both APIs.
+    values.update((k, v) for k, v in body.items() if k in PARAMETER_TYPES and k != "stop")
+    for key in max_tokens:
+        if body.get(key) is not None:
+            values["num_predict"] = body[key]
+    stop = body.get("stop")
+    if stop is not None:
+        values["stop"] = [stop] if isinstance(stop, str) else stop
+    return parse_options(values)
+
+
+def _think(effort: Any, param: str) -> bool | None:
+    if effort is None:
+        return None
+    if effort == "none":
+        return False
+    if effort in _REASONING_EFFORTS:
+        return True
+    raise BadRequestError(f"invalid {param} {effort!r}: use none, {', '.join(_REASONING_EFFORTS)}", param=param)
+
+
+def _format(spec: Any, param: str) -> Any:
+    """``response_format`` (chat) or ``text.format`` (responses) as a chat ``format``."""
+    if spec is None:
+        return None
+    kind = spec.get("type") if isinstance(spec, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return "json"
+    if kind == "json_schema":
+        # Chat nests the schema under "json_schema"; the Responses API puts it beside "type".
+        holder = spec.get("json_schema", spec)
+        schema = holder.get("schema") if isinstance(holder, dict) else None
+        if schema is None:
+            return "json"
+        if not isinstance(schema, dict):
+            raise BadRequestError(f"{param}: the JSON schema must be an object", param=param)
+        return schema
+    raise BadRequestError(f"{param} type must be text, json_object or json_schema", param=param)
+
+
+def _image(url: Any, where: str) -> bytes:
+    if not isinstance(url, str):
+        raise BadRequestError(f"{where}: the image URL must be a string", param="messages")
+    if url.startswith(("http://", "https://")):
+        raise BadRequestError(f"{where}: Mullama does not fetch remote images; send the image inline as a "
+                              "data: URL (data:image/png;base64,...)", param="messages")
+    header, comma, data = url.partition(",")
+    if not (header.startswith("data:") and header.endswith(";base64") and comma):
+        raise BadRequestError(f"{where}: the image must be a base64 data: URL", param="messages")
+    try:
+        return base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise BadRequestError(f"{where}: the image data is not valid base64", param="messages") from None
+
+
+def _content(value: Any, where: str) -> tuple[str, list[bytes]]:
+    """A message's text (text parts joined by newlines) and images."""
+    if value is None:
+        return "", []
+    if isinstance(value, str):
+        return value, []
+    if not isinstance(value, list):
+        raise BadRequestError(f"{where}.content must be a string or a list of content parts", param="messages")
+    texts, images = [], []
+    for j, part in enumerate(value):
+        kind = part.get("type") if isinstance(part, dict) else None
+        here = f"{where}.content[{j}]"
+        if kind in _TEXT_PARTS or kind == "refusal":
+            text = part.get("refusal" if kind == "refusal" else "text")
+            if not isinstance(text, str):
+                raise BadRequestError(f"{here}.{kind if kind == 'refusal' else 'text'} must be a string",
+                                      param="messages")
+            texts.append(text)
+        elif kind in _IMAGE_PARTS:
+            url = part.get("image_url")
+            images.append(_image(url.get("url") if isinstance(url, dict) else url, here))
+        else:
+            raise BadRequestError(f"{here}: unsupported content part type {kind!r}", param="messages")
+    return "\n".join(texts), images
+
+
+def _arguments(value: Any, where: str) -> dict[str, Any]:
+    if value is None or value == "":
+        return {}
+    try:
+        arguments = json.loads(value) if isinstance(value, str) else value
+    except (ValueError, RecursionError):
+        raise BadRequestError(f"{where}.arguments is not valid JSON", param="messages") from None
+    if not isinstance(arguments, dict):
+        raise BadRequestError(f"{where}.arguments must be a JSON object", param="messages")
+    return arguments
+
+
+def _tool_calls(value: Any, where: str) -> list[ToolCall]:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise BadRequestError(f"{where}.tool_calls must be a list", param="messages")
+    calls = []
+    for j, item in enumerate(value):
+        function = item.get("function") if isinstance(item, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise BadRequestError(f"{where}.tool_calls[{j}] needs function.name", param="messages")
+        calls.append(ToolCall(name=function["name"], id=str(item.get("id") or ""), index=j,
+                              arguments=_arguments(function.get("arguments"), f"{where}.tool_calls[{j}].function")))
+    return calls
+
+
+def _chat_messages(value: Any) -> list[Message]:
+    if not isinstance(value, list) or not value:
+        raise BadRequestError("messages must be a non-empty list", param="messages")
+    tool_names: dict[str, str] = {}
+    messages = []
+    for i, item in enumerate(value):
+        where = f"messages[{i}]"
+        role = item.get("role") if isinstance(item, dict) else None
+        if not isinstance(role, str) or (role not in _ROLES and role not in ("tool", "function")):
+            raise BadRequestError(f"{where}.role must be system, developer, user, assistant or tool",
+                                  param="messages")
+        text, images = _content(item.get("content"), where)
+        if role in ("tool", "function"):
+            call_id = str(item.get("tool_call_id") or "")
+            messages.append(Message(role="tool", content=text, tool_call_id=call_id,
+                                    tool_name=tool_names.get(call_id) or str(item.get("name") or "")))
+            continue
+        calls = _tool_calls(item.get("tool_calls"), where) if role == "assistant" else []
+        tool_names.update((call.id, call.name) for call in calls)
+        thinking = item.get("reasoning_content") or item.get("reasoning") or ""
+        messages.append(Message(role=_ROLES[role], content=text, images=images, tool_calls=calls,
+                                thinking=thinking if isinstance(thinking, str) else ""))
+    return messages
+
+
+def _tools(value: Any) -> list[Tool]:
+    """OpenAI tool definitions: the chat shape (nested ``function``) or the Responses shape (flat)."""
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise BadRequestError("tools must be a list", param="tools")
+    nested = []
+    for i, item in enumerate(value):
+        if not isinstance(item, dict) or item.get("type", "function") != "function":
+            raise BadRequestError(f"tools[{i}]: only function tools are supported", param="tools")
+        nested.append(item if "function" in item else {"type": "function", "function": item})
+    return parse_tools(nested)
+
+
+def _tool_choice(value: Any, tools: list[Tool]) -> str:
+    if value is None:
+        return "auto"
+    if value in ("auto", "none", "required"):
+        if value == "required" and not tools:
+            raise BadRequestError("tool_choice \"required\" needs tools", param="tool_choice")
+        return value
+    if isinstance(value, dict) and value.get("type") == "function":
+        function = value.get("function", value)
+        name = function.get("name") if isinstance(function, dict) else None
+        if isinstance(name, str) and name in {tool.name for tool in tools}:
+            return name
+        raise BadRequestError(f"tool_choice names {name!r}, which is not one of the tools", param="tool_choice")
+    raise BadRequestError("tool_choice must be auto, none, required or {\"type\": \"function\", ...}",
+                          param="tool_choice")
+
+
+# --- reply helpers ----------------------------------------------------------
+
+
+def _new_id(prefix: str) -> str:
+    return prefix + secrets.token_hex(12)
+
+
+def _arguments_json(call: ToolCall) -> str:
+    return json.dumps(call.arguments, ensure_ascii=False)
+
+
+def _calls(calls: list[ToolCall], parallel: bool) -> list[ToolCall]:
+    """The calls to report: only the first when the client asked for no parallel calls."""
+    return calls if parallel else [call for call in calls if call.index == 0]
+
+
+def _finish_reason(result: chat.ChatResult, parallel: bool) -> str:
+    if _calls(result.message.tool_calls, parallel):
+        return "tool_calls"
+    return "length" if result.done_reason == "length" else "stop"
+
+
+def _usage(result: chat.ChatResult) -> dict[str, int]:
+    prompt = result.prompt_tokens or result.timings.prompt_eval_count
+    completion = result.timings.eval_count
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _include_usage(body: dict[str, Any]) -> bool:
+    return bool(_get(body, "stream_options", dict, {}).get("include_usage"))
+
+
+def _finished(reply: chat.Reply) -> chat.ChatResult:
+    """The result of a reply that was iterated to its end."""
+    assert reply.result is not None
+    return reply.result
+
+
+def _drain(reply: chat.Reply) -> chat.ChatResult:
+    """Run a reply to its end (non-streaming routes) and return its result."""
+    for _ in reply:
+        pass
+    return _finished(reply)
+
+
+def _send_events(request: Request, reply: chat.Reply, events: Iterator[dict[str, Any]],
+                 error_event: Callable[[MullamaError], dict[str, Any]], named: bool) -> None:
+    """Stream ``events`` as server-sent events; ``named`` adds ``event:`` lines (Responses API)."""
+    handler = request.handler
+
+    def write(event: dict[str, Any]) -> None:
+        line = f"event: {event['type']}\n" if named else ""
+        handler.write_chunk(f"{line}data: {json.dumps(event, ensure_ascii=False)}\n\n".encode())
+
+    handler.start_stream(SSE)
+    try:
+        for event in events:
+            if handler.app.stopping.is_set():
+                raise MullamaError("the server is shutting down")
+            write(event)
+        if not named:
+            handler.write_chunk(b"data: [DONE]\n\n")
+    except (BrokenPipeError, ConnectionResetError):
+        reply.cancel()
+        raise
+    except MullamaError as error:
+        write(error_event(error))
+    finally:
+        reply.close()
+    handler.end_stream()
+
+
+# --- /v1/chat/completions ---------------------------------------------------
+
+
+def _call_json(call: ToolCall) -> dict[str, Any]:
+    return {"id": call.id or _new_id("call_"), "type": "function",
+            "function": {"name": call.name, "arguments": _arguments_json(call)}}
+
+
+def chat_completions(request: Request) -> None:
+    """``POST /v1/chat/completions``."""
+    body = request.json()
+    model = _model(body)
+    _only_one(body, "n")
+    _check_logprobs(body)
+    if body.get("functions") is not None or body.get("function_call") is not None:
+        raise BadRequestError("functions and function_call are deprecated and not supported: use tools and "
+                              "tool_choice", param="functions")
+    tools = _tools(body.get("tools"))
+    req = chat.ChatRequest(
+        model=model, messages=_chat_messages(body.get("messages")), tools=tools,
+        options=_options(body, ("max_tokens", "max_completion_tokens")),
+        format=_format(body.get("response_format"), "response_format"),
+        think=_think(body.get("reasoning_effort"), "reasoning_effort"), keep_alive=body.get("keep_alive"),
+        tool_choice=_tool_choice(body.get("tool_choice"), tools))
+    parallel = _get(body, "parallel_tool_calls", bool, True)
+    stream = _get(body, "stream", bool, False)
+    include_usage = _include_usage(body)
+    reply = chat.chat(request.handler.app.manager, req)
+    head = {"id": _new_id("chatcmpl-"), "created": int(time.time()), "model": model,
+            "system_fingerprint": FINGERPRINT}
+
+    if not stream:
+        result = _drain(reply)
+        calls = _calls(result.message.tool_calls, parallel)
+        message: dict[str, Any] = {"role": "assistant", "content": result.message.content or (None if calls else ""),
+                                   "refusal": None}
+        if result.message.thinking:
+            message["reasoning_content"] = result.message.thinking
+        if calls:
+            message["tool_calls"] = [_call_json(call) for call in calls]
+        choice = {"index": 0, "message": message, "logprobs": None,
+                  "finish_reason": _finish_reason(result, parallel)}
+        request.handler.send_json(200, {**head, "object": "chat.completion", "choices": [choice],
+                                        "usage": _usage(result)})
+        return
+
+    def chunk(delta: dict[str, Any], finish_reason: str | None = None) -> dict[str, Any]:
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        return {**head, "object": "chat.completion.chunk", "choices": [choice]}
+
+    def chunks() -> Iterator[dict[str, Any]]:
+        yield chunk({"role": "assistant", "content": ""})
+        for delta in reply:
+            if delta.thinking:
+                yield chunk({"reasoning_content": delta.thinking})
+            if delta.content:
+                yield chunk({"content": delta.content})
+            calls = _calls(delta.tool_calls, parallel)
+            if calls:
+                yield chunk({"tool_calls": [{"index": call.index, **_call_json(call)} for call in calls]})
+        result = _finished(reply)
+        yield chunk({}, _finish_reason(result, parallel))
+        if include_usage:
+            yield {**head, "object": "chat.completion.chunk", "choices": [], "usage": _usage(result)}
+
+    _send_events(request, reply, chunks(), openai_error, named=False)
+
+
+# --- /v1/completions --------------------------------------------------------
+
+
+def completions(request: Request) -> None:
+    """``POST /v1/completions``: the prompt goes to the model as it is, without the chat template."""
+    body = request.json()
+    model = _model(body)
+    _only_one(body, "n")
+    _only_one(body, "best_of")
+    logprobs = _get(body, "logprobs", int)
+    if logprobs is not None and not 0 <= logprobs <= 5:
+        raise BadRequestError("logprobs must be between 0 and 5", param="logprobs")
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1:
+        prompt = prompt[0]
+    if not isinstance(prompt, str) or not prompt:
+        raise BadRequestError("prompt must be a non-empty string (one prompt per request)", param="prompt")
+    suffix = _get(body, "suffix", str, "")
+    echo = _get(body, "echo", bool, False)
+    # A suffix needs the model's fill-in-the-middle template, so only then is the template applied.
+    req = chat.GenerateRequest(model=model, prompt=prompt, suffix=suffix, raw=not suffix,
+                               options=_options(body, ("max_tokens",)), keep_alive=body.get("keep_alive"))
+    stream = _get(body, "stream", bool, False)
+    include_usage = _include_usage(body)
+    reply = chat.generate(request.handler.app.manager, req)
+    head = {"id": _new_id("cmpl-"), "object": "text_completion", "created": int(time.time()), "model": model,
+            "system_fingerprint": FINGERPRINT}
+
+    def choice(text: str, finish_reason: str | None) -> dict[str, Any]:
+        return {"text": text, "index": 0, "logprobs": None, "finish_reason": finish_reason}
+
+    if not stream:
+        result = _drain(reply)
+        text = (prompt if echo else "") + result.message.content
+        request.handler.send_json(200, {**head, "choices": [choice(text, _finish_reason(result, True))],
+                                        "usage": _usage(result)})
+        return
+
+    def chunks() -> Iterator[dict[str, Any]]:
+        if echo:
+            yield {**head, "choices": [choice(prompt, None)]}
+        for delta in reply:
+            if delta.content:
+                yield {**head, "choices": [choice(delta.content, None)]}
+        result = _finished(reply)
+        yield {**head, "choices": [choice("", _finish_reason(result, True))]}
+        if include_usage:
+            yield {**head, "choices": [], "usage": _usage(result)}
+
+    _send_events(request, reply, chunks(), openai_error, named=False)
+
+
+# --- /v1/embeddings ---------------------------------------------------------
+
+
+def embeddings(request: Request) -> None:
+    """``POST /v1/embeddings``; base64 vectors are little-endian float32, as OpenAI sends them."""
+    body = request.json()
+    model = _model(body)
+    value = body.get("input")
+    inputs = [value] if isinstance(value, str) else value
+    if not isinstance(inputs, list) or not inputs or not all(isinstance(v, str) and v for v in inputs):
+        raise BadRequestError("input must be a non-empty string or a non-empty list of non-empty strings "
+                              "(token-id input is not supported)", param="input")
+    encoding = _get(body, "encoding_format", str, "float")
+    if encoding not in ("float", "base64"):
+        raise BadRequestError("encoding_format must be float or base64", param="encoding_format")
+    result = chat.embed(request.handler.app.manager, model, inputs, dimensions=_get(body, "dimensions", int),
+                        options=_options(body, ()), keep_alive=body.get("keep_alive"))
+
+    def encode(vector: list[float]) -> Any:
+        return vector if encoding == "float" else base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+
+    data = [{"object": "embedding", "embedding": encode(v), "index": i} for i, v in enumerate(result.vectors)]
+    request.handler.send_json(200, {"object": "list", "data": data, "model": model,
+                                    "usage": {"prompt_tokens": result.prompt_tokens,
+                                              "total_tokens": result.prompt_tokens}})
+
+
+# --- /v1/models -------------------------------------------------------------
+
+
+def _model_json(name: ModelName, modified: float) -> dict[str, Any]:
+    return {"id": name.display, "object": "model", "created": int(modified), "owned_by": name.namespace}
+
+
+def list_models(request: Request) -> None:
+    """``GET /v1/models``: every model in the store."""
+    entries = request.handler.app.manager.store.list_models()
+    request.handler.send_json(200, {"object": "list", "data": [_model_json(e.name, e.modified) for e in entries]})
+
+
+def retrieve_model(request: Request) -> None:
+    """``GET /v1/models/{model}``; the name may hold ``/`` (raw or percent-encoded, as the SDK sends it)."""
+    text = unquote(request.params["model"])
+    try:
+        name = ModelName.parse(text)
+    except BadRequestError:
+        raise ModelNotFoundError(text) from None
+    entry = next((e for e in request.handler.app.manager.store.list_models() if e.name.key == name.key), None)
+    if entry is None:
+        raise ModelNotFoundError(text)
+    request.handler.send_json(200, _model_json(entry.name, entry.modified))
+
+
+# --- /v1/responses ----------------------------------------------------------
+
+
+def _response_input(value: Any) -> list[Message]:
+    """The Responses API's ``input``: a string, or messages and function call items."""
+    if isinstance(value, str):
+        return [Message(role="user", content=value)]
+    if not isinstance(value, list) or not value:
+        raise BadRequestError("input must be a string or a non-empty list of input items", param="input")
+    tool_names: dict[str, str] = {}
+    messages: list[Message] = []
+    for i, item in enumerate(value):
+        where = f"input[{i}]"
+        kind = item.get("type", "message") if isinstance(item, dict) else None
+        if kind == "message":
+            role = item.get("role")
+            if not isinstance(role, str) or role not in _ROLES:
+                raise BadRequestError(f"{where}.role must be system, developer, user or assistant", param="input")
+            text, images = _content(item.get("content"), where)
+            messages.append(Message(role=_ROLES[role], content=text, images=images))
+        elif kind == "function_call":
+            name, call_id = item.get("name"), str(item.get("call_id") or "")
+            if not isinstance(name, str) or not name:
+                raise BadRequestError(f"{where}.name is required", param="input")
+            if not messages or messages[-1].role != "assistant":
+                messages.append(Message(role="assistant"))
+            calls = messages[-1].tool_calls
+            calls.append(ToolCall(name=name, arguments=_arguments(item.get("arguments"), where), id=call_id,
+                                  index=len(calls)))
+            tool_names[call_id] = name
+        elif kind == "function_call_output":
+            call_id = str(item.get("call_id") or "")
+            output = item.get("output")
+            text = output if isinstance(output, str) else _content(output, where)[0]
+            messages.append(Message(role="tool", content=text, tool_call_id=call_id,
+                                    tool_name=tool_names.get(call_id, "")))
+        elif kind != "reasoning":  # past reasoning is dropped, as chat templates drop it
+            raise BadRequestError(f"{where}: unsupported input item type {kind!r}", param="input")
+    return messages
+
+
+class _ResponseEvents:
+    """Builds a Responses API ``response`` from deltas, yielding its streaming events on the way.
+
+    The non-streaming route runs the same machine and discards the events, so
+    both return the same output items.
+    """
+
+    def __init__(self, base: dict[str, Any], parallel: bool) -> None:
+        self.base = base
+        self.output: list[dict[str, Any]] = []
+        self._parallel = parallel
+        self._sequence = 0
+        self._open: dict[str, Any] | None = None
+
+    def snapshot(self, status: str, **extra: Any) -> dict[str, Any]:
+        """The response object as it stands, with ``status``."""
+        return {**self.base, "status": status, "output": copy.deepcopy(self.output), **extra}
+
+    def start(self) -> Iterator[dict[str, Any]]:
+        """The events that open the stream."""
+        yield self.event("response.created", response=self.snapshot("in_progress"))
+        yield self.event("response.in_progress", response=self.snapshot("in_progress"))
+
+    def feed(self, delta: chat.Delta) -> Iterator[dict[str, Any]]:
+        """Add one delta; opens and closes output items as the kind of output changes."""
+        if delta.thinking:
+            yield from self._text("reasoning", delta.thinking)
+        if delta.content:
+            yield from self._text("message", delta.content)
+        for call in _calls(delta.tool_calls, self._parallel):
+            yield from self._call(call)
+
+    def finish(self, result: chat.ChatResult) -> Iterator[dict[str, Any]]:
+        """Close the last item and end with ``response.completed`` (or ``response.incomplete``)."""
+        if not self.output:
+            yield from self._text("message", "")
+        yield from self._close()
+        usage = _usage(result)
+        details = {"usage": {"input_tokens": usage["prompt_tokens"], "output_tokens": usage["completion_tokens"],
+                             "total_tokens": usage["total_tokens"], "input_tokens_details": {"cached_tokens": 0},
+                             "output_tokens_details": {"reasoning_tokens": 0}}}
+        if result.done_reason == "length" and not result.message.tool_calls:
+            response = self.snapshot("incomplete", incomplete_details={"reason": "max_output_tokens"}, **details)
+            yield self.event("response.incomplete", response=response)
+        else:
+            yield self.event("response.completed", response=self.snapshot("completed", **details))
+
+    def event(self, kind: str, **fields: Any) -> dict[str, Any]:
+        """The next event of the stream, numbered."""
+        event = {"type": kind, "sequence_number": self._sequence, **fields}
+        self._sequence += 1
+        return event
+
+    def _where(self) -> dict[str, Any]:
+        assert self._open is not None
+        return {"item_id": self._open["id"], "output_index": len(self.output) - 1}
+
+    def _text(self, kind: str, text: str) -> Iterator[dict[str, Any]]:
+        if self._open is None or self._open["type"] != kind:
+            yield from self._close()
+            item: dict[str, Any]
+            part: dict[str, Any]
+            if kind == "message":
+                item = {"id": _new_id("msg_"), "type": "message", "role": "assistant", "status": "in_progress",
+                        "content": []}
+                part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
+            else:
+                item = {"id": _new_id("rs_"), "type": "reasoning", "summary": [], "status": "in_progress",
+                        "content": []}
+                part = {"type": "reasoning_text", "text": ""}
+            self.output.append(item)
+            self._open = item
+            yield self.event("response.output_item.added", output_index=len(self.output) - 1,
+                              item=copy.deepcopy(item))
+            item["content"].append(part)
+            yield self.event("response.content_part.added", **self._where(), content_index=0,
+                              part=copy.deepcopy(part))
+        self._open["content"][0]["text"] += text
+        if text and kind == "message":
+            yield self.event("response.output_text.delta", **self._where(), content_index=0, delta=text,
+                              logprobs=[])
+        elif text:
+            yield self.event("response.reasoning_text.delta", **self._where(), content_index=0, delta=text)
+
+    def _close(self) -> Iterator[dict[str, Any]]:
+        item = self._open
+        if item is None:
+            return
+        part = item["content"][0]
+        if item["type"] == "message":
+            yield self.event("response.output_text.done", **self._where(), content_index=0, text=part["text"],
+                              logprobs=[])
+        else:
+            yield self.event("response.reasoning_text.done", **self._where(), content_index=0, text=part["text"])
+        yield self.event("response.content_part.done", **self._where(), content_index=0, part=copy.deepcopy(part))
+        item["status"] = "completed"
+        yield self.event("response.output_item.done", output_index=len(self.output) - 1, item=copy.deepcopy(item))
+        self._open = None
+
+    def _call(self, call: ToolCall) -> Iterator[dict[str, Any]]:
+        yield from self._close()
+        arguments = _arguments_json(call)
+        item = {"id": _new_id("fc_"), "type": "function_call", "status": "in_progress",
+                "call_id": call.id or _new_id("call_"), "name": call.name, "arguments": ""}
+        self.output.append(item)
+        index = len(self.output) - 1
+        yield self.event("response.output_item.added", output_index=index, item=copy.deepcopy(item))
+        yield self.event("response.function_call_arguments.delta", item_id=item["id"], output_index=index,
+                          delta=arguments)
+        item.update(arguments=arguments, status="completed")
+        yield self.event("response.function_call_arguments.done", item_id=item["id"], output_index=index,
+                          name=call.name, arguments=arguments)
+        yield self.event("response.output_item.done", output_index=index, item=copy.deepcopy(item))
+
+
+def responses(request: Request) -> None:
+    """``POST /v1/responses`` (stateless: ``previous_response_id`` is refused)."""
+    body = request.json()
+    model = _model(body)
+    if body.get("previous_response_id") is not None:
+        raise BadRequestError("previous_response_id is not supported: Mullama keeps no responses; send the whole "
+                              "conversation as input", param="previous_response_id")
+    messages = _response_input(body.get("input"))
+    instructions = _get(body, "instructions", str)
+    if instructions:
+        messages.insert(0, Message(role="system", content=instructions))
+    tools = _tools(body.get("tools"))
+    text = _get(body, "text", dict, {})
+    reasoning = _get(body, "reasoning", dict, {})
+    req = chat.ChatRequest(
+        model=model, messages=messages, tools=tools, options=_options(body, ("max_output_tokens",)),
+        format=_format(text.get("format"), "text.format"), think=_think(reasoning.get("effort"), "reasoning.effort"),
+        keep_alive=body.get("keep_alive"), tool_choice=_tool_choice(body.get("tool_choice"), tools))
+    parallel = _get(body, "parallel_tool_calls", bool, True)
+    stream = _get(body, "stream", bool, False)
+    base = {"id": _new_id("resp_"), "object": "response", "created_at": int(time.time()), "model": model,
+            "instructions": instructions, "max_output_tokens": body.get("max_output_tokens"),
+            "metadata": _get(body, "metadata", dict, {}), "parallel_tool_calls": parallel,
+            "temperature": body.get("temperature"), "top_p": body.get("top_p"),
+            "tool_choice": body.get("tool_choice") or "auto", "tools": body.get("tools") or [],
+            "text": {"format": text.get("format") or {"type": "text"}}, "error": None, "incomplete_details": None,
+            "previous_response_id": None, "reasoning": reasoning or None, "store": False, "truncation": "disabled",
+            "usage": None}
+    reply = chat.chat(request.handler.app.manager, req)
+    machine = _ResponseEvents(base, parallel)
+
+    def events() -> Iterator[dict[str, Any]]:
+        yield from machine.start()
+        for delta in reply:
+            yield from machine.feed(delta)
+        yield from machine.finish(_finished(reply))
+
+    if not stream:
+        try:
+            final = deque(events(), maxlen=1)[0]
+        finally:
+            reply.close()
+        request.handler.send_json(200, final["response"])
+        return
+
+    def error_event(error: MullamaError) -> dict[str, Any]:
+        detail = openai_error(error)["error"]
+        return machine.event("error", code=detail["code"] or detail["type"], message=error.message,
+                              param=error.param)
+
+    _send_events(request, reply, events(), error_event, named=True)
