@@ -251,7 +251,9 @@ def local_source(path: Path) -> Source:
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
         root = _find_llama_root(tree)
-        return Source(root, digest, _commit_of(root), f"archive {path}")
+        pin = json.loads(PINNED.read_text())
+        commit = pin["llama_cpp_commit"] if digest == pin["sha256"] else _commit_of(root)
+        return Source(root, digest, commit, f"archive {path}")
     root = _find_llama_root(path)
     return Source(root, _tree_digest(root), _commit_of(root), f"directory {root}")
 
@@ -344,9 +346,13 @@ def is_up_to_date(plan: BuildPlan) -> bool:
 def run_build(plan: BuildPlan) -> None:
     build = plan.root / "build"
     build.mkdir(parents=True, exist_ok=True)
-    if not (build / "CMakeCache.txt").exists():
+    configured = build / ".configured"
+    if not configured.exists():
         say(f"configuring ({', '.join(plan.backends)}) in {build}")
+        # CMake leaves a cache behind even when configuring fails; start clean each time.
+        (build / "CMakeCache.txt").unlink(missing_ok=True)
         _run_logged(["cmake", "-S", str(plan.source.path), "-B", str(build), *plan.options], build / "configure.log")
+        configured.touch()
     say(f"compiling {', '.join(plan.targets)} with {plan.jobs} jobs (log: {build / 'build.log'})")
     _run_logged(["cmake", "--build", str(build), "--config", "Release", "-j", str(plan.jobs),
                  "--target", *plan.targets], build / "build.log", progress=True)
@@ -355,16 +361,17 @@ def run_build(plan: BuildPlan) -> None:
 def _run_logged(command: list[str], log_path: Path, progress: bool = False) -> None:
     """Run a command with its output in a log; show percentages as they come."""
     started = time.monotonic()
-    last_shown = ""
+    # make prints a percentage per target, so it goes back and forth; show only progress.
+    shown = -1
     with open(log_path, "w") as log:
         proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         assert proc.stdout is not None
         for line in proc.stdout:
             log.write(line)
             match = re.match(r"\[\s*(\d+)%\]", line)
-            if progress and match and match.group(1) != last_shown:
-                last_shown = match.group(1)
-                say(f"{last_shown:>3}% {time.monotonic() - started:6.0f}s  {line[match.end():].strip()[:90]}")
+            if progress and match and int(match.group(1)) > shown:
+                shown = int(match.group(1))
+                say(f"{shown:>3}% {time.monotonic() - started:6.0f}s  {line[match.end():].strip()[:90]}")
         code = proc.wait()
     if code != 0:
         tail = log_path.read_text().splitlines()[-15:]
