@@ -33,6 +33,18 @@ IGNORED_OPTIONS = frozenset(
 KV_CACHE_TYPES = ("f16", "q8_0", "q4_0")
 
 _INT64_MAX = 2**63 - 1
+#: Bounds on the sizes a request can ask for: anything beyond is a mistake or an
+#: attack, and would otherwise fail deep in llama.cpp after a huge allocation.
+_RANGES = {
+    "num_ctx": (1, 1 << 21),
+    "num_batch": (1, 1 << 16),
+    "num_thread": (0, 1024),
+    "num_parallel": (1, 256),
+    "num_gpu": (-1, 100_000),
+    "main_gpu": (0, 1024),
+    "top_k": (-1, 1 << 31),
+    "mirostat": (0, 2),
+}
 # Longer numbers are out of int64's range anyway, and int() refuses very long text.
 _INT_TEXT = re.compile(r"[+-]?[0-9]{1,19}")
 _FLOAT_TEXT = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
@@ -169,6 +181,9 @@ def _typed(name: str, value: Any) -> Any:
         raise BadRequestError(f'option "{name}" is out of range', param=name)
     if kind is float and not math.isfinite(value):
         raise BadRequestError(f'option "{name}" must be a finite number', param=name)
+    low, high = _RANGES.get(name, (None, None))
+    if (low is not None and value < low) or (high is not None and value > high):
+        raise BadRequestError(f'option "{name}" must be between {low} and {high}', param=name)
     if name == "kv_cache_type" and value not in KV_CACHE_TYPES:
         raise BadRequestError(f'option "kv_cache_type" must be one of {", ".join(KV_CACHE_TYPES)}', param=name)
     return value

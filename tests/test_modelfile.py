@@ -154,7 +154,8 @@ _parameters = st.fixed_dictionaries(
     {},
     optional={
         "temperature": st.floats(allow_nan=False, allow_infinity=False),
-        "num_ctx": st.integers(-(2**63) + 1, 2**63 - 1),
+        "num_ctx": st.integers(1, 1 << 21),
+        "seed": st.integers(-(2**63) + 1, 2**63 - 1),
         "use_mmap": st.booleans(),
         "kv_cache_type": st.sampled_from(["f16", "q8_0", "q4_0"]),
         "stop": _stop,

@@ -166,4 +166,11 @@ def test_parse_parameter_raises_only_bad_request(name, text):
 @given(st.floats(allow_nan=False, allow_infinity=False), st.integers(-(2**63) + 1, 2**63 - 1))
 def test_parse_parameter_reads_what_python_writes(number, integer):
     assert parse_parameter("temperature", repr(number)) == number
-    assert parse_parameter("num_ctx", str(integer)) == integer
+    assert parse_parameter("seed", str(integer)) == integer
+
+
+@pytest.mark.parametrize(("name", "value"), [("num_ctx", 2**31), ("num_ctx", 0), ("num_batch", 10**9),
+                                             ("num_parallel", 0), ("num_thread", 100_000), ("mirostat", 3)])
+def test_sizes_beyond_sense_are_refused(name, value):
+    with pytest.raises(BadRequestError, match=name):
+        parse_options({name: value})

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import base64
 import binascii
-import dataclasses
 import hashlib
 import json
+import math
 import os
 import tempfile
 import time
-from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -23,10 +22,11 @@ from typing import Any
 from mullama import __version__, chat, gguf
 from mullama.errors import BadRequestError, MullamaError, NotFoundError
 from mullama.http.server import Request, Router
+from mullama.modelfile import Modelfile
+from mullama.modelfile import render as render_modelfile
 from mullama.models import ModelRecord, find_model, parse_keep_alive
-from mullama.modelfile import Modelfile, render as render_modelfile
 from mullama.names import ModelName, canonical_digest
-from mullama.options import Options, parse_options
+from mullama.options import parse_options
 from mullama.pull import pull
 from mullama.store import MEDIA_TYPES, Layer, Manifest
 from mullama.types import Message, Tool, ToolCall
@@ -41,6 +41,7 @@ def register(router: Router) -> None:
     router.add("GET", "/", root)
     router.add("HEAD", "/", root)
     router.add("GET", "/api/version", version)
+    router.add("HEAD", "/api/version", version)
     router.add("POST", "/api/generate", generate)
     router.add("POST", "/api/chat", chat_route)
     router.add("POST", "/api/embed", embed)
@@ -66,6 +67,10 @@ def now() -> str:
     t = time.time_ns()
     return datetime.fromtimestamp(t // 1_000_000_000, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S") + \
         f".{t % 1_000_000_000:09d}Z"
+
+
+#: 2318-01-01, the expiry Ollama reports for a model kept loaded forever.
+_FOREVER = 10981785600.0
 
 
 def _iso(timestamp: float) -> str:
@@ -105,9 +110,9 @@ def _think(body: dict[str, Any]) -> bool | None:
     value = body.get("think")
     if value is None or isinstance(value, bool):
         return value
-    if value in ("low", "medium", "high"):
+    if value in ("low", "medium", "high", "max"):
         return True
-    raise BadRequestError("think must be true, false, \"low\", \"medium\" or \"high\"", param="think")
+    raise BadRequestError("think must be true, false, \"low\", \"medium\", \"high\" or \"max\"", param="think")
 
 
 def _images(value: Any) -> list[bytes]:
@@ -119,6 +124,14 @@ def _images(value: Any) -> list[bytes]:
         return [base64.b64decode(v, validate=True) for v in value]
     except (binascii.Error, ValueError):
         raise BadRequestError("images must be base64-encoded", param="images") from None
+
+
+def _keep_alive(body: dict[str, Any]) -> Any:
+    """The request's keep_alive, checked here so a bad one is a 400 before anything loads."""
+    value = body.get("keep_alive")
+    if value is not None and math.isnan(parse_keep_alive(value)):
+        raise BadRequestError(f"invalid keep_alive duration {value!r}", param="keep_alive")
+    return value
 
 
 def _stream(body: dict[str, Any]) -> bool:
@@ -190,13 +203,16 @@ def generate(request: Request) -> None:
     context = _field(body, "context", list, [])
     if not all(isinstance(t, int) and not isinstance(t, bool) for t in context):
         raise BadRequestError("context must be a list of token ids", param="context")
-    if not prompt and not context and _unload_reply(request, name, body.get("keep_alive"), "response"):
+    if not prompt and not context and _unload_reply(request, name, _keep_alive(body), "response"):
         return
+    raw = _field(body, "raw", bool, False)
+    if raw and (body.get("template") or body.get("system") or context):
+        raise BadRequestError("raw mode does not support template, system, or context", param="raw")
     req = chat.GenerateRequest(
         model=name, prompt=prompt, suffix=_field(body, "suffix", str, ""), system=_field(body, "system", str),
-        template=_field(body, "template", str), raw=_field(body, "raw", bool, False),
+        template=_field(body, "template", str), raw=raw,
         images=_images(body.get("images")), context=context, options=_options(body), format=_format(body),
-        think=_think(body), keep_alive=body.get("keep_alive"), truncate=_field(body, "truncate", bool, True))
+        think=_think(body), keep_alive=_keep_alive(body), truncate=_field(body, "truncate", bool, True))
     reply = chat.generate(request.handler.app.manager, req)
     model = reply.model_name
 
@@ -212,7 +228,7 @@ def generate(request: Request) -> None:
         if collected is not None and result.message.thinking:
             out["thinking"] = result.message.thinking
         out.update(_timings(result))
-        if result.context:
+        if result.context and not raw:
             out["context"] = result.context
         return out
 
@@ -282,11 +298,11 @@ def chat_route(request: Request) -> None:
     body = request.json()
     name = _model_name(body)
     messages = _messages(body.get("messages"))
-    if not messages and _unload_reply(request, name, body.get("keep_alive"), "message"):
+    if not messages and _unload_reply(request, name, _keep_alive(body), "message"):
         return
     req = chat.ChatRequest(model=name, messages=messages, tools=parse_tools(body.get("tools")),
                            options=_options(body), format=_format(body), think=_think(body),
-                           keep_alive=body.get("keep_alive"), truncate=_field(body, "truncate", bool, True))
+                           keep_alive=_keep_alive(body), truncate=_field(body, "truncate", bool, True))
     reply = chat.chat(request.handler.app.manager, req)
     model = reply.model_name
 
@@ -317,12 +333,19 @@ def embed(request: Request) -> None:
     body = request.json()
     name = _model_name(body)
     value = body.get("input")
-    inputs = [value] if isinstance(value, str) else value
+    inputs = ([value] if value else []) if isinstance(value, str) else [] if value is None else value
     if not isinstance(inputs, list) or not all(isinstance(v, str) for v in inputs):
         raise BadRequestError("input must be a string or a list of strings", param="input")
+    if not all(inputs):
+        raise BadRequestError("input must not contain empty strings", param="input")
     dimensions = _field(body, "dimensions", int)
+    if not inputs:
+        # Ollama loads the model and answers with no vectors.
+        with request.handler.app.manager.use(name, _options(body), _keep_alive(body)) as loaded:
+            request.handler.send_json(200, {"model": loaded.record.name, "embeddings": []})
+        return
     result = chat.embed(request.handler.app.manager, name, inputs, truncate=_field(body, "truncate", bool, True),
-                        dimensions=dimensions, options=_options(body), keep_alive=body.get("keep_alive"))
+                        dimensions=dimensions, options=_options(body), keep_alive=_keep_alive(body))
     request.handler.send_json(200, {"model": result.model, "embeddings": result.vectors,
                                     "total_duration": result.total_duration, "load_duration": result.load_duration,
                                     "prompt_eval_count": result.prompt_tokens})
@@ -336,7 +359,7 @@ def embeddings_legacy(request: Request) -> None:
         request.handler.send_json(200, {"embedding": []})
         return
     result = chat.embed(request.handler.app.manager, name, [prompt], options=_options(body),
-                        keep_alive=body.get("keep_alive"))
+                        keep_alive=_keep_alive(body))
     request.handler.send_json(200, {"embedding": result.vectors[0]})
 
 
@@ -377,7 +400,8 @@ def ps(request: Request) -> None:
     for loaded in manager.running():
         record = loaded.record
         expires = loaded.expires_at if loaded.in_use == 0 else time.time() + loaded.keep_alive
-        if loaded.pinned or expires == float("inf"):
+        # Ollama shows "forever" (and any keep_alive past what a date can hold) as its far-future date.
+        if loaded.pinned or not expires < _FOREVER:
             expires_text = "2318-01-01T00:00:00Z"
         else:
             expires_text = _iso(expires)
@@ -577,14 +601,18 @@ def push(request: Request) -> None:
 
 def blob_exists(request: Request) -> None:
     digest = canonical_digest(request.params["digest"])
-    exists = request.handler.app.manager.store.has_blob(digest)
-    request.handler.send_bytes(200 if exists else 404, b"", "text/plain")
+    if not request.handler.app.manager.store.has_blob(digest):
+        raise NotFoundError(f'blob "{digest}" not found')
+    request.handler.send_bytes(200, b"", "text/plain")
 
 
 def blob_upload(request: Request) -> None:
     digest = canonical_digest(request.params["digest"])
     store = request.handler.app.manager.store
     if store.has_blob(digest):
+        # Read what the client is sending anyway: answering mid-upload and closing would break its write.
+        for _ in request.handler.body_chunks():
+            pass
         request.handler.send_bytes(200, b"", "text/plain")
         return
     store.root.mkdir(parents=True, exist_ok=True)

@@ -143,6 +143,9 @@ class Handler(BaseHTTPRequestHandler):
 
     protocol_version = "HTTP/1.1"
     server_version = "mullama/" + __version__
+    #: Seconds a socket read or write may stall: a client that sends half a body
+    #: (or stops reading a stream) must not hold a thread forever.
+    timeout = 300
     app: App  # set on the subclass made by make_server
 
     # --- entry points ------------------------------------------------------
