@@ -13,7 +13,7 @@ import dataclasses
 import json
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,6 +24,7 @@ from mullama.engine import Completion, Model, Timings
 from mullama.errors import BadRequestError
 from mullama.models import LoadedModel, ModelManager, ModelRecord
 from mullama.prompt import render_chat, render_generate
+from mullama.sampling import TokenLogprob
 from mullama.thinking import ThinkingSplitter, prompt_opens_thinking
 from mullama.toolcalls import TextDelta, ToolCallEvent, ToolCallParser, ToolFormat, detect_format
 from mullama.types import Message, Tool, ToolCall
@@ -53,6 +54,9 @@ class ChatRequest:
     truncate: bool = True
     #: With a forced tool choice, whether the grammar allows more than one call.
     parallel_tool_calls: bool = False
+    #: Report each generated token's log probability, with ``top_logprobs`` (0 to 20) alternatives.
+    logprobs: bool = False
+    top_logprobs: int = 0
 
 
 @dataclass
@@ -72,15 +76,24 @@ class GenerateRequest:
     think: bool | None = None
     keep_alive: Any = None
     truncate: bool = True
+    logprobs: bool = False
+    top_logprobs: int = 0
 
 
 @dataclass
 class Delta:
-    """A piece of a reply: content text, thinking text, or finished tool calls."""
+    """A piece of a reply: content text, thinking text, or finished tool calls.
+
+    ``logprobs`` (when requested) holds the tokens generated since the
+    previous delta. Template markup such as ``<think>`` or a tool-call tag
+    yields no text of its own, so its tokens arrive with the next delta, and
+    a last delta may carry only logprobs.
+    """
 
     content: str = ""
     thinking: str = ""
     tool_calls: list[ToolCall] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
 @dataclass
@@ -96,6 +109,8 @@ class ChatResult:
     prompt_tokens: int = 0
     #: The stop string that ended generation ("" when it ended otherwise).
     stop_sequence: str = ""
+    #: Every generated token's logprob, when requested (the deltas' lists, joined).
+    logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
 class Reply:
@@ -122,6 +137,11 @@ class Reply:
         """Tokens of the rendered prompt, known before the first delta."""
         return self._prompt_tokens
 
+    @property
+    def truncated(self) -> int:
+        """Prompt tokens dropped to fit the context (0 when none), known before the first delta."""
+        return self._request.truncated if self._request is not None else 0
+
     def cancel(self) -> None:
         if self._request is not None:
             self._request.cancel()
@@ -138,17 +158,32 @@ class Reply:
             if self._request is None:
                 completion = Completion(done_reason="load")
             else:
-                for piece in self._request:
-                    yield from self._deltas(piece, message, final=False)
-                yield from self._deltas("", message, final=True)
+                held: list[TokenLogprob] = []
+                for piece, logprobs in self._request.pieces():
+                    held += logprobs
+                    held = yield from self._with_logprobs(self._deltas(piece, message, final=False), held)
+                held = yield from self._with_logprobs(self._deltas("", message, final=True), held)
+                if held:
+                    yield Delta(logprobs=held)
                 completion = self._request.result
             timings = dataclasses.replace(completion.timings, load_duration=self._load_duration,
                                           total_duration=time.perf_counter_ns() - self._started)
             self.result = ChatResult(model=self.model_name, message=message, done_reason=completion.done_reason,
                                      timings=timings, truncated=completion.truncated, context=completion.context,
-                                     prompt_tokens=self._prompt_tokens, stop_sequence=completion.stop_sequence)
+                                     prompt_tokens=self._prompt_tokens, stop_sequence=completion.stop_sequence,
+                                     logprobs=completion.logprobs)
         finally:
             self.close()
+
+    @staticmethod
+    def _with_logprobs(deltas: Iterator[Delta], held: list[TokenLogprob],
+                       ) -> Generator[Delta, None, list[TokenLogprob]]:
+        """Give the held logprobs to the first of ``deltas``; return those still held."""
+        for delta in deltas:
+            if held:
+                delta.logprobs, held = held, []
+            yield delta
+        return held
 
     def _deltas(self, piece: str, message: Message, final: bool) -> Iterator[Delta]:
         parts: list[tuple[str, str]] = [("content", piece)] if piece else []
@@ -180,7 +215,23 @@ class Reply:
                 yield Delta(tool_calls=[event.call])
 
 
+def _resolve_think(manager: ModelManager, record: ModelRecord, think: bool | None,
+                   options: dict[str, Any]) -> bool | None:
+    """The request's ``think``; when it says nothing, a ``think`` option or Modelfile ``PARAMETER think``."""
+    if think is not None or ("think" not in record.parameters and "think" not in options):
+        return think
+    return manager.options_for(record, options).think
+
+
 def _thinking_enabled(record: ModelRecord, model: Model, think: bool | None) -> bool:
+    """Whether to split ``<think>`` out of the output: unless thinking is off, for templates that know the tag.
+
+    With thinking off, a model that thinks anyway keeps it in the content, as
+    Ollama does. Callers also skip splitting under a grammar (``format`` or a
+    forced tool call): it constrains the whole output, so there is no free
+    thinking to split; Ollama instead lets the model think first and applies
+    ``format`` to the answer, which Mullama does not do yet.
+    """
     template = (record.template or "") + (model.chat_template or "")
     return think is not False and "<think>" in template
 
@@ -307,14 +358,16 @@ def chat(manager: ModelManager, req: ChatRequest) -> Reply:
             return Reply(record.name, stack, None, None, None, started, load_duration, 0)
         _check_images(record, any(m.images for m in req.messages))
         tools = req.tools if req.tool_choice != "none" else []
-        prompt = render_prompt(record, model, req.messages, tools, req.think)
+        think = _resolve_think(manager, record, req.think, req.options)
+        prompt = render_prompt(record, model, req.messages, tools, think)
         calls = tool_format(record, model)
         grammar = grammar_for(req.format, tools, req.tool_choice, calls, req.parallel_tool_calls)
         tokens = tokenize_prompt(model, prompt)
         request = loaded.scheduler.submit(tokens, _options_dict(manager, record, req.options), grammar=grammar,
-                                          truncate=req.truncate)
+                                          truncate=req.truncate, logprobs=req.logprobs,
+                                          top_logprobs=req.top_logprobs)
         splitter = None
-        if _thinking_enabled(record, model, req.think) and not grammar:
+        if _thinking_enabled(record, model, think) and not grammar:
             splitter = ThinkingSplitter(starts_inside=prompt_opens_thinking(prompt))
         parser = ToolCallParser(calls, tools) if tools else None
         return Reply(record.name, stack, request, splitter, parser, started, load_duration, len(tokens))
@@ -332,23 +385,25 @@ def generate(manager: ModelManager, req: GenerateRequest) -> Reply:
         if not req.prompt and not req.context:
             return Reply(record.name, stack, None, None, None, started, load_duration, 0)
         _check_images(record, bool(req.images))
+        think = _resolve_think(manager, record, req.think, req.options)
         if req.raw:
             prompt = req.prompt
         elif req.template is not None or record.template is not None:
             system = req.system if req.system is not None else record.system
             prompt = render_generate(req.template if req.template is not None else record.template, req.prompt,
-                                     system=system, suffix=req.suffix, think=req.think)
+                                     system=system, suffix=req.suffix, think=think)
         else:
             messages = [Message(role="system", content=req.system)] if req.system else []
             prompt = render_prompt(record, model, messages + [Message(role="user", content=req.prompt)], [],
-                                   req.think)
+                                   think)
         tokens = list(req.context) + (model.tokenize(prompt, add_special=not req.context and model.add_bos,
                                                      parse_special=True) if req.raw else tokenize_prompt(model, prompt))
         grammar = grammar_for(req.format, [], "auto", DEFAULT_TOOL_FORMAT)
         request = loaded.scheduler.submit(tokens, _options_dict(manager, record, req.options), grammar=grammar,
-                                          truncate=req.truncate)
+                                          truncate=req.truncate, logprobs=req.logprobs,
+                                          top_logprobs=req.top_logprobs)
         splitter = None
-        if not req.raw and _thinking_enabled(record, model, req.think) and not grammar:
+        if not req.raw and _thinking_enabled(record, model, think) and not grammar:
             splitter = ThinkingSplitter(starts_inside=prompt_opens_thinking(prompt))
         return Reply(record.name, stack, request, splitter, None, started, load_duration, len(tokens))
     except BaseException:
@@ -359,14 +414,16 @@ def generate(manager: ModelManager, req: GenerateRequest) -> Reply:
 def apply_template(manager: ModelManager, req: ChatRequest) -> str:
     """The prompt a chat request would give the model, without generating."""
     with manager.use(req.model, req.options, req.keep_alive) as loaded:
-        return render_prompt(loaded.record, loaded.model, req.messages, req.tools, req.think)
+        think = _resolve_think(manager, loaded.record, req.think, req.options)
+        return render_prompt(loaded.record, loaded.model, req.messages, req.tools, think)
 
 
 def count_tokens(manager: ModelManager, req: ChatRequest) -> int:
     """How many tokens the prompt of a chat request takes, as :func:`chat` would submit it."""
     with manager.use(req.model, req.options, req.keep_alive) as loaded:
         tools = req.tools if req.tool_choice != "none" else []
-        prompt = render_prompt(loaded.record, loaded.model, req.messages, tools, req.think)
+        think = _resolve_think(manager, loaded.record, req.think, req.options)
+        prompt = render_prompt(loaded.record, loaded.model, req.messages, tools, think)
         return len(tokenize_prompt(loaded.model, prompt))
 
 
@@ -388,7 +445,7 @@ def embed(manager: ModelManager, model_name: str, inputs: list[str], *, truncate
     stack, loaded, load_duration = _start(manager, model_name, options or {}, keep_alive)
     with stack:
         model = loaded.model
-        vectors = model.embed(inputs, truncate=truncate)
+        vectors = loaded.scheduler.embed(inputs, truncate=truncate)
         if dimensions is not None:
             if dimensions < 1 or dimensions > model.n_embd:
                 raise BadRequestError(f"dimensions must be between 1 and {model.n_embd}", param="dimensions")

@@ -30,7 +30,7 @@ from mullama import gguf
 from mullama.errors import BadRequestError, CancelledError, ModelLoadError, MullamaError
 from mullama.ffi import llama as L
 from mullama.ffi import load
-from mullama.sampling import Sampler, SamplingParams
+from mullama.sampling import LogprobReader, Sampler, SamplingParams, TokenLogprob, check_top_logprobs
 from mullama.textstream import TextStream
 
 
@@ -92,6 +92,8 @@ class Completion:
     truncated: int = 0
     #: The whole token sequence the model saw plus what it generated (Ollama's ``context``).
     context: list[int] = field(default_factory=list)
+    #: When requested: one entry per generated token whose text was emitted, in order.
+    logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
 def default_threads() -> int:
@@ -130,6 +132,8 @@ class Batch:
     def add(self, token: int, pos: int, seq_id: int, logits: bool) -> int:
         """Append one token; return its index in the batch (the output index if ``logits``)."""
         i = self.n
+        if i >= self.capacity:
+            raise MullamaError(f"batch overflow: {self.capacity} tokens at most")
         raw = self.raw
         raw.token[i] = token
         raw.pos[i] = pos
@@ -188,6 +192,8 @@ class Context:
         self.batch = Batch(lib, self.n_batch, self.n_seq)
         #: Tokens currently held in the KV cache of each sequence, for prefix reuse.
         self.cached: list[list[int]] = [[] for _ in range(self.n_seq)]
+        #: ``llama_decode`` calls made so far (what batching saves is counted in these).
+        self.decode_count = 0
 
     def decode(self, batch: Batch, *, abortable: bool = False) -> None:
         """Run the model on ``batch``; raise on failure or when aborted.
@@ -201,6 +207,7 @@ class Context:
         if abortable:
             self._abort_requested = False
             lib.llama_set_abort_callback(self.ptr, self._abort_cb, None)
+        self.decode_count += 1
         try:
             code = lib.llama_decode(self.ptr, batch.raw)
         finally:
@@ -382,7 +389,8 @@ class Model:
         """Start generating from ``prompt`` (text, or token ids); iterate for text pieces.
 
         Sampling options use Ollama's names (``temperature``, ``top_k``,
-        ``num_predict``, ``stop``, ``seed``, ...). The returned
+        ``num_predict``, ``stop``, ``seed``, ...); ``logprobs=True`` (with
+        ``top_logprobs``, 0 to 20) fills ``Completion.logprobs``. The returned
         :class:`Generation` yields text as it is produced and holds the
         :class:`Completion` in ``.result`` once done; ``cancel()`` from any
         thread stops it within one token.
@@ -410,13 +418,39 @@ class Model:
         texts = [inputs] if isinstance(inputs, str) else list(inputs)
         if not texts:
             return []
+        token_lists = [self.embedding_tokens(t, truncate=truncate) for t in texts]
+        return [l2_normalize(v) if normalize else v for v in self.embed_tokens(token_lists)]
+
+    def embedding_tokens(self, text: str, *, truncate: bool = True) -> list[int]:
+        """The tokens of one embedding input, cut to the embedding context.
+
+        Raises :class:`BadRequestError` for an input with no tokens, or one
+        longer than the context when ``truncate`` is False.
+        """
+        tokens = self.tokenize(text)
+        if not tokens:
+            raise BadRequestError("an embedding input is empty: there is nothing to embed")
+        context = self.embedding_context
+        # llama.cpp rounds n_ctx up (to 256) but not n_batch: one input must fit both.
+        return self._fit_for_embedding(tokens, min(context.n_ctx_seq, context.batch.capacity), truncate)
+
+    def embed_tokens(self, token_lists: Sequence[Sequence[int]]) -> list[list[float]]:
+        """Pooled vectors (not normalised) of tokenized inputs, packed into as few decodes as fit."""
         with self._lock:
-            ctx = self._embedding_context()
-            token_lists = [self._fit_for_embedding(self.tokenize(t), ctx.n_ctx_seq, truncate) for t in texts]
-            return [_l2(v) if normalize else v for v in self._embed_tokens(ctx, token_lists)]
+            return self._embed_tokens(self._embedding_context(), token_lists)
+
+    @property
+    def embedding_context(self) -> Context:
+        """The context embeddings use, created on first use; up to 16 inputs share each decode."""
+        if self._embed_context is None:
+            with self._lock:
+                return self._embedding_context()
+        return self._embed_context
 
     def _embedding_context(self) -> Context:
         if self._embed_context is None:
+            if not self.ptr:
+                raise MullamaError("the model is closed")
             pooling = self.info.pooling_type
             if pooling is None or pooling == L.LLAMA_POOLING_TYPE_NONE:
                 pooling = L.LLAMA_POOLING_TYPE_MEAN
@@ -434,7 +468,7 @@ class Model:
             raise BadRequestError(f"input length {len(tokens)} exceeds the context length {limit}")
         return tokens[:limit]
 
-    def _embed_tokens(self, ctx: Context, token_lists: list[list[int]]) -> list[list[float]]:
+    def _embed_tokens(self, ctx: Context, token_lists: Sequence[Sequence[int]]) -> list[list[float]]:
         """Pack inputs into as few decodes as fit in one batch, one sequence each."""
         results: list[list[float]] = [[] for _ in token_lists]
         batch = ctx.batch
@@ -462,7 +496,8 @@ class Model:
         return results
 
 
-def _l2(vector: list[float]) -> list[float]:
+def l2_normalize(vector: list[float]) -> list[float]:
+    """``vector`` scaled to unit length (unchanged if it is all zeros)."""
     norm = math.sqrt(sum(x * x for x in vector))
     return [x / norm for x in vector] if norm > 0 else vector
 
@@ -513,9 +548,13 @@ class Generation:
         stop = opts.get("stop") or []
         stream = TextStream(stop=[stop] if isinstance(stop, str) else list(stop))
         tokens, truncated = fit_prompt(self.prompt_tokens, ctx.n_ctx_seq, int(opts.get("num_keep") or 4), num_predict)
+        top = check_top_logprobs(opts.get("top_logprobs") or 0)
         sampler = Sampler(model.lib, model.vocab, SamplingParams.from_options(opts), self.grammar)
+        reader = LogprobReader(model.lib, model.token_bytes) if opts.get("logprobs") else None
         completion = Completion(truncated=truncated, timings=Timings(load_duration=0))
         pieces: list[str] = []
+        #: Logprobs of sampled tokens whose text the stream still holds back.
+        held: list[TokenLogprob] = []
         try:
             n_past = ctx.reuse_prefix(0, tokens)
             prompt_started = time.perf_counter_ns()
@@ -523,14 +562,18 @@ class Generation:
             completion.timings.prompt_eval_count = len(tokens) - n_past
             completion.timings.prompt_eval_duration = time.perf_counter_ns() - prompt_started
             eval_started = time.perf_counter_ns()
-            completion.done_reason = yield from self._decode_loop(model, ctx, sampler, stream, num_predict, completion, pieces)
+            completion.done_reason = yield from self._decode_loop(
+                model, ctx, sampler, stream, num_predict, completion, pieces, (reader, top, held))
             completion.timings.eval_duration = time.perf_counter_ns() - eval_started
             tail = stream.finish()
             if tail:
                 pieces.append(tail)
+                completion.logprobs += held
                 yield tail
         finally:
             sampler.close()
+            if reader is not None:
+                reader.close()
         completion.text = "".join(pieces)
         completion.stop_sequence = stream.stop_hit
         completion.context = list(ctx.cached[0])
@@ -555,9 +598,11 @@ class Generation:
                 raise
             ctx.cached[0].extend(chunk)
 
-    def _decode_loop(self, model: Model, ctx: Context, sampler: Sampler, stream: TextStream,
-                     num_predict: int, completion: Completion, pieces: list[str]) -> Iterator[str]:
+    def _decode_loop(self, model: Model, ctx: Context, sampler: Sampler, stream: TextStream, num_predict: int,
+                     completion: Completion, pieces: list[str],
+                     logprobs: tuple[LogprobReader | None, int, list[TokenLogprob]]) -> Iterator[str]:
         """Sample, yield text, decode the sampled token; return the done reason."""
+        reader, top, held = logprobs
         batch = ctx.batch
         cached = ctx.cached[0]
         generated = completion.tokens
@@ -570,9 +615,13 @@ class Generation:
                 return "stop"
             generated.append(token)
             completion.timings.eval_count += 1
+            if reader is not None:
+                held.append(reader.read(ctx.ptr, output, token, top))
             text = stream.feed(model.token_bytes(token))
             if text:
                 pieces.append(text)
+                completion.logprobs += held
+                held.clear()
                 yield text
             if stream.stopped:
                 return "stop"

@@ -3,8 +3,10 @@
 ``ModelRecord`` is what the store says about a model (its GGUF, template,
 system prompt, parameters). ``ModelManager`` is the daemon's one registry of
 loaded models: it loads on first use, keeps each model for its keep-alive,
-evicts the least recently used idle model when ``MULLAMA_MAX_LOADED_MODELS``
-would be exceeded, and never unloads a model while it serves a request.
+and makes room for a new model by unloading the least recently used idle
+ones when its estimated memory (see :mod:`mullama.memory`) would exceed the
+budget or ``MULLAMA_MAX_LOADED_MODELS`` would be exceeded. A model serving a
+request is never unloaded: a load that needs its room waits for it.
 """
 
 from __future__ import annotations
@@ -16,13 +18,14 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from mullama import config
+from mullama import config, gguf, memory
 from mullama.engine import LoadOptions, Model
-from mullama.errors import BadRequestError, ModelNotFoundError
+from mullama.errors import BadRequestError, ModelLoadError, ModelNotFoundError, MullamaError, OverloadedError
+from mullama.memory import Estimate
 from mullama.options import Options, parse_options
 from mullama.registry import resolve
 from mullama.scheduler import Scheduler
@@ -33,6 +36,8 @@ log = logging.getLogger("mullama.models")
 
 #: Ollama's default keep-alive.
 DEFAULT_KEEP_ALIVE = 300.0
+#: How long a load waits for busy models to make room (Ollama's OLLAMA_LOAD_TIMEOUT default).
+DEFAULT_LOAD_TIMEOUT = 300.0
 
 
 @dataclass
@@ -41,7 +46,10 @@ class ModelRecord:
 
     name: str
     digest: str
+    #: The GGUF; the first part when the model is split.
     model_path: Path
+    #: Every part of the GGUF in order (just ``model_path`` unless split).
+    model_paths: list[Path] = field(default_factory=list)
     projector_path: Path | None = None
     adapters: list[Path] = field(default_factory=list)
     #: A Go template from the Modelfile's TEMPLATE; None means the GGUF's own.
@@ -52,6 +60,10 @@ class ModelRecord:
     license: list[str] = field(default_factory=list)
     size: int = 0
     modified: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not self.model_paths:
+            self.model_paths = [self.model_path]
 
 
 def find_model(store: Store, text: str) -> ModelRecord:
@@ -68,11 +80,12 @@ def find_model(store: Store, text: str) -> ModelRecord:
     entry = next((e for e in store.list_models() if e.name.key == name.key), None)
     record = ModelRecord(name=name.display, digest=entry.digest if entry else "", model_path=Path(),
                          size=manifest.size, modified=entry.modified if entry else 0.0)
+    parts: list[Path] = []
     for layer in manifest.layers:
         path = store.layer_path(layer)
         kind = layer.media_type.rsplit(".", 1)[-1]
         if layer.media_type == MEDIA_TYPES["model"]:
-            record.model_path = path
+            parts.append(path)
         elif kind == "projector":
             record.projector_path = path
         elif kind == "adapter":
@@ -88,8 +101,9 @@ def find_model(store: Store, text: str) -> ModelRecord:
                                for m in json.loads(path.read_text())]
         elif kind == "license":
             record.license.append(path.read_text())
-    if record.model_path == Path():
+    if not parts:
         raise BadRequestError(f"{name.display} has no model layer")
+    record.model_path, record.model_paths = parts[0], parts
     return record
 
 
@@ -136,21 +150,70 @@ class LoadedModel:
     expires_at: float = 0.0
     last_used: float = 0.0
     in_use: int = 0
+    #: The memory the model was expected to take when it was loaded.
+    estimate: Estimate | None = None
 
     @property
     def pinned(self) -> bool:
+        """True for a negative keep-alive: only an explicit unload or stop removes the model."""
         return self.keep_alive < 0
+
+    @property
+    def busy(self) -> bool:
+        """True while a request holds the model or its scheduler has work."""
+        return self.in_use > 0 or self.scheduler.busy
+
+    @property
+    def size(self) -> int:
+        """Estimated bytes the model occupies (its files' size when not estimated)."""
+        return self.estimate.total if self.estimate is not None else self.record.size
+
+    @property
+    def size_vram(self) -> int:
+        """Estimated bytes in GPU memory: all when every layer is offloaded, a share when some are."""
+        num_gpu = self.load_options.num_gpu
+        if num_gpu == 0 or not self.model.native.gpu_devices:
+            return 0
+        layers = self.model.info.block_count or 0
+        if num_gpu < 0 or num_gpu >= layers:
+            return self.size
+        return self.size * num_gpu // layers
+
+    @property
+    def context_length(self) -> int:
+        """Tokens of context each sequence has (``num_ctx``)."""
+        return self.load_options.num_ctx
+
+    @property
+    def num_parallel(self) -> int:
+        """Requests the model serves at once."""
+        return self.load_options.num_parallel
 
 
 class ModelManager:
-    """The registry of loaded models (the daemon's only shared mutable state)."""
+    """The registry of loaded models (the daemon's only shared mutable state).
 
-    def __init__(self, store: Store | None = None, *, max_loaded: int | None = None, max_queue: int | None = None) -> None:
+    One condition guards the registry; loading a model happens outside it,
+    so a long load never holds up requests to models already loaded. A load
+    in progress reserves its estimated memory and its name, so concurrent
+    first requests for one model load it once.
+    """
+
+    def __init__(self, store: Store | None = None, *, max_loaded: int | None = None, max_queue: int | None = None,
+                 load_timeout: float | None = None) -> None:
         self.store = store or Store()
-        self.max_loaded = max_loaded or int(config.env("MAX_LOADED_MODELS") or 3)
-        self.max_queue = max_queue or int(config.env("MAX_QUEUE") or 512)
-        self.default_parallel = int(config.env("NUM_PARALLEL") or 1)
+        # 0 means "the default", as in Ollama.
+        self.max_loaded = max_loaded or _env_value("MAX_LOADED_MODELS", 0, _count) or 3
+        self.max_queue = max_queue or _env_value("MAX_QUEUE", 0, _count) or 512
+        self.default_parallel = _env_value("NUM_PARALLEL", 0, _count) or 1
+        #: Largest num_ctx any request may ask for; 0 for no cap.
+        self.max_context = _env_value("MAX_CONTEXT", 0, _count)
+        #: Seconds a load waits for busy models to make room before answering 503.
+        self.load_timeout = load_timeout if load_timeout is not None else \
+            _env_value("LOAD_TIMEOUT", DEFAULT_LOAD_TIMEOUT, parse_keep_alive)
         self._loaded: dict[str, LoadedModel] = {}
+        #: Loads in progress: name to the bytes reserved for it.
+        self._loading: dict[str, int] = {}
         self._lock = threading.Condition()
         self._closed = threading.Event()
         self._reaper = threading.Thread(target=self._reap, name="mullama-keepalive", daemon=True)
@@ -164,7 +227,12 @@ class ModelManager:
 
     @contextmanager
     def use(self, name: str, options: dict[str, Any] | None = None, keep_alive: Any = None) -> Iterator[LoadedModel]:
-        """Load ``name`` if needed and hold it for the duration of a request."""
+        """Load ``name`` if needed and hold it for the duration of a request.
+
+        Raises :class:`OverloadedError` when busy models leave no room for it
+        within the load timeout, :class:`ModelLoadError` when it cannot fit
+        even alone.
+        """
         loaded = self._acquire(name, options or {}, parse_keep_alive(keep_alive))
         try:
             yield loaded
@@ -172,14 +240,19 @@ class ModelManager:
             self._release(loaded)
 
     def options_for(self, record: ModelRecord, request_options: dict[str, Any]) -> Options:
-        """The Modelfile's parameters with the request's options over them."""
-        defaults = Options(num_parallel=self.default_parallel)
-        return defaults.merged(record.parameters, request_options)
+        """The Modelfile's parameters with the request's options over them, num_ctx capped."""
+        options = Options(num_parallel=self.default_parallel).merged(record.parameters, request_options)
+        if self.max_context and options.num_ctx > self.max_context:
+            log.debug("num_ctx %d for %s capped to %d by MULLAMA_MAX_CONTEXT", options.num_ctx, record.name,
+                      self.max_context)
+            options = replace(options, num_ctx=self.max_context)
+        return options
 
     def unload(self, name: str) -> bool:
         """Unload ``name`` as soon as it is idle; True if it was loaded."""
+        key = self._key(name)
         with self._lock:
-            loaded = self._find_loaded(name)
+            loaded = self._loaded.get(key)
             if loaded is None:
                 return False
             loaded.keep_alive = 0
@@ -190,8 +263,9 @@ class ModelManager:
 
     def stop(self, name: str) -> bool:
         """End every generation of ``name`` and unload it (``mullama stop``)."""
+        key = self._key(name)
         with self._lock:
-            loaded = self._find_loaded(name)
+            loaded = self._loaded.get(key)
         if loaded is None:
             return False
         loaded.scheduler.cancel_all()
@@ -213,32 +287,115 @@ class ModelManager:
 
     # --- internals -----------------------------------------------------------
 
-    def _find_loaded(self, name: str) -> LoadedModel | None:
+    def _key(self, name: str) -> str:
         try:
-            key = find_model(self.store, name).name
+            return find_model(self.store, name).name
         except (ModelNotFoundError, BadRequestError):
-            key = name
-        return self._loaded.get(key)
+            return name
 
     def _acquire(self, name: str, request_options: dict[str, Any], keep_alive: float) -> LoadedModel:
         record = self.record(name)
-        options = self.options_for(record, request_options)
-        load_options = LoadOptions.from_options(options)
+        load_options = LoadOptions.from_options(self.options_for(record, request_options))
         with self._lock:
-            loaded = self._loaded.get(record.name)
-            if loaded is not None and (loaded.load_options != load_options or loaded.record.digest != record.digest):
-                # Different context size, parallelism or a re-created model: reload once idle.
-                while loaded.in_use and not self._closed.is_set():
-                    self._lock.wait(0.5)
-                self._evict(loaded)
-                loaded = None
-            if loaded is None:
-                self._make_room()
-                loaded = self._load(record, load_options, keep_alive)
-            loaded.in_use += 1
-            loaded.keep_alive = keep_alive
-            loaded.last_used = time.monotonic()
+            loaded = self._take(record, load_options, keep_alive)
+        if loaded is not None:
             return loaded
+        need = estimate_record(record, load_options)
+        deadline = time.monotonic() + self.load_timeout
+        with self._lock:
+            while True:
+                loaded = self._take(record, load_options, keep_alive)
+                if loaded is not None:
+                    return loaded
+                current = self._loaded.get(record.name)
+                if record.name in self._loading:
+                    self._wait(deadline, f"{record.name} is still loading after {self.load_timeout:g}s")
+                elif current is not None:
+                    # Other load options or a re-created model: reload once idle.
+                    if current.busy:
+                        self._wait(deadline, f"{record.name} is busy serving requests with other options "
+                                             f"(num_ctx {current.load_options.num_ctx})")
+                    else:
+                        self._evict(current)
+                else:
+                    evict = self._plan_room(record.name, need, load_options)
+                    if evict is not None:
+                        break
+                    self._wait(deadline, self._no_room(record.name, need.total, load_options))
+            for idle in evict:
+                log.info("unloading %s to make room for %s", idle.record.name, record.name)
+                self._evict(idle)
+            self._loading[record.name] = need.total
+        try:
+            return self._load(record, load_options, keep_alive, need)
+        finally:
+            with self._lock:
+                del self._loading[record.name]
+                self._lock.notify_all()
+
+    def _take(self, record: ModelRecord, load_options: LoadOptions, keep_alive: float) -> LoadedModel | None:
+        """Hold the loaded model if it matches the request (called with the lock held)."""
+        if self._closed.is_set():
+            raise OverloadedError("the server is shutting down")
+        loaded = self._loaded.get(record.name)
+        if loaded is None or loaded.load_options != load_options or loaded.record.digest != record.digest:
+            return None
+        loaded.in_use += 1
+        loaded.keep_alive = keep_alive
+        loaded.last_used = time.monotonic()
+        return loaded
+
+    def _wait(self, deadline: float, reason: str) -> None:
+        """Wait for the registry to change; past ``deadline`` raise OverloadedError with ``reason``.
+
+        The wait is short because a scheduler finishing its work does not notify.
+        """
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise OverloadedError(reason)
+        self._lock.wait(min(remaining, 0.25))
+
+    def _plan_room(self, name: str, need: Estimate, load_options: LoadOptions) -> list[LoadedModel] | None:
+        """The idle models to unload, least recently used first, so ``need`` fits; None if it must wait.
+
+        Raises when waiting cannot help: the model is larger than the budget,
+        or models pinned by a negative keep-alive hold the room it needs.
+        """
+        models = list(self._loaded.values())
+        used = sum(m.size for m in models) + sum(self._loading.values())
+        budget = memory.budget(load_options, in_use=used)
+        if need.total > budget:
+            raise ModelLoadError(
+                f"{name} needs {memory.describe(need.total)} (weights {memory.describe(need.weights)}, KV cache "
+                f"{memory.describe(need.kv_cache)} for num_ctx {load_options.num_ctx} x num_parallel "
+                f"{load_options.num_parallel}, compute {memory.describe(need.compute)}) but models may use at most "
+                f"{memory.describe(budget)} here (MULLAMA_MAX_MEMORY); lower num_ctx or num_parallel")
+        pinned = [m for m in models if m.pinned]
+        pinned_size = sum(m.size for m in pinned)
+        if need.total + pinned_size > budget or len(pinned) >= self.max_loaded:
+            raise OverloadedError(
+                f"no room to load {name}: {memory.describe(need.total)} needed, but models pinned by keep_alive -1 "
+                f"({', '.join(m.record.name for m in pinned)}) hold {memory.describe(pinned_size)} of "
+                f"{memory.describe(budget)} and {len(pinned)} of {self.max_loaded} model slots; "
+                "unload one (keep_alive 0)")
+        free = budget - used
+        count = len(models) + len(self._loading)
+        evict: list[LoadedModel] = []
+        for idle in sorted((m for m in models if not m.pinned and not m.busy), key=lambda m: m.last_used):
+            if free >= need.total and count < self.max_loaded:
+                break
+            evict.append(idle)
+            free += idle.size
+            count -= 1
+        return evict if free >= need.total and count < self.max_loaded else None
+
+    def _no_room(self, name: str, size: int, load_options: LoadOptions) -> str:
+        used = sum(m.size for m in self._loaded.values()) + sum(self._loading.values())
+        free = memory.budget(load_options, in_use=used) - used
+        busy = [m.record.name for m in self._loaded.values() if m.busy] + list(self._loading)
+        return (f"no room to load {name}: {memory.describe(size)} needed, {memory.describe(max(0, free))} free, "
+                f"{len(self._loaded) + len(self._loading)} of {self.max_loaded} models loaded; "
+                f"models busy: {', '.join(busy) or 'none'}; retry later")
 
     def _release(self, loaded: LoadedModel) -> None:
         with self._lock:
@@ -249,26 +406,25 @@ class ModelManager:
                 self._evict(loaded)
             self._lock.notify_all()
 
-    def _load(self, record: ModelRecord, load_options: LoadOptions, keep_alive: float) -> LoadedModel:
-        log.info("loading %s (%s, num_ctx=%d, num_parallel=%d)", record.name, record.model_path,
-                 load_options.num_ctx, load_options.num_parallel)
+    def _load(self, record: ModelRecord, load_options: LoadOptions, keep_alive: float, need: Estimate) -> LoadedModel:
+        """Load outside the lock, then register the model already held by its first request."""
+        capped = " (the MULLAMA_MAX_CONTEXT cap)" if load_options.num_ctx == self.max_context else ""
+        log.info("loading %s (%s, num_ctx=%d%s, num_parallel=%d, about %s)", record.name, record.model_path,
+                 load_options.num_ctx, capped, load_options.num_parallel, memory.describe(need.total))
         model = Model(record.model_path, load_options)
-        loaded = LoadedModel(record=record, model=model, scheduler=Scheduler(model, max_queue=self.max_queue),
-                             load_options=load_options, keep_alive=keep_alive)
-        self._loaded[record.name] = loaded
+        try:
+            scheduler = Scheduler(model, max_queue=self.max_queue)
+        except BaseException:
+            model.close()
+            raise
+        loaded = LoadedModel(record=record, model=model, scheduler=scheduler, load_options=load_options,
+                             keep_alive=keep_alive, last_used=time.monotonic(), in_use=1, estimate=need)
+        with self._lock:
+            if self._closed.is_set():
+                self._evict(loaded)
+                raise OverloadedError("the server is shutting down")
+            self._loaded[record.name] = loaded
         return loaded
-
-    def _make_room(self) -> None:
-        """Evict idle models, least recently used first, until one more fits."""
-        while len(self._loaded) >= self.max_loaded:
-            idle = [m for m in self._loaded.values() if m.in_use == 0 and not m.scheduler.busy]
-            if not idle:
-                # Every model is serving: wait for one to finish rather than cut a generation.
-                self._lock.wait(0.5)
-                if self._closed.is_set():
-                    return
-                continue
-            self._evict(min(idle, key=lambda m: m.last_used))
 
     def _evict(self, loaded: LoadedModel) -> None:
         if self._loaded.get(loaded.record.name) is loaded:
@@ -276,6 +432,7 @@ class ModelManager:
         log.info("unloading %s", loaded.record.name)
         loaded.scheduler.close()
         loaded.model.close()
+        self._lock.notify_all()
 
     def _reap(self) -> None:
         """Unload models whose keep-alive ran out."""
@@ -283,5 +440,29 @@ class ModelManager:
             now = time.time()
             with self._lock:
                 for loaded in list(self._loaded.values()):
-                    if loaded.in_use == 0 and not loaded.pinned and loaded.expires_at and loaded.expires_at <= now:
+                    if not loaded.busy and not loaded.pinned and loaded.expires_at and loaded.expires_at <= now:
                         self._evict(loaded)
+
+
+def estimate_record(record: ModelRecord, load_options: LoadOptions) -> Estimate:
+    """The memory ``record``'s GGUF (all its parts) takes with ``load_options``."""
+    first, *rest = (gguf.read_gguf(path) for path in record.model_paths)
+    return memory.estimate(first, load_options, parts=rest)
+
+
+def _env_value(name: str, default: Any, parse: Any) -> Any:
+    """``MULLAMA_<name>`` (or ``OLLAMA_<name>``) parsed, ``default`` when unset."""
+    text = config.env(name)
+    if text is None:
+        return default
+    try:
+        return parse(text)
+    except (ValueError, BadRequestError):
+        raise MullamaError(f"MULLAMA_{name}={text!r} is not valid") from None
+
+
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise ValueError(text)
+    return value

@@ -9,6 +9,8 @@ truncation samplers. A grammar, when given, constrains the chain first.
 from __future__ import annotations
 
 import ctypes
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -115,3 +117,104 @@ def _stages(lib: ctypes.CDLL, vocab: int, p: SamplingParams, grammar: str | None
     stages.append(lib.llama_sampler_init_temp(p.temperature))
     stages.append(lib.llama_sampler_init_dist(_seed(p.seed)))
     return stages
+
+
+#: The most alternatives a request may ask for at each position (Ollama's and OpenAI's limit).
+MAX_TOP_LOGPROBS = 20
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token with its log probability, and the likeliest tokens at its position.
+
+    ``logprob`` is the log-softmax of the model's raw logits over the whole
+    vocabulary, before penalties, temperature or truncation: what llama-server
+    (and so Ollama) reports with its default ``post_sampling_probs=false``.
+    ``top_logprobs`` is empty for the alternatives themselves.
+    """
+
+    id: int
+    token: str
+    logprob: float
+    #: The token's bytes, which may be part of a UTF-8 character (``token`` then holds U+FFFD).
+    raw: bytes
+    top_logprobs: tuple[TokenLogprob, ...] = ()
+
+
+def check_top_logprobs(value: Any) -> int:
+    """``top_logprobs`` as an int, or :class:`BadRequestError` when it is not one from 0 to 20."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_TOP_LOGPROBS:
+        raise BadRequestError(f"top_logprobs must be an integer between 0 and {MAX_TOP_LOGPROBS}",
+                              param="top_logprobs")
+    return value
+
+
+_apply_fn = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.POINTER(L.llama_token_data_array))
+_name_fn = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p)
+
+
+class _SamplerInterface(ctypes.Structure):
+    """libllama's ``struct llama_sampler_i``; the slots left NULL are optional there."""
+
+    _fields_ = [("name", _name_fn), ("accept", ctypes.c_void_p), ("apply", _apply_fn), ("reset", ctypes.c_void_p),
+                ("clone", ctypes.c_void_p), ("free", ctypes.c_void_p), ("backend_init", ctypes.c_void_p),
+                ("backend_accept", ctypes.c_void_p), ("backend_apply", ctypes.c_void_p),
+                ("backend_set_input", ctypes.c_void_p), ("backend_reset", ctypes.c_void_p),
+                ("copy_state", ctypes.c_void_p)]
+
+
+class LogprobReader:
+    """Reads token log probabilities from a context's raw logits; free it with :meth:`close`.
+
+    The work is done by libllama, not by a Python loop over the vocabulary:
+    ``llama_sampler_sample`` copies the logits into a candidate array, the
+    ``dist`` sampler computes the softmax of all of them (normalised in
+    double precision), ``top_k`` sorts out the likeliest
+    :data:`MAX_TOP_LOGPROBS`, and a last sampler written here copies those
+    few out. The log-sum-exp follows from the top candidate
+    (``logit - log(p)``), and every logprob is ``logit - logsumexp``.
+    """
+
+    _NAME = ctypes.create_string_buffer(b"mullama-logprobs")
+
+    def __init__(self, lib: ctypes.CDLL, piece: Callable[[int], bytes]) -> None:
+        self._lib = lib
+        self._piece = piece
+        self._top: list[tuple[int, float, float]] = []
+        self._interface = _SamplerInterface(name=_name_fn(self._name), apply=_apply_fn(self._collect))
+        init = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.POINTER(_SamplerInterface), ctypes.c_void_p)(
+            ("llama_sampler_init", lib))
+        self._chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
+        # The dist sampler's seed only moves its unused draw; a fixed one spares a random_device read.
+        lib.llama_sampler_chain_add(self._chain, lib.llama_sampler_init_dist(0))
+        lib.llama_sampler_chain_add(self._chain, lib.llama_sampler_init_top_k(MAX_TOP_LOGPROBS))
+        lib.llama_sampler_chain_add(self._chain, init(ctypes.byref(self._interface), None))
+
+    def _name(self, _sampler: int) -> int:
+        return ctypes.addressof(self._NAME)
+
+    def _collect(self, _sampler: int, candidates: Any) -> None:
+        array = candidates.contents
+        data = array.data
+        self._top = [(data[i].id, data[i].logit, data[i].p) for i in range(array.size)]
+        # dist chose an index into the whole vocabulary; top_k kept only the first few.
+        array.selected = 0
+
+    def read(self, ctx: int, index: int, token: int, top: int) -> TokenLogprob:
+        """The logprob of ``token`` at output ``index`` of ``ctx``, with ``top`` alternatives (at most 20)."""
+        self._lib.llama_sampler_sample(self._chain, ctx, index)
+        _, best_logit, best_p = self._top[0]
+        logsumexp = best_logit - math.log(best_p)
+        logit = self._lib.llama_get_logits_ith(ctx, index)[token]
+        alternatives = tuple(self._entry(i, x - logsumexp) for i, x, _ in self._top[:top])
+        return self._entry(token, logit - logsumexp, alternatives)
+
+    def _entry(self, token: int, logprob: float, top: tuple[TokenLogprob, ...] = ()) -> TokenLogprob:
+        raw = self._piece(token)
+        return TokenLogprob(token, raw.decode("utf-8", "replace"), logprob, raw, top)
+
+    def close(self) -> None:
+        """Free the sampler chain; safe to call twice."""
+        if self._chain:
+            self._lib.llama_sampler_free(self._chain)
+            self._chain = None

@@ -13,13 +13,17 @@ and read the :class:`Request` it returns::
         print(piece, end="")
     print(request.result.done_reason)
 
+``submit(..., logprobs=True)`` also gives each token's log probability:
+:meth:`Request.pieces` yields them with the text they produced.
+
 Requests wait in a bounded FIFO queue for a free sequence. A free sequence
 whose KV cache shares the longest prefix with the new prompt is chosen, so a
 conversation that goes on only pays for its new tokens.
 
 While a Scheduler runs it is the only user of ``model.context``: do not call
-``Model.generate`` on the same model. ``Model.embed`` uses its own context
-and runs alongside.
+``Model.generate`` on the same model. Embeddings use their own context and
+run alongside: :meth:`Scheduler.embed` packs the inputs of concurrent calls
+into shared decodes.
 """
 
 from __future__ import annotations
@@ -30,11 +34,12 @@ import queue
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
-from mullama.engine import Completion, Context, Model, Timings, fit_prompt
+from mullama.engine import Completion, Context, Model, Timings, fit_prompt, l2_normalize
 from mullama.errors import BadRequestError, OverloadedError
-from mullama.sampling import Sampler, SamplingParams
+from mullama.sampling import LogprobReader, Sampler, SamplingParams, TokenLogprob, check_top_logprobs
 from mullama.textstream import TextStream
 
 log = logging.getLogger("mullama.scheduler")
@@ -50,12 +55,13 @@ class Request:
     """One generation submitted to a :class:`Scheduler`.
 
     Iterate it for text pieces as they are produced (iteration blocks, and
-    raises the error if the generation failed); afterwards ``result`` holds
-    the :class:`Completion`. Leaving the iteration early cancels the request.
+    raises the error if the generation failed), or iterate :meth:`pieces`
+    for the logprobs too; afterwards ``result`` holds the :class:`Completion`.
+    Leaving the iteration early cancels the request.
     """
 
     def __init__(self, scheduler: Scheduler, tokens: list[int], truncated: int, sampler: Sampler,
-                 stream: TextStream, num_predict: int) -> None:
+                 stream: TextStream, num_predict: int, logprobs: bool = False, top_logprobs: int = 0) -> None:
         #: The prompt as the model reads it (after any truncation).
         self.tokens = tokens
         #: Prompt tokens dropped to fit the context.
@@ -64,6 +70,9 @@ class Request:
         self.result: Completion | None = None
         #: The exception that ended the request, if it failed.
         self.error: BaseException | None = None
+        #: Whether each token's logprob is computed, and how many alternatives come with it.
+        self.logprobs = logprobs
+        self.top_logprobs = top_logprobs
         self._scheduler = scheduler
         self._sampler = sampler
         self._stream = stream
@@ -79,12 +88,25 @@ class Request:
         self._pending = -1
         self._out = -1
         self._pieces: list[str] = []
+        #: Logprobs of sampled tokens whose text the stream still holds back.
+        self._held: list[TokenLogprob] = []
         self._completion = Completion(truncated=truncated, timings=Timings())
         self._submitted = time.perf_counter_ns()
         self._started = 0
         self._first_token = 0
 
     def __iter__(self) -> Iterator[str]:
+        for text, _ in self.pieces():
+            yield text
+
+    def pieces(self) -> Iterator[tuple[str, list[TokenLogprob]]]:
+        """Yield each text piece with the logprobs of the tokens that produced it.
+
+        The list is empty unless the request asked for logprobs. A token
+        whose text is held back (part of a UTF-8 character, or maybe of a
+        stop string) comes with the piece that finally shows its text; tokens
+        that only formed a stop string have no entry.
+        """
         try:
             while True:
                 item = self._output.get()
@@ -140,6 +162,8 @@ class Scheduler:
         self._last_used = [0] * self._ctx.n_seq
         self._admissions = 0
         self._closing = False
+        self._logprobs = LogprobReader(model.lib, model.token_bytes)
+        self._embedder = EmbeddingBatcher(model)
         self._thread = threading.Thread(target=self._loop, name=f"mullama-engine-{model.path.name}", daemon=True)
         self._thread.start()
 
@@ -152,12 +176,17 @@ class Scheduler:
         self.close()
 
     def submit(self, tokens: Sequence[int], options: Any = None, *, grammar: str | None = None,
-               truncate: bool = True) -> Request:
+               truncate: bool = True, logprobs: bool = False, top_logprobs: int = 0) -> Request:
         """Queue a generation from prompt ``tokens``; options use Ollama's names.
 
+        ``logprobs`` asks for each generated token's log probability and
+        ``top_logprobs`` (0 to 20) for that many likeliest alternatives too;
+        as in Ollama, ``top_logprobs`` means nothing without ``logprobs``.
+
         Raises :class:`BadRequestError` for an empty or invalid prompt, a bad
-        grammar, or (with ``truncate=False``) a prompt longer than the context;
-        :class:`OverloadedError` when the queue is full or the scheduler closed.
+        grammar, a ``top_logprobs`` out of range, or (with ``truncate=False``)
+        a prompt longer than the context; :class:`OverloadedError` when the
+        queue is full or the scheduler closed.
         """
         get = _getter(options)
         tokens = list(tokens)
@@ -172,11 +201,12 @@ class Scheduler:
             params = SamplingParams.from_options(options or {})
         except (TypeError, ValueError) as exc:
             raise BadRequestError(f"invalid option: {exc}") from None
+        top_logprobs = check_top_logprobs(top_logprobs)
         tokens, truncated = self._fit(tokens, num_keep, num_predict, truncate)
         stop = _value(get, "stop", [])
         stream = TextStream(stop=[stop] if isinstance(stop, str) else list(stop))
         sampler = Sampler(self.model.lib, self.model.vocab, params, grammar)
-        request = Request(self, tokens, truncated, sampler, stream, num_predict)
+        request = Request(self, tokens, truncated, sampler, stream, num_predict, bool(logprobs), top_logprobs)
         with self._wakeup:
             if self._closing:
                 sampler.close()
@@ -190,8 +220,11 @@ class Scheduler:
         return request
 
     def embed(self, texts: str | Sequence[str], *, truncate: bool = True, normalize: bool = True) -> list[list[float]]:
-        """Pooled embeddings through :meth:`Model.embed`; runs alongside generation."""
-        return self.model.embed(texts, truncate=truncate, normalize=normalize)
+        """Pooled embeddings, as :meth:`Model.embed` gives them; concurrent calls share decodes.
+
+        Runs alongside generation, on the model's embedding context.
+        """
+        return self._embedder.embed(texts, truncate=truncate, normalize=normalize)
 
     def cancel_all(self) -> None:
         """End every queued and running generation with done_reason "cancel"."""
@@ -211,6 +244,7 @@ class Scheduler:
             self._closing = True
         self.cancel_all()
         self._thread.join()
+        self._embedder.close()
 
     @property
     def busy(self) -> bool:
@@ -288,6 +322,7 @@ class Scheduler:
                 self._fail(list(self._running), exc)
         for request in list(self._running):
             self._finish(request, "cancel")
+        self._logprobs.close()
 
     def _admit(self) -> list[Request]:
         """Give free sequences to waiting requests, FIFO (called with the lock held)."""
@@ -391,11 +426,12 @@ class Scheduler:
         completion = request._completion
         completion.tokens.append(token)
         completion.timings.eval_count += 1
+        if request.logprobs:
+            request._held.append(self._logprobs.read(self._ctx.ptr, request._out, token, request.top_logprobs))
         stream = request._stream
         text = stream.feed(self._token_bytes(token))
         if text:
-            request._pieces.append(text)
-            request._output.put(text)
+            self._emit(request, text)
         if stream.stopped:
             return "stop"
         if completion.timings.eval_count == request._num_predict or len(request._cached) >= self._ctx.n_ctx_seq:
@@ -403,16 +439,22 @@ class Scheduler:
         request._pending = token
         return ""
 
+    @staticmethod
+    def _emit(request: Request, text: str) -> None:
+        """Hand ``text`` to the caller with the logprobs of the tokens it completes."""
+        logprobs, request._held = request._held, []
+        request._completion.logprobs += logprobs
+        request._pieces.append(text)
+        request._output.put((text, logprobs))
+
     def _finish(self, request: Request, reason: str) -> None:
         """Complete a running request and free its sequence."""
         tail = request._stream.finish()
         if tail:
-            request._pieces.append(tail)
-            request._output.put(tail)
+            self._emit(request, tail)
         now = time.perf_counter_ns()
         completion = request._completion
         completion.done_reason = reason
-        completion.stop_sequence = request._stream.stop_hit
         completion.text = "".join(request._pieces)
         completion.stop_sequence = request._stream.stop_hit
         completion.context = request.tokens + completion.tokens
@@ -442,6 +484,106 @@ class Scheduler:
         with self._lock:
             self._slots[request._seq] = None
             self._running.remove(request)
+
+
+@dataclass
+class _EmbedJob:
+    """One embedding call waiting for the batcher's thread."""
+
+    tokens: list[list[int]]
+    done: threading.Event = field(default_factory=threading.Event)
+    vectors: list[list[float]] = field(default_factory=list)
+    error: BaseException | None = None
+
+
+class EmbeddingBatcher:
+    """Packs the inputs of concurrent embedding calls into shared decodes.
+
+    Callers tokenize in their own thread and queue a job; one worker thread
+    takes every job waiting, gives later callers ``window`` seconds to join
+    unless the embedding context is already full, and decodes all their
+    inputs together (one sequence each, as many per decode as fit). The
+    first caller pays at most ``window`` of latency; under load, jobs pile up
+    while a decode runs and the next decode takes them all.
+    """
+
+    def __init__(self, model: Model, *, window: float = 0.002) -> None:
+        self.model = model
+        self.window = window
+        self._wakeup = threading.Condition()
+        self._jobs: list[_EmbedJob] = []
+        self._closing = False
+        self._thread: threading.Thread | None = None
+
+    def embed(self, texts: str | Sequence[str], *, truncate: bool = True, normalize: bool = True) -> list[list[float]]:
+        """Pooled embeddings, one per input, L2-normalised unless ``normalize`` is False.
+
+        Raises :class:`BadRequestError` for an empty input or (with
+        ``truncate=False``) one longer than the context, before anything is
+        queued; :class:`OverloadedError` once the batcher is closed.
+        """
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        if not texts:
+            return []
+        job = _EmbedJob([self.model.embedding_tokens(text, truncate=truncate) for text in texts])
+        with self._wakeup:
+            if self._closing:
+                raise OverloadedError("the model is shutting down")
+            if self._thread is None:
+                ctx = self.model.embedding_context
+                self._thread = threading.Thread(target=self._loop, args=(ctx.n_seq, ctx.n_batch), daemon=True,
+                                                name=f"mullama-embed-{self.model.path.name}")
+                self._thread.start()
+            self._jobs.append(job)
+            self._wakeup.notify()
+        job.done.wait()
+        if job.error is not None:
+            raise job.error
+        return [l2_normalize(v) for v in job.vectors] if normalize else job.vectors
+
+    def close(self) -> None:
+        """Finish the queued jobs and stop the worker thread; safe to call twice."""
+        with self._wakeup:
+            self._closing = True
+            self._wakeup.notify()
+            thread = self._thread
+        if thread is not None:
+            thread.join()
+
+    def _loop(self, n_seq: int, n_batch: int) -> None:
+        while True:
+            with self._wakeup:
+                while not (self._jobs or self._closing):
+                    self._wakeup.wait()
+                if not self._jobs:
+                    return
+                deadline = time.monotonic() + self.window
+                while not self._closing and not self._full(n_seq, n_batch):
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._wakeup.wait(left)
+                jobs, self._jobs = self._jobs, []
+            self._run(jobs)
+
+    def _full(self, n_seq: int, n_batch: int) -> bool:
+        """True when the waiting inputs already fill a decode (called with the lock held)."""
+        inputs = [tokens for job in self._jobs for tokens in job.tokens]
+        return len(inputs) >= n_seq or sum(map(len, inputs)) >= n_batch
+
+    def _run(self, jobs: list[_EmbedJob]) -> None:
+        try:
+            vectors = self.model.embed_tokens([tokens for job in jobs for tokens in job.tokens])
+        except Exception as exc:  # noqa: BLE001 - every caller of this batch gets the error
+            for job in jobs:
+                job.error = exc
+                job.done.set()
+            return
+        start = 0
+        for job in jobs:
+            job.vectors = vectors[start:start + len(job.tokens)]
+            start += len(job.tokens)
+            job.done.set()
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:

@@ -102,8 +102,13 @@ def mutated_bodies(draw: st.DrawFn) -> tuple[str, str, dict[str, Any]]:
     for target in draw(st.lists(st.sampled_from(targets), min_size=1, max_size=2, unique=True)):
         holder: Any = body
         for key in target[:-1]:
-            holder = holder[key]
-        holder[target[-1]] = draw(json_values)
+            # An earlier replacement may have turned a parent into a scalar.
+            inside = isinstance(holder, dict) and key in holder or isinstance(holder, list) and \
+                isinstance(key, int) and key < len(holder)
+            holder = holder[key] if inside else None
+        if isinstance(holder, dict) or isinstance(holder, list) and isinstance(target[-1], int) and \
+                target[-1] < len(holder):
+            holder[target[-1]] = draw(json_values)
     return method, path, capped(body)
 
 

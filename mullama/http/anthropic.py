@@ -5,7 +5,11 @@ Requests become a :class:`mullama.chat.ChatRequest`: content blocks turn into
 ``max_tokens`` and ``stop_sequences`` into Ollama's ``num_predict`` and
 ``stop``. Replies go back as a message object or as the server-sent events
 Anthropic streams, with Anthropic's error bodies, so the official SDKs work
-unchanged. Ollama options may ride along as ``options`` or top-level fields.
+unchanged. Ollama options may ride along as ``options`` or top-level fields,
+and ``truncate: false`` refuses a prompt longer than the context (a 400)
+instead of cutting it. ``thinking: {"type": "disabled"}`` turns a reasoning
+model's thinking off; its reasoning otherwise comes back as ``thinking``
+blocks (``thinking_delta`` events when streamed).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from typing import Any
 
 from mullama import chat
 from mullama.errors import BadRequestError, MullamaError, OverloadedError
+from mullama.http.ollama import truncation_headers
 from mullama.http.server import Request, Router
 from mullama.options import PARAMETER_TYPES, parse_options
 from mullama.types import Message, Tool, ToolCall
@@ -274,7 +279,8 @@ def parse_request(body: dict[str, Any], *, counting: bool = False) -> chat.ChatR
                             tools=tools, options=options, format=parse_output_format(body.get("output_config")),
                             think=parse_thinking(body.get("thinking")),
                             keep_alive=body.get("keep_alive"),
-                            tool_choice=parse_tool_choice(body.get("tool_choice"), tools))
+                            tool_choice=parse_tool_choice(body.get("tool_choice"), tools),
+                            truncate=_typed(body, "truncate", bool, True))
 
 
 # --- replies -----------------------------------------------------------------
@@ -400,9 +406,9 @@ def messages_route(request: Request) -> None:
         for _ in reply:
             pass
         assert reply.result is not None
-        handler.send_json(200, message_json(message_id, req.model, reply.result))
+        handler.send_json(200, message_json(message_id, req.model, reply.result), truncation_headers(reply))
         return
-    handler.start_stream(SSE)
+    handler.start_stream(SSE, truncation_headers(reply))
     try:
         for name, data in stream_events(reply, message_id, req.model):
             if handler.app.stopping.is_set():

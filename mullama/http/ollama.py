@@ -34,6 +34,8 @@ from mullama.types import Message, Tool, ToolCall
 #: The Ollama version Mullama answers to; clients gate features on it.
 OLLAMA_COMPATIBLE_VERSION = "0.13.0"
 NDJSON = "application/x-ndjson"
+#: How many prompt tokens were dropped to fit the context; sent by every API, only when some were.
+TRUNCATED_HEADER = "X-Mullama-Prompt-Truncated"
 
 
 def register(router: Router) -> None:
@@ -149,14 +151,20 @@ def _timings(result: chat.ChatResult) -> dict[str, Any]:
     return out
 
 
+def truncation_headers(reply: chat.Reply) -> dict[str, str]:
+    """The :data:`TRUNCATED_HEADER` of a reply whose prompt was cut, else nothing."""
+    return {TRUNCATED_HEADER: str(reply.truncated)} if reply.truncated else {}
+
+
 def _send_reply(request: Request, reply: chat.Reply, stream: bool, shape: Any, final: Any) -> None:
     """Write a reply as NDJSON (one flushed line per delta) or as one JSON object."""
     handler = request.handler
+    headers = truncation_headers(reply)
     if not stream:
         collected = list(reply)
-        handler.send_json(200, final(reply.result, collected))
+        handler.send_json(200, final(reply.result, collected), headers)
         return
-    handler.start_stream(NDJSON)
+    handler.start_stream(NDJSON, headers)
     try:
         for delta in reply:
             if handler.app.stopping.is_set():
@@ -405,12 +413,12 @@ def ps(request: Request) -> None:
             expires_text = "2318-01-01T00:00:00Z"
         else:
             expires_text = _iso(expires)
-        gpu = bool(loaded.model.native.gpu_devices) and loaded.load_options.num_gpu != 0
-        size = record.size
-        models.append({"name": record.name, "model": record.name, "size": size, "digest": record.digest,
-                       "details": _details(record), "expires_at": expires_text, "size_vram": size if gpu else 0,
-                       "context_length": loaded.model.context.n_ctx_seq,
-                       "num_parallel": loaded.model.context.n_seq})
+        models.append({"name": record.name, "model": record.name, "size": loaded.size, "digest": record.digest,
+                       "details": _details(record), "expires_at": expires_text, "size_vram": loaded.size_vram,
+                       "context_length": loaded.context_length, "num_parallel": loaded.num_parallel,
+                       "memory": {"weights": loaded.estimate.weights, "kv_cache": loaded.estimate.kv_cache,
+                                  "compute": loaded.estimate.compute},
+                       "active": loaded.scheduler.active_count, "queued": loaded.scheduler.queued_count})
     request.handler.send_json(200, {"models": models})
 
 

@@ -4,6 +4,14 @@ Each route reads OpenAI's JSON into a :mod:`mullama.chat` request and writes
 back the shapes the official ``openai`` SDK parses; streams are server-sent
 events. The engine does not report token log probabilities yet, so
 ``logprobs`` is accepted and answered with ``null``.
+
+Thinking: ``reasoning_effort`` (or ``reasoning.effort``, as Ollama also
+reads it) ``"none"`` turns a reasoning model's thinking off and any other
+effort turns it on; absent, the model's default holds (on for a template
+that knows ``<think>``, unless its Modelfile says ``PARAMETER think false``).
+The reasoning comes back as ``reasoning_content``, beside ``content``, as
+llama-server and DeepSeek send it. Beyond OpenAI's fields, ``truncate: false``
+refuses a prompt longer than the context with a 400 instead of cutting it.
 """
 
 from __future__ import annotations
@@ -22,7 +30,7 @@ from urllib.parse import unquote
 
 from mullama import chat
 from mullama.errors import BadRequestError, ModelNotFoundError, MullamaError
-from mullama.http.ollama import parse_tools
+from mullama.http.ollama import parse_tools, truncation_headers
 from mullama.http.server import Request, Router
 from mullama.names import ModelName
 from mullama.options import PARAMETER_TYPES, parse_options
@@ -110,6 +118,19 @@ def _think(effort: Any, param: str) -> bool | None:
     if effort in _REASONING_EFFORTS:
         return True
     raise BadRequestError(f"invalid {param} {effort!r}: use none, {', '.join(_REASONING_EFFORTS)}", param=param)
+
+
+def _chat_effort(body: dict[str, Any]) -> Any:
+    """Chat's ``reasoning_effort``, or the Responses-style ``reasoning.effort`` that Ollama also accepts."""
+    reasoning = _get(body, "reasoning", dict)
+    if reasoning is not None:
+        return reasoning.get("effort")
+    return body.get("reasoning_effort")
+
+
+def _truncate(body: dict[str, Any]) -> bool:
+    """Mullama's extra ``truncate`` field: False refuses an over-long prompt instead of cutting it."""
+    return _get(body, "truncate", bool, True)
 
 
 def _format(spec: Any, param: str) -> Any:
@@ -311,7 +332,7 @@ def _send_events(request: Request, reply: chat.Reply, events: Iterator[dict[str,
         line = f"event: {event['type']}\n" if named else ""
         handler.write_chunk(f"{line}data: {json.dumps(event, ensure_ascii=False)}\n\n".encode())
 
-    handler.start_stream(SSE)
+    handler.start_stream(SSE, truncation_headers(reply))
     try:
         for event in events:
             if handler.app.stopping.is_set():
@@ -351,8 +372,8 @@ def chat_completions(request: Request) -> None:
         model=model, messages=_chat_messages(body.get("messages")), tools=tools,
         options=_options(body, ("max_tokens", "max_completion_tokens")),
         format=_format(body.get("response_format"), "response_format"),
-        think=_think(body.get("reasoning_effort"), "reasoning_effort"), keep_alive=body.get("keep_alive"),
-        tool_choice=_tool_choice(body.get("tool_choice"), tools))
+        think=_think(_chat_effort(body), "reasoning_effort"), keep_alive=body.get("keep_alive"),
+        tool_choice=_tool_choice(body.get("tool_choice"), tools), truncate=_truncate(body))
     parallel = _get(body, "parallel_tool_calls", bool, True)
     stream = _get(body, "stream", bool, False)
     include_usage = _include_usage(body)
@@ -372,7 +393,7 @@ def chat_completions(request: Request) -> None:
         choice = {"index": 0, "message": message, "logprobs": None,
                   "finish_reason": _finish_reason(result, parallel)}
         request.handler.send_json(200, {**head, "object": "chat.completion", "choices": [choice],
-                                        "usage": _usage(result)})
+                                        "usage": _usage(result)}, truncation_headers(reply))
         return
 
     def chunk(delta: dict[str, Any], finish_reason: str | None = None) -> dict[str, Any]:
@@ -418,7 +439,8 @@ def completions(request: Request) -> None:
     echo = _get(body, "echo", bool, False)
     # A suffix needs the model's fill-in-the-middle template, so only then is the template applied.
     req = chat.GenerateRequest(model=model, prompt=prompt, suffix=suffix, raw=not suffix,
-                               options=_options(body, ("max_tokens",)), keep_alive=body.get("keep_alive"))
+                               options=_options(body, ("max_tokens",)), keep_alive=body.get("keep_alive"),
+                               truncate=_truncate(body))
     stream = _get(body, "stream", bool, False)
     include_usage = _include_usage(body)
     reply = chat.generate(request.handler.app.manager, req)
@@ -432,7 +454,7 @@ def completions(request: Request) -> None:
         result = _drain(reply)
         text = (prompt if echo else "") + result.message.content
         request.handler.send_json(200, {**head, "choices": [choice(text, _finish_reason(result, True))],
-                                        "usage": _usage(result)})
+                                        "usage": _usage(result)}, truncation_headers(reply))
         return
 
     def chunks() -> Iterator[dict[str, Any]]:
@@ -675,7 +697,8 @@ def responses(request: Request) -> None:
     req = chat.ChatRequest(
         model=model, messages=messages, tools=tools, options=_options(body, ("max_output_tokens",)),
         format=_format(text.get("format"), "text.format"), think=_think(reasoning.get("effort"), "reasoning.effort"),
-        keep_alive=body.get("keep_alive"), tool_choice=_tool_choice(body.get("tool_choice"), tools))
+        keep_alive=body.get("keep_alive"), tool_choice=_tool_choice(body.get("tool_choice"), tools),
+        truncate=_truncate(body))
     parallel = _get(body, "parallel_tool_calls", bool, True)
     stream = _get(body, "stream", bool, False)
     base = {"id": _new_id("resp_"), "object": "response", "created_at": int(time.time()), "model": model,
@@ -700,7 +723,7 @@ def responses(request: Request) -> None:
             final = deque(events(), maxlen=1)[0]
         finally:
             reply.close()
-        request.handler.send_json(200, final["response"])
+        request.handler.send_json(200, final["response"], truncation_headers(reply))
         return
 
     def error_event(error: MullamaError) -> dict[str, Any]:

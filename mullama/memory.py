@@ -1,0 +1,193 @@
+"""How much memory a model needs, and how much the daemon may use.
+
+:func:`estimate` predicts what llama.cpp allocates for a GGUF loaded with
+given :class:`~mullama.engine.LoadOptions`: the weights, the KV cache of
+every sequence, and the compute buffers of one batch. :func:`budget` is
+what the daemon's models may occupy together: ``MULLAMA_MAX_MEMORY`` when
+set, else the GPUs' memory when the model is offloaded, else system RAM.
+
+The formulas follow what llama.cpp reports when it loads a model (its
+``model buffer``, ``KV buffer`` and ``compute buffer`` lines). They are
+approximations in two known cases: sliding-window attention layers are
+counted with a full-size cache (an overestimate), and recurrent models
+(Mamba, RWKV) whose state is not a KV cache are counted with none.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from mullama import config
+from mullama.engine import LoadOptions
+from mullama.errors import MullamaError, NativeLibraryError
+from mullama.ffi import load as load_native
+from mullama.gguf import GGML_TYPES, GGUFInfo, SkippedArray
+
+#: Elements per block and bytes per block of each KV cache type, from ggml's type table.
+_KV_BLOCKS = {name.lower(): (elements, size) for name, elements, size in GGML_TYPES.values()}
+
+#: Fraction of physical memory the daemon may plan on when only the total is known.
+_TOTAL_SHARE = 0.9
+
+_SIZE = re.compile(r"\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([kmgt]?)(i?)(b?)\s*", re.IGNORECASE)
+_POWERS = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4}
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """Bytes a loaded model occupies, by what holds them."""
+
+    weights: int
+    kv_cache: int
+    compute: int
+
+    @property
+    def total(self) -> int:
+        """Everything together: what the model costs the budget."""
+        return self.weights + self.kv_cache + self.compute
+
+
+def estimate(info: GGUFInfo, load: LoadOptions, *, parts: Sequence[GGUFInfo] = ()) -> Estimate:
+    """The memory ``info``'s model takes when loaded with ``load``.
+
+    ``parts`` are the other files of a split GGUF (``info`` is the first,
+    which carries the metadata); their tensors add to the weights.
+    """
+    weights = sum(t.nbytes for part in (info, *parts) for t in part.tensors)
+    n_embd = info.embedding_length or 0
+    n_head = info.head_count or 0
+    n_vocab = _vocab_size(info)
+    cells = load.num_ctx * max(1, load.num_parallel)
+    kv_cache = _kv_cache(info, cells, load.kv_cache_type)
+    # llama.cpp's graph keeps the batch's hidden state and logits in f32 at once;
+    # without flash attention it also materialises the attention scores of
+    # every head (each sequence attends to its own num_ctx cells).
+    width = n_embd + n_vocab
+    if load.flash_attention is False:
+        width = max(width, 4 * n_embd + load.num_ctx * (1 + n_head))
+    # Plus the output buffer: one row of logits per sequence.
+    compute = 4 * load.num_batch * width + 4 * n_vocab * max(1, load.num_parallel)
+    return Estimate(weights=weights, kv_cache=kv_cache, compute=compute)
+
+
+def _kv_cache(info: GGUFInfo, cells: int, kv_type: str) -> int:
+    """K and V of every layer for ``cells`` token positions."""
+    n_layer, n_embd = info.block_count or 0, info.embedding_length or 0
+    n_head = info.head_count or 0
+    n_head_kv = info.head_count_kv or n_head
+    if not (n_layer and n_head_kv):
+        return 0
+    arch = info.architecture or ""
+    default_dim = n_embd // n_head if n_head else 0
+    key_dim = _int(info.metadata.get(f"{arch}.attention.key_length"), default_dim)
+    value_dim = _int(info.metadata.get(f"{arch}.attention.value_length"), key_dim)
+    elements, size = _KV_BLOCKS.get(kv_type.lower(), _KV_BLOCKS["f16"])
+    return math.ceil(n_layer * cells * n_head_kv * (key_dim + value_dim) * size / elements)
+
+
+def _vocab_size(info: GGUFInfo) -> int:
+    tokens = info.metadata.get("tokenizer.ggml.tokens")
+    if isinstance(tokens, SkippedArray):
+        return tokens.length
+    if isinstance(tokens, list):
+        return len(tokens)
+    return _int(info.metadata.get(f"{info.architecture}.vocab_size"), 0)
+
+
+def _int(value: object, default: int) -> int:
+    if isinstance(value, list) and value and all(isinstance(v, int) for v in value):
+        return max(value)
+    return value if isinstance(value, int) and not isinstance(value, bool) else default
+
+
+def parse_size(text: str) -> int:
+    """Bytes from ``"8GiB"``, ``"512MB"``, ``"1.5g"`` or ``"1073741824"``.
+
+    ``KiB``/``MiB``/``GiB`` and the bare letters ``K``/``M``/``G`` are powers
+    of 1024 (as ``docker --memory`` reads them); ``KB``/``MB``/``GB`` are
+    powers of 1000. Raises :class:`ValueError` for anything else.
+    """
+    match = _SIZE.fullmatch(text)
+    if not match:
+        raise ValueError(f"{text!r} is not a size such as 8GiB, 512MB or 1073741824")
+    number, prefix, binary, byte = match.groups()
+    value = float(number) * (1000 if prefix and byte and not binary else 1024) ** _POWERS[prefix.lower()]
+    if (binary and not prefix) or not math.isfinite(value):
+        raise ValueError(f"{text!r} is not a size such as 8GiB, 512MB or 1073741824")
+    return int(value)
+
+
+def budget(load: LoadOptions | None = None, *, in_use: int = 0) -> int:
+    """Bytes the daemon's loaded models may occupy together.
+
+    ``MULLAMA_MAX_MEMORY`` wins. Otherwise a model that offloads layers
+    (``num_gpu`` not 0) on a machine with GPUs gets their total memory, and
+    any other gets system RAM: what is available now plus ``in_use``, the
+    bytes the daemon's own loaded models hold (they can be unloaded to make
+    room), never more than physical memory.
+
+    Available rather than total memory, so that other programs' memory is
+    respected; plus our own models, or an idle model would never be evicted
+    to make room for another.
+    """
+    explicit = config.env("MAX_MEMORY")
+    if explicit:
+        try:
+            return parse_size(explicit)
+        except ValueError as exc:
+            raise MullamaError(f"MULLAMA_MAX_MEMORY: {exc}") from None
+    load = load or LoadOptions()
+    if load.num_gpu != 0:
+        vram = gpu_memory()
+        if vram:
+            return vram
+    total, available = system_memory()
+    return min(total, available + in_use)
+
+
+def gpu_memory() -> int:
+    """Total memory of the GPUs llama.cpp sees; 0 when there are none."""
+    try:
+        return sum(device.memory_total for device in load_native().gpu_devices)
+    except NativeLibraryError:
+        return 0
+
+
+def system_memory() -> tuple[int, int]:
+    """(total, available) bytes of RAM.
+
+    Linux's ``MemAvailable`` counts reclaimable caches as free, as the
+    kernel does; elsewhere ``os.sysconf`` is asked, and a system that does
+    not report free memory is assumed to have 90% of its total.
+    """
+    try:
+        with open("/proc/meminfo") as handle:
+            fields = dict(line.split(":", 1) for line in handle if ":" in line)
+        total = int(fields["MemTotal"].split()[0]) * 1024
+        return total, int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError, IndexError):
+        pass
+    try:
+        page = os.sysconf("SC_PAGE_SIZE")
+        total = os.sysconf("SC_PHYS_PAGES") * page
+    except (OSError, ValueError, AttributeError):
+        return sys.maxsize, sys.maxsize
+    try:
+        return total, os.sysconf("SC_AVPHYS_PAGES") * page
+    except (OSError, ValueError):
+        return total, int(total * _TOTAL_SHARE)
+
+
+def describe(size: int) -> str:
+    """A byte count for messages, for example ``"1.5 GiB"``."""
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(value) < 1024:
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} TiB"

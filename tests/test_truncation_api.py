@@ -1,0 +1,173 @@
+"""Prompts cut to fit the context, reported on every API; ``truncate: false`` refuses them instead.
+
+A model created with ``PARAMETER num_ctx 256`` gets a prompt of several
+hundred tokens: each API's answer carries ``X-Mullama-Prompt-Truncated``
+with the number of tokens dropped (streamed answers too, since the count is
+known before the first token), and ``truncate: false`` is a 400 in the API's
+own error shape that gives the token counts.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anthropic
+import ollama
+import openai
+import pytest
+
+from mullama.http.ollama import TRUNCATED_HEADER
+from mullama.http.server import Server, make_server
+
+MODEL = "tiny"
+LONG = "Tell me about the sea. " * 120
+LONG_CHAT = [{"role": "user", "content": LONG}]
+SHORT_CHAT = [{"role": "user", "content": "Hi"}]
+OPTIONS = {"temperature": 0, "num_predict": 2}
+
+
+@pytest.fixture(scope="module")
+def server(model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    tmp = tmp_path_factory.mktemp("truncation-api")
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.setenv("MULLAMA_MODELS", str(tmp / "models"))
+        monkeypatch.setenv("MULLAMA_HOME", str(tmp / "home"))
+        monkeypatch.setenv("OLLAMA_MODELS", str(tmp / "ollama-models"))
+        monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+        monkeypatch.delenv("MULLAMA_API_KEY", raising=False)
+        server = make_server("127.0.0.1:0")
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        try:
+            status, _, data = post(server, "/api/create", {"model": MODEL, "from": str(model_path), "stream": False,
+                                                           "parameters": {"num_ctx": 256, "num_thread": 1}})
+            assert status == 200, data
+            yield server
+        finally:
+            server.shutdown()
+            server.app.manager.close()
+            server.server_close()
+
+
+def post(server: Server, path: str, body: dict[str, Any]) -> tuple[int, http.client.HTTPMessage, bytes]:
+    connection = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=120)
+    try:
+        connection.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
+        response = connection.getresponse()
+        return response.status, response.headers, response.read()
+    finally:
+        connection.close()
+
+
+def dropped(headers: Any) -> int:
+    """The header's count, checked to be a positive integer."""
+    count = int(headers[TRUNCATED_HEADER])
+    assert count > 0
+    return count
+
+
+@pytest.fixture(scope="module")
+def oai(server: Server) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(base_url=f"http://127.0.0.1:{server.server_address[1]}/v1", api_key="x", max_retries=0,
+                       timeout=120) as sdk:
+        yield sdk
+
+
+@pytest.fixture(scope="module")
+def claude(server: Server) -> anthropic.Anthropic:
+    return anthropic.Anthropic(base_url=f"http://127.0.0.1:{server.server_address[1]}", api_key="x", max_retries=0,
+                               timeout=120)
+
+
+# --- Ollama --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_ollama_chat_reports_the_cut_in_header_and_body(server: Server, stream: bool) -> None:
+    status, headers, data = post(server, "/api/chat", {"model": MODEL, "messages": LONG_CHAT, "stream": stream,
+                                                       "options": OPTIONS})
+    assert status == 200, data
+    final = json.loads(data.splitlines()[-1])
+    assert final["done"] and final["truncated"] == dropped(headers)
+    assert final["prompt_eval_count"] < 256
+
+
+def test_ollama_generate_reports_the_cut(server: Server) -> None:
+    status, headers, data = post(server, "/api/generate", {"model": MODEL, "prompt": LONG, "options": OPTIONS})
+    assert status == 200 and json.loads(data.splitlines()[-1])["truncated"] == dropped(headers)
+
+
+def test_ollama_no_header_when_nothing_was_cut(server: Server) -> None:
+    status, headers, data = post(server, "/api/chat", {"model": MODEL, "messages": SHORT_CHAT, "stream": False,
+                                                       "options": OPTIONS})
+    assert status == 200 and TRUNCATED_HEADER not in headers and "truncated" not in json.loads(data)
+
+
+def test_ollama_truncate_false_is_a_400(server: Server) -> None:
+    client = ollama.Client(host=f"http://127.0.0.1:{server.server_address[1]}")
+    # The client has no ``truncate`` argument: send the body through its request method, to get its error.
+    with pytest.raises(ollama.ResponseError) as error:
+        client._request(ollama.ChatResponse, "POST", "/api/chat",
+                        json={"model": MODEL, "messages": LONG_CHAT, "truncate": False, "stream": False})
+    assert error.value.status_code == 400 and "256" in error.value.error and "tokens" in error.value.error
+    status, _, data = post(server, "/api/generate", {"model": MODEL, "prompt": LONG, "truncate": False})
+    assert status == 400 and "256" in json.loads(data)["error"]
+
+
+# --- OpenAI --------------------------------------------------------------------
+
+
+def test_openai_reports_the_cut_in_a_header(oai: openai.OpenAI) -> None:
+    raw = oai.chat.completions.with_raw_response.create(model=MODEL, messages=LONG_CHAT, max_tokens=2, temperature=0)
+    assert dropped(raw.headers) and raw.parse().choices[0].message.content is not None
+    with oai.chat.completions.with_streaming_response.create(model=MODEL, messages=LONG_CHAT, max_tokens=2,
+                                                             temperature=0, stream=True) as streamed:
+        assert dropped(streamed.headers) == dropped(raw.headers)
+        assert any(chunk.choices and chunk.choices[0].finish_reason for chunk in streamed.parse())
+    raw = oai.completions.with_raw_response.create(model=MODEL, prompt=LONG, max_tokens=2, temperature=0)
+    assert dropped(raw.headers)
+    raw = oai.responses.with_raw_response.create(model=MODEL, input=LONG, max_output_tokens=2, temperature=0)
+    assert dropped(raw.headers)
+    short = oai.chat.completions.with_raw_response.create(model=MODEL, messages=SHORT_CHAT, max_tokens=2)
+    assert TRUNCATED_HEADER not in short.headers
+
+
+def test_openai_truncate_false_is_a_400(oai: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as error:
+        oai.chat.completions.create(model=MODEL, messages=LONG_CHAT, max_tokens=2, extra_body={"truncate": False})
+    assert "256" in error.value.message and error.value.body["type"] == "invalid_request_error"
+    with pytest.raises(openai.BadRequestError):
+        oai.chat.completions.create(model=MODEL, messages=LONG_CHAT, max_tokens=2, stream=True,
+                                    extra_body={"truncate": False})
+    with pytest.raises(openai.BadRequestError):
+        oai.completions.create(model=MODEL, prompt=LONG, max_tokens=2, extra_body={"truncate": False})
+    with pytest.raises(openai.BadRequestError):
+        oai.responses.create(model=MODEL, input=LONG, max_output_tokens=2, extra_body={"truncate": False})
+
+
+# --- Anthropic -----------------------------------------------------------------
+
+
+def test_anthropic_reports_the_cut_in_a_header(claude: anthropic.Anthropic) -> None:
+    raw = claude.messages.with_raw_response.create(model=MODEL, max_tokens=2, messages=LONG_CHAT,
+                                                   extra_body={"temperature": 0})
+    assert dropped(raw.headers) and raw.parse().usage.input_tokens > 256
+    with claude.messages.with_streaming_response.create(model=MODEL, max_tokens=2, messages=LONG_CHAT,
+                                                        stream=True) as streamed:
+        assert dropped(streamed.headers) == dropped(raw.headers)
+        assert [event.type for event in streamed.parse()][-1] == "message_stop"
+    short = claude.messages.with_raw_response.create(model=MODEL, max_tokens=2, messages=SHORT_CHAT)
+    assert TRUNCATED_HEADER not in short.headers
+
+
+def test_anthropic_truncate_false_is_a_400(claude: anthropic.Anthropic) -> None:
+    for stream in (False, True):
+        with pytest.raises(anthropic.BadRequestError) as error:
+            claude.messages.create(model=MODEL, max_tokens=2, messages=LONG_CHAT, stream=stream,
+                                   extra_body={"truncate": False})
+        assert error.value.body["error"]["type"] == "invalid_request_error"
+        assert "256" in error.value.body["error"]["message"]
