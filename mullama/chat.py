@@ -281,10 +281,12 @@ def render_prompt(record: ModelRecord, model: Model, messages: list[Message], to
     if record.template is not None:
         return render_chat(record.template, messages, tools or None, think=think)
     template = model.chat_template
-    if template is None:
-        raise BadRequestError(f"{record.name} has no chat template; create it with a Modelfile TEMPLATE")
-    if "tools" not in template and (tools or any(m.tool_calls or m.role == "tool" for m in messages)):
+    if template is None or "tools" not in template and (tools or any(m.tool_calls or m.role == "tool"
+                                                                     for m in messages)):
         messages = _tools_as_system(tools, messages) if tools else _hermes_history(messages)
+    if template is None:
+        # No template anywhere: libllama's built-in ChatML is the last resort.
+        return model.apply_builtin_template([(m.role, m.content) for m in messages])
     extra = {"enable_thinking": think} if think is not None else None
     return render_jinja(template, messages, tools or None, bos_token=model.special_token("bos"),
                         eos_token=model.special_token("eos"), extra=extra)

@@ -186,6 +186,13 @@ class Context:
         self.ptr = lib.llama_init_from_model(model.ptr, params)
         if not self.ptr:
             raise ModelLoadError(f"llama.cpp could not create a context of {params.n_ctx} tokens for {model.path.name}")
+        if model._adapters:
+            handles = (ctypes.c_void_p * len(model._adapters))(*model._adapters)
+            scales = (ctypes.c_float * len(model._adapters))(*([1.0] * len(model._adapters)))
+            if lib.llama_set_adapters_lora(self.ptr, handles, len(model._adapters), scales) != 0:
+                lib.llama_free(self.ptr)
+                self.ptr = None
+                raise ModelLoadError(f"llama.cpp could not attach the LoRA adapters of {model.path.name}")
         self.memory = lib.llama_get_memory(self.ptr)
         self.n_ctx_seq = lib.llama_n_ctx_seq(self.ptr)
         self.n_batch = lib.llama_n_batch(self.ptr)
@@ -254,19 +261,27 @@ class Context:
 class Model:
     """A GGUF model loaded in this process.
 
-    ``path`` is validated by :mod:`mullama.gguf` before llama.cpp opens it.
-    Options use Ollama's names: ``num_ctx``, ``num_batch``, ``num_gpu``,
-    ``num_thread``, ``use_mmap``, ``flash_attention``, ``kv_cache_type``,
-    ``num_parallel``. Use it as a context manager or call :meth:`close`.
+    ``path`` is validated by :mod:`mullama.gguf` before llama.cpp opens it;
+    a list of paths is a split GGUF, in order. ``adapters`` are LoRA GGUFs
+    applied to every context at scale 1.0. Options use Ollama's names:
+    ``num_ctx``, ``num_batch``, ``num_gpu``, ``num_thread``, ``use_mmap``,
+    ``flash_attention``, ``kv_cache_type``, ``num_parallel``. Use it as a
+    context manager or call :meth:`close`.
     """
 
-    def __init__(self, path: str | os.PathLike[str], options: Any = None, **overrides: Any) -> None:
+    def __init__(self, path: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], options: Any = None, *,
+                 adapters: Sequence[str | os.PathLike[str]] = (), **overrides: Any) -> None:
         started = time.perf_counter_ns()
-        self.path = Path(path)
+        parts = [Path(p) for p in path] if isinstance(path, (list, tuple)) else [Path(path)]
+        if not parts:
+            raise BadRequestError("no model file given")
+        self.path = parts[0]
         self.options = LoadOptions.from_options(options, **overrides)
         if self.options.num_ctx < 16 or self.options.num_batch < 1 or self.options.num_parallel < 1:
             raise BadRequestError("num_ctx must be at least 16, num_batch and num_parallel at least 1")
         self.info = gguf.read_gguf(self.path)
+        for extra in [*parts[1:], *adapters]:
+            gguf.read_gguf(extra)
         native = load()
         self.native = native
         lib = self.lib = native.llama
@@ -275,9 +290,22 @@ class Model:
         params.main_gpu = self.options.main_gpu
         params.load_mode = (L.LLAMA_LOAD_MODE_MMAP_MLOCK if self.options.use_mlock else L.LLAMA_LOAD_MODE_MMAP) \
             if self.options.use_mmap else (L.LLAMA_LOAD_MODE_MLOCK if self.options.use_mlock else L.LLAMA_LOAD_MODE_NONE)
-        self.ptr = lib.llama_model_load_from_file(str(self.path).encode(), params)
+        if len(parts) == 1:
+            self.ptr = lib.llama_model_load_from_file(str(self.path).encode(), params)
+        else:
+            # Blobs are named by hash, so llama.cpp cannot find the other parts by name.
+            paths = (ctypes.c_char_p * len(parts))(*(str(p).encode() for p in parts))
+            self.ptr = lib.llama_model_load_from_splits(paths, len(parts), params)
         if not self.ptr:
             raise ModelLoadError(f"llama.cpp could not load {self.path} (see the log for its reason)")
+        self._adapters = []
+        for adapter in adapters:
+            handle = lib.llama_adapter_lora_init(self.ptr, str(adapter).encode())
+            if not handle:
+                lib.llama_model_free(self.ptr)
+                self.ptr = None
+                raise ModelLoadError(f"llama.cpp could not apply the adapter {adapter} to {self.path.name}")
+            self._adapters.append(handle)
         self.vocab = lib.llama_model_get_vocab(self.ptr)
         self.n_vocab = lib.llama_vocab_n_tokens(self.vocab)
         self.n_ctx_train = lib.llama_model_n_ctx_train(self.ptr)
@@ -333,6 +361,26 @@ class Model:
     @property
     def add_bos(self) -> bool:
         return bool(self.lib.llama_vocab_get_add_bos(self.vocab))
+
+    def apply_builtin_template(self, messages: Sequence[tuple[str, str]], *, name: str = "chatml",
+                               add_assistant: bool = True) -> str:
+        """Render ``(role, content)`` pairs with one of libllama's built-in templates.
+
+        The last resort for a model whose GGUF carries no chat template and
+        whose Modelfile gives none.
+        """
+        array = (L.llama_chat_message * len(messages))(
+            *(L.llama_chat_message(role.encode(), content.encode()) for role, content in messages))
+        size = sum(len(r) + len(c) for r, c in messages) * 2 + 256
+        for _ in range(2):
+            buffer = ctypes.create_string_buffer(size)
+            n = self.lib.llama_chat_apply_template(name.encode(), array, len(messages), add_assistant, buffer, size)
+            if n < 0:
+                raise BadRequestError(f"libllama has no built-in chat template named {name!r}")
+            if n <= size:
+                return buffer.raw[:n].decode("utf-8", "replace")
+            size = n
+        raise MullamaError("the built-in chat template kept growing")
 
     # --- tokens --------------------------------------------------------------
 
@@ -632,3 +680,21 @@ class Generation:
             ctx.decode(batch)
             cached.append(token)
             output = 0
+
+
+def quantize(source: str | os.PathLike[str], destination: str | os.PathLike[str], quantization: str,
+             threads: int = 0) -> None:
+    """Write ``source`` re-quantized to ``quantization`` (``Q4_K_M``, ``Q8_0``, ...) at ``destination``."""
+    wanted = quantization.upper()
+    ftypes = {name.upper(): number for number, name in gguf.FILE_TYPES.items()}
+    if wanted not in ftypes:
+        raise BadRequestError(f"unknown quantization {quantization!r}; use one of {', '.join(sorted(ftypes))}",
+                              param="quantize")
+    gguf.read_gguf(source)
+    lib = load().llama
+    params = lib.llama_model_quantize_default_params()
+    params.ftype = ftypes[wanted]
+    params.nthread = threads or default_threads()
+    params.allow_requantize = True
+    if lib.llama_model_quantize(str(source).encode(), str(destination).encode(), ctypes.byref(params)) != 0:
+        raise ModelLoadError(f"llama.cpp could not quantize {Path(source).name} to {wanted}")

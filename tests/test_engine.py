@@ -161,3 +161,24 @@ def test_engine_defaults_are_ollamas():
             if name in ("use_mlock", "use_mmap"):
                 continue  # Options leaves use_mmap to llama.cpp (None) and retired use_mlock
             assert getattr(ollama, name) == value, name
+
+
+def test_builtin_template_is_the_last_resort(model):
+    prompt = model.apply_builtin_template([("system", "Be brief."), ("user", "Hi")])
+    assert prompt == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    with pytest.raises(BadRequestError):
+        model.apply_builtin_template([("user", "Hi")], name="no-such-template")
+
+
+def test_quantize_writes_a_loadable_model(model_path, tmp_path):
+    from mullama.engine import quantize
+    from mullama.gguf import read_gguf
+
+    out = tmp_path / "q8.gguf"
+    quantize(model_path, out, "q8_0", threads=1)
+    assert read_gguf(out).quantization == "Q8_0"
+    with mullama.Model(out, num_ctx=256, num_thread=1) as q8:
+        assert "Paris" in q8.complete(CHAT.format("What is the capital of France?"), temperature=0,
+                                      num_predict=16).text
+    with pytest.raises(BadRequestError, match="unknown quantization"):
+        quantize(model_path, tmp_path / "x.gguf", "q9_9")

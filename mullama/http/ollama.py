@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from mullama import __version__, chat, gguf
+from mullama.engine import quantize
 from mullama.errors import BadRequestError, MullamaError, NotFoundError
 from mullama.http.server import Request, Router
 from mullama.modelfile import Modelfile
@@ -28,6 +29,7 @@ from mullama.models import ModelRecord, find_model, parse_keep_alive
 from mullama.names import ModelName, canonical_digest
 from mullama.options import parse_options
 from mullama.pull import pull
+from mullama.sampling import TokenLogprob, check_top_logprobs
 from mullama.store import MEDIA_TYPES, Layer, Manifest
 from mullama.types import Message, Tool, ToolCall
 
@@ -136,6 +138,28 @@ def _keep_alive(body: dict[str, Any]) -> Any:
     return value
 
 
+def _logprobs(body: dict[str, Any]) -> tuple[bool, int]:
+    """``logprobs`` and ``top_logprobs``; as in Ollama, the range is checked even with ``logprobs`` off."""
+    top = body.get("top_logprobs")
+    return _field(body, "logprobs", bool, False), check_top_logprobs(0 if top is None else top)
+
+
+def logprob_json(entry: TokenLogprob, with_top: bool) -> dict[str, Any]:
+    """A token as Ollama's ``Logprob`` (OpenAI's chat uses the same shape); ``with_top`` adds its alternatives."""
+    out: dict[str, Any] = {"token": entry.token, "logprob": entry.logprob, "bytes": list(entry.raw)}
+    if with_top:
+        out["top_logprobs"] = [{"token": alt.token, "logprob": alt.logprob, "bytes": list(alt.raw)}
+                               for alt in entry.top_logprobs]
+    return out
+
+
+def _add_logprobs(out: dict[str, Any], entries: list[TokenLogprob]) -> dict[str, Any]:
+    """Put ``entries`` in a response as Ollama does: only when there are some, alternatives only when asked."""
+    if entries:
+        out["logprobs"] = [logprob_json(entry, bool(entry.top_logprobs)) for entry in entries]
+    return out
+
+
 def _stream(body: dict[str, Any]) -> bool:
     return _field(body, "stream", bool, True)
 
@@ -211,6 +235,7 @@ def generate(request: Request) -> None:
     context = _field(body, "context", list, [])
     if not all(isinstance(t, int) and not isinstance(t, bool) for t in context):
         raise BadRequestError("context must be a list of token ids", param="context")
+    logprobs, top_logprobs = _logprobs(body)
     if not prompt and not context and _unload_reply(request, name, _keep_alive(body), "response"):
         return
     raw = _field(body, "raw", bool, False)
@@ -220,7 +245,8 @@ def generate(request: Request) -> None:
         model=name, prompt=prompt, suffix=_field(body, "suffix", str, ""), system=_field(body, "system", str),
         template=_field(body, "template", str), raw=raw,
         images=_images(body.get("images")), context=context, options=_options(body), format=_format(body),
-        think=_think(body), keep_alive=_keep_alive(body), truncate=_field(body, "truncate", bool, True))
+        think=_think(body), keep_alive=_keep_alive(body), truncate=_field(body, "truncate", bool, True),
+        logprobs=logprobs, top_logprobs=top_logprobs)
     reply = chat.generate(request.handler.app.manager, req)
     model = reply.model_name
 
@@ -228,7 +254,7 @@ def generate(request: Request) -> None:
         out: dict[str, Any] = {"model": model, "created_at": now(), "response": delta.content, "done": False}
         if delta.thinking:
             out["thinking"] = delta.thinking
-        return out
+        return _add_logprobs(out, delta.logprobs)
 
     def final(result: chat.ChatResult, collected: list[chat.Delta] | None) -> dict[str, Any]:
         out: dict[str, Any] = {"model": model, "created_at": now(),
@@ -238,7 +264,7 @@ def generate(request: Request) -> None:
         out.update(_timings(result))
         if result.context and not raw:
             out["context"] = result.context
-        return out
+        return _add_logprobs(out, result.logprobs if collected is not None else [])
 
     _send_reply(request, reply, _stream(body), shape, final)
 
@@ -306,11 +332,13 @@ def chat_route(request: Request) -> None:
     body = request.json()
     name = _model_name(body)
     messages = _messages(body.get("messages"))
+    logprobs, top_logprobs = _logprobs(body)
     if not messages and _unload_reply(request, name, _keep_alive(body), "message"):
         return
     req = chat.ChatRequest(model=name, messages=messages, tools=parse_tools(body.get("tools")),
                            options=_options(body), format=_format(body), think=_think(body),
-                           keep_alive=_keep_alive(body), truncate=_field(body, "truncate", bool, True))
+                           keep_alive=_keep_alive(body), truncate=_field(body, "truncate", bool, True),
+                           logprobs=logprobs, top_logprobs=top_logprobs)
     reply = chat.chat(request.handler.app.manager, req)
     model = reply.model_name
 
@@ -323,8 +351,9 @@ def chat_route(request: Request) -> None:
         return message
 
     def shape(delta: chat.Delta) -> dict[str, Any]:
-        return {"model": model, "created_at": now(),
-                "message": message_json(delta.content, delta.thinking, delta.tool_calls), "done": False}
+        out = {"model": model, "created_at": now(),
+               "message": message_json(delta.content, delta.thinking, delta.tool_calls), "done": False}
+        return _add_logprobs(out, delta.logprobs)
 
     def final(result: chat.ChatResult, collected: list[chat.Delta] | None) -> dict[str, Any]:
         m = result.message
@@ -332,7 +361,7 @@ def chat_route(request: Request) -> None:
             message_json("", "", [])
         out = {"model": model, "created_at": now(), "message": message, "done": True}
         out.update(_timings(result))
-        return out
+        return _add_logprobs(out, result.logprobs if collected is not None else [])
 
     _send_reply(request, reply, _stream(body), shape, final)
 
@@ -495,9 +524,7 @@ def create(request: Request) -> None:
     name = ModelName.parse(_model_name(body))
     manager = request.handler.app.manager
     store = manager.store
-    if body.get("quantize"):
-        raise BadRequestError("quantize is not supported by Mullama yet: pull or create a model that is already "
-                              "quantized (for example hf.co/<owner>/<repo>:Q4_K_M)", param="quantize")
+    quantization = _field(body, "quantize", str)
     parameters = parse_options(_field(body, "parameters", dict, {}))
     licenses = body.get("license")
     licenses = [licenses] if isinstance(licenses, str) else list(licenses or [])
@@ -536,6 +563,8 @@ def create(request: Request) -> None:
             layers.append(Layer(MEDIA_TYPES["adapter"], digest, store.blob_path(digest).stat().st_size))
         if not any(layer.media_type == MEDIA_TYPES["model"] for layer in layers):
             raise BadRequestError("neither 'from' nor 'files' was specified", param="from")
+        if quantization:
+            layers = _quantized(store, layers, quantization, emit)
 
         def replace(kind: str, data: bytes | None) -> None:
             nonlocal layers
@@ -567,6 +596,25 @@ def create(request: Request) -> None:
         emit({"status": "success"})
 
     _status_stream(request, _field(body, "stream", bool, True), work)
+
+
+def _quantized(store: Any, layers: list[Layer], quantization: str, emit: Any) -> list[Layer]:
+    """The layers with the (single-file) model re-quantized into a new blob."""
+    models = [layer for layer in layers if layer.media_type == MEDIA_TYPES["model"]]
+    if len(models) != 1:
+        raise BadRequestError("quantize works on single-file models only", param="quantize")
+    source = store.layer_path(models[0])
+    emit({"status": f"quantizing {gguf.read_gguf(source).quantization} model to {quantization.upper()}"})
+    store.root.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=store.root, prefix=".quantize-", suffix=".gguf")
+    os.close(fd)
+    try:
+        quantize(source, tmp, quantization)
+        digest = store.add_blob_from_file(tmp)
+        size = Path(tmp).stat().st_size
+    finally:
+        os.unlink(tmp)
+    return [Layer(MEDIA_TYPES["model"], digest, size) if layer is models[0] else layer for layer in layers]
 
 
 def copy(request: Request) -> None:
