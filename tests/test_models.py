@@ -6,6 +6,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -314,10 +315,10 @@ def test_concurrent_first_use_loads_once(make_manager, monkeypatch: pytest.Monke
     loads: list[Path] = []
     real_model = models.Model
 
-    def counting_model(path: Path, options: LoadOptions) -> models.Model:
+    def counting_model(path: Path, options: LoadOptions, **kwargs: Any) -> models.Model:
         loads.append(path)
         time.sleep(0.2)  # widen the window in which a second load could start
-        return real_model(path, options)
+        return real_model(path, options, **kwargs)
 
     monkeypatch.setattr(models, "Model", counting_model)
     manager = make_manager()
@@ -345,10 +346,10 @@ def test_a_load_does_not_block_other_models(make_manager, monkeypatch: pytest.Mo
     loading = threading.Event()
     real_model = models.Model
 
-    def slow_model(path: Path, options: LoadOptions) -> models.Model:
+    def slow_model(path: Path, options: LoadOptions, **kwargs: Any) -> models.Model:
         loading.set()
         release.wait(30)
-        return real_model(path, options)
+        return real_model(path, options, **kwargs)
 
     monkeypatch.setattr(models, "Model", slow_model)
     thread = threading.Thread(target=touch, args=(manager, "beta"))
