@@ -2,8 +2,10 @@
 
 Each route reads OpenAI's JSON into a :mod:`mullama.chat` request and writes
 back the shapes the official ``openai`` SDK parses; streams are server-sent
-events. The engine does not report token log probabilities yet, so
-``logprobs`` is accepted and answered with ``null``.
+events. Chat completions report token log probabilities in the chat shape
+(``logprobs.content``), completions in the legacy one (``tokens``,
+``token_logprobs``...); both come from the model's raw distribution, before
+sampling, as llama-server and Ollama report them.
 
 Thinking: ``reasoning_effort`` (or ``reasoning.effort``, as Ollama also
 reads it) ``"none"`` turns a reasoning model's thinking off and any other
@@ -30,10 +32,11 @@ from urllib.parse import unquote
 
 from mullama import chat
 from mullama.errors import BadRequestError, ModelNotFoundError, MullamaError
-from mullama.http.ollama import parse_tools, truncation_headers
+from mullama.http.ollama import logprob_json, parse_tools, truncation_headers
 from mullama.http.server import Request, Router
 from mullama.names import ModelName
 from mullama.options import PARAMETER_TYPES, parse_options
+from mullama.sampling import TokenLogprob, check_top_logprobs
 from mullama.types import Message, Tool, ToolCall
 
 SSE = "text/event-stream"
@@ -88,12 +91,14 @@ def _only_one(body: dict[str, Any], name: str) -> None:
         raise BadRequestError(f"{name} must be 1: Mullama returns one choice per request", param=name)
 
 
-def _check_logprobs(body: dict[str, Any]) -> None:
-    """Accept the log-probability fields (answered with null) but refuse malformed ones."""
-    _get(body, "logprobs", bool)
-    top = _get(body, "top_logprobs", int)
-    if top is not None and not 0 <= top <= 20:
-        raise BadRequestError("top_logprobs must be between 0 and 20", param="top_logprobs")
+def _chat_logprobs(body: dict[str, Any]) -> tuple[bool, int]:
+    """``logprobs`` and ``top_logprobs``; as OpenAI, alternatives without ``logprobs: true`` are refused."""
+    logprobs = _get(body, "logprobs", bool, False)
+    top = body.get("top_logprobs")
+    top = 0 if top is None else check_top_logprobs(top)
+    if top and not logprobs:
+        raise BadRequestError("top_logprobs requires logprobs to be true", param="top_logprobs")
+    return logprobs, top
 
 
 def _options(body: dict[str, Any], max_tokens: tuple[str, ...]) -> dict[str, Any]:
@@ -353,6 +358,11 @@ def _send_events(request: Request, reply: chat.Reply, events: Iterator[dict[str,
 # --- /v1/chat/completions ---------------------------------------------------
 
 
+def _chat_logprobs_json(entries: list[TokenLogprob]) -> dict[str, Any]:
+    """A choice's ``logprobs`` in the chat shape: one entry per token, each with its alternatives."""
+    return {"content": [logprob_json(entry, with_top=True) for entry in entries], "refusal": None}
+
+
 def _call_json(call: ToolCall) -> dict[str, Any]:
     return {"id": call.id or _new_id("call_"), "type": "function",
             "function": {"name": call.name, "arguments": _arguments_json(call)}}
@@ -363,7 +373,7 @@ def chat_completions(request: Request) -> None:
     body = request.json()
     model = _model(body)
     _only_one(body, "n")
-    _check_logprobs(body)
+    logprobs, top_logprobs = _chat_logprobs(body)
     if body.get("functions") is not None or body.get("function_call") is not None:
         raise BadRequestError("functions and function_call are deprecated and not supported: use tools and "
                               "tool_choice", param="functions")
@@ -373,7 +383,8 @@ def chat_completions(request: Request) -> None:
         options=_options(body, ("max_tokens", "max_completion_tokens")),
         format=_format(body.get("response_format"), "response_format"),
         think=_think(_chat_effort(body), "reasoning_effort"), keep_alive=body.get("keep_alive"),
-        tool_choice=_tool_choice(body.get("tool_choice"), tools), truncate=_truncate(body))
+        tool_choice=_tool_choice(body.get("tool_choice"), tools), truncate=_truncate(body),
+        logprobs=logprobs, top_logprobs=top_logprobs)
     parallel = _get(body, "parallel_tool_calls", bool, True)
     stream = _get(body, "stream", bool, False)
     include_usage = _include_usage(body)
@@ -390,26 +401,35 @@ def chat_completions(request: Request) -> None:
             message["reasoning_content"] = result.message.thinking
         if calls:
             message["tool_calls"] = [_call_json(call) for call in calls]
-        choice = {"index": 0, "message": message, "logprobs": None,
+        choice = {"index": 0, "message": message,
+                  "logprobs": _chat_logprobs_json(result.logprobs) if logprobs else None,
                   "finish_reason": _finish_reason(result, parallel)}
         request.handler.send_json(200, {**head, "object": "chat.completion", "choices": [choice],
                                         "usage": _usage(result)}, truncation_headers(reply))
         return
 
-    def chunk(delta: dict[str, Any], finish_reason: str | None = None) -> dict[str, Any]:
-        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+    def chunk(delta: dict[str, Any], finish_reason: str | None = None,
+              entries: list[TokenLogprob] | None = None) -> dict[str, Any]:
+        choice = {"index": 0, "delta": delta, "logprobs": _chat_logprobs_json(entries) if entries else None,
+                  "finish_reason": finish_reason}
         return {**head, "object": "chat.completion.chunk", "choices": [choice]}
 
     def chunks() -> Iterator[dict[str, Any]]:
         yield chunk({"role": "assistant", "content": ""})
         for delta in reply:
+            parts: list[dict[str, Any]] = []
             if delta.thinking:
-                yield chunk({"reasoning_content": delta.thinking})
+                parts.append({"reasoning_content": delta.thinking})
             if delta.content:
-                yield chunk({"content": delta.content})
+                parts.append({"content": delta.content})
             calls = _calls(delta.tool_calls, parallel)
             if calls:
-                yield chunk({"tool_calls": [{"index": call.index, **_call_json(call)} for call in calls]})
+                parts.append({"tool_calls": [{"index": call.index, **_call_json(call)} for call in calls]})
+            if delta.logprobs and not parts:
+                parts.append({"content": ""})
+            # A delta's tokens may spell several parts (or markup of none); its first chunk carries them all.
+            for i, part in enumerate(parts):
+                yield chunk(part, entries=delta.logprobs if i == 0 else None)
         result = _finished(reply)
         yield chunk({}, _finish_reason(result, parallel))
         if include_usage:
@@ -419,6 +439,18 @@ def chat_completions(request: Request) -> None:
 
 
 # --- /v1/completions --------------------------------------------------------
+
+
+def _legacy_logprobs(entries: list[TokenLogprob], offset: int) -> dict[str, Any]:
+    """A choice's ``logprobs`` in the completions shape; ``offset`` is where the first token starts in the text."""
+    offsets = []
+    for entry in entries:
+        offsets.append(offset)
+        offset += len(entry.token)
+    return {"tokens": [entry.token for entry in entries],
+            "token_logprobs": [entry.logprob for entry in entries],
+            "top_logprobs": [{alt.token: alt.logprob for alt in entry.top_logprobs} for entry in entries],
+            "text_offset": offsets}
 
 
 def completions(request: Request) -> None:
@@ -440,29 +472,36 @@ def completions(request: Request) -> None:
     # A suffix needs the model's fill-in-the-middle template, so only then is the template applied.
     req = chat.GenerateRequest(model=model, prompt=prompt, suffix=suffix, raw=not suffix,
                                options=_options(body, ("max_tokens",)), keep_alive=body.get("keep_alive"),
-                               truncate=_truncate(body))
+                               truncate=_truncate(body), logprobs=logprobs is not None, top_logprobs=logprobs or 0)
     stream = _get(body, "stream", bool, False)
     include_usage = _include_usage(body)
     reply = chat.generate(request.handler.app.manager, req)
     head = {"id": _new_id("cmpl-"), "object": "text_completion", "created": int(time.time()), "model": model,
             "system_fingerprint": FINGERPRINT}
+    # Offsets count characters of the choice's text, which starts with the prompt when it is echoed.
+    start = len(prompt) if echo else 0
 
-    def choice(text: str, finish_reason: str | None) -> dict[str, Any]:
-        return {"text": text, "index": 0, "logprobs": None, "finish_reason": finish_reason}
+    def choice(text: str, finish_reason: str | None, legacy: dict[str, Any] | None = None) -> dict[str, Any]:
+        return {"text": text, "index": 0, "logprobs": legacy, "finish_reason": finish_reason}
 
     if not stream:
         result = _drain(reply)
         text = (prompt if echo else "") + result.message.content
-        request.handler.send_json(200, {**head, "choices": [choice(text, _finish_reason(result, True))],
+        legacy = _legacy_logprobs(result.logprobs, start) if logprobs is not None else None
+        request.handler.send_json(200, {**head, "choices": [choice(text, _finish_reason(result, True), legacy)],
                                         "usage": _usage(result)}, truncation_headers(reply))
         return
 
     def chunks() -> Iterator[dict[str, Any]]:
+        offset = start
         if echo:
             yield {**head, "choices": [choice(prompt, None)]}
         for delta in reply:
-            if delta.content:
-                yield {**head, "choices": [choice(delta.content, None)]}
+            if not delta.content and not delta.logprobs:
+                continue
+            legacy = _legacy_logprobs(delta.logprobs, offset) if delta.logprobs else None
+            offset += sum(len(entry.token) for entry in delta.logprobs)
+            yield {**head, "choices": [choice(delta.content, None, legacy)]}
         result = _finished(reply)
         yield {**head, "choices": [choice("", _finish_reason(result, True))]}
         if include_usage:
