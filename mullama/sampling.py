@@ -3,7 +3,9 @@
 The order follows llama.cpp's common sampler, which Ollama's runner used:
 penalties, then the truncation samplers, then temperature, then the final
 random pick. Temperature 0 means greedy; ``mirostat`` 1 or 2 replaces the
-truncation samplers. A grammar, when given, constrains the chain first.
+truncation samplers. A grammar, when given, is checked against the chain's
+pick, and applied to all the candidates only when it rejects it, as in
+llama.cpp's common sampler.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from mullama.errors import BadRequestError
+from mullama.errors import BadRequestError, MullamaError
 from mullama.ffi import llama as L
 
 
@@ -49,31 +51,149 @@ _DEFAULTS = {name: f.default for name, f in SamplingParams.__dataclass_fields__.
 
 
 class Sampler:
-    """A sampler chain owned by one generation; free it with :meth:`close`."""
+    """A sampler chain, and the grammar if any, owned by one generation; free it with :meth:`close`.
+
+    A grammar sampler costs milliseconds over the whole vocabulary. As in
+    llama.cpp's ``common_sampler_sample``, the chain picks a token first,
+    the grammar checks that one token, and only when it is rejected are the
+    candidates refilled, constrained by the grammar and sampled again. The
+    chain is applied to candidates copied here rather than through
+    ``llama_sampler_sample``, which would also accept a rejected token into
+    stateful samplers (penalties); the chosen token alone is accepted.
+    """
 
     def __init__(self, lib: ctypes.CDLL, vocab: int, params: SamplingParams, grammar: str | None = None) -> None:
         self._lib = lib
         self.params = params
+        self._grammar = None
+        self._candidates: _Candidates | None = None
         chain_params = lib.llama_sampler_chain_default_params()
         chain_params.no_perf = False
         self._chain = lib.llama_sampler_chain_init(chain_params)
         try:
-            for sampler in _stages(lib, vocab, params, grammar):
+            for sampler in _stages(lib, vocab, params):
                 lib.llama_sampler_chain_add(self._chain, sampler)
+            if grammar:
+                self._grammar = lib.llama_sampler_init_grammar(vocab, grammar.encode(), b"root")
+                if not self._grammar:
+                    raise BadRequestError("the grammar for this request could not be parsed by llama.cpp")
+                self._candidates = _Candidates(lib, lib.llama_vocab_n_tokens(vocab))
         except BaseException:
-            lib.llama_sampler_free(self._chain)
+            self.close()
             raise
+        self._one = L.llama_token_data()
+        self._single = L.llama_token_data_array(ctypes.pointer(self._one), 1, -1, False)
 
     def sample(self, ctx: int, index: int) -> int:
         """Pick the next token from the logits at output ``index`` (and accept it)."""
-        return self._lib.llama_sampler_sample(self._chain, ctx, index)
+        if self._grammar is None:
+            return self._lib.llama_sampler_sample(self._chain, ctx, index)
+        token = self._pick(ctx, index, constrained=False)
+        if not self._allows(token):
+            token = self._pick(ctx, index, constrained=True)
+            # With every token rejected the chain still picks one, and accepting
+            # it into the grammar would abort the whole process.
+            if not self._allows(token):
+                raise MullamaError("no token can continue the grammar of this request")
+        self._accept(token)
+        return token
+
+    def _pick(self, ctx: int, index: int, constrained: bool) -> int:
+        candidates = self._candidates.fill(ctx, index)
+        if constrained:
+            self._lib.llama_sampler_apply(self._grammar, candidates)
+        self._lib.llama_sampler_apply(self._chain, candidates)
+        if not 0 <= candidates.selected < candidates.size:
+            raise MullamaError("the sampler chain selected no token")
+        return candidates.data[candidates.selected].id
+
+    def _allows(self, token: int) -> bool:
+        """Whether the grammar accepts ``token`` next: it sets a rejected token's logit to -inf."""
+        self._one.id, self._one.logit, self._one.p = token, 0.0, 0.0
+        self._single.size, self._single.selected, self._single.sorted = 1, -1, False
+        self._lib.llama_sampler_apply(self._grammar, self._single)
+        return self._one.logit != -math.inf
 
     def accept(self, token: int) -> None:
-        """Tell stateful samplers (penalties, grammar) about a token chosen elsewhere."""
+        """Tell stateful samplers (penalties, grammar) about a token chosen elsewhere.
+
+        Raises :class:`BadRequestError` for a token the grammar forbids, which
+        libllama would answer by aborting the process.
+        """
+        if self._grammar and not self._allows(token):
+            raise BadRequestError(f"token {token} does not fit the grammar of this request")
+        self._accept(token)
+
+    def _accept(self, token: int) -> None:
+        if self._grammar:
+            self._lib.llama_sampler_accept(self._grammar, token)
         self._lib.llama_sampler_accept(self._chain, token)
 
     def close(self) -> None:
-        """Free the chain; safe to call twice."""
+        """Free the chain and the grammar; safe to call twice."""
+        for name in ("_chain", "_grammar"):
+            sampler = getattr(self, name)
+            if sampler:
+                self._lib.llama_sampler_free(sampler)
+                setattr(self, name, None)
+        if self._candidates is not None:
+            self._candidates.close()
+            self._candidates = None
+
+
+class _PythonSampler:
+    """A libllama sampler whose ``apply`` selects the first candidate and calls ``collect`` with them all.
+
+    libllama keeps pointers into this object: it must outlive the chain that owns :attr:`handle`.
+    """
+
+    _NAME = ctypes.create_string_buffer(b"mullama")
+
+    def __init__(self, lib: ctypes.CDLL, collect: Callable[[L.llama_token_data_array], None]) -> None:
+        self._collect = collect
+        self._interface = L.llama_sampler_i(name=L.llama_sampler_name_fn(self._name),
+                                            apply=L.llama_sampler_apply_fn(self._apply))
+        self.handle = lib.llama_sampler_init(ctypes.byref(self._interface), None)
+
+    def _name(self, _sampler: int) -> int:
+        return ctypes.addressof(self._NAME)
+
+    def _apply(self, _sampler: int, candidates: Any) -> None:
+        array = candidates.contents
+        # Selected first: an exception here is only printed by ctypes, and then no
+        # selection would abort the process in llama_sampler_sample.
+        array.selected = 0
+        self._collect(array)
+
+
+class _Candidates:
+    """A reusable copy of every token's logit at one output, as a ``llama_token_data_array``.
+
+    ``llama_sampler_sample`` fills the array in C and a one-sampler chain
+    copies it out: about 4 times faster than filling it from Python.
+    """
+
+    def __init__(self, lib: ctypes.CDLL, n_vocab: int) -> None:
+        self._lib = lib
+        self._data = (L.llama_token_data * n_vocab)()
+        self._array = L.llama_token_data_array(self._data, 0, -1, False)
+        self._copier = _PythonSampler(lib, self._copy)
+        self._chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
+        lib.llama_sampler_chain_add(self._chain, self._copier.handle)
+
+    def _copy(self, array: L.llama_token_data_array) -> None:
+        size = min(array.size, len(self._data))
+        ctypes.memmove(self._data, array.data, size * ctypes.sizeof(L.llama_token_data))
+        self._array.size = size
+
+    def fill(self, ctx: int, index: int) -> L.llama_token_data_array:
+        """The candidates at output ``index`` of ``ctx``, unsorted and with none selected."""
+        self._lib.llama_sampler_sample(self._chain, ctx, index)
+        self._array.selected, self._array.sorted = -1, False
+        return self._array
+
+    def close(self) -> None:
+        """Free the copying chain; safe to call twice."""
         if self._chain:
             self._lib.llama_sampler_free(self._chain)
             self._chain = None
@@ -83,13 +203,8 @@ def _seed(value: int) -> int:
     return L.LLAMA_DEFAULT_SEED if value is None or value < 0 else value & 0xFFFFFFFF
 
 
-def _stages(lib: ctypes.CDLL, vocab: int, p: SamplingParams, grammar: str | None) -> list[int]:
+def _stages(lib: ctypes.CDLL, vocab: int, p: SamplingParams) -> list[int]:
     stages = []
-    if grammar:
-        stage = lib.llama_sampler_init_grammar(vocab, grammar.encode(), b"root")
-        if not stage:
-            raise BadRequestError("the grammar for this request could not be parsed by llama.cpp")
-        stages.append(stage)
     n_vocab = lib.llama_vocab_n_tokens(vocab)
     if p.repeat_last_n != 0 and (p.repeat_penalty != 1.0 or p.presence_penalty or p.frequency_penalty):
         last_n = n_vocab if p.repeat_last_n < 0 else p.repeat_last_n
@@ -149,20 +264,6 @@ def check_top_logprobs(value: Any) -> int:
     return value
 
 
-_apply_fn = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.POINTER(L.llama_token_data_array))
-_name_fn = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p)
-
-
-class _SamplerInterface(ctypes.Structure):
-    """libllama's ``struct llama_sampler_i``; the slots left NULL are optional there."""
-
-    _fields_ = [("name", _name_fn), ("accept", ctypes.c_void_p), ("apply", _apply_fn), ("reset", ctypes.c_void_p),
-                ("clone", ctypes.c_void_p), ("free", ctypes.c_void_p), ("backend_init", ctypes.c_void_p),
-                ("backend_accept", ctypes.c_void_p), ("backend_apply", ctypes.c_void_p),
-                ("backend_set_input", ctypes.c_void_p), ("backend_reset", ctypes.c_void_p),
-                ("copy_state", ctypes.c_void_p)]
-
-
 class LogprobReader:
     """Reads token log probabilities from a context's raw logits; free it with :meth:`close`.
 
@@ -175,30 +276,20 @@ class LogprobReader:
     (``logit - log(p)``), and every logprob is ``logit - logsumexp``.
     """
 
-    _NAME = ctypes.create_string_buffer(b"mullama-logprobs")
-
     def __init__(self, lib: ctypes.CDLL, piece: Callable[[int], bytes]) -> None:
         self._lib = lib
         self._piece = piece
         self._top: list[tuple[int, float, float]] = []
-        self._interface = _SamplerInterface(name=_name_fn(self._name), apply=_apply_fn(self._collect))
-        init = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.POINTER(_SamplerInterface), ctypes.c_void_p)(
-            ("llama_sampler_init", lib))
+        self._collector = _PythonSampler(lib, self._collect)
         self._chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
         # The dist sampler's seed only moves its unused draw; a fixed one spares a random_device read.
         lib.llama_sampler_chain_add(self._chain, lib.llama_sampler_init_dist(0))
         lib.llama_sampler_chain_add(self._chain, lib.llama_sampler_init_top_k(MAX_TOP_LOGPROBS))
-        lib.llama_sampler_chain_add(self._chain, init(ctypes.byref(self._interface), None))
+        lib.llama_sampler_chain_add(self._chain, self._collector.handle)
 
-    def _name(self, _sampler: int) -> int:
-        return ctypes.addressof(self._NAME)
-
-    def _collect(self, _sampler: int, candidates: Any) -> None:
-        array = candidates.contents
+    def _collect(self, array: L.llama_token_data_array) -> None:
         data = array.data
         self._top = [(data[i].id, data[i].logit, data[i].p) for i in range(array.size)]
-        # dist chose an index into the whole vocabulary; top_k kept only the first few.
-        array.selected = 0
 
     def read(self, ctx: int, index: int, token: int, top: int) -> TokenLogprob:
         """The logprob of ``token`` at output ``index`` of ``ctx``, with ``top`` alternatives (at most 20)."""

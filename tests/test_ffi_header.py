@@ -105,6 +105,8 @@ CALLBACKS = {
 #: Types that are pointers in C although their name has no ``*``.
 HANDLES = {"llama_memory_t", "ggml_backend_dev_t", "ggml_threadpool_t", "ggml_backend_buffer_type_t",
            "llama_sampler_context_t"}
+#: Structs declared for writing one in Python, whose pointers functions still pass as ``c_void_p``.
+OPAQUE_POINTEES = {"llama_sampler"}
 STRUCTS = {cls.__name__: cls for cls in L.STRUCTS + M.STRUCTS}
 
 
@@ -124,7 +126,7 @@ def expected_ctype(ctype: str) -> object:
         base = ctype[:-1].strip()
         if base == "char":
             return ctypes.c_char_p
-        if base == "void":
+        if base == "void" or base in OPAQUE_POINTEES:
             return ctypes.c_void_p
         if base in SCALARS or base in STRUCTS or base in HANDLES or base in ENUMS or base.endswith("*"):
             return ctypes.POINTER(expected_ctype(base))

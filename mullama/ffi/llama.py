@@ -217,6 +217,47 @@ class llama_sampler_chain_params(Structure):
     _fields_ = [("no_perf", c_bool)]
 
 
+# The sampler interface's slots. A sampler is passed as ``c_void_p``, as everywhere here; ``name``
+# returns ``c_void_p`` so that a Python callback can return the address of a buffer it keeps alive.
+llama_sampler_name_fn = CFUNCTYPE(c_void_p, c_void_p)
+llama_sampler_accept_fn = CFUNCTYPE(None, c_void_p, llama_token)
+llama_sampler_apply_fn = CFUNCTYPE(None, c_void_p, POINTER(llama_token_data_array))
+llama_sampler_reset_fn = CFUNCTYPE(None, c_void_p)
+llama_sampler_clone_fn = CFUNCTYPE(c_void_p, c_void_p)
+llama_sampler_free_fn = CFUNCTYPE(None, c_void_p)
+llama_sampler_backend_init_fn = CFUNCTYPE(c_bool, c_void_p, c_void_p, c_uint32)
+llama_sampler_backend_accept_fn = CFUNCTYPE(None, c_void_p, c_void_p, c_void_p, c_void_p)
+llama_sampler_backend_apply_fn = CFUNCTYPE(None, c_void_p, c_void_p, c_void_p, c_void_p)
+llama_sampler_backend_set_input_fn = CFUNCTYPE(None, c_void_p)
+llama_sampler_backend_reset_fn = CFUNCTYPE(None, c_void_p)
+llama_sampler_copy_state_fn = CFUNCTYPE(None, c_void_p, c_void_p)
+
+
+class llama_sampler_i(Structure):
+    """The interface of a sampler written outside libllama; a slot left NULL is optional there."""
+
+    _fields_ = [
+        ("name", llama_sampler_name_fn),
+        ("accept", llama_sampler_accept_fn),
+        ("apply", llama_sampler_apply_fn),
+        ("reset", llama_sampler_reset_fn),
+        ("clone", llama_sampler_clone_fn),
+        ("free", llama_sampler_free_fn),
+        ("backend_init", llama_sampler_backend_init_fn),
+        ("backend_accept", llama_sampler_backend_accept_fn),
+        ("backend_apply", llama_sampler_backend_apply_fn),
+        ("backend_set_input", llama_sampler_backend_set_input_fn),
+        ("backend_reset", llama_sampler_backend_reset_fn),
+        ("copy_state", llama_sampler_copy_state_fn),
+    ]
+
+
+class llama_sampler(Structure):
+    """A sampler: its interface and private state. Functions still pass samplers as ``c_void_p``."""
+
+    _fields_ = [("iface", POINTER(llama_sampler_i)), ("ctx", c_void_p)]
+
+
 class llama_chat_message(Structure):
     """A message for libllama's built-in chat templates."""
 
@@ -245,8 +286,8 @@ class llama_perf_sampler_data(Structure):
 
 STRUCTS = [
     llama_token_data, llama_token_data_array, llama_batch, llama_model_params, llama_context_params,
-    llama_model_quantize_params, llama_logit_bias, llama_sampler_chain_params, llama_chat_message,
-    llama_perf_context_data, llama_perf_sampler_data,
+    llama_model_quantize_params, llama_logit_bias, llama_sampler_chain_params, llama_sampler_i, llama_sampler,
+    llama_chat_message, llama_perf_context_data, llama_perf_sampler_data,
 ]
 
 # --- functions ---------------------------------------------------------------
@@ -376,6 +417,7 @@ FUNCTIONS: dict[str, tuple[object, list[object]]] = {
     "llama_chat_apply_template": (c_int32, [c_char_p, POINTER(llama_chat_message), c_size_t, c_bool, c_char_p, c_int32]),
     "llama_chat_builtin_templates": (c_int32, [POINTER(c_char_p), c_size_t]),
     # samplers
+    "llama_sampler_init": (p, [POINTER(llama_sampler_i), c_void_p]),
     "llama_sampler_chain_default_params": (llama_sampler_chain_params, []),
     "llama_sampler_chain_init": (p, [llama_sampler_chain_params]),
     "llama_sampler_chain_add": (None, [p, p]),
