@@ -24,7 +24,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any, TextIO
 
-from mullama import __version__, config, modelfile
+from mullama import __version__, config, modelfile, ollama_store
 from mullama.client import APIError, Client, ConnectError, file_digest, host_from_env
 from mullama.errors import BadRequestError, MullamaError, NotFoundError
 from mullama.names import ModelName
@@ -508,17 +508,24 @@ class CreatePlan:
     uploads: dict[str, Path] = field(default_factory=dict)
 
 
-def create_request(recipe: modelfile.Modelfile, base_dir: Path) -> CreatePlan:
+def create_request(recipe: modelfile.Modelfile, base_dir: Path, *, in_place: bool = False) -> CreatePlan:
     """Turn a parsed Modelfile into what current Ollama's ``create`` sends.
 
     ``FROM`` and ``ADAPTER`` paths (absolute, ``~``, or relative to the
     Modelfile's directory) that exist become ``files``/``adapters`` maps of
     file name to digest; a ``FROM`` that is not a local path is a model name.
+    With ``in_place``, ``FROM`` must be a GGUF file, sent as its absolute
+    path with Mullama's ``in_place`` flag so the daemon references it
+    instead of storing a copy.
     """
     plan = CreatePlan({})
     request = plan.request
     source = _expand_path(recipe.from_, base_dir)
-    if source.exists():
+    if in_place:
+        if not source.is_file():
+            raise BadRequestError(f"--in-place needs FROM to name a GGUF file: {recipe.from_}")
+        request["from"], request["in_place"] = str(source.resolve()), True
+    elif source.exists():
         request["files"] = _digests(source, plan)
     else:
         request["from"] = recipe.from_
@@ -1224,9 +1231,25 @@ def cmd_push(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    """Print the models in the store."""
-    sys.stdout.write(list_table((connect().get("/api/tags") or {}).get("models") or [], args.prefix or ""))
+    """Print the models in the store, or with ``--ollama`` those Ollama's store holds that ``pull`` imports."""
+    models = ollama_models() if args.ollama else (connect().get("/api/tags") or {}).get("models") or []
+    sys.stdout.write(list_table(models, args.prefix or ""))
     return 0
+
+
+def ollama_models() -> list[dict[str, Any]]:
+    """The importable models of this machine's Ollama store, shaped like ``/api/tags`` entries.
+
+    Read from this machine's disk, not asked of the daemon: it tells what
+    ``pull`` imports when the daemon runs here, which is the usual case.
+    """
+    root = ollama_store.ollama_root()
+    if root is None:
+        raise NotFoundError("no Ollama model store found: set OLLAMA_MODELS to its directory "
+                            "(default ~/.ollama/models)")
+    return [{"name": entry.name.display, "digest": entry.digest, "size": entry.size,
+             "modified_at": datetime.fromtimestamp(entry.modified, timezone.utc).isoformat()}
+            for entry in ollama_store.list_importable(root)]
 
 
 def cmd_ps(args: argparse.Namespace) -> int:
@@ -1254,7 +1277,7 @@ def cmd_create(args: argparse.Namespace) -> int:
     progress = Progress(sys.stderr, verb="copying")
     try:
         progress.status("gathering model components")
-        plan = create_request(modelfile.parse(text), path.parent)
+        plan = create_request(modelfile.parse(text), path.parent, in_place=args.in_place)
         client = connect()
         for digest, file in plan.uploads.items():
             _upload(client, digest, file, progress)
@@ -1362,6 +1385,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("model", metavar="MODEL")
     sub.add_argument("-f", "--file", help='name of the Modelfile (default "Modelfile")')
     sub.add_argument("-q", "--quantize", help="quantize the model to this level (e.g. q4_K_M)")
+    sub.add_argument("--in-place", action="store_true",
+                     help="use the GGUF file named by FROM where it lies instead of copying it into the store")
     sub = verb("show", cmd_show, "Show information for a model")
     sub.add_argument("model", metavar="MODEL")
     for flag in ("license", "modelfile", "parameters", "template", "system"):
@@ -1385,6 +1410,8 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--insecure", action="store_true", help="use an insecure registry")
     sub = verb("list", cmd_list, "List models", ["ls"])
     sub.add_argument("prefix", nargs="?", help="show only names starting with this")
+    sub.add_argument("--ollama", action="store_true",
+                     help="list the models of Ollama's store that `pull` imports without downloading")
     sub = verb("ps", cmd_ps, "List running models")
     sub.add_argument("prefix", nargs="?", help="show only names starting with this")
     sub = verb("cp", cmd_cp, "Copy a model")

@@ -645,6 +645,8 @@ class Generation:
                 ctx.forget(0, start)
                 raise
             ctx.cached[0].extend(chunk)
+        # A GPU decode returns before the work is done: wait, so prompt timings are true.
+        self.model.lib.llama_synchronize(ctx.ptr)
 
     def _decode_loop(self, model: Model, ctx: Context, sampler: Sampler, stream: TextStream, num_predict: int,
                      completion: Completion, pieces: list[str],

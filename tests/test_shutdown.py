@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 import json
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -13,6 +14,8 @@ from pathlib import Path
 
 import pytest
 from test_cli import _answers, _environment, _free_port
+
+from mullama.http.server import make_server, wind_down
 
 #: What the brief allows between the signal and the process's exit.
 EXIT_WITHIN = 10.0
@@ -88,3 +91,83 @@ def test_signal_ends_streams_unloads_and_exits(tmp_path, model_path, signum):
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+# In process: what wind_down guarantees ------------------------------------
+
+
+@pytest.fixture
+def server(tmp_path, monkeypatch, model_path):
+    """An in-process daemon with the test model as ``smol`` and a route that hangs for 30 s."""
+    monkeypatch.setenv("MULLAMA_MODELS", str(tmp_path / "models"))
+    monkeypatch.setenv("MULLAMA_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("OLLAMA_MODELS", str(tmp_path / "no-ollama"))
+    monkeypatch.delenv("MULLAMA_API_KEY", raising=False)
+    server = make_server("127.0.0.1:0")
+    server.app.router.add("POST", "/test/hang", lambda request: time.sleep(30))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    created = _post(server.server_address[1], "/api/create",
+                    {"model": "smol", "from": str(model_path), "stream": False})
+    assert created.status == 200, created.read()
+    created.close()
+    yield server
+    server.shutdown()
+    server.app.manager.close()
+    server.server_close()
+
+
+def _stop(server) -> float:
+    """Stop as ``serve`` does on a signal; return the seconds wind_down took."""
+    server.app.stopping.set()
+    server.shutdown()
+    started = time.monotonic()
+    wind_down(server.app, 3.0)
+    return time.monotonic() - started
+
+
+def test_wind_down_lets_streams_finish_then_unloads(server):
+    port = server.server_address[1]
+    replies = [_post(port, "/api/generate", {"model": "smol", "prompt": "1, 2, 3,", "raw": True,
+                                               "options": {"num_predict": 2000, "num_thread": 1}})
+               for _ in range(2)]  # one generating, one queued behind it (num_parallel 1)
+    assert json.loads(replies[0].readline())["done"] is False
+    spent = _stop(server)
+    assert spent < 2.0
+    assert server.app.manager.running() == []
+    for reply in replies:
+        # Every body was complete before wind_down returned: reading it back needs no server thread.
+        *_, last = [json.loads(line) for line in reply.read().splitlines()]
+        assert last.get("error") == "the server is shutting down" or last.get("done_reason") == "cancel", last
+
+
+def test_wind_down_gives_up_after_the_grace_period(server, caplog):
+    port = server.server_address[1]
+    hanging = threading.Thread(target=lambda: _post(port, "/test/hang", {}), daemon=True)
+    hanging.start()
+    deadline = time.monotonic() + 5
+    while server.app.wait_idle(0.05) and time.monotonic() < deadline:
+        pass  # until the hanging request is in flight
+    assert not server.app.wait_idle(0)
+    spent = _stop(server)
+    assert 3.0 <= spent < 4.0
+    assert "closing with requests still in flight" in caplog.text
+
+
+def test_responses_during_shutdown_close_the_connection(server):
+    port = server.server_address[1]
+    kept = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    kept.request("GET", "/api/version")
+    first = kept.getresponse()
+    assert first.read() and not first.will_close
+    assert server.app.wait_idle(5)  # the first request is wholly over: the connection stays open
+    server.app.stopping.set()
+    kept.request("GET", "/api/version")
+    last = kept.getresponse()
+    assert last.status == 200 and last.getheader("Connection") == "close" and last.will_close
+    last.read()
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(b"GET /api/version HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        answer = b""
+        while chunk := sock.recv(4096):  # the server closes: recv returns b"" instead of blocking
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 200") and b"Connection: close" in answer

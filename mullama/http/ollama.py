@@ -194,6 +194,8 @@ def _send_reply(request: Request, reply: chat.Reply, stream: bool, shape: Any, f
             if handler.app.stopping.is_set():
                 raise MullamaError("the server is shutting down")
             handler.write_chunk((json.dumps(shape(delta), ensure_ascii=False) + "\n").encode())
+        if handler.app.stopping.is_set():
+            raise MullamaError("the server is shutting down")
         handler.write_chunk((json.dumps(final(reply.result, None), ensure_ascii=False) + "\n").encode())
     except (BrokenPipeError, ConnectionResetError):
         reply.cancel()
@@ -525,6 +527,7 @@ def create(request: Request) -> None:
     manager = request.handler.app.manager
     store = manager.store
     quantization = _field(body, "quantize", str)
+    in_place = _field(body, "in_place", bool, False)
     parameters = parse_options(_field(body, "parameters", dict, {}))
     licenses = body.get("license")
     licenses = [licenses] if isinstance(licenses, str) else list(licenses or [])
@@ -535,7 +538,16 @@ def create(request: Request) -> None:
         base: Manifest | None = None
         source = body.get("from")
         files = _field(body, "files", dict, {})
-        if isinstance(source, str) and source:
+        if in_place:
+            # Mullama's extension: reference the GGUF where it lies (``mullama create --in-place``).
+            candidate = Path(source if isinstance(source, str) else "")
+            if not candidate.is_absolute() or not candidate.is_file():
+                raise BadRequestError(f"in_place needs 'from' to be the absolute path of a GGUF file on the "
+                                      f"server: {source!r}", param="from")
+            gguf.read_gguf(candidate)
+            emit({"status": "using file in place"})
+            layers.append(store.reference_file(candidate))
+        elif isinstance(source, str) and source:
             candidate = Path(source).expanduser()
             if candidate.suffix == ".gguf" and candidate.is_file():
                 gguf.read_gguf(candidate)

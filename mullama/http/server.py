@@ -19,8 +19,10 @@ import signal
 import socket
 import sys
 import threading
+import time
 import traceback
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -43,6 +45,8 @@ log = logging.getLogger("mullama.server")
 DEFAULT_PORT = 11434
 #: Bodies above this are refused (blob uploads stream to disk and are exempt).
 DEFAULT_MAX_BODY = 64 * 1024 * 1024
+#: Seconds shutdown waits for requests in flight to write their last line.
+SHUTDOWN_GRACE = 5.0
 #: An unread body up to this size is skipped to keep the connection; a bigger one closes it.
 _DRAIN_LIMIT = 1024 * 1024
 _DEFAULT_ORIGIN_HOSTS = ("localhost", "127.0.0.1", "0.0.0.0", "[::1]")
@@ -136,6 +140,26 @@ class App:
     max_body: int = DEFAULT_MAX_BODY
     #: Set on shutdown: streaming responses end with an error message.
     stopping: threading.Event = field(default_factory=threading.Event)
+    #: Requests being answered, so shutdown can wait for their last line.
+    _active: int = field(default=0, init=False, repr=False)
+    _idle: threading.Condition = field(default_factory=threading.Condition, init=False, repr=False)
+
+    @contextmanager
+    def answering(self) -> Iterator[None]:
+        """Count a request as in flight while the block runs."""
+        with self._idle:
+            self._active += 1
+        try:
+            yield
+        finally:
+            with self._idle:
+                self._active -= 1
+                self._idle.notify_all()
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until no request is in flight; False if some still are after ``timeout`` seconds."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._active == 0, timeout)
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -182,6 +206,12 @@ class Handler(BaseHTTPRequestHandler):
     # --- dispatch ----------------------------------------------------------
 
     def _dispatch(self, method: str) -> None:
+        with self.app.answering():
+            self._answer(method)
+            if self.app.stopping.is_set():
+                self.close_connection = True
+
+    def _answer(self, method: str) -> None:
         self._started_response = False
         self._body_read = False
         split = urlsplit(self.path)
@@ -307,6 +337,9 @@ class Handler(BaseHTTPRequestHandler):
     # --- responses ---------------------------------------------------------
 
     def _common_headers(self) -> None:
+        if self.app.stopping.is_set():
+            # Keep-alive ends with the server: the client must not send this connection another request.
+            self.send_header("Connection", "close")
         origin = self.headers.get("Origin")
         if origin and self._origin_allowed(origin):
             self.send_header("Access-Control-Allow-Origin", origin)
@@ -473,7 +506,7 @@ def make_server(address: str | None = None, manager: ModelManager | None = None)
 
 
 def serve(address: str | None = None) -> int:
-    """Run the daemon in the foreground until SIGINT/SIGTERM."""
+    """Run the daemon in the foreground until SIGINT/SIGTERM; a second signal skips the grace period."""
     logging.basicConfig(level=logging.DEBUG if os.environ.get("MULLAMA_DEBUG") else logging.INFO,
                         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", stream=sys.stderr)
     if not os.environ.get("MULLAMA_DEBUG"):
@@ -488,10 +521,16 @@ def serve(address: str | None = None) -> int:
         return 1
     host, port = server.server_address[:2]
     log.info("Mullama %s listening on %s:%s (models in %s)", __version__, host, port, server.app.manager.store.root)
+    hurry = threading.Event()
 
     def stop(signum: int, _frame: Any) -> None:
+        if server.app.stopping.is_set():
+            log.info("received %s again, stopping now", signal.Signals(signum).name)
+            hurry.set()
+            return
         log.info("received %s, shutting down", signal.Signals(signum).name)
         server.app.stopping.set()
+        # shutdown() waits for serve_forever to return, so it cannot run in the thread serving.
         threading.Thread(target=server.shutdown, daemon=True).start()
 
     signal.signal(signal.SIGTERM, stop)
@@ -499,7 +538,27 @@ def serve(address: str | None = None) -> int:
     try:
         server.serve_forever(poll_interval=0.2)
     finally:
-        server.app.manager.close()
+        server.app.stopping.set()
+        wind_down(server.app, SHUTDOWN_GRACE, hurry)
         server.server_close()
     log.info("stopped")
     return 0
+
+
+def wind_down(app: App, grace: float, hurry: threading.Event | None = None) -> None:
+    """End every generation, give requests in flight up to ``grace`` seconds to finish, then unload all models.
+
+    Generations are cancelled again on each pass, since a request may load
+    its model and start generating after the first pass. Connections idle
+    between requests are not waited for: their threads are daemons.
+    """
+    deadline = time.monotonic() + grace
+    while True:
+        for loaded in app.manager.running():
+            loaded.scheduler.cancel_all()
+        if app.wait_idle(0.1):
+            break
+        if time.monotonic() >= deadline or (hurry is not None and hurry.is_set()):
+            log.warning("closing with requests still in flight")
+            break
+    app.manager.close()
