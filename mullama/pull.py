@@ -56,6 +56,20 @@ class _Hub:
         return cls(endpoint, os.environ.get("HF_TOKEN") or None, offline)
 
 
+def _online_hub_client(hub: _Hub, where: str) -> None:
+    """Refuse when offline; else make sure huggingface_hub agrees that it may go online.
+
+    huggingface_hub reads ``HF_HUB_OFFLINE`` once, at import; Mullama reads it
+    at each pull, so a daemon (or a test run) whose environment changed since
+    the import would otherwise be refused by the library with a stale value.
+    """
+    if hub.offline:
+        raise DownloadError(f"{where}: HF_HUB_OFFLINE is set, so the Hub is not contacted")
+    from huggingface_hub import constants
+
+    constants.HF_HUB_OFFLINE = False
+
+
 @dataclass(frozen=True)
 class _RemoteFile:
     """A Hub file's download URL and the sha256 and size its metadata announce."""
@@ -260,8 +274,7 @@ def _download(hub: _Hub, url: str, partial: Path, total: int | None, report: Cal
     from huggingface_hub import constants
     from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
 
-    if hub.offline:
-        raise DownloadError(f"{where}: HF_HUB_OFFLINE is set, so the Hub is not contacted")
+    _online_hub_client(hub, where)
     have = partial.stat().st_size if partial.exists() else 0
     if total is not None and have > total:
         partial.unlink()
@@ -316,8 +329,7 @@ def _hub_metadata(hub: _Hub, source: HubSource) -> _RemoteFile:
     from huggingface_hub import get_hf_file_metadata, hf_hub_url
 
     where = f"{source.repo}/{source.file}"
-    if hub.offline:
-        raise DownloadError(f"{where}: HF_HUB_OFFLINE is set, so the Hub is not contacted")
+    _online_hub_client(hub, where)
     url = hf_hub_url(source.repo, source.file, revision=source.revision, endpoint=hub.endpoint)
     try:
         meta = get_hf_file_metadata(url, token=hub.token, endpoint=hub.endpoint)
@@ -334,8 +346,7 @@ def _hub_repo_files(resolved: Resolved, hub: _Hub) -> tuple[FileSpec, ...]:
 
     if resolved.hub_repo is None:
         return ()
-    if hub.offline:
-        raise DownloadError(f"{resolved.hub_repo}: HF_HUB_OFFLINE is set, so the Hub is not contacted")
+    _online_hub_client(hub, resolved.hub_repo)
     try:
         info = HfApi(endpoint=hub.endpoint, token=hub.token).model_info(resolved.hub_repo)
     except Exception as exc:  # the Hub client raises its own and its HTTP library's errors

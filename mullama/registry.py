@@ -88,7 +88,10 @@ def resolve(text: str) -> Resolved:
         raise BadRequestError("a model name is required", param="model")
     text = text.strip()
     if _is_local_path(text):
-        path = Path(text).expanduser()
+        try:
+            path = Path(text).expanduser()
+        except RuntimeError:  # "~user" for a user that does not exist
+            raise NotFoundError(f"{text}: no such file") from None
         if not path.is_file():
             raise NotFoundError(f"{path}: no such file")
         # The file's stem, made a valid model name, names it once it is created.

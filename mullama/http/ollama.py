@@ -530,7 +530,9 @@ def create(request: Request) -> None:
     in_place = _field(body, "in_place", bool, False)
     parameters = parse_options(_field(body, "parameters", dict, {}))
     licenses = body.get("license")
-    licenses = [licenses] if isinstance(licenses, str) else list(licenses or [])
+    licenses = [licenses] if isinstance(licenses, str) else licenses or []
+    if not isinstance(licenses, list) or not all(isinstance(text, str) for text in licenses):
+        raise BadRequestError("license must be a string or a list of strings", param="license")
     messages = _messages(body.get("messages"))
 
     def work(emit: Any) -> None:
