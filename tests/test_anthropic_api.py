@@ -5,12 +5,12 @@ from __future__ import annotations
 import base64
 import itertools
 import json
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import anthropic
 import pytest
+from daemon import create_model, running
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -24,7 +24,7 @@ from mullama.errors import (
     PayloadTooLargeError,
 )
 from mullama.http import anthropic as api
-from mullama.http.server import Server, make_server
+from mullama.http.server import Server
 from mullama.types import Message, ToolCall
 
 PROMPT = [{"role": "user", "content": "What is the capital of France?"}]
@@ -33,32 +33,11 @@ WEATHER = {"name": "get_weather", "description": "Get the current weather in a c
            "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
 
 
-def _serve(server: Server) -> Iterator[int]:
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
-    thread.start()
-    try:
-        yield server.server_address[1]
-    finally:
-        server.shutdown()
-        server.app.manager.close()
-        server.server_close()
-        thread.join()
-
-
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory: pytest.TempPathFactory, model_path: Path) -> Iterator[Server]:
     """A daemon on a free port, with the test model created as ``smol``."""
-    home = tmp_path_factory.mktemp("home")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MULLAMA_HOME", str(home))
-        mp.setenv("MULLAMA_MODELS", str(home / "models"))
-        mp.delenv("MULLAMA_API_KEY", raising=False)
-        server = make_server("127.0.0.1:0")
-    for p in _serve(server):
-        client = anthropic.Anthropic(base_url=f"http://127.0.0.1:{p}", api_key="x", max_retries=0)
-        created = client.post("/api/create", body={"model": "smol", "from": str(model_path), "stream": False},
-                              cast_to=object)
-        assert created == {"status": "success"}
+    with running(tmp_path_factory.mktemp("anthropic-api")) as server:
+        assert create_model(server.server_address[1], model_path, "smol") == {"status": "success"}
         yield server
 
 
@@ -199,13 +178,9 @@ def test_error_after_the_stream_started_is_an_error_event(daemon: Server, client
                                                              "message": "the server is shutting down"}}
 
 
-def test_api_key_and_body_limit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("MULLAMA_HOME", str(tmp_path))
-    monkeypatch.setenv("MULLAMA_MODELS", str(tmp_path / "models"))
-    monkeypatch.setenv("MULLAMA_API_KEY", "secret")
-    monkeypatch.setenv("MULLAMA_MAX_BODY", "4096")
-    for p in _serve(make_server("127.0.0.1:0")):
-        base = f"http://127.0.0.1:{p}"
+def test_api_key_and_body_limit(tmp_path: Path) -> None:
+    with running(tmp_path, MULLAMA_API_KEY="secret", MULLAMA_MAX_BODY="4096") as server:
+        base = f"http://127.0.0.1:{server.server_address[1]}"
         with pytest.raises(anthropic.AuthenticationError) as denied:
             anthropic.Anthropic(base_url=base, api_key="wrong", max_retries=0).messages.count_tokens(
                 model="smol", messages=PROMPT)

@@ -10,7 +10,6 @@ import pty
 import re
 import select
 import signal
-import socket
 import subprocess
 import sys
 import termios
@@ -21,17 +20,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from daemon import cli, environment, free_port, serve
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from mullama import __version__, modelfile
-from mullama.cli import (
-    Command,
-    Display,
-    Progress,
-    RunOptions,
-    Session,
-    create_request,
+from mullama.cli import main
+from mullama.cli.create import create_request
+from mullama.cli.format import (
     format_table,
     go_duration,
     go_float,
@@ -40,17 +36,16 @@ from mullama.cli import (
     human_number,
     human_time,
     list_table,
-    main,
-    parse_command,
     parse_time,
     ps_table,
-    read_entry,
     show_info,
     timing_summary,
 )
+from mullama.cli.generate import Display, RunOptions
+from mullama.cli.interactive import Command, Session, parse_command, read_entry
+from mullama.cli.progress import Progress
 from mullama.client import DEFAULT_PORT, Host, file_digest, parse_host
 
-REPO = Path(__file__).resolve().parent.parent
 NOW = datetime(2025, 6, 1, 12, 0, 0, tzinfo=timezone.utc)
 
 
@@ -619,55 +614,12 @@ def test_remote_host_that_does_not_answer(capsys, monkeypatch):
 # Against a live daemon ----------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _environment(tmp: Path, port: int) -> dict[str, str]:
-    env = {key: value for key, value in os.environ.items() if not key.startswith(("OLLAMA_", "MULLAMA_"))}
-    env |= {"MULLAMA_HOST": f"127.0.0.1:{port}", "MULLAMA_MODELS": str(tmp / "models"), "MULLAMA_HOME": str(tmp / "home")}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    return env
-
-
-def _answers(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
-            sock.sendall(b"GET / HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
-            return sock.recv(12).startswith(b"HTTP/1.")
-    except OSError:
-        return False
-
-
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory) -> Iterator[dict[str, str]]:
     """A ``mullama serve`` of its own; yields the environment that points the CLI at it."""
-    tmp = tmp_path_factory.mktemp("daemon")
-    env = _environment(tmp, _free_port())
-    port = int(env["MULLAMA_HOST"].rsplit(":", 1)[1])
-    log = (tmp / "serve.log").open("wb")
-    process = subprocess.Popen([sys.executable, "-m", "mullama", "serve"], env=env, stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 30
-    while not _answers(port):
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            pytest.fail(f"mullama serve did not start: {(tmp / 'serve.log').read_text()[-2000:]}")
-        time.sleep(0.1)
-    yield env
-    process.send_signal(signal.SIGINT)
-    try:
-        process.wait(15)
-    except subprocess.TimeoutExpired:
-        process.kill()
-    log.close()
-
-
-def _cli(env: dict[str, str], *args: str, stdin: str | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "mullama", *args], env=env, input=stdin if stdin is not None else "", capture_output=True, text=True, timeout=timeout, check=False
-    )
+    serving = serve(tmp_path_factory.mktemp("daemon"))
+    yield serving.env
+    serving.stop(signal.SIGINT)
 
 
 @pytest.fixture(scope="module")
@@ -675,7 +627,7 @@ def smol(daemon, model_path, tmp_path_factory) -> str:
     """A model created from the test GGUF with ``mullama create``, answering in a few tokens."""
     recipe = tmp_path_factory.mktemp("recipe") / "Modelfile"
     recipe.write_text(f"FROM {model_path}\nPARAMETER num_predict 6\nPARAMETER temperature 0\nPARAMETER num_ctx 512\nSYSTEM You are terse.\n")
-    result = _cli(daemon, "create", "smol", "-f", str(recipe))
+    result = cli(daemon, "create", "smol", "-f", str(recipe))
     assert result.returncode == 0, result.stderr
     assert result.stdout == ""
     assert "copying file sha256:" in result.stderr and result.stderr.rstrip().endswith("success")
@@ -683,30 +635,30 @@ def smol(daemon, model_path, tmp_path_factory) -> str:
 
 
 def test_list(daemon, smol):
-    result = _cli(daemon, "list")
+    result = cli(daemon, "list")
     assert result.returncode == 0, result.stderr
     header, *rows = result.stdout.splitlines()
     assert header.split() == ["NAME", "ID", "SIZE", "MODIFIED"]
     row = next(line for line in rows if line.startswith("smol:latest "))
     assert re.fullmatch(r"smol:latest\s+[0-9a-f]{12}\s+[0-9.]+ MB\s+(Less than a second|[0-9]+ seconds?) ago", row)
-    filtered = _cli(daemon, "ls", "SMO").stdout.splitlines()
+    filtered = cli(daemon, "ls", "SMO").stdout.splitlines()
     assert filtered[0] == header and [line.split()[:2] for line in filtered[1:]] == [row.split()[:2]]
 
 
 def test_show(daemon, smol, model_path):
-    info = _cli(daemon, "show", smol)
+    info = cli(daemon, "show", smol)
     assert info.returncode == 0, info.stderr
     assert re.search(r"^  Model\n    architecture\s+llama\n", info.stdout)
     assert re.search(r"\n  Parameters\n(    .*\n)*    num_predict\s+6\n", info.stdout)
     assert "\n  System\n    You are terse.\n" in info.stdout
-    assert "FROM " in _cli(daemon, "show", smol, "--modelfile").stdout
-    assert re.search(r"^num_predict\s+6$", _cli(daemon, "show", smol, "--parameters").stdout, re.MULTILINE)
-    assert _cli(daemon, "show", smol, "--system").stdout == "You are terse."
-    assert "  Metadata\n" in _cli(daemon, "show", smol, "-v").stdout
+    assert "FROM " in cli(daemon, "show", smol, "--modelfile").stdout
+    assert re.search(r"^num_predict\s+6$", cli(daemon, "show", smol, "--parameters").stdout, re.MULTILINE)
+    assert cli(daemon, "show", smol, "--system").stdout == "You are terse."
+    assert "  Metadata\n" in cli(daemon, "show", smol, "-v").stdout
 
 
 def test_run_one_shot(daemon, smol):
-    result = _cli(daemon, "run", smol, "Say", "hello", "--verbose")
+    result = cli(daemon, "run", smol, "Say", "hello", "--verbose")
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() and result.stdout.endswith("\n\n")
     assert re.search(r"^eval count:\s+[0-9]+ token\(s\)$", result.stderr, re.MULTILINE)
@@ -714,45 +666,45 @@ def test_run_one_shot(daemon, smol):
 
 
 def test_run_reads_piped_stdin(daemon, smol):
-    result = _cli(daemon, "run", smol, "--nowordwrap", stdin="Repeat after me: blue")
+    result = cli(daemon, "run", smol, "--nowordwrap", stdin="Repeat after me: blue")
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip()
 
 
 def test_ps_and_stop(daemon, smol):
     # No prompt and nothing piped: Ollama's way of only loading the model.
-    assert _cli(daemon, "run", smol, "--keepalive", "10m").returncode == 0
-    loaded = _cli(daemon, "ps")
+    assert cli(daemon, "run", smol, "--keepalive", "10m").returncode == 0
+    loaded = cli(daemon, "ps")
     assert loaded.stdout.splitlines()[0].split() == ["NAME", "ID", "SIZE", "PROCESSOR", "CONTEXT", "UNTIL"]
     assert re.search(r"^smol:latest\s+[0-9a-f]{12}\s+.*\s(9|10) minutes from now$", loaded.stdout, re.MULTILINE)
-    assert _cli(daemon, "stop", smol).returncode == 0
+    assert cli(daemon, "stop", smol).returncode == 0
     deadline = time.monotonic() + 10
-    while "smol:latest" in _cli(daemon, "ps").stdout:
+    while "smol:latest" in cli(daemon, "ps").stdout:
         assert time.monotonic() < deadline
         time.sleep(0.2)
 
 
 def test_cp_and_rm(daemon, smol):
-    copied = _cli(daemon, "cp", smol, "smol-copy")
+    copied = cli(daemon, "cp", smol, "smol-copy")
     assert (copied.returncode, copied.stdout) == (0, "copied 'smol' to 'smol-copy'\n")
-    assert "smol-copy:latest" in _cli(daemon, "list").stdout
-    removed = _cli(daemon, "rm", "smol-copy")
+    assert "smol-copy:latest" in cli(daemon, "list").stdout
+    removed = cli(daemon, "rm", "smol-copy")
     assert (removed.returncode, removed.stdout) == (0, "deleted 'smol-copy'\n")
-    assert "smol-copy" not in _cli(daemon, "list").stdout
+    assert "smol-copy" not in cli(daemon, "list").stdout
 
 
 def test_errors(daemon, smol):
-    missing = _cli(daemon, "show", "no-such-model")
+    missing = cli(daemon, "show", "no-such-model")
     assert missing.returncode == 1
     assert missing.stderr.startswith("Error: ") and missing.stderr.count("\n") == 1
-    stop = _cli(daemon, "stop", "no-such-model")
+    stop = cli(daemon, "stop", "no-such-model")
     assert (stop.returncode, stop.stderr) == (1, 'Error: couldn\'t find model "no-such-model" to stop\n')
-    bad = _cli(daemon, "create", "x", "-f", "/nonexistent/Modelfile")
+    bad = cli(daemon, "create", "x", "-f", "/nonexistent/Modelfile")
     assert bad.returncode == 1 and bad.stderr.startswith("Error: specified Modelfile wasn't found")
 
 
 def test_version(daemon):
-    result = _cli(daemon, "--version")
+    result = cli(daemon, "--version")
     assert (result.returncode, result.stdout) == (0, f"mullama version is {__version__}\n")
 
 
@@ -832,13 +784,13 @@ def _daemon_pids(home: Path) -> list[int]:
 
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the started daemon through /proc")
 def test_starts_a_daemon_when_none_answers(tmp_path):
-    env = _environment(tmp_path, _free_port())
+    env = environment(tmp_path, free_port())
     try:
-        result = _cli(env, "list", timeout=60)
+        result = cli(env, "list", timeout=60)
         assert result.returncode == 0, result.stderr
         assert result.stdout.split() == ["NAME", "ID", "SIZE", "MODIFIED"]
         assert (tmp_path / "home" / "logs" / "server.log").stat().st_size > 0
-        assert _cli(env, "--version").stdout == f"mullama version is {__version__}\n"
+        assert cli(env, "--version").stdout == f"mullama version is {__version__}\n"
     finally:
         for pid in _daemon_pids(tmp_path / "home"):
             os.kill(pid, signal.SIGTERM)

@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import http.client
 import json
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 import pytest
+from daemon import create_model, running
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from mullama.http.server import Server, make_server
 
 MODEL = "smol"
 #: Every generation the daemon runs here stops after one token, on one thread.
@@ -127,28 +125,11 @@ raw_bodies = st.one_of(
 
 @pytest.fixture(scope="module")
 def port(model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
-    tmp = tmp_path_factory.mktemp("hostile")
-    with pytest.MonkeyPatch.context() as monkeypatch:
-        monkeypatch.setenv("MULLAMA_MODELS", str(tmp / "models"))
-        monkeypatch.setenv("MULLAMA_HOME", str(tmp / "home"))
-        monkeypatch.setenv("OLLAMA_MODELS", str(tmp / "ollama-models"))
-        # Pulls must fail at once: no Hub, nothing reachable.
-        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-        monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
-        for name in ("MULLAMA_API_KEY", "MULLAMA_MAX_BODY"):
-            monkeypatch.delenv(name, raising=False)
-        server: Server = make_server("127.0.0.1:0")
-        threading.Thread(target=server.serve_forever, daemon=True).start()
+    # Pulls must fail at once: no Hub, nothing reachable.
+    with running(tmp_path_factory.mktemp("hostile"), HF_HUB_OFFLINE="1") as server:
         number = server.server_address[1]
-        status, _ = request(number, "POST", "/api/create", encode({
-            "model": MODEL, "from": str(model_path), "stream": False, "parameters": CAPS}))
-        assert status == 200
-        try:
-            yield number
-        finally:
-            server.shutdown()
-            server.app.manager.close()
-            server.server_close()
+        create_model(number, model_path, MODEL, parameters=CAPS)
+        yield number
 
 
 def request(port: int, method: str, path: str, body: bytes | None = None,

@@ -5,18 +5,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_cli import _answers, _cli, _environment, _free_port
+from daemon import CLOSED_HUB, cli, serve
 
 from mullama import modelfile
-from mullama.cli import create_request, main
+from mullama.cli import main
+from mullama.cli.create import create_request
 from mullama.errors import BadRequestError
 from mullama.names import ModelName
 from mullama.store import CONFIG_MEDIA_TYPE, MEDIA_TYPES, Layer, Manifest, Store
@@ -95,24 +92,9 @@ def daemon(tmp_path_factory, model_path) -> Iterator[dict[str, str]]:
     """A ``mullama serve`` that sees a fake Ollama store and no Hub; yields the CLI's environment."""
     tmp = tmp_path_factory.mktemp("import")
     _fake_ollama(tmp / "ollama", model_path)
-    env = _environment(tmp, _free_port()) | {"OLLAMA_MODELS": str(tmp / "ollama"),
-                                             "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_OFFLINE": "1"}
-    port = int(env["MULLAMA_HOST"].rsplit(":", 1)[1])
-    with (tmp / "serve.log").open("wb") as log:
-        process = subprocess.Popen([sys.executable, "-m", "mullama", "serve"], env=env, stdout=log,
-                                   stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 30
-    while not _answers(port):
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            pytest.fail(f"mullama serve did not start: {(tmp / 'serve.log').read_text()[-2000:]}")
-        time.sleep(0.1)
-    yield env
-    process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(15)
-    except subprocess.TimeoutExpired:
-        process.kill()
+    serving = serve(tmp, OLLAMA_MODELS=str(tmp / "ollama"), HF_ENDPOINT=CLOSED_HUB, HF_HUB_OFFLINE="1")
+    yield serving.env
+    serving.stop()
 
 
 def _manifest(env: dict[str, str], name: str) -> dict:
@@ -120,19 +102,19 @@ def _manifest(env: dict[str, str], name: str) -> dict:
 
 
 def test_pull_imports_from_ollama(daemon):
-    result = _cli(daemon, "pull", "smollm2:135m")
+    result = cli(daemon, "pull", "smollm2:135m")
     assert result.returncode == 0, result.stderr
     assert result.stderr.rstrip().endswith("success")
-    listed = _cli(daemon, "list").stdout
+    listed = cli(daemon, "list").stdout
     assert any(line.startswith("smollm2:135m ") for line in listed.splitlines())
     (layer,) = _manifest(daemon, "smollm2:135m")["layers"]
     blob = Store(daemon["MULLAMA_MODELS"]).blob_path(layer["digest"])
     ollama_blob = Store(daemon["OLLAMA_MODELS"]).blob_path(layer["digest"])
     assert os.stat(blob).st_ino == os.stat(ollama_blob).st_ino  # linked, not downloaded nor copied
     assert "from" not in layer
-    shown = _cli(daemon, "show", "smollm2:135m")
+    shown = cli(daemon, "show", "smollm2:135m")
     assert shown.returncode == 0 and "architecture" in shown.stdout, shown.stderr
-    missing = _cli(daemon, "pull", "broken")
+    missing = cli(daemon, "pull", "broken")
     assert missing.returncode == 1
     assert missing.stderr.rstrip().splitlines()[-1].startswith('Error: model "broken:latest" is not in')
 
@@ -146,22 +128,22 @@ def test_create_in_place(daemon, model_path, tmp_path):
     recipe = tmp_path / "Modelfile"
     recipe.write_text("FROM ./weights/smol.gguf\nPARAMETER num_predict 4\nPARAMETER temperature 0\n"
                       "PARAMETER num_ctx 512\n")
-    result = _cli(daemon, "create", "inplace", "-f", str(recipe), "--in-place")
+    result = cli(daemon, "create", "inplace", "-f", str(recipe), "--in-place")
     assert result.returncode == 0, result.stderr
     assert "copying file" not in result.stderr and result.stderr.rstrip().endswith("success")
     (layer, *_) = _manifest(daemon, "inplace")["layers"]
     assert layer["from"] == str(weights.resolve()) and layer["size"] == weights.stat().st_size
     assert not Store(daemon["MULLAMA_MODELS"]).has_blob(layer["digest"])
-    answer = _cli(daemon, "run", "inplace", "Say hi")
+    answer = cli(daemon, "run", "inplace", "Say hi")
     assert answer.returncode == 0 and answer.stdout.strip(), answer.stderr
     with weights.open("ab") as grown:
         grown.write(b"\0")
-    changed = _cli(daemon, "run", "inplace", "Say hi")
+    changed = cli(daemon, "run", "inplace", "Say hi")
     assert changed.returncode == 1 and "changed size" in changed.stderr
-    assert _cli(daemon, "rm", "inplace").returncode == 0
+    assert cli(daemon, "rm", "inplace").returncode == 0
     assert weights.exists()
     by_name = tmp_path / "ByName"
     by_name.write_text("FROM smollm2:135m\n")
-    wrong = _cli(daemon, "create", "other", "-f", str(by_name), "--in-place")
+    wrong = cli(daemon, "create", "other", "-f", str(by_name), "--in-place")
     assert wrong.returncode == 1
     assert wrong.stderr.endswith("Error: --in-place needs FROM to name a GGUF file: smollm2:135m\n")

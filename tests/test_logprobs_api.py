@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -12,10 +11,11 @@ from typing import Any
 import ollama
 import openai
 import pytest
+from daemon import create_model, running
 
 from mullama import chat
 from mullama.engine import Timings
-from mullama.http.server import Server, make_server
+from mullama.http.server import Server
 from mullama.sampling import TokenLogprob
 from mullama.types import Message
 
@@ -29,25 +29,10 @@ TOKENS = 8
 
 @pytest.fixture(scope="module")
 def server(model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    tmp = tmp_path_factory.mktemp("logprobs-api")
-    with pytest.MonkeyPatch.context() as monkeypatch:
-        monkeypatch.setenv("MULLAMA_MODELS", str(tmp / "models"))
-        monkeypatch.setenv("MULLAMA_HOME", str(tmp / "home"))
-        monkeypatch.setenv("OLLAMA_MODELS", str(tmp / "ollama-models"))
-        monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
-        monkeypatch.delenv("MULLAMA_API_KEY", raising=False)
-        server = make_server("127.0.0.1:0")
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        try:
-            # One thread: llama.cpp's spinning workers crawl when the two cores are shared.
-            status, body = post(server, "/api/create", {"model": MODEL, "from": str(model_path), "stream": False,
-                                                        "parameters": {"num_thread": 1, "num_ctx": 512}})
-            assert status == 200, body
-            yield server
-        finally:
-            server.shutdown()
-            server.app.manager.close()
-            server.server_close()
+    with running(tmp_path_factory.mktemp("logprobs-api")) as server:
+        # One thread: llama.cpp's spinning workers crawl when the two cores are shared.
+        create_model(server.server_address[1], model_path, MODEL, parameters={"num_thread": 1, "num_ctx": 512})
+        yield server
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import http.client
 import json
 import math
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -15,9 +14,10 @@ from typing import Any
 
 import ollama
 import pytest
+from daemon import create_model, running
 
 from mullama.grammar import validate
-from mullama.http.server import Server, make_server
+from mullama.http.server import Server
 from mullama.modelfile import parse as parse_modelfile
 
 MODEL = "smol"
@@ -38,41 +38,14 @@ class Daemon:
     tmp: Path
 
 
-def start(monkeypatch: pytest.MonkeyPatch, tmp: Path, **env: str) -> Server:
-    """A daemon on a free loopback port with its own store (``env`` set before it is built)."""
-    monkeypatch.setenv("MULLAMA_MODELS", str(tmp / "models"))
-    monkeypatch.setenv("MULLAMA_HOME", str(tmp / "home"))
-    # Hermetic: no import from a real Ollama store, and the Hub is a closed port.
-    monkeypatch.setenv("OLLAMA_MODELS", str(tmp / "ollama-models"))
-    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
-    for name in ("MULLAMA_API_KEY", "MULLAMA_MAX_BODY", "MULLAMA_ORIGINS", "OLLAMA_ORIGINS"):
-        monkeypatch.delenv(name, raising=False)
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
-    server = make_server("127.0.0.1:0")
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server
-
-
-def stop(server: Server) -> None:
-    server.shutdown()
-    server.app.manager.close()
-    server.server_close()
-
-
 @pytest.fixture(scope="module")
 def daemon(model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     tmp = tmp_path_factory.mktemp("ollama-api")
-    with pytest.MonkeyPatch.context() as monkeypatch:
-        server = start(monkeypatch, tmp)
+    with running(tmp) as server:
         port = server.server_address[1]
-        client = ollama.Client(host=f"http://127.0.0.1:{port}", timeout=120)
-        client.create(model=MODEL, from_=str(model_path), parameters=THREADS)
-        try:
+        create_model(port, model_path, MODEL, parameters=THREADS)
+        with ollama.Client(host=f"http://127.0.0.1:{port}", timeout=120) as client:
             yield Daemon(server, client, port, model_path, tmp)
-        finally:
-            client.close()
-            stop(server)
 
 
 def raw(port: int, method: str, path: str, body: bytes | str | dict | None = None,
@@ -580,12 +553,8 @@ def test_cors(daemon: Daemon) -> None:
 def guarded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
     """A second daemon with an API key and a tiny body limit."""
     tmp = tmp_path_factory.mktemp("guarded")
-    with pytest.MonkeyPatch.context() as monkeypatch:
-        server = start(monkeypatch, tmp, MULLAMA_API_KEY="s3cret", MULLAMA_MAX_BODY="1024")
-        try:
-            yield server.server_address[1]
-        finally:
-            stop(server)
+    with running(tmp, MULLAMA_API_KEY="s3cret", MULLAMA_MAX_BODY="1024") as server:
+        yield server.server_address[1]
 
 
 def test_api_key(guarded: int) -> None:

@@ -6,13 +6,13 @@ import base64
 import http.client
 import json
 import math
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import openai
 import pytest
+from daemon import create_model, running
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -21,7 +21,7 @@ from mullama.engine import Timings
 from mullama.errors import BadRequestError
 from mullama.grammar import validate
 from mullama.http import openai as api
-from mullama.http.server import Server, make_server
+from mullama.http.server import Server
 from mullama.types import Message, ToolCall
 
 MODEL = "smol"
@@ -40,24 +40,9 @@ PARAMETERS = {tool["function"]["name"]: tool["function"]["parameters"] for tool 
 
 @pytest.fixture(scope="module")
 def server(model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    tmp = tmp_path_factory.mktemp("openai-api")
-    with pytest.MonkeyPatch.context() as monkeypatch:
-        monkeypatch.setenv("MULLAMA_MODELS", str(tmp / "models"))
-        monkeypatch.setenv("MULLAMA_HOME", str(tmp / "home"))
-        monkeypatch.setenv("OLLAMA_MODELS", str(tmp / "ollama-models"))
-        monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
-        monkeypatch.delenv("MULLAMA_API_KEY", raising=False)
-        server = make_server("127.0.0.1:0")
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        try:
-            status, body = raw(server, "POST", "/api/create", {"model": MODEL, "from": str(model_path),
-                                                               "stream": False})
-            assert status == 200, body
-            yield server
-        finally:
-            server.shutdown()
-            server.app.manager.close()
-            server.server_close()
+    with running(tmp_path_factory.mktemp("openai-api")) as server:
+        create_model(server.server_address[1], model_path, MODEL)
+        yield server
 
 
 @pytest.fixture(scope="module")

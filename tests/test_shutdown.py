@@ -6,35 +6,16 @@ import http.client
 import json
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
-from test_cli import _answers, _environment, _free_port
+from daemon import create_model, running, serve
 
-from mullama.http.server import make_server, wind_down
+from mullama.http.server import wind_down
 
 #: What the brief allows between the signal and the process's exit.
 EXIT_WITHIN = 10.0
-
-
-def _start(tmp: Path) -> tuple[subprocess.Popen[bytes], int, Path]:
-    env = _environment(tmp, _free_port())
-    port = int(env["MULLAMA_HOST"].rsplit(":", 1)[1])
-    log = tmp / "serve.log"
-    with log.open("wb") as output:
-        process = subprocess.Popen([sys.executable, "-m", "mullama", "serve"], env=env, stdout=output,
-                                   stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 30
-    while not _answers(port):
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            pytest.fail(f"mullama serve did not start: {log.read_text()[-2000:]}")
-        time.sleep(0.1)
-    return process, port, log
 
 
 def _post(port: int, path: str, body: dict) -> http.client.HTTPResponse:
@@ -45,10 +26,10 @@ def _post(port: int, path: str, body: dict) -> http.client.HTTPResponse:
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_signal_ends_streams_unloads_and_exits(tmp_path, model_path, signum):
-    process, port, log = _start(tmp_path)
+    serving = serve(tmp_path)
+    process, port, log = serving.process, serving.port, serving.log
     try:
-        created = _post(port, "/api/create", {"model": "smol", "from": str(model_path), "stream": False})
-        assert created.status == 200, created.read()
+        create_model(port, model_path)
         # An idle keep-alive connection must not hold the exit up.
         idle = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
         idle.request("GET", "/api/version")
@@ -97,23 +78,12 @@ def test_signal_ends_streams_unloads_and_exits(tmp_path, model_path, signum):
 
 
 @pytest.fixture
-def server(tmp_path, monkeypatch, model_path):
+def server(tmp_path, model_path):
     """An in-process daemon with the test model as ``smol`` and a route that hangs for 30 s."""
-    monkeypatch.setenv("MULLAMA_MODELS", str(tmp_path / "models"))
-    monkeypatch.setenv("MULLAMA_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("OLLAMA_MODELS", str(tmp_path / "no-ollama"))
-    monkeypatch.delenv("MULLAMA_API_KEY", raising=False)
-    server = make_server("127.0.0.1:0")
-    server.app.router.add("POST", "/test/hang", lambda request: time.sleep(30))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    created = _post(server.server_address[1], "/api/create",
-                    {"model": "smol", "from": str(model_path), "stream": False})
-    assert created.status == 200, created.read()
-    created.close()
-    yield server
-    server.shutdown()
-    server.app.manager.close()
-    server.server_close()
+    with running(tmp_path) as server:
+        server.app.router.add("POST", "/test/hang", lambda request: time.sleep(30))
+        create_model(server.server_address[1], model_path)
+        yield server
 
 
 def _stop(server) -> float:

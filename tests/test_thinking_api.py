@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,8 +18,9 @@ from typing import Any
 import anthropic
 import openai
 import pytest
+from daemon import create_model, running
 
-from mullama.http.server import Server, make_server
+from mullama.http.server import Server
 
 TURNS = "{{ range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}<|im_start|>assistant\n"
 THINKER = TURNS + "<think>\n"
@@ -55,29 +55,14 @@ def ollama_chat(server: Server, model: str, **fields: Any) -> list[dict[str, Any
 
 @pytest.fixture(scope="module")
 def server(model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    tmp = tmp_path_factory.mktemp("thinking-api")
-    with pytest.MonkeyPatch.context() as monkeypatch:
-        monkeypatch.setenv("MULLAMA_MODELS", str(tmp / "models"))
-        monkeypatch.setenv("MULLAMA_HOME", str(tmp / "home"))
-        monkeypatch.setenv("OLLAMA_MODELS", str(tmp / "ollama-models"))
-        monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
-        monkeypatch.delenv("MULLAMA_API_KEY", raising=False)
-        server = make_server("127.0.0.1:0")
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        try:
-            for name, template, parameters in [("thinker", THINKER, {}), ("fewshot", FEWSHOT, {}),
-                                               ("thinker-off", THINKER, {"think": False}),
-                                               ("quiet", CONDITIONAL, {"think": False}),
-                                               ("eager", CONDITIONAL, {"think": True})]:
-                body = {"model": name, "from": str(model_path), "template": template,
-                        "parameters": {**THREADS, **parameters}, "stream": False}
-                status, data = post(server, "/api/create", body)
-                assert status == 200, data
-            yield server
-        finally:
-            server.shutdown()
-            server.app.manager.close()
-            server.server_close()
+    with running(tmp_path_factory.mktemp("thinking-api")) as server:
+        for name, template, parameters in [("thinker", THINKER, {}), ("fewshot", FEWSHOT, {}),
+                                           ("thinker-off", THINKER, {"think": False}),
+                                           ("quiet", CONDITIONAL, {"think": False}),
+                                           ("eager", CONDITIONAL, {"think": True})]:
+            create_model(server.server_address[1], model_path, name, template=template,
+                         parameters={**THREADS, **parameters})
+        yield server
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,9 +19,10 @@ import anthropic
 import ollama
 import openai
 import pytest
+from daemon import create_model, running
 
 from mullama.http.ollama import TRUNCATED_HEADER
-from mullama.http.server import Server, make_server
+from mullama.http.server import Server
 
 MODEL = "tiny"
 LONG = "Tell me about the sea. " * 120
@@ -33,24 +33,9 @@ OPTIONS = {"temperature": 0, "num_predict": 2}
 
 @pytest.fixture(scope="module")
 def server(model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    tmp = tmp_path_factory.mktemp("truncation-api")
-    with pytest.MonkeyPatch.context() as monkeypatch:
-        monkeypatch.setenv("MULLAMA_MODELS", str(tmp / "models"))
-        monkeypatch.setenv("MULLAMA_HOME", str(tmp / "home"))
-        monkeypatch.setenv("OLLAMA_MODELS", str(tmp / "ollama-models"))
-        monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
-        monkeypatch.delenv("MULLAMA_API_KEY", raising=False)
-        server = make_server("127.0.0.1:0")
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        try:
-            status, _, data = post(server, "/api/create", {"model": MODEL, "from": str(model_path), "stream": False,
-                                                           "parameters": {"num_ctx": 256, "num_thread": 1}})
-            assert status == 200, data
-            yield server
-        finally:
-            server.shutdown()
-            server.app.manager.close()
-            server.server_close()
+    with running(tmp_path_factory.mktemp("truncation-api")) as server:
+        create_model(server.server_address[1], model_path, MODEL, parameters={"num_ctx": 256, "num_thread": 1})
+        yield server
 
 
 def post(server: Server, path: str, body: dict[str, Any]) -> tuple[int, http.client.HTTPMessage, bytes]:

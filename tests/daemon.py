@@ -1,0 +1,159 @@
+"""Daemons for tests: one in this process on a free port, or ``mullama serve`` as a subprocess.
+
+The in-process daemon (:func:`running`) gets a store of its own and no way
+out: Ollama's store is an empty directory, the Hugging Face Hub a closed
+port, and a developer's API key or allowed origins are cleared.  The
+subprocess (:func:`serve`) gets its own store and home, and none of the
+``MULLAMA_*``/``OLLAMA_*`` settings of the environment running the tests;
+:func:`cli` runs the ``mullama`` command against it.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mullama.http.server import Server, make_server
+
+REPO = Path(__file__).resolve().parent.parent
+#: The Hub's address for every in-process daemon: a closed port, so a download fails at once.
+CLOSED_HUB = "http://127.0.0.1:9"
+#: Settings that would change what a daemon accepts, cleared unless a test sets them.
+_CLEARED = ("MULLAMA_API_KEY", "MULLAMA_MAX_BODY", "MULLAMA_ORIGINS", "OLLAMA_ORIGINS")
+#: Seconds a ``mullama serve`` gets to answer, and to exit once signalled.
+_START_TIMEOUT, _STOP_TIMEOUT = 30.0, 15.0
+
+
+# In this process ------------------------------------------------------------
+
+
+@contextmanager
+def running(tmp: Path, **env: str) -> Iterator[Server]:
+    """A daemon on a free loopback port with its store under ``tmp``, stopped on leaving the block.
+
+    ``env`` is set after the isolating variables, before the daemon is
+    built, and stays set until the block ends.
+    """
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.setenv("MULLAMA_MODELS", str(tmp / "models"))
+        monkeypatch.setenv("MULLAMA_HOME", str(tmp / "home"))
+        monkeypatch.setenv("OLLAMA_MODELS", str(tmp / "ollama-models"))
+        monkeypatch.setenv("HF_ENDPOINT", CLOSED_HUB)
+        for name in _CLEARED:
+            monkeypatch.delenv(name, raising=False)
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        server = make_server("127.0.0.1:0")
+        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True).start()
+        try:
+            yield server
+        finally:
+            server.shutdown()
+            server.app.manager.close()
+            server.server_close()
+
+
+def create_model(port: int, model_path: Path, name: str = "smol", **fields: Any) -> Any:
+    """Create ``name`` from the GGUF at ``model_path`` through ``/api/create``; return the daemon's answer.
+
+    ``fields`` join the request (``parameters``, ``template``...).  Fails
+    the test unless the answer is a 200.
+    """
+    body = {"model": name, "from": str(model_path), "stream": False, **fields}
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=180)
+    try:
+        connection.request("POST", "/api/create", json.dumps(body), {"Content-Type": "application/json"})
+        response = connection.getresponse()
+        data = response.read()
+    finally:
+        connection.close()
+    assert response.status == 200, data
+    return json.loads(data)
+
+
+# As a subprocess -------------------------------------------------------------
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def environment(tmp: Path, port: int) -> dict[str, str]:
+    """This process's environment without ``MULLAMA_*``/``OLLAMA_*``, pointing ``mullama`` at ``port`` and ``tmp``."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("OLLAMA_", "MULLAMA_"))}
+    env |= {"MULLAMA_HOST": f"127.0.0.1:{port}", "MULLAMA_MODELS": str(tmp / "models"), "MULLAMA_HOME": str(tmp / "home")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    return env
+
+
+def _answers(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
+            sock.sendall(b"GET / HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+            return sock.recv(12).startswith(b"HTTP/1.")
+    except OSError:
+        return False
+
+
+@dataclass
+class Serving:
+    """A ``mullama serve`` subprocess: the environment that points the CLI at it, its port and log."""
+
+    process: subprocess.Popen[bytes]
+    env: dict[str, str]
+    port: int
+    log: Path
+
+    def stop(self, signum: int = signal.SIGTERM) -> None:
+        """Signal it to stop; kill it if it has not exited in time."""
+        self.process.send_signal(signum)
+        try:
+            self.process.wait(_STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
+def serve(tmp: Path, **env: str) -> Serving:
+    """Start ``mullama serve`` on a free port with :func:`environment` and ``env``; wait until it answers.
+
+    Its output goes to ``tmp / "serve.log"``, whose end the failure shows
+    if it exits or stays silent.
+    """
+    port = free_port()
+    full_env = environment(tmp, port) | env
+    log = tmp / "serve.log"
+    with log.open("wb") as output:
+        process = subprocess.Popen([sys.executable, "-m", "mullama", "serve"], env=full_env, stdout=output,
+                                   stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + _START_TIMEOUT
+    while not _answers(port):
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"mullama serve did not start: {log.read_text()[-2000:]}")
+        time.sleep(0.1)
+    return Serving(process, full_env, port, log)
+
+
+def cli(env: dict[str, str], *args: str, stdin: str | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """Run ``mullama ARGS`` with ``env``; its output captured as text."""
+    return subprocess.run(
+        [sys.executable, "-m", "mullama", *args], env=env, input=stdin if stdin is not None else "", capture_output=True,
+        text=True, timeout=timeout, check=False,
+    )
