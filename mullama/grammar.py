@@ -469,6 +469,9 @@ class _Converter:
                     literals.append(literal)
         except (ValueError, TypeError, RecursionError) as exc:
             raise UnsupportedSchemaError(keyword, path, "values must be finite JSON") from exc
+        except (KeyError, IndexError, AttributeError) as exc:
+            # The sibling keywords the values are checked against are malformed.
+            raise UnsupportedSchemaError(keyword, path, f"cannot be checked against its sibling keywords ({exc!r})") from exc
         if not literals:
             raise UnsupportedSchemaError(keyword, path, "no value satisfies the schema")
         return self.g.define(hint, " ".join([_alt(literals), self.g.use("ws")]))
