@@ -114,7 +114,24 @@ class Request:
                     return
                 if isinstance(item, BaseException):
                     raise item
-                yield item
+                text, logprobs = item
+                # Under load several pieces wait here already: handing them over as one
+                # spares the reader a write (and the engine thread the GIL) per token.
+                terminal = None
+                while terminal is None:
+                    try:
+                        more = self._output.get_nowait()
+                    except queue.Empty:
+                        break
+                    if more is _END or isinstance(more, BaseException):
+                        terminal = more
+                    else:
+                        text, logprobs = text + more[0], logprobs + more[1]
+                yield text, logprobs
+                if terminal is _END:
+                    return
+                if terminal is not None:
+                    raise terminal
         finally:
             if not self._done.is_set():
                 self.cancel()
