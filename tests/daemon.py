@@ -88,6 +88,22 @@ def create_model(port: int, model_path: Path, name: str = "smol", **fields: Any)
 # As a subprocess -------------------------------------------------------------
 
 
+def openai_client(server: Server, timeout: float = 180) -> Any:
+    """The official ``openai`` SDK pointed at ``server`` (no retries: a failure shows at once)."""
+    import openai
+
+    return openai.OpenAI(base_url=f"http://127.0.0.1:{server.server_address[1]}/v1", api_key="x", max_retries=0,
+                         timeout=timeout)
+
+
+def anthropic_client(server: Server, timeout: float = 300) -> Any:
+    """The official ``anthropic`` SDK pointed at ``server``."""
+    import anthropic
+
+    return anthropic.Anthropic(base_url=f"http://127.0.0.1:{server.server_address[1]}", api_key="x", max_retries=0,
+                               timeout=timeout)
+
+
 def free_port() -> int:
     """A loopback port nothing listens on now."""
     with socket.socket() as sock:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import anthropic
 import pytest
-from daemon import create_model, running
+from daemon import anthropic_client, create_model, running
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -43,8 +43,7 @@ def daemon(tmp_path_factory: pytest.TempPathFactory, model_path: Path) -> Iterat
 
 @pytest.fixture(scope="module")
 def client(daemon: Server) -> anthropic.Anthropic:
-    return anthropic.Anthropic(base_url=f"http://127.0.0.1:{daemon.server_address[1]}", api_key="x", max_retries=0,
-                               timeout=300)
+    return anthropic_client(daemon, timeout=300)
 
 
 @pytest.fixture(scope="module")

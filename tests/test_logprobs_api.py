@@ -11,7 +11,7 @@ from typing import Any
 import ollama
 import openai
 import pytest
-from daemon import create_model, running
+from daemon import create_model, openai_client, running
 
 from mullama import chat
 from mullama.engine import Timings
@@ -43,8 +43,7 @@ def client(server: Server) -> Iterator[ollama.Client]:
 
 @pytest.fixture(scope="module")
 def sdk(server: Server) -> Iterator[openai.OpenAI]:
-    with openai.OpenAI(base_url=f"http://127.0.0.1:{server.server_address[1]}/v1", api_key="x", max_retries=0,
-                       timeout=120) as sdk:
+    with openai_client(server, timeout=120) as sdk:
         yield sdk
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import openai
 import pytest
-from daemon import create_model, running
+from daemon import create_model, openai_client, running
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -47,8 +47,7 @@ def server(model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
 
 @pytest.fixture(scope="module")
 def client(server: Server) -> Iterator[openai.OpenAI]:
-    with openai.OpenAI(base_url=f"http://127.0.0.1:{server.server_address[1]}/v1", api_key="x", max_retries=0,
-                       timeout=180) as sdk:
+    with openai_client(server, timeout=180) as sdk:
         yield sdk
 
 

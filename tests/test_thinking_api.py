@@ -18,7 +18,7 @@ from typing import Any
 import anthropic
 import openai
 import pytest
-from daemon import create_model, running
+from daemon import anthropic_client, create_model, openai_client, running
 
 from mullama.http.server import Server
 
@@ -67,15 +67,13 @@ def server(model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
 
 @pytest.fixture(scope="module")
 def oai(server: Server) -> Iterator[openai.OpenAI]:
-    with openai.OpenAI(base_url=f"http://127.0.0.1:{server.server_address[1]}/v1", api_key="x", max_retries=0,
-                       timeout=120) as sdk:
+    with openai_client(server, timeout=120) as sdk:
         yield sdk
 
 
 @pytest.fixture(scope="module")
 def claude(server: Server) -> anthropic.Anthropic:
-    return anthropic.Anthropic(base_url=f"http://127.0.0.1:{server.server_address[1]}", api_key="x", max_retries=0,
-                               timeout=120)
+    return anthropic_client(server, timeout=120)
 
 
 @pytest.fixture(scope="module")
