@@ -18,25 +18,29 @@ from typing import Any
 
 from mullama.errors import BadRequestError, MullamaError
 from mullama.ffi import llama as L
+from mullama.options import Options
+
+#: Ollama's defaults, kept in one place (mullama.options).
+_OLLAMA = Options()
 
 
 @dataclass(frozen=True)
 class SamplingParams:
     """The sampling options of one request, with Ollama's names and defaults (as in ``mullama.options.Options``)."""
 
-    temperature: float = 0.8
-    top_k: int = 40
-    top_p: float = 0.9
-    min_p: float = 0.0
-    typical_p: float = 1.0
-    repeat_last_n: int = 64
-    repeat_penalty: float = 1.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    mirostat: int = 0
-    mirostat_tau: float = 5.0
-    mirostat_eta: float = 0.1
-    seed: int = -1
+    temperature: float = _OLLAMA.temperature
+    top_k: int = _OLLAMA.top_k
+    top_p: float = _OLLAMA.top_p
+    min_p: float = _OLLAMA.min_p
+    typical_p: float = _OLLAMA.typical_p
+    repeat_last_n: int = _OLLAMA.repeat_last_n
+    repeat_penalty: float = _OLLAMA.repeat_penalty
+    presence_penalty: float = _OLLAMA.presence_penalty
+    frequency_penalty: float = _OLLAMA.frequency_penalty
+    mirostat: int = _OLLAMA.mirostat
+    mirostat_tau: float = _OLLAMA.mirostat_tau
+    mirostat_eta: float = _OLLAMA.mirostat_eta
+    seed: int = _OLLAMA.seed
 
     @classmethod
     def from_options(cls, options: Any) -> "SamplingParams":
