@@ -754,6 +754,9 @@ def test_interactive_session(daemon, smol):
         expect(">>> ")
         send("Hi")
         assert "eval count:" in expect(">>> ")
+        # The prompt is printed just before readline starts waiting; a SIGINT that lands in
+        # between is only seen at the next keystroke, so let readline settle first.
+        time.sleep(0.5)
         os.write(master, b"\x03")
         assert "Use Ctrl + d or /bye to exit." in expect(">>> ")
         send("/nonsense")
