@@ -167,6 +167,9 @@ class Handler(BaseHTTPRequestHandler):
 
     protocol_version = "HTTP/1.1"
     server_version = "mullama/" + __version__
+    #: Streams write one small chunk per token: Nagle's algorithm would hold each
+    #: one back until the previous is acknowledged (up to a delayed-ACK timeout).
+    disable_nagle_algorithm = True
     #: Seconds a socket read or write may stall: a client that sends half a body
     #: (or stops reading a stream) must not hold a thread forever.
     timeout = 300
