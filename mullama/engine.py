@@ -30,27 +30,32 @@ from mullama import gguf
 from mullama.errors import BadRequestError, CancelledError, ModelLoadError, MullamaError
 from mullama.ffi import llama as L
 from mullama.ffi import load
+from mullama.options import Options
 from mullama.sampling import LogprobReader, Sampler, SamplingParams, TokenLogprob, check_top_logprobs
 from mullama.textstream import TextStream
+
+#: Ollama's defaults, kept in one place (mullama.options).
+_OLLAMA = Options()
 
 
 @dataclass(frozen=True)
 class LoadOptions:
     """What is fixed when a model is loaded, with Ollama's option names."""
 
-    num_ctx: int = 4096
-    num_batch: int = 512
+    num_ctx: int = _OLLAMA.num_ctx
+    num_batch: int = _OLLAMA.num_batch
     #: Layers to offload to the GPU; -1 means all that fit (Ollama's default).
-    num_gpu: int = -1
-    main_gpu: int = 0
+    num_gpu: int = _OLLAMA.num_gpu
+    main_gpu: int = _OLLAMA.main_gpu
     #: 0 lets Mullama choose (physical cores).
-    num_thread: int = 0
+    num_thread: int = _OLLAMA.num_thread
+    #: Options leaves this to llama.cpp (None); the engine maps the file by default.
     use_mmap: bool = True
     use_mlock: bool = False
     #: None means llama.cpp decides (auto).
-    flash_attention: bool | None = None
-    kv_cache_type: str = "f16"
-    num_parallel: int = 1
+    flash_attention: bool | None = _OLLAMA.flash_attention
+    kv_cache_type: str = _OLLAMA.kv_cache_type
+    num_parallel: int = _OLLAMA.num_parallel
 
     @classmethod
     def from_options(cls, options: Any = None, **overrides: Any) -> "LoadOptions":

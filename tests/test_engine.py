@@ -149,20 +149,6 @@ def test_empty_prompt_and_bad_options_are_clear_errors(model, model_path):
         mullama.Model(model_path, num_ctx=4)
 
 
-def test_engine_defaults_are_ollamas():
-    """The engine's own defaults must not drift from the daemon's Options."""
-    from mullama.engine import LoadOptions
-    from mullama.options import Options
-    from mullama.sampling import SamplingParams
-
-    ollama = Options()
-    for params in (SamplingParams(), LoadOptions()):
-        for name, value in vars(params).items():
-            if name in ("use_mlock", "use_mmap"):
-                continue  # Options leaves use_mmap to llama.cpp (None) and retired use_mlock
-            assert getattr(ollama, name) == value, name
-
-
 def test_builtin_template_is_the_last_resort(model):
     prompt = model.apply_builtin_template([("system", "Be brief."), ("user", "Hi")])
     assert prompt == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
