@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 import json
 import math
+import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -531,6 +532,25 @@ def test_foreign_host_header_is_forbidden(daemon: Daemon) -> None:
     assert status == 403 and "evil.example" in message
     for host in ("localhost:11434", "127.0.0.1", "[::1]:11434"):
         assert raw(daemon.port, "GET", "/api/version", headers={"Host": host})[0] == 200
+
+
+def test_a_burst_of_clients_is_accepted_at_once(daemon: Daemon) -> None:
+    """64 clients connecting together are all answered without a SYN retry (one second each)."""
+    sockets = [socket.socket() for _ in range(64)]
+    started = time.monotonic()
+    try:
+        for sock in sockets:
+            sock.setblocking(False)
+            sock.connect_ex(("127.0.0.1", daemon.port))
+        for sock in sockets:
+            sock.settimeout(5)
+            sock.sendall(b"GET /api/version HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        for sock in sockets:
+            assert sock.recv(64).startswith(b"HTTP/1.")
+    finally:
+        for sock in sockets:
+            sock.close()
+    assert time.monotonic() - started < 0.9
 
 
 def test_cors(daemon: Daemon) -> None:
