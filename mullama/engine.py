@@ -122,6 +122,15 @@ def default_threads() -> int:
     return os.cpu_count() or 1
 
 
+def _kv_bytes_per_token(model: "Model", kv_type: int) -> float:
+    """K and V of every layer for one token position, in the cache's element type."""
+    lib, ptr = model.lib, model.ptr
+    n_head = lib.llama_model_n_head(ptr) or 1
+    head_dim = lib.llama_model_n_embd(ptr) // n_head
+    _, elements, size = gguf.GGML_TYPES[kv_type]
+    return lib.llama_model_n_layer(ptr) * lib.llama_model_n_head_kv(ptr) * 2 * head_dim * size / elements
+
+
 class Batch:
     """A reusable ``llama_batch`` filled from Python without reallocating."""
 
@@ -200,6 +209,8 @@ class Context:
                 raise ModelLoadError(f"llama.cpp could not attach the LoRA adapters of {model.path.name}")
         self.memory = lib.llama_get_memory(self.ptr)
         self.n_ctx_seq = lib.llama_n_ctx_seq(self.ptr)
+        #: About how many bytes one sequence's KV cache holds: what :meth:`share_prefix` copies.
+        self.seq_bytes = self.n_ctx_seq * _kv_bytes_per_token(model, kv_type)
         self.n_batch = lib.llama_n_batch(self.ptr)
         self.batch = Batch(lib, self.n_batch, self.n_seq)
         #: Tokens currently held in the KV cache of each sequence, for prefix reuse.
@@ -255,6 +266,18 @@ class Context:
         if n < len(cached):
             self.forget(seq, n)
         return n
+
+    def share_prefix(self, src: int, dst: int, n: int) -> None:
+        """Give ``dst`` the first ``n`` cached tokens of ``src`` by copying their KV cache.
+
+        With a KV cache split per sequence, llama.cpp copies the whole of
+        ``src``'s cache (about :attr:`seq_bytes`) at the next decode; ``src``
+        is untouched and may be generating meanwhile.
+        """
+        self._lib.llama_memory_seq_cp(self.memory, src, dst, -1, -1)
+        self._lib.llama_memory_seq_rm(self.memory, dst, n, -1)
+        # In place: a running request holds this very list as its cache record.
+        self.cached[dst][:] = self.cached[src][:n]
 
     def close(self) -> None:
         if self.ptr:
@@ -315,6 +338,7 @@ class Model:
         self.n_vocab = lib.llama_vocab_n_tokens(self.vocab)
         self.n_ctx_train = lib.llama_model_n_ctx_train(self.ptr)
         self.n_embd = lib.llama_model_n_embd(self.ptr)
+        self.n_params = lib.llama_model_n_params(self.ptr)
         self._piece_cache: dict[int, bytes] = {}
         self._lock = threading.Lock()
         self._context: Context | None = None

@@ -47,6 +47,9 @@ log = logging.getLogger("mullama.scheduler")
 #: Marks the end of a request's output queue.
 _END = object()
 
+#: Shorter shared prefixes are evaluated again rather than copied from another sequence.
+_MIN_SHARED_TOKENS = 4
+
 #: Ollama's default ``num_keep``: prompt tokens kept at the front when a prompt is cut.
 DEFAULT_NUM_KEEP = 4
 
@@ -372,9 +375,39 @@ class Scheduler:
 
     def _start(self, request: Request) -> None:
         request._started = time.perf_counter_ns()
-        request._cached = self._ctx.cached[request._seq]
-        request._fed = self._ctx.reuse_prefix(request._seq, request.tokens)
-        request._completion.timings.prompt_eval_count = len(request.tokens) - request._fed
+        ctx, seq, tokens = self._ctx, request._seq, request.tokens
+        request._cached = ctx.cached[seq]
+        request._fed = ctx.reuse_prefix(seq, tokens)
+        donor, shared = self._donor(seq, tokens)
+        if shared > request._fed and self._worth_copying(shared - request._fed):
+            ctx.share_prefix(donor, seq, shared)
+            request._fed = shared
+        request._completion.timings.prompt_eval_count = len(tokens) - request._fed
+
+    def _donor(self, seq: int, tokens: list[int]) -> tuple[int, int]:
+        """The other sequence whose cache shares most of ``tokens`` (busy or not), and how much.
+
+        The last prompt token is never shared: its logits are needed.
+        """
+        cached = self._ctx.cached
+        limit = len(tokens) - 1
+        best, shared = -1, 0
+        for other in range(len(cached)):
+            if other != seq and cached[other]:
+                n = min(_common_prefix(cached[other], tokens), limit)
+                if n > shared:
+                    best, shared = other, n
+        return best, shared
+
+    def _worth_copying(self, tokens: int) -> bool:
+        """Whether copying a sequence's KV cache beats evaluating ``tokens`` prompt tokens.
+
+        Evaluating a token costs about two FLOPs per weight; the copy moves the
+        whole sequence cache once. CPUs and GPUs do roughly ten FLOPs in the
+        time they move a byte, so the copy pays once the tokens it saves times
+        the weights exceed about five times the bytes it moves.
+        """
+        return tokens >= _MIN_SHARED_TOKENS and tokens * self.model.n_params >= 5 * self._ctx.seq_bytes
 
     def _step(self) -> None:
         """One decode: a token for each generating sequence, then prompt chunks in the room left."""

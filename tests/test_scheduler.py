@@ -50,6 +50,13 @@ def tokens_of(model, question):
     return model.tokenize(CHAT.format(question))
 
 
+def common_prefix(a, b):
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
 def test_concurrent_greedy_requests_match_single_sequence_generation(model, scheduler, single):
     alone = [single.complete(CHAT.format(q), GREEDY) for q in QUESTIONS]
     # The first request generates while the others are queued, admitted and read in chunks.
@@ -62,8 +69,12 @@ def test_concurrent_greedy_requests_match_single_sequence_generation(model, sche
     head += "".join(pieces)
     assert first.result.done_reason == "length" and first.result.text == head
     assert first.result.tokens[:12] == alone[0].tokens
+    first_prompt = tokens_of(model, QUESTIONS[0])
     for question, reference, result in zip(QUESTIONS[1:], alone[1:], results):
-        assert result.timings.prompt_eval_count == len(tokens_of(model, question))
+        # "Write a haiku" shares "<|im_start|>user\nWrite a" with the first request's cache.
+        prompt = tokens_of(model, question)
+        shared = common_prefix(first_prompt, prompt)
+        assert result.timings.prompt_eval_count == len(prompt) - (shared if shared >= 4 else 0)
         assert result.tokens == reference.tokens
         assert result.text == reference.text
         assert result.done_reason == reference.done_reason
@@ -84,6 +95,25 @@ def test_prompt_cache_goes_to_the_sequence_that_holds_it(model, scheduler):
     follow_up = first.context + tokens_of(model, "And the moon?")
     longer = scheduler.submit(follow_up, GREEDY).wait(60)
     assert longer.timings.prompt_eval_count <= len(follow_up) - len(prompt)
+
+
+def test_a_shared_prefix_is_copied_from_a_busy_sequence(model, scheduler, single):
+    system = ("<|im_start|>system\nYou are a careful assistant. Answer in one short sentence, "
+              "and never use more words than needed.<|im_end|>\n")
+    first_text, second_text = system + CHAT.format("Name a planet."), system + CHAT.format("Name a river.")
+    shared = common_prefix(model.tokenize(first_text), model.tokenize(second_text))
+    assert shared > 20
+    busy = scheduler.submit(model.tokenize(first_text), {"temperature": 0, "num_predict": -1}, grammar=ENDLESS)
+    pieces = iter(busy)
+    head = next(pieces)
+    second = model.tokenize(second_text)
+    result = scheduler.submit(second, GREEDY).wait(60)
+    assert not busy.done
+    busy.cancel()
+    assert result.timings.prompt_eval_count == len(second) - shared
+    assert result.tokens == single.complete(second_text, GREEDY).tokens
+    # The donor went on undisturbed by the copy.
+    assert (head + "".join(pieces)).startswith("la la la")
 
 
 def test_long_prompt_is_truncated_and_reported(model, scheduler, caplog):
