@@ -146,12 +146,18 @@ def chat_load(server: Server, concurrency: int, tokens: int) -> tuple[float, lis
     return sum(g for _, g in results) / elapsed, [t for t, _ in results if t is not None]
 
 
-def growing_chat(server: Server, turns: int, tokens: int) -> list[float]:
-    """TTFT of each turn of one conversation that keeps its history."""
+def growing_chat(server: Server, turns: int, tokens: int, opening: str) -> list[float]:
+    """TTFT of each turn of one conversation that keeps its history.
+
+    ``opening`` starts a conversation neither server has seen, so that turn 1
+    reads its whole prompt (as a new chat does) rather than hitting the cache
+    left by the concurrency runs.
+    """
     messages: list[dict] = []
     ttfts = []
     for turn in range(turns):
-        messages.append({"role": "user", "content": QUESTIONS[turn % len(QUESTIONS)]})
+        content = opening if turn == 0 else QUESTIONS[turn % len(QUESTIONS)]
+        messages.append({"role": "user", "content": content})
         body = {"model": server.model, "max_tokens": tokens, "temperature": 0, "stream": True,
                 "stream_options": {"include_usage": True}, "messages": messages}
         ttft, _, _ = server.post("/v1/chat/completions", body, stream=True)
@@ -199,7 +205,7 @@ def main() -> int:
         try:
             for server in servers:
                 server.wait_ready()
-            for _ in range(args.rounds):
+            for round_number in range(args.rounds):
                 for server in servers:
                     row = table[server.name]
                     for concurrency in (1, 4, 8):
@@ -207,7 +213,7 @@ def main() -> int:
                         row.setdefault(f"c{concurrency}_tps", []).append(tps)
                         row.setdefault(f"c{concurrency}_ttft_p50", []).append(percentile(ttfts, 0.5))
                         row.setdefault(f"c{concurrency}_ttft_p95", []).append(percentile(ttfts, 0.95))
-                    turns = growing_chat(server, 10, 32)
+                    turns = growing_chat(server, 10, 32, f"Round {round_number + 1}: tell me about the sea.")
                     row.setdefault("turn1_ttft", []).append(turns[0])
                     row.setdefault("turn10_ttft", []).append(turns[-1])
         finally:
