@@ -7,9 +7,11 @@
 Both servers get the same load through the same OpenAI-compatible streaming
 endpoint, interleaved run by run: streaming chat at concurrency 1, 4 and 8
 (aggregate generated tokens/s, time to first token p50/p95), a chat that
-grows for 10 turns (TTFT per turn), and embeddings (inputs/s). Prints a table
-and the ratios (Mullama / llama-server; for TTFT, llama-server / Mullama, so
-that above 1.0 always means Mullama is better).
+grows for 10 turns (TTFT per turn), and embeddings (inputs/s). Every run asks
+new questions (only the system prompt is shared, as with new users), and an
+unrecorded first round warms both servers up. Prints a table and the ratios
+(Mullama / llama-server; for TTFT, llama-server / Mullama, so that above 1.0
+always means Mullama is better), medians over ``--rounds``.
 """
 
 from __future__ import annotations
@@ -123,15 +125,21 @@ def start_llama_server(exe: Path, model: Path, threads: int, slots: int, ctx: in
     return Server("llama-server", port, str(model), process)
 
 
-def chat_load(server: Server, concurrency: int, tokens: int) -> tuple[float, list[float]]:
-    """Aggregate generated tokens/s and the TTFTs of ``concurrency`` simultaneous streams."""
+def chat_load(server: Server, concurrency: int, tokens: int, tag: str) -> tuple[float, list[float]]:
+    """Aggregate generated tokens/s and the TTFTs of ``concurrency`` simultaneous streams.
+
+    ``tag`` opens every question, so that each run asks questions neither
+    server has seen (only the chat template's system prompt is shared), as
+    new users do.
+    """
     results: list[tuple[float | None, int]] = []
     lock = threading.Lock()
 
     def one(i: int) -> None:
+        question = f"[{tag}] {QUESTIONS[i % len(QUESTIONS)]}"
         body = {"model": server.model, "max_tokens": tokens, "temperature": 0, "stream": True,
                 "stream_options": {"include_usage": True},
-                "messages": [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}]}
+                "messages": [{"role": "user", "content": question}]}
         ttft, generated, _ = server.post("/v1/chat/completions", body, stream=True)
         with lock:
             results.append((ttft, generated))
@@ -205,15 +213,16 @@ def main() -> int:
         try:
             for server in servers:
                 server.wait_ready()
-            for round_number in range(args.rounds):
+            # Round 0 warms both servers up (first-use costs, page faults) and is not recorded.
+            for round_number in range(args.rounds + 1):
                 for server in servers:
-                    row = table[server.name]
+                    row = table[server.name] if round_number else {}
                     for concurrency in (1, 4, 8):
-                        tps, ttfts = chat_load(server, concurrency, args.tokens)
+                        tps, ttfts = chat_load(server, concurrency, args.tokens, f"round {round_number} c{concurrency}")
                         row.setdefault(f"c{concurrency}_tps", []).append(tps)
                         row.setdefault(f"c{concurrency}_ttft_p50", []).append(percentile(ttfts, 0.5))
                         row.setdefault(f"c{concurrency}_ttft_p95", []).append(percentile(ttfts, 0.95))
-                    turns = growing_chat(server, 10, 32, f"Round {round_number + 1}: tell me about the sea.")
+                    turns = growing_chat(server, 10, 32, f"Round {round_number}: tell me about the sea.")
                     row.setdefault("turn1_ttft", []).append(turns[0])
                     row.setdefault("turn10_ttft", []).append(turns[-1])
         finally:
