@@ -88,6 +88,10 @@ class Request:
         self._cached: list[int] = []
         self._fed = 0
         self._chunk_end = 0
+        #: An earlier request still reading a prefix this one shares, and how many tokens of it;
+        #: this one waits for them and copies them instead of reading them too.
+        self._awaits: Request | None = None
+        self._awaited = 0
         self._pending = -1
         self._out = -1
         self._pieces: list[str] = []
@@ -382,6 +386,9 @@ class Scheduler:
         if shared > request._fed and self._worth_copying(shared - request._fed):
             ctx.share_prefix(donor, seq, shared)
             request._fed = shared
+        reader, coming = self._reader(request)
+        if coming > request._fed and self._worth_copying(coming - request._fed):
+            request._awaits, request._awaited = reader, coming
         request._completion.timings.prompt_eval_count = len(tokens) - request._fed
 
     def _donor(self, seq: int, tokens: list[int]) -> tuple[int, int]:
@@ -399,6 +406,36 @@ class Scheduler:
                     best, shared = other, n
         return best, shared
 
+    def _reader(self, request: Request) -> tuple[Request | None, int]:
+        """The started request still reading a prompt that shares most of ``request``'s, and how much.
+
+        Requests that arrive together with one system prompt then read it once.
+        """
+        limit = len(request.tokens) - 1
+        best, shared = None, 0
+        for other in self._running:
+            if other is request or not other._started or other._pending >= 0:
+                continue
+            n = min(_common_prefix(other.tokens, request.tokens), limit)
+            if n > max(shared, other._fed):
+                best, shared = other, n
+        return best, shared
+
+    def _take_awaited_prefixes(self) -> None:
+        """Copy in each awaited prefix that has been read; stop waiting on a reader that ended."""
+        for request in self._running:
+            reader = request._awaits
+            if reader is None:
+                continue
+            if reader._done.is_set() or reader._cancelled:
+                request._awaits = None
+            elif reader._fed >= request._awaited:
+                if request._awaited > request._fed:
+                    self._ctx.share_prefix(reader._seq, request._seq, request._awaited)
+                    request._fed = request._awaited
+                    request._completion.timings.prompt_eval_count = len(request.tokens) - request._fed
+                request._awaits = None
+
     def _worth_copying(self, tokens: int) -> bool:
         """Whether copying a sequence's KV cache beats evaluating ``tokens`` prompt tokens.
 
@@ -415,6 +452,7 @@ class Scheduler:
         batch = ctx.batch
         batch.clear()
         running = self._running
+        self._take_awaited_prefixes()
         # llama.cpp splits a batch whose sequences are out of order into several
         # ubatches (one compute each): in sequence order the step is ~40% faster.
         for request in sorted(running, key=_seq_of):
@@ -426,7 +464,7 @@ class Scheduler:
         for request in running:
             if room <= 0:
                 break
-            if request._pending < 0:
+            if request._pending < 0 and request._awaits is None:
                 prompt = request.tokens
                 start, seq, last = request._fed, request._seq, len(prompt) - 1
                 end = min(len(prompt), start + room)

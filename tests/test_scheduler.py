@@ -116,6 +116,28 @@ def test_a_shared_prefix_is_copied_from_a_busy_sequence(model, scheduler, single
     assert (head + "".join(pieces)).startswith("la la la")
 
 
+def test_requests_arriving_together_read_their_shared_prefix_once(model, scheduler, single):
+    system = ("<|im_start|>system\nPretend to be a patient tutor for curious children. Keep answers short, "
+              "friendly and true.<|im_end|>\n")
+    texts = [system + CHAT.format(q) for q in ("Why is grass green?", "Why do cats purr?", "What is rain?")]
+    prompts = [model.tokenize(text) for text in texts]
+    shared = min(common_prefix(prompts[0], p) for p in prompts[1:])
+    assert shared > 20
+    # While the engine reads a long prompt, the three arrive and are admitted together.
+    busy = scheduler.submit(model.tokenize("word " * 200), {"temperature": 0, "num_predict": 1})
+    time.sleep(0.05)
+    group = [scheduler.submit(p, GREEDY) for p in prompts]
+    results = [r.wait(60) for r in group]
+    busy.wait(60)
+    # The first reads the whole prompt (but a token or two its sequence may still hold)...
+    assert results[0].timings.prompt_eval_count > len(prompts[0]) - 4
+    # ...and the others copy the shared prefix from it.
+    for prompt, result in zip(prompts[1:], results[1:]):
+        assert result.timings.prompt_eval_count == len(prompt) - common_prefix(prompts[0], prompt)
+    for text, result in zip(texts, results):
+        assert result.tokens == single.complete(text, GREEDY).tokens
+
+
 def test_long_prompt_is_truncated_and_reported(model, scheduler, caplog):
     words = model.tokenize("word " * 800)
     with caplog.at_level(logging.WARNING, logger="mullama.scheduler"):
