@@ -18,7 +18,9 @@ and read the :class:`Request` it returns::
 
 Requests wait in a bounded FIFO queue for a free sequence. A free sequence
 whose KV cache shares the longest prefix with the new prompt is chosen, so a
-conversation that goes on only pays for its new tokens.
+conversation that goes on only pays for its new tokens. A longer prefix held
+by any other sequence (a shared system prompt), even one still generating or
+still reading it, is copied from its KV cache rather than read again.
 
 While a Scheduler runs it is the only user of ``model.context``: do not call
 ``Model.generate`` on the same model. Embeddings use their own context and
@@ -368,8 +370,9 @@ class Scheduler:
         """The free sequence whose cache holds most of the prompt, else the least recently used one.
 
         A cache that shares only a little (a chat template's first tokens) is
-        not worth evicting a conversation for; as llama.cpp's server, we reuse
-        a cache only when it holds more than half of the prompt.
+        not worth evicting a conversation for: it is used only when it holds
+        more than half of the prompt, and a smaller shared part is copied
+        from it instead (see :meth:`_start`).
         """
         cached = self._ctx.cached
         best = max(free, key=lambda s: (_common_prefix(cached[s], tokens), -self._last_used[s]))
