@@ -209,10 +209,12 @@ class Handler(BaseHTTPRequestHandler):
     # --- dispatch ----------------------------------------------------------
 
     def _dispatch(self, method: str) -> None:
+        # Whether the connection ends is decided by the response's own headers
+        # (``Connection: close`` once stopping, see _common_headers): deciding it
+        # after the response went out would drop a connection the client was
+        # told it could reuse.
         with self.app.answering():
             self._answer(method)
-            if self.app.stopping.is_set():
-                self.close_connection = True
 
     def _answer(self, method: str) -> None:
         self._started_response = False
