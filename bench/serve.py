@@ -111,7 +111,9 @@ def start_mullama(model: Path, threads: int, slots: int, ctx: int, home: Path) -
     process = subprocess.Popen([sys.executable, "-m", "mullama", "serve"], env=env, cwd=ROOT,
                                stdout=subprocess.DEVNULL, stderr=open(home / "mullama.log", "w"))
     return Server("mullama", port, str(model), process,
-                  {"options": {"num_ctx": ctx, "num_thread": threads, "num_parallel": slots}})
+                  {"options": {"num_ctx": ctx, "num_thread": threads, "num_parallel": slots,
+                               # llama-server does not penalise repeats by default; Ollama does.
+                               "repeat_penalty": 1.0}})
 
 
 def start_llama_server(exe: Path, model: Path, threads: int, slots: int, ctx: int, log: Path,
@@ -154,8 +156,8 @@ def chat_load(server: Server, concurrency: int, tokens: int, tag: str) -> tuple[
     return sum(g for _, g in results) / elapsed, [t for t, _ in results if t is not None]
 
 
-def growing_chat(server: Server, turns: int, tokens: int, opening: str) -> list[float]:
-    """TTFT of each turn of one conversation that keeps its history.
+def growing_chat(server: Server, turns: int, tokens: int, opening: str) -> tuple[list[float], list[dict]]:
+    """TTFT of each turn of one conversation that keeps its history, and the conversation.
 
     ``opening`` starts a conversation neither server has seen, so that turn 1
     reads its whole prompt (as a new chat does) rather than hitting the cache
@@ -172,7 +174,7 @@ def growing_chat(server: Server, turns: int, tokens: int, opening: str) -> list[
         ttfts.append(ttft or 0.0)
         answer = server.post("/v1/chat/completions", {**body, "stream": False})[2]
         messages.append({"role": "assistant", "content": answer["choices"][0]["message"]["content"]})
-    return ttfts
+    return ttfts, messages
 
 
 def embeddings(server: Server, n: int) -> float:
@@ -206,6 +208,8 @@ def main() -> int:
     if not exe.exists():
         raise SystemExit("llama-server not found: run `python build_native.py --with-tools`")
     table: dict[str, dict[str, list[float]]] = {"mullama": {}, "llama-server": {}}
+    #: The last growing chat of each server: with the same greedy sampling both must write the same text.
+    chats: dict[str, list[dict]] = {}
     with tempfile.TemporaryDirectory(prefix="mullama-bench-") as tmp:
         home = Path(tmp)
         servers = [start_mullama(args.model, args.threads, args.slots, args.ctx, home),
@@ -222,7 +226,8 @@ def main() -> int:
                         row.setdefault(f"c{concurrency}_tps", []).append(tps)
                         row.setdefault(f"c{concurrency}_ttft_p50", []).append(percentile(ttfts, 0.5))
                         row.setdefault(f"c{concurrency}_ttft_p95", []).append(percentile(ttfts, 0.95))
-                    turns = growing_chat(server, 10, 32, f"Round {round_number}: tell me about the sea.")
+                    opening = f"Round {round_number}: tell me about the sea."
+                    turns, chats[server.name] = growing_chat(server, 10, 32, opening)
                     row.setdefault("turn1_ttft", []).append(turns[0])
                     row.setdefault("turn10_ttft", []).append(turns[-1])
         finally:
@@ -259,8 +264,10 @@ def main() -> int:
         print(f"{key:<18}{ours[key]:>12.3f}{theirs[key]:>14.3f}{ratio:>8.2f}")
     print(f"growing chat: turn 10 TTFT / turn 1 TTFT = {ours['turn10_ttft'] / ours['turn1_ttft']:.2f} (mullama), "
           f"{theirs['turn10_ttft'] / theirs['turn1_ttft']:.2f} (llama-server)")
+    same = chats["mullama"] == chats["llama-server"]
+    print(f"same greedy text in the 10-turn chat: {'yes' if same else 'NO: the servers did different work'}")
     if args.json:
-        print(json.dumps({"mullama": ours, "llama_server": theirs, "ratios": ratios}))
+        print(json.dumps({"mullama": ours, "llama_server": theirs, "ratios": ratios, "same_text": same}))
     return 0
 
 
