@@ -192,6 +192,12 @@ def test_llama_functions_match_header():
     assert problems == []
 
 
+def test_functions_that_keep_the_gil_are_declared_and_short():
+    assert L.KEEP_GIL <= set(L.FUNCTIONS)
+    # Anything that computes or reads files must let other threads run meanwhile.
+    assert not {name for name in L.KEEP_GIL if re.search(r"decode|encode|tokenize|load|init|free|save", name)}
+
+
 def test_mtmd_functions_match_header():
     problems = _check_functions(_source_root() / "tools" / "mtmd" / "mtmd.h", "MTMD_API", M.FUNCTIONS)
     assert problems == []

@@ -468,10 +468,25 @@ GGML_FUNCTIONS: dict[str, tuple[object, list[object]]] = {
 }
 
 
+#: Calls made for every token or step that return within microseconds. ctypes
+#: releases the GIL around each foreign call; taking it back afterwards from the
+#: HTTP threads that are busy streaming tokens costs more than these calls, so
+#: they keep it. Everything that computes or does I/O (decode, tokenize, load)
+#: still releases it.
+KEEP_GIL = frozenset({
+    "llama_get_logits_ith", "llama_get_embeddings_ith", "llama_get_embeddings_seq",
+    "llama_sampler_sample", "llama_sampler_accept", "llama_sampler_apply", "llama_sampler_reset",
+    "llama_token_to_piece", "llama_vocab_is_eog", "llama_vocab_get_attr", "llama_vocab_n_tokens",
+    "llama_memory_seq_rm", "llama_memory_seq_cp", "llama_memory_seq_pos_max", "llama_memory_seq_pos_min",
+    "llama_set_abort_callback", "llama_perf_context", "llama_n_ctx_seq",
+})
+
+
 def bind(library: ctypes.CDLL, functions: dict[str, tuple[object, list[object]]]) -> None:
     """Set ``restype``/``argtypes`` on every function of ``functions`` found in ``library``.
 
-    A missing symbol means the library is not the pinned llama.cpp: that is
+    Functions in :data:`KEEP_GIL` are bound so that they hold the GIL. A
+    missing symbol means the library is not the pinned llama.cpp: that is
     reported once, by name, instead of failing later at the first call.
     """
     missing = [name for name in functions if not hasattr(library, name)]
@@ -481,8 +496,10 @@ def bind(library: ctypes.CDLL, functions: dict[str, tuple[object, list[object]]]
         raise NativeLibraryError(
             f"{library._name} lacks {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}: "
             "it is not the llama.cpp version Mullama is built for (run `python build_native.py`)")
+    keeping = ctypes.PyDLL(library._name, handle=library._handle)
     for name, (restype, argtypes) in functions.items():
-        function = getattr(library, name)
+        function = getattr(keeping if name in KEEP_GIL else library, name)
         function.restype = restype
         function.argtypes = argtypes
+        setattr(library, name, function)
 
