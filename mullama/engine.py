@@ -122,6 +122,35 @@ def default_threads() -> int:
     return os.cpu_count() or 1
 
 
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many tokens ``a`` and ``b`` share from the start.
+
+    Compares doubling slices, then halves the block that differs: list
+    equality runs in C, so two 30k-token conversations are compared in about
+    0.15 ms where a Python loop over their tokens takes 1.7 ms of the engine
+    thread, which every stream waits on.
+    """
+    a = a if isinstance(a, list) else list(a)
+    b = b if isinstance(b, list) else list(b)
+    n = min(len(a), len(b))
+    low, high, step = 0, 0, 64
+    while low < n:
+        high = min(n, low + step)
+        if a[low:high] != b[low:high]:
+            break
+        low, step = high, step * 2
+    else:
+        return n
+    # a[:low] == b[:low], and they differ somewhere in [low, high).
+    while high - low > 1:
+        middle = (low + high) // 2
+        if a[low:middle] == b[low:middle]:
+            low = middle
+        else:
+            high = middle
+    return low
+
+
 def _kv_bytes_per_token(model: "Model", kv_type: int) -> float:
     """K and V of every layer for one token position, in the cache's element type."""
     lib, ptr = model.lib, model.ptr
@@ -259,10 +288,7 @@ class Context:
         logits are needed to sample the first new token.
         """
         cached = self.cached[seq]
-        limit = min(len(cached), len(tokens) - 1)
-        n = 0
-        while n < limit and cached[n] == tokens[n]:
-            n += 1
+        n = min(common_prefix(cached, tokens), len(tokens) - 1)
         if n < len(cached):
             self.forget(seq, n)
         return n

@@ -39,7 +39,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from mullama.engine import Completion, Context, Model, Timings, fit_prompt, l2_normalize
+from mullama.engine import Completion, Context, Model, Timings, common_prefix, fit_prompt, l2_normalize
 from mullama.errors import BadRequestError, OverloadedError
 from mullama.sampling import LogprobReader, Sampler, SamplingParams, TokenLogprob, check_top_logprobs
 from mullama.textstream import TextStream
@@ -375,8 +375,9 @@ class Scheduler:
         from it instead (see :meth:`_start`).
         """
         cached = self._ctx.cached
-        best = max(free, key=lambda s: (_common_prefix(cached[s], tokens), -self._last_used[s]))
-        if _common_prefix(cached[best], tokens) * 2 > len(tokens):
+        shared = {seq: common_prefix(cached[seq], tokens) for seq in free}
+        best = max(free, key=lambda seq: (shared[seq], -self._last_used[seq]))
+        if shared[best] * 2 > len(tokens):
             return best
         return min(free, key=self._last_used.__getitem__)
 
@@ -404,7 +405,7 @@ class Scheduler:
         best, shared = -1, 0
         for other in range(len(cached)):
             if other != seq and cached[other]:
-                n = min(_common_prefix(cached[other], tokens), limit)
+                n = min(common_prefix(cached[other], tokens), limit)
                 if n > shared:
                     best, shared = other, n
         return best, shared
@@ -419,7 +420,7 @@ class Scheduler:
         for other in self._running:
             if other is request or not other._started or other._pending >= 0:
                 continue
-            n = min(_common_prefix(other.tokens, request.tokens), limit)
+            n = min(common_prefix(other.tokens, request.tokens), limit)
             if n > max(shared, other._fed):
                 best, shared = other, n
         return best, shared
@@ -681,14 +682,6 @@ class EmbeddingBatcher:
 
 def _seq_of(request: Request) -> int:
     return request._seq
-
-
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
 
 
 def _getter(options: Any) -> Any:

@@ -7,8 +7,11 @@ import threading
 import time
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 import mullama
+from mullama.engine import common_prefix
 from mullama.errors import BadRequestError, InvalidModelFileError
 
 CHAT = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
@@ -204,3 +207,13 @@ def test_decoding_lets_other_python_threads_run(model):
         ctx.forget(0)
     # Holding the GIL through the decode leaves the counter a few percent (its switch-interval slices).
     assert decode_rate > 0.2 * free_rate
+
+
+@given(st.lists(st.integers(0, 3), max_size=600), st.lists(st.integers(0, 3), max_size=600),
+       st.lists(st.integers(0, 3), max_size=600))
+def test_common_prefix_is_the_first_difference(shared, a_tail, b_tail):
+    a, b = shared + a_tail, shared + b_tail
+    expected = 0
+    while expected < min(len(a), len(b)) and a[expected] == b[expected]:
+        expected += 1
+    assert common_prefix(a, b) == common_prefix(tuple(b), a) == expected
