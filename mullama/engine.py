@@ -276,10 +276,18 @@ class Context:
         """Make an abortable decode in progress stop at its next graph node."""
         self._abort_requested = True
 
-    def forget(self, seq: int, keep: int = 0) -> None:
-        """Drop the KV cache of ``seq`` from position ``keep`` on."""
-        self._lib.llama_memory_seq_rm(self.memory, seq, keep, -1)
+    def forget(self, seq: int, keep: int = 0) -> int:
+        """Drop the KV cache of ``seq`` from position ``keep`` on; return how many positions stay.
+
+        A recurrent or hybrid model's state cannot be cut at a position:
+        llama.cpp refuses, and then the whole sequence is dropped (0 stay),
+        since a state that went past ``keep`` would give wrong answers.
+        """
+        if not self._lib.llama_memory_seq_rm(self.memory, seq, keep, -1):
+            self._lib.llama_memory_seq_rm(self.memory, seq, 0, -1)
+            keep = 0
         del self.cached[seq][keep:]
+        return keep
 
     def reuse_prefix(self, seq: int, tokens: Sequence[int]) -> int:
         """Keep the longest cached prefix of ``tokens`` in ``seq``; return its length.
@@ -289,21 +297,20 @@ class Context:
         """
         cached = self.cached[seq]
         n = min(common_prefix(cached, tokens), len(tokens) - 1)
-        if n < len(cached):
-            self.forget(seq, n)
-        return n
+        return self.forget(seq, n) if n < len(cached) else n
 
-    def share_prefix(self, src: int, dst: int, n: int) -> None:
-        """Give ``dst`` the first ``n`` cached tokens of ``src`` by copying their KV cache.
+    def share_prefix(self, src: int, dst: int, n: int) -> int:
+        """Give ``dst`` the first ``n`` cached tokens of ``src`` by copying their KV cache; return ``n``.
 
         With a KV cache split per sequence, llama.cpp copies the whole of
         ``src``'s cache (about :attr:`seq_bytes`) at the next decode; ``src``
-        is untouched and may be generating meanwhile.
+        is untouched and may be generating meanwhile. Where the copy cannot
+        be cut back to ``n`` (see :meth:`forget`), nothing is shared: 0.
         """
         self._lib.llama_memory_seq_cp(self.memory, src, dst, -1, -1)
-        self._lib.llama_memory_seq_rm(self.memory, dst, n, -1)
         # In place: a running request holds this very list as its cache record.
-        self.cached[dst][:] = self.cached[src][:n]
+        self.cached[dst][:] = self.cached[src]
+        return self.forget(dst, n)
 
     def close(self) -> None:
         if self.ptr:

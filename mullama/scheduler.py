@@ -388,8 +388,7 @@ class Scheduler:
         request._fed = ctx.reuse_prefix(seq, tokens)
         donor, shared = self._donor(seq, tokens)
         if shared > request._fed and self._worth_copying(shared - request._fed):
-            ctx.share_prefix(donor, seq, shared)
-            request._fed = shared
+            request._fed = ctx.share_prefix(donor, seq, shared)
         reader, coming = self._reader(request)
         if coming > request._fed and self._worth_copying(coming - request._fed):
             request._awaits, request._awaited = reader, coming
@@ -435,8 +434,7 @@ class Scheduler:
                 request._awaits = None
             elif reader._fed >= request._awaited:
                 if request._awaited > request._fed:
-                    self._ctx.share_prefix(reader._seq, request._seq, request._awaited)
-                    request._fed = request._awaited
+                    request._fed = self._ctx.share_prefix(reader._seq, request._seq, request._awaited)
                     request._completion.timings.prompt_eval_count = len(request.tokens) - request._fed
                 request._awaits = None
 
