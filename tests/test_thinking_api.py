@@ -18,7 +18,7 @@ from typing import Any
 import anthropic
 import openai
 import pytest
-from daemon import anthropic_client, create_model, openai_client, running
+from daemon import create_model, running
 
 from mullama.http.server import Server
 
@@ -63,17 +63,6 @@ def server(model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
             create_model(server.server_address[1], model_path, name, template=template,
                          parameters={**THREADS, **parameters})
         yield server
-
-
-@pytest.fixture(scope="module")
-def oai(server: Server) -> Iterator[openai.OpenAI]:
-    with openai_client(server, timeout=120) as sdk:
-        yield sdk
-
-
-@pytest.fixture(scope="module")
-def claude(server: Server) -> anthropic.Anthropic:
-    return anthropic_client(server, timeout=120)
 
 
 @pytest.fixture(scope="module")

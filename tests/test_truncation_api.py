@@ -19,7 +19,7 @@ import anthropic
 import ollama
 import openai
 import pytest
-from daemon import anthropic_client, create_model, openai_client, running
+from daemon import create_model, running
 
 from mullama.http.ollama import TRUNCATED_HEADER
 from mullama.http.server import Server
@@ -53,17 +53,6 @@ def dropped(headers: Any) -> int:
     count = int(headers[TRUNCATED_HEADER])
     assert count > 0
     return count
-
-
-@pytest.fixture(scope="module")
-def oai(server: Server) -> Iterator[openai.OpenAI]:
-    with openai_client(server, timeout=120) as sdk:
-        yield sdk
-
-
-@pytest.fixture(scope="module")
-def claude(server: Server) -> anthropic.Anthropic:
-    return anthropic_client(server, timeout=120)
 
 
 # --- Ollama --------------------------------------------------------------------
