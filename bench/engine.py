@@ -25,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import mullama  # noqa: E402
-from mullama.engine import default_threads  # noqa: E402
+from mullama.engine.model import default_threads  # noqa: E402
 from mullama.ffi import loader  # noqa: E402
 
 N_PROMPT = 512

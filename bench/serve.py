@@ -33,7 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from mullama.engine import default_threads  # noqa: E402
+from mullama.engine.model import default_threads  # noqa: E402
 from mullama.ffi import loader  # noqa: E402
 
 QUESTIONS = [

@@ -6,6 +6,6 @@ process and generates, embeds and tokenizes without any HTTP hop.
 
 __version__ = "0.1.0"
 
-from mullama.engine import Completion, Generation, Model, Timings
+from mullama.engine.model import Completion, Generation, Model, Timings
 
 __all__ = ["Completion", "Generation", "Model", "Timings", "__version__"]

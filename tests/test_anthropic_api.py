@@ -14,8 +14,8 @@ from daemon import anthropic_client, create_model, running
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mullama import chat
-from mullama.engine import Timings
+from mullama import service
+from mullama.engine.model import Timings
 from mullama.errors import (
     BadRequestError,
     MullamaError,
@@ -317,36 +317,36 @@ def test_string_content_is_kept_as_is(turns: list[tuple[str, str]]) -> None:
 
 
 class ScriptedReply:
-    """Stands in for chat.Reply: yields given deltas, then has a result."""
+    """Stands in for service.Reply: yields given deltas, then has a result."""
 
-    def __init__(self, deltas: list[chat.Delta], done_reason: str = "stop", stop_sequence: str = "") -> None:
+    def __init__(self, deltas: list[service.Delta], done_reason: str = "stop", stop_sequence: str = "") -> None:
         self.deltas, self.done_reason, self.stop_sequence = deltas, done_reason, stop_sequence
         self.prompt_tokens = 11
-        self.result: chat.ChatResult | None = None
+        self.result: service.ChatResult | None = None
 
-    def __iter__(self) -> Iterator[chat.Delta]:
+    def __iter__(self) -> Iterator[service.Delta]:
         message = Message(role="assistant")
         for delta in self.deltas:
             message.content += delta.content
             message.thinking += delta.thinking
             message.tool_calls += delta.tool_calls
             yield delta
-        self.result = chat.ChatResult(model="m", message=message, done_reason=self.done_reason,
+        self.result = service.ChatResult(model="m", message=message, done_reason=self.done_reason,
                                       timings=Timings(eval_count=len(self.deltas)), prompt_tokens=11,
                                       stop_sequence=self.stop_sequence)
 
 
 _deltas = st.lists(st.one_of(
-    st.builds(chat.Delta, content=st.text(min_size=1, max_size=4)),
-    st.builds(chat.Delta, thinking=st.text(min_size=1, max_size=4)),
-    st.builds(lambda name, args: chat.Delta(tool_calls=[ToolCall(name=name, arguments=args, id="call_ab12")]),
+    st.builds(service.Delta, content=st.text(min_size=1, max_size=4)),
+    st.builds(service.Delta, thinking=st.text(min_size=1, max_size=4)),
+    st.builds(lambda name, args: service.Delta(tool_calls=[ToolCall(name=name, arguments=args, id="call_ab12")]),
               st.sampled_from(["f", "g"]), st.dictionaries(st.text(max_size=3), st.integers(), max_size=2))),
     max_size=8)
 
 
 @settings(max_examples=200, deadline=None)
 @given(_deltas)
-def test_stream_events_are_well_formed(deltas: list[chat.Delta]) -> None:
+def test_stream_events_are_well_formed(deltas: list[service.Delta]) -> None:
     reply = ScriptedReply(deltas)
     events = list(api.stream_events(reply, "msg_1", "m"))
     names = [name for name, _ in events]
@@ -390,7 +390,7 @@ def test_stream_events_are_well_formed(deltas: list[chat.Delta]) -> None:
 
 def test_stop_reasons() -> None:
     def reason(done: str, stop: str = "", calls: bool = False) -> tuple[str, str | None]:
-        deltas = [chat.Delta(tool_calls=[ToolCall(name="f", arguments={})])] if calls else []
+        deltas = [service.Delta(tool_calls=[ToolCall(name="f", arguments={})])] if calls else []
         reply = ScriptedReply(deltas, done, stop)
         list(reply)
         assert reply.result is not None

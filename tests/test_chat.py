@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 import mullama
-from mullama import chat
+from mullama import service
 from mullama.errors import BadRequestError
-from mullama.models import ModelRecord
+from mullama.engine.residency import ModelRecord
 from mullama.types import Message, Tool, ToolCall
 
 WEATHER = Tool(name="get_weather", description="Weather in a city",
@@ -25,7 +25,7 @@ def record(model_path, **fields) -> ModelRecord:
 
 
 def test_gguf_template_renders_with_modelfile_system(model, model_path):
-    prompt = chat.render_prompt(record(model_path, system="Be brief."), model,
+    prompt = service.render_prompt(record(model_path, system="Be brief."), model,
                                 [Message(role="user", content="Hi")], [], None)
     assert prompt == ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
                       "<|im_start|>assistant\n")
@@ -33,7 +33,7 @@ def test_gguf_template_renders_with_modelfile_system(model, model_path):
 
 def test_modelfile_go_template_wins_over_the_gguf_template(model, model_path):
     template = "{{ range .Messages }}[{{ .Role }}] {{ .Content }}\n{{ end }}[assistant] "
-    prompt = chat.render_prompt(record(model_path, template=template), model,
+    prompt = service.render_prompt(record(model_path, template=template), model,
                                 [Message(role="user", content="Hi")], [], None)
     assert prompt == "[user] Hi\n[assistant] "
 
@@ -44,28 +44,28 @@ def test_tools_and_their_history_reach_a_template_without_tool_support(model, mo
         Message(role="assistant", tool_calls=[ToolCall(name="get_weather", arguments={"city": "Paris"})]),
         Message(role="tool", content="18 C, sunny", tool_name="get_weather"),
     ]
-    prompt = chat.render_prompt(record(model_path), model, messages, [WEATHER], None)
+    prompt = service.render_prompt(record(model_path), model, messages, [WEATHER], None)
     assert "<tools>" in prompt and '"name": "get_weather"' in prompt
     assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>' in prompt
     assert "<tool_response>\n18 C, sunny\n</tool_response>" in prompt
 
 
 def test_forced_tool_choice_gives_a_single_call_grammar():
-    hermes = chat.DEFAULT_TOOL_FORMAT
-    single = chat.grammar_for(None, [WEATHER], "get_weather", hermes)
-    several = chat.grammar_for(None, [WEATHER], "required", hermes, parallel=True)
+    hermes = service.DEFAULT_TOOL_FORMAT
+    single = service.grammar_for(None, [WEATHER], "get_weather", hermes)
+    several = service.grammar_for(None, [WEATHER], "required", hermes, parallel=True)
     assert single and several and single != several
-    assert chat.grammar_for(None, [WEATHER], "auto", hermes) is None
+    assert service.grammar_for(None, [WEATHER], "auto", hermes) is None
 
 
 def test_invalid_format_is_a_bad_request():
     with pytest.raises(BadRequestError):
-        chat.grammar_for("yaml", [], "auto", chat.DEFAULT_TOOL_FORMAT)
+        service.grammar_for("yaml", [], "auto", service.DEFAULT_TOOL_FORMAT)
     with pytest.raises(BadRequestError, match="patternProperties"):
-        chat.grammar_for({"type": "object", "patternProperties": {"a": {}}}, [], "auto", chat.DEFAULT_TOOL_FORMAT)
+        service.grammar_for({"type": "object", "patternProperties": {"a": {}}}, [], "auto", service.DEFAULT_TOOL_FORMAT)
 
 
 def test_images_are_refused_not_dropped(model_path):
     with pytest.raises(BadRequestError, match="no vision projector"):
-        chat._check_images(record(model_path), True)
-    chat._check_images(record(model_path), False)
+        service._check_images(record(model_path), True)
+    service._check_images(record(model_path), False)

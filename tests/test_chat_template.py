@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mullama.chat_template import ChatTemplateError, render_jinja
+from mullama.prompt.jinja import ChatTemplateError, render_jinja
 from mullama.errors import BadRequestError
 from mullama.types import Message, Tool, ToolCall
 

@@ -24,7 +24,9 @@ from daemon import cli, environment, free_port, serve
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from mullama import __version__, modelfile
+from mullama import __version__
+
+from mullama.store import modelfile
 from mullama.cli import main
 from mullama.cli.create import create_request
 from mullama.cli.format import (

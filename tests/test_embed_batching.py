@@ -9,7 +9,7 @@ import pytest
 
 import mullama
 from mullama.errors import BadRequestError, OverloadedError
-from mullama.scheduler import EmbeddingBatcher, Scheduler
+from mullama.engine.batching import EmbeddingBatcher, Batcher
 
 TEXTS = [f"{subject} {verb} the {thing}." for subject in ("The cat", "A physicist", "My neighbour", "The river")
          for verb in ("likes", "studies") for thing in ("moon", "garden", "train", "sea")]
@@ -60,12 +60,12 @@ def assert_close(a: list[float], b: list[float]) -> None:
 
 
 def test_concurrent_calls_get_their_own_vectors_in_fewer_decodes(model, alone):
-    with Scheduler(model) as scheduler:
-        scheduler.embed(TEXTS[0])
+    with Batcher(model) as batcher:
+        batcher.embed(TEXTS[0])
         ctx = model.embedding_context
         before = ctx.decode_count
         # Eight threads, four calls each of one input.
-        results = run_threads(8, lambda i: [scheduler.embed(TEXTS[i * 4 + k])[0] for k in range(4)])
+        results = run_threads(8, lambda i: [batcher.embed(TEXTS[i * 4 + k])[0] for k in range(4)])
         decodes = ctx.decode_count - before
     for i, vectors in enumerate(results):
         for k, vector in enumerate(vectors):
@@ -87,8 +87,8 @@ def test_calls_of_several_inputs_keep_their_order(model, alone):
 
 
 def test_unnormalised_vectors_match_model_embed(model):
-    with Scheduler(model) as scheduler:
-        got = scheduler.embed(TEXTS[:3], normalize=False)
+    with Batcher(model) as batcher:
+        got = batcher.embed(TEXTS[:3], normalize=False)
     expected = model.embed(TEXTS[:3], normalize=False)
     for a, b in zip(got, expected):
         assert_close(a, b)

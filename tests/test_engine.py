@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import mullama
-from mullama.engine import common_prefix
+from mullama.engine.model import common_prefix
 from mullama.errors import BadRequestError, InvalidModelFileError
 
 CHAT = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
@@ -161,8 +161,8 @@ def test_builtin_template_is_the_last_resort(model):
 
 
 def test_quantize_writes_a_loadable_model(model_path, tmp_path):
-    from mullama.engine import quantize
-    from mullama.gguf import read_gguf
+    from mullama.engine.model import quantize
+    from mullama.store.gguf import read_gguf
 
     out = tmp_path / "q8.gguf"
     quantize(model_path, out, "q8_0", threads=1)

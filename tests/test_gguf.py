@@ -1,4 +1,4 @@
-"""Tests of the GGUF validator and metadata reader (mullama.gguf)."""
+"""Tests of the GGUF validator and metadata reader (mullama.store.gguf)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mullama.errors import InvalidModelFileError
-from mullama.gguf import GGML_TYPES, GGUFInfo, SkippedArray, read_gguf
+from mullama.store.gguf import GGML_TYPES, GGUFInfo, SkippedArray, read_gguf
 
 # GGUF value types, as numbered in gguf.h.
 U8, I8, U16, I16, U32, I32, F32, BOOL, STRING, ARRAY, U64, I64, F64 = range(13)

@@ -1,4 +1,4 @@
-"""Go text/template semantics of mullama.gotemplate."""
+"""Go text/template semantics of mullama.prompt.gotemplate."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mullama.errors import BadRequestError
-from mullama.gotemplate import (
+from mullama.prompt.gotemplate import (
     MAX_NESTING,
     Template,
     TemplateError,

@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 from mullama.errors import BadRequestError
-from mullama.grammar import (
+from mullama.prompt.grammar import (
     JSON_GRAMMAR,
     UnsupportedSchemaError,
     json_grammar,

@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 from daemon import CLOSED_HUB, cli, serve
 
-from mullama import modelfile
+from mullama.store import modelfile
 from mullama.cli import main
 from mullama.cli.create import create_request
 from mullama.errors import BadRequestError
-from mullama.names import ModelName
-from mullama.store import CONFIG_MEDIA_TYPE, MEDIA_TYPES, Layer, Manifest, Store
+from mullama.store.names import ModelName
+from mullama.store.blobs import CONFIG_MEDIA_TYPE, MEDIA_TYPES, Layer, Manifest, Store
 
 
 def _fake_ollama(root: Path, model_path: Path) -> Store:

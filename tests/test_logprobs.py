@@ -11,11 +11,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import mullama
-from mullama import chat
+from mullama import service
 from mullama.errors import BadRequestError
-from mullama.sampling import MAX_TOP_LOGPROBS, LogprobReader, check_top_logprobs
-from mullama.scheduler import Scheduler
-from mullama.thinking import ThinkingSplitter
+from mullama.engine.sampling import MAX_TOP_LOGPROBS, LogprobReader, check_top_logprobs
+from mullama.engine.batching import Batcher
+from mullama.prompt.thinking import ThinkingSplitter
 
 CHAT = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
 GREEDY = {"temperature": 0, "num_predict": 16}
@@ -28,8 +28,8 @@ def model(model_path):
 
 
 @pytest.fixture(scope="module")
-def scheduler(model):
-    with Scheduler(model) as running:
+def batcher(model):
+    with Batcher(model) as running:
         yield running
 
 
@@ -72,8 +72,8 @@ def test_reader_matches_a_pure_python_log_softmax(model):
     assert entry.top_logprobs[0].token == " Paris"
 
 
-def test_greedy_tokens_are_the_likeliest_and_aligned_with_the_text(model, scheduler):
-    request = scheduler.submit(prompt(model), GREEDY, logprobs=True, top_logprobs=MAX_TOP_LOGPROBS)
+def test_greedy_tokens_are_the_likeliest_and_aligned_with_the_text(model, batcher):
+    request = batcher.submit(prompt(model), GREEDY, logprobs=True, top_logprobs=MAX_TOP_LOGPROBS)
     pieces = list(request.pieces())
     result = request.wait(60)
     assert len(result.logprobs) == len(result.tokens) > 5
@@ -91,47 +91,47 @@ def test_greedy_tokens_are_the_likeliest_and_aligned_with_the_text(model, schedu
     assert [e for _, entries in pieces for e in entries] == result.logprobs
 
 
-def test_logprobs_are_absent_unless_requested(model, scheduler):
-    request = scheduler.submit(prompt(model), GREEDY)
+def test_logprobs_are_absent_unless_requested(model, batcher):
+    request = batcher.submit(prompt(model), GREEDY)
     assert all(entries == [] for _, entries in request.pieces())
     assert request.wait(60).logprobs == []
-    request = scheduler.submit(prompt(model), GREEDY, top_logprobs=5)
+    request = batcher.submit(prompt(model), GREEDY, top_logprobs=5)
     assert request.wait(60).logprobs == []
 
 
-def test_zero_alternatives_still_gives_each_token_its_logprob(model, scheduler):
-    request = scheduler.submit(prompt(model), GREEDY, logprobs=True)
+def test_zero_alternatives_still_gives_each_token_its_logprob(model, batcher):
+    request = batcher.submit(prompt(model), GREEDY, logprobs=True)
     result = request.wait(60)
     assert len(result.logprobs) == len(result.tokens) > 5
     assert all(e.top_logprobs == () and e.logprob <= 0 for e in result.logprobs)
 
 
-def test_sampled_tokens_get_the_raw_distributions_logprob(model, scheduler):
+def test_sampled_tokens_get_the_raw_distributions_logprob(model, batcher):
     # Temperature and top_k change what is drawn, not the reported probabilities.
     options = {"temperature": 1.5, "top_k": 100, "seed": 7, "num_predict": 24}
-    result = scheduler.submit(prompt(model, "Tell me a story."), options, logprobs=True, top_logprobs=3).wait(60)
-    greedy = scheduler.submit(prompt(model, "Tell me a story."), dict(GREEDY, num_predict=1),
+    result = batcher.submit(prompt(model, "Tell me a story."), options, logprobs=True, top_logprobs=3).wait(60)
+    greedy = batcher.submit(prompt(model, "Tell me a story."), dict(GREEDY, num_predict=1),
                               logprobs=True, top_logprobs=3).wait(60)
     assert result.logprobs[0].top_logprobs == greedy.logprobs[0].top_logprobs
     assert all(e.logprob <= e.top_logprobs[0].logprob for e in result.logprobs)
     assert any(e.id != e.top_logprobs[0].id for e in result.logprobs)
 
 
-def test_tokens_of_a_stop_string_have_no_entry(model, scheduler):
-    full = scheduler.submit(prompt(model), GREEDY, logprobs=True).wait(60)
+def test_tokens_of_a_stop_string_have_no_entry(model, batcher):
+    full = batcher.submit(prompt(model), GREEDY, logprobs=True).wait(60)
     k = len(full.logprobs) // 2
     stop = full.logprobs[k].token + full.logprobs[k + 1].token
-    cut = scheduler.submit(prompt(model), dict(GREEDY, stop=[stop]), logprobs=True).wait(60)
+    cut = batcher.submit(prompt(model), dict(GREEDY, stop=[stop]), logprobs=True).wait(60)
     assert cut.done_reason == "stop" and cut.stop_sequence == stop
     assert cut.logprobs == full.logprobs[:k]
     assert "".join(e.token for e in cut.logprobs) == cut.text
 
 
-def test_a_token_cut_by_a_stop_string_keeps_its_entry(model, scheduler):
-    full = scheduler.submit(prompt(model), GREEDY, logprobs=True).wait(60)
+def test_a_token_cut_by_a_stop_string_keeps_its_entry(model, batcher):
+    full = batcher.submit(prompt(model), GREEDY, logprobs=True).wait(60)
     k = max(i for i, e in enumerate(full.logprobs) if len(e.token.strip()) > 1)
     stop = full.logprobs[k].token[-1:]
-    cut = scheduler.submit(prompt(model), dict(GREEDY, stop=[stop]), logprobs=True).wait(60)
+    cut = batcher.submit(prompt(model), dict(GREEDY, stop=[stop]), logprobs=True).wait(60)
     assert cut.stop_sequence == stop
     # The token that the stop string cuts is reported, as it shows some text; none after it is.
     shown = "".join(e.token for e in cut.logprobs)
@@ -140,10 +140,10 @@ def test_a_token_cut_by_a_stop_string_keeps_its_entry(model, scheduler):
     assert cut.logprobs == full.logprobs[:len(cut.logprobs)]
 
 
-def test_concurrent_requests_keep_their_own_logprobs(model, scheduler):
-    alone = scheduler.submit(prompt(model, "Who wrote Hamlet?"), GREEDY, logprobs=True, top_logprobs=2).wait(60)
-    with_logprobs = scheduler.submit(prompt(model, "Who wrote Hamlet?"), GREEDY, logprobs=True, top_logprobs=2)
-    without = scheduler.submit(prompt(model, "Describe a cat."), GREEDY)
+def test_concurrent_requests_keep_their_own_logprobs(model, batcher):
+    alone = batcher.submit(prompt(model, "Who wrote Hamlet?"), GREEDY, logprobs=True, top_logprobs=2).wait(60)
+    with_logprobs = batcher.submit(prompt(model, "Who wrote Hamlet?"), GREEDY, logprobs=True, top_logprobs=2)
+    without = batcher.submit(prompt(model, "Describe a cat."), GREEDY)
     assert without.wait(60).logprobs == []
     together = with_logprobs.wait(60)
     assert [e.id for e in together.logprobs] == [e.id for e in alone.logprobs]
@@ -151,8 +151,8 @@ def test_concurrent_requests_keep_their_own_logprobs(model, scheduler):
         assert a.logprob == pytest.approx(b.logprob, abs=1e-3)
 
 
-def test_in_process_generation_reports_the_same_logprobs(model, model_path, scheduler):
-    expected = scheduler.submit(prompt(model), GREEDY, logprobs=True, top_logprobs=3).wait(60)
+def test_in_process_generation_reports_the_same_logprobs(model, model_path, batcher):
+    expected = batcher.submit(prompt(model), GREEDY, logprobs=True, top_logprobs=3).wait(60)
     with mullama.Model(model_path, num_ctx=512, num_thread=1) as single:
         generation = single.generate(prompt(model), GREEDY, logprobs=True, top_logprobs=3)
         text = "".join(generation)
@@ -163,13 +163,13 @@ def test_in_process_generation_reports_the_same_logprobs(model, model_path, sche
         assert [t.id for t in a.top_logprobs] == [t.id for t in b.top_logprobs]
 
 
-def test_chat_deltas_carry_the_logprobs_of_markup_too(model, scheduler):
+def test_chat_deltas_carry_the_logprobs_of_markup_too(model, batcher):
     # The model echoes "<think>hello</think> world"; the splitter swallows the tags,
     # so their tokens travel with the next delta that has text.
     tokens = prompt(model, "Repeat exactly: <think>hello</think> world")
     tokens += model.tokenize("Repeat exactly:", add_special=False)
-    request = scheduler.submit(tokens, dict(GREEDY, num_predict=30), logprobs=True)
-    reply = chat.Reply("smol", ExitStack(), request, ThinkingSplitter(), None, time.perf_counter_ns(), 0, 0)
+    request = batcher.submit(tokens, dict(GREEDY, num_predict=30), logprobs=True)
+    reply = service.Reply("smol", ExitStack(), request, ThinkingSplitter(), None, time.perf_counter_ns(), 0, 0)
     deltas = list(reply)
     assert reply.result is not None and reply.result.message.thinking == "hello"
     assert [e for d in deltas for e in d.logprobs] == reply.result.logprobs
@@ -179,17 +179,17 @@ def test_chat_deltas_carry_the_logprobs_of_markup_too(model, scheduler):
     assert any("<think>" in text or "</think>" in text for text in spelled)
 
 
-def test_chat_deltas_have_no_logprobs_unless_requested(model, scheduler):
-    request = scheduler.submit(prompt(model), GREEDY)
-    reply = chat.Reply("smol", ExitStack(), request, None, None, time.perf_counter_ns(), 0, 0)
+def test_chat_deltas_have_no_logprobs_unless_requested(model, batcher):
+    request = batcher.submit(prompt(model), GREEDY)
+    reply = service.Reply("smol", ExitStack(), request, None, None, time.perf_counter_ns(), 0, 0)
     assert all(d.logprobs == [] for d in reply)
     assert reply.result is not None and reply.result.logprobs == []
 
 
 @pytest.mark.parametrize("bad", [-1, 21, 2.5, "3", True, None])
-def test_top_logprobs_out_of_range_is_a_bad_request(model, scheduler, bad):
+def test_top_logprobs_out_of_range_is_a_bad_request(model, batcher, bad):
     with pytest.raises(BadRequestError, match="top_logprobs"):
-        scheduler.submit(prompt(model), GREEDY, logprobs=True, top_logprobs=bad)
+        batcher.submit(prompt(model), GREEDY, logprobs=True, top_logprobs=bad)
 
 
 @settings(max_examples=200, deadline=None)

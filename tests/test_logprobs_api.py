@@ -13,10 +13,10 @@ import openai
 import pytest
 from daemon import create_model, openai_client, running
 
-from mullama import chat
-from mullama.engine import Timings
+from mullama import service
+from mullama.engine.model import Timings
 from mullama.http.server import Server
-from mullama.sampling import TokenLogprob
+from mullama.engine.sampling import TokenLogprob
 from mullama.types import Message
 
 MODEL = "smol"
@@ -87,12 +87,12 @@ class ScriptedReply:
     truncated = 0
 
     def __init__(self) -> None:
-        self.result: chat.ChatResult | None = None
+        self.result: service.ChatResult | None = None
 
-    def __iter__(self) -> Iterator[chat.Delta]:
-        yield chat.Delta(content="Hi", logprobs=[HI])
-        yield chat.Delta(logprobs=[TAG])
-        self.result = chat.ChatResult(MODEL, Message(role="assistant", content="Hi"), "stop", Timings(),
+    def __iter__(self) -> Iterator[service.Delta]:
+        yield service.Delta(content="Hi", logprobs=[HI])
+        yield service.Delta(logprobs=[TAG])
+        self.result = service.ChatResult(MODEL, Message(role="assistant", content="Hi"), "stop", Timings(),
                                       logprobs=[HI, TAG])
 
     def cancel(self) -> None:
@@ -111,8 +111,8 @@ def scripted(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
         requests.append(request)
         return ScriptedReply()
 
-    monkeypatch.setattr(chat, "chat", start)
-    monkeypatch.setattr(chat, "generate", start)
+    monkeypatch.setattr(service, "chat", start)
+    monkeypatch.setattr(service, "generate", start)
     return requests
 
 

@@ -7,7 +7,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from mullama.errors import BadRequestError
-from mullama.modelfile import Modelfile, ModelfileError, parse, render
+from mullama.store.modelfile import Modelfile, ModelfileError, parse, render
 from mullama.types import Message
 
 EXAMPLE = '''# A comment, then blank lines

@@ -12,12 +12,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mullama import gguf, memory, models
-from mullama.engine import LoadOptions
+from mullama.store import gguf
+
+from mullama.engine import memory
+
+from mullama.engine import residency
+from mullama.engine.model import LoadOptions
 from mullama.errors import ModelLoadError, MullamaError, OverloadedError
-from mullama.models import ModelManager, find_model
-from mullama.names import ModelName
-from mullama.store import CONFIG_MEDIA_TYPE, MEDIA_TYPES, Layer, Manifest, Store
+from mullama.engine.residency import ModelManager, find_model
+from mullama.store.names import ModelName
+from mullama.store.blobs import CONFIG_MEDIA_TYPE, MEDIA_TYPES, Layer, Manifest, Store
 
 NAMES = ("alpha", "beta", "gamma")
 #: Small contexts and one thread keep each load and generation quick on two busy cores.
@@ -207,10 +211,10 @@ def test_a_generating_model_is_never_evicted(make_manager, one_model: int) -> No
     long = {**SMALL, "num_ctx": 2048, "num_predict": -1}
     with manager.use("alpha", long) as alpha:
         tokens = alpha.model.tokenize("1, 2, 3, 4, 5, 6, 7, 8,")
-        request = alpha.scheduler.submit(tokens, long)
+        request = alpha.batcher.submit(tokens, long)
     pieces = iter(request)
     next(pieces)
-    assert alpha.in_use == 0 and alpha.scheduler.busy
+    assert alpha.in_use == 0 and alpha.batcher.busy
     with pytest.raises(OverloadedError, match="no room to load beta"):
         touch(manager, "beta")
     assert loaded_names(manager) == {"alpha"} and not request.done
@@ -313,9 +317,9 @@ def test_other_load_options_reload_the_model(make_manager) -> None:
 
 def test_concurrent_first_use_loads_once(make_manager, monkeypatch: pytest.MonkeyPatch) -> None:
     loads: list[Path] = []
-    real_model = models.Model
+    real_model = residency.Model
 
-    def counting_model(path: Path, options: LoadOptions, **kwargs: Any) -> models.Model:
+    def counting_model(path: Path, options: LoadOptions, **kwargs: Any) -> residency.Model:
         loads.append(path)
         time.sleep(0.2)  # widen the window in which a second load could start
         return real_model(path, options, **kwargs)
@@ -344,9 +348,9 @@ def test_a_load_does_not_block_other_models(make_manager, monkeypatch: pytest.Mo
     touch(manager, "alpha")
     release = threading.Event()
     loading = threading.Event()
-    real_model = models.Model
+    real_model = residency.Model
 
-    def slow_model(path: Path, options: LoadOptions, **kwargs: Any) -> models.Model:
+    def slow_model(path: Path, options: LoadOptions, **kwargs: Any) -> residency.Model:
         loading.set()
         release.wait(30)
         return real_model(path, options, **kwargs)
@@ -358,7 +362,7 @@ def test_a_load_does_not_block_other_models(make_manager, monkeypatch: pytest.Mo
         assert loading.wait(30)
         started = time.monotonic()
         with manager.use("alpha", SMALL) as alpha:
-            request = alpha.scheduler.submit(alpha.model.tokenize("Hi"), {**SMALL, "num_predict": 2})
+            request = alpha.batcher.submit(alpha.model.tokenize("Hi"), {**SMALL, "num_predict": 2})
             request.wait(30)
         assert loaded_names(manager) == {"alpha"}
         assert time.monotonic() - started < 10

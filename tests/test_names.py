@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mullama.errors import BadRequestError
-from mullama.names import ModelName, blob_path, canonical_digest, parse_digest
+from mullama.store.names import ModelName, blob_path, canonical_digest, parse_digest
 
 HEX = "ab" * 32
 ROOT = Path("/store")

@@ -17,9 +17,9 @@ import ollama
 import pytest
 from daemon import create_model, running
 
-from mullama.grammar import validate
+from mullama.prompt.grammar import validate
 from mullama.http.server import Server
-from mullama.modelfile import parse as parse_modelfile
+from mullama.store.modelfile import parse as parse_modelfile
 
 MODEL = "smol"
 #: One thread: llama.cpp's spinning worker threads crawl when the two cores are shared with other work.

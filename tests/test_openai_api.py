@@ -16,10 +16,10 @@ from daemon import create_model, openai_client, running
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mullama import chat
-from mullama.engine import Timings
+from mullama import service
+from mullama.engine.model import Timings
 from mullama.errors import BadRequestError
-from mullama.grammar import validate
+from mullama.prompt.grammar import validate
 from mullama.http import openai as api
 from mullama.http.server import Server
 from mullama.types import Message, ToolCall
@@ -113,7 +113,7 @@ def test_wrong_api_key_is_authentication_error(client: openai.OpenAI, server: Se
 
 
 def test_chat_completion_shape_and_usage(hello: Any) -> None:
-    assert hello.object == "chat.completion" and hello.id.startswith("chatcmpl-")
+    assert hello.object == "service.completion" and hello.id.startswith("chatcmpl-")
     assert hello.model == MODEL
     choice = hello.choices[0]
     assert choice.message.role == "assistant" and choice.message.content
@@ -127,7 +127,7 @@ def test_streaming_equals_non_streaming(client: openai.OpenAI, hello: Any) -> No
     chunks = list(client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=16, stream=True,
                                                  stream_options={"include_usage": True}, logprobs=True, **GREEDY))
     assert chunks[0].choices[0].delta.role == "assistant"
-    assert all(c.object == "chat.completion.chunk" and c.id == chunks[0].id for c in chunks)
+    assert all(c.object == "service.completion.chunk" and c.id == chunks[0].id for c in chunks)
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == hello.choices[0].message.content
     finals = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
@@ -304,15 +304,15 @@ def test_responses_stream_error_event(client: openai.OpenAI, server: Server) -> 
 # --- parsers (no model) -----------------------------------------------------
 
 
-def _result(message: Message, done_reason: str = "stop") -> chat.ChatResult:
-    return chat.ChatResult(model=MODEL, message=message, done_reason=done_reason,
+def _result(message: Message, done_reason: str = "stop") -> service.ChatResult:
+    return service.ChatResult(model=MODEL, message=message, done_reason=done_reason,
                            timings=Timings(eval_count=7), prompt_tokens=5)
 
 
 def test_response_events_for_reasoning_text_and_calls() -> None:
     call = ToolCall(name="get_weather", arguments={"city": "Paris"}, id="call_x", index=0)
     machine = api._ResponseEvents({"id": "resp_1"}, parallel=True)
-    deltas = [chat.Delta(thinking="hm"), chat.Delta(content="Hi"), chat.Delta(content="!"), chat.Delta(tool_calls=[call])]
+    deltas = [service.Delta(thinking="hm"), service.Delta(content="Hi"), service.Delta(content="!"), service.Delta(tool_calls=[call])]
     events = list(machine.start()) + [e for d in deltas for e in machine.feed(d)]
     events += machine.finish(_result(Message(role="assistant", content="Hi!", thinking="hm", tool_calls=[call])))
     kinds = [e["type"] for e in events]

@@ -15,8 +15,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mullama.gotemplate import TemplateError, go_unquote
-from mullama.prompt import parse_template, render_chat, render_generate, template_vars
+from mullama.prompt.gotemplate import TemplateError, go_unquote
+from mullama.prompt.templates import parse_template, render_chat, render_generate, template_vars
 from mullama.types import Message, Tool, ToolCall
 
 # ---------------------------------------------------------------- Ollama's reference renderings

@@ -12,11 +12,11 @@ from hub_server import HubServer, sha256_of
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mullama import ollama_store
+from mullama.store import ollama_store
 from mullama.errors import BadRequestError, DownloadError, NotFoundError
-from mullama.names import ModelName
-from mullama.pull import pull, select_gguf
-from mullama.store import CONFIG_MEDIA_TYPE, MEDIA_TYPES, Layer, Manifest, Store
+from mullama.store.names import ModelName
+from mullama.store.pull import pull, select_gguf
+from mullama.store.blobs import CONFIG_MEDIA_TYPE, MEDIA_TYPES, Layer, Manifest, Store
 
 REPO = "someone/SmolLM2-135M-GGUF"
 FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"

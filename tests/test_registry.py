@@ -9,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mullama.errors import BadRequestError, MullamaError, NotFoundError
-from mullama.registry import HubSource, PyPISource, Resolved, load_aliases, resolve
-from mullama.store import MEDIA_TYPES
+from mullama.store.registry import HubSource, PyPISource, Resolved, load_aliases, resolve
+from mullama.store.blobs import MEDIA_TYPES
 
 SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 

@@ -14,11 +14,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import mullama
-from mullama import engine
 from mullama.errors import BadRequestError, MullamaError
-from mullama.grammar import schema_to_gbnf, validate
-from mullama.sampling import Sampler, SamplingParams, _stages
-from mullama.scheduler import Scheduler
+from mullama.prompt.grammar import schema_to_gbnf, validate
+from mullama.engine.sampling import Sampler, SamplingParams, _stages
+from mullama.engine.batching import Batcher
 
 CHAT = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
 PROMPT = CHAT.format("Describe a person as JSON.")
@@ -118,8 +117,8 @@ def test_same_seed_same_output(model, options):
 def test_the_scheduler_samples_concurrent_grammars(model, monkeypatch):
     requests = [(CHAT.format("Describe a person as JSON."), SCHEMAS[1]), (CHAT.format("Pick colours."), SCHEMAS[2])]
     options = {"temperature": 0, "num_predict": 96, "repeat_penalty": 1.3}
-    with Scheduler(model) as scheduler:
-        running = [scheduler.submit(model.tokenize(p), options, grammar=schema_to_gbnf(s)) for p, s in requests]
+    with Batcher(model) as batcher:
+        running = [batcher.submit(model.tokenize(p), options, grammar=schema_to_gbnf(s)) for p, s in requests]
         results = [r.wait(120) for r in running]
     for (prompt, schema), result in zip(requests, results):
         assert result.text == reference(model, monkeypatch, prompt, options, schema_to_gbnf(schema)).text

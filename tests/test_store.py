@@ -11,8 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mullama.errors import BadRequestError, InvalidModelFileError, ModelNotFoundError, NotFoundError
-from mullama.names import ModelName
-from mullama.store import CONFIG_MEDIA_TYPE, MEDIA_TYPES, Layer, Manifest, Store
+from mullama.store.names import ModelName
+from mullama.store.blobs import CONFIG_MEDIA_TYPE, MEDIA_TYPES, Layer, Manifest, Store
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mullama.thinking import ThinkingSplitter, prompt_opens_thinking, split_thinking
+from mullama.prompt.thinking import ThinkingSplitter, prompt_opens_thinking, split_thinking
 
 
 def stream(splitter: ThinkingSplitter, chunks: list[str]) -> list[tuple[str, str]]:

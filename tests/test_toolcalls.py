@@ -14,7 +14,7 @@ from conftest import llama_cpp_source
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mullama.toolcalls import (
+from mullama.prompt.toolcalls import (
     FORMATS,
     Event,
     TextDelta,
@@ -268,7 +268,7 @@ def test_leading_json_only_counts_at_the_start() -> None:
 
 
 def test_unparsable_calls_are_logged(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING, logger="mullama.toolcalls"):
+    with caplog.at_level(logging.WARNING, logger="mullama.prompt.toolcalls"):
         events = run(ToolFormat("hermes"), ["<tool_call>{oops}</tool_call>"])
     assert events == [TextDelta("<tool_call>{oops}</tool_call>")]
     assert "unparsable" in caplog.text

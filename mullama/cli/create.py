@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mullama import modelfile
+from mullama.store import modelfile
 from mullama.cli.progress import Progress
 from mullama.client import Client, file_digest
 from mullama.errors import BadRequestError, NotFoundError

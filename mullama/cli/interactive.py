@@ -10,7 +10,7 @@ from mullama.cli.format import go_value, list_table, show_info
 from mullama.cli.generate import RunOptions, chat_turn, load_model
 from mullama.client import APIError, Client
 from mullama.errors import BadRequestError
-from mullama.names import ModelName
+from mullama.store.names import ModelName
 from mullama.options import parse_parameter
 
 _MULTILINE = '"""'

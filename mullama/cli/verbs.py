@@ -12,7 +12,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from mullama import __version__, modelfile, ollama_store
+from mullama import __version__
+
+from mullama.store import modelfile
+
+from mullama.store import ollama_store
 from mullama.cli.create import create_request, upload
 from mullama.cli.daemon import connect
 from mullama.cli.format import list_table, ps_table, show_info
@@ -21,7 +25,7 @@ from mullama.cli.interactive import Session, apply_show
 from mullama.cli.progress import Progress, follow
 from mullama.client import APIError, Client, ConnectError
 from mullama.errors import BadRequestError, MullamaError, NotFoundError
-from mullama.names import ModelName
+from mullama.store.names import ModelName
 
 _THINK_VALUES = {"": True, "true": True, "false": False, "high": "high", "medium": "medium", "low": "low", "max": "max"}
 _GO_DURATION = re.compile(r"[-+]?(?:(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:ns|us|µs|μs|ms|s|m|h))+|[-+]?0")

@@ -1,6 +1,6 @@
 """Anthropic's Messages API: ``/v1/messages`` and ``/v1/messages/count_tokens``.
 
-Requests become a :class:`mullama.chat.ChatRequest`: content blocks turn into
+Requests become a :class:`mullama.service.ChatRequest`: content blocks turn into
 :class:`~mullama.types.Message` fields (tool results into ``tool`` messages),
 ``max_tokens`` and ``stop_sequences`` into Ollama's ``num_predict`` and
 ``stop``. Replies go back as a message object or as the server-sent events
@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from mullama import chat
+from mullama import service
 from mullama.errors import BadRequestError, MullamaError, OverloadedError
 from mullama.http.ollama import truncation_headers
 from mullama.http.server import Request, Router
@@ -255,7 +255,7 @@ def parse_output_format(value: Any) -> dict[str, Any] | None:
     return fmt["schema"]
 
 
-def parse_request(body: dict[str, Any], *, counting: bool = False) -> chat.ChatRequest:
+def parse_request(body: dict[str, Any], *, counting: bool = False) -> service.ChatRequest:
     """A Messages (or count_tokens, where ``max_tokens`` is not needed) body as a ChatRequest."""
     model = body.get("model")
     if not isinstance(model, str) or not model.strip():
@@ -275,7 +275,7 @@ def parse_request(body: dict[str, Any], *, counting: bool = False) -> chat.ChatR
             raise BadRequestError("stop_sequences: expected a list of strings", param="stop_sequences")
         options["stop"] = stops
     tools = parse_tools(body.get("tools"))
-    return chat.ChatRequest(model=model, messages=parse_messages(body.get("messages"), body.get("system")),
+    return service.ChatRequest(model=model, messages=parse_messages(body.get("messages"), body.get("system")),
                             tools=tools, options=options, format=parse_output_format(body.get("output_config")),
                             think=parse_thinking(body.get("thinking")),
                             keep_alive=body.get("keep_alive"),
@@ -293,7 +293,7 @@ def tool_use_id(call: ToolCall) -> str:
     return "toolu_" + call.id.removeprefix("call_")
 
 
-def stop_reason(result: chat.ChatResult) -> str:
+def stop_reason(result: service.ChatResult) -> str:
     """end_turn, max_tokens, stop_sequence or tool_use."""
     if result.message.tool_calls:
         return "tool_use"
@@ -302,11 +302,11 @@ def stop_reason(result: chat.ChatResult) -> str:
     return "stop_sequence" if result.stop_sequence else "end_turn"
 
 
-def _usage(result: chat.ChatResult) -> dict[str, int]:
+def _usage(result: service.ChatResult) -> dict[str, int]:
     return {"input_tokens": result.prompt_tokens, "output_tokens": result.timings.eval_count}
 
 
-def message_json(message_id: str, model: str, result: chat.ChatResult) -> dict[str, Any]:
+def message_json(message_id: str, model: str, result: service.ChatResult) -> dict[str, Any]:
     """The whole reply as Anthropic's message object."""
     m = result.message
     content: list[dict[str, Any]] = []
@@ -363,7 +363,7 @@ class _Blocks:
         return events + self.stop()
 
 
-def stream_events(reply: chat.Reply, message_id: str, model: str) -> Iterator[Event]:
+def stream_events(reply: service.Reply, message_id: str, model: str) -> Iterator[Event]:
     """The server-sent events of a streamed reply, as (event name, data) pairs."""
     yield "message_start", {"type": "message_start", "message": {
         "id": message_id, "type": "message", "role": "assistant", "model": model, "content": [],
@@ -400,7 +400,7 @@ def messages_route(request: Request) -> None:
     req = parse_request(body)
     stream = _typed(body, "stream", bool, False)
     handler = request.handler
-    reply = chat.chat(handler.app.manager, req)
+    reply = service.chat(handler.app.manager, req)
     message_id = "msg_" + secrets.token_hex(12)
     if not stream:
         for _ in reply:
@@ -429,4 +429,4 @@ def messages_route(request: Request) -> None:
 
 def count_tokens_route(request: Request) -> None:
     req = parse_request(request.json(), counting=True)
-    request.handler.send_json(200, {"input_tokens": chat.count_tokens(request.handler.app.manager, req)})
+    request.handler.send_json(200, {"input_tokens": service.count_tokens(request.handler.app.manager, req)})

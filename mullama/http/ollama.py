@@ -1,6 +1,6 @@
 """Ollama's ``/api/*``: the same fields, defaults, status codes and error bodies.
 
-Each route reads Ollama's JSON, builds a :mod:`mullama.chat` request or
+Each route reads Ollama's JSON, builds a :mod:`mullama.service` request or
 calls the store, and writes Ollama's JSON back; streaming responses are
 NDJSON with one flushed line per token.
 """
@@ -19,18 +19,22 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from mullama import __version__, chat, gguf
-from mullama.engine import quantize
+from mullama import __version__
+
+from mullama import service
+
+from mullama.store import gguf
+from mullama.engine.model import quantize
 from mullama.errors import BadRequestError, MullamaError, NotFoundError
 from mullama.http.server import Request, Router
-from mullama.modelfile import Modelfile
-from mullama.modelfile import render as render_modelfile
-from mullama.models import ModelRecord, find_model, parse_keep_alive
-from mullama.names import ModelName, canonical_digest
+from mullama.store.modelfile import Modelfile
+from mullama.store.modelfile import render as render_modelfile
+from mullama.engine.residency import ModelRecord, find_model, parse_keep_alive
+from mullama.store.names import ModelName, canonical_digest
 from mullama.options import parse_options
-from mullama.pull import pull
-from mullama.sampling import TokenLogprob, check_top_logprobs
-from mullama.store import MEDIA_TYPES, Layer, Manifest
+from mullama.store.pull import pull
+from mullama.engine.sampling import TokenLogprob, check_top_logprobs
+from mullama.store.blobs import MEDIA_TYPES, Layer, Manifest
 from mullama.types import Message, Tool, ToolCall
 
 #: The Ollama version Mullama answers to; clients gate features on it.
@@ -164,7 +168,7 @@ def _stream(body: dict[str, Any]) -> bool:
     return _field(body, "stream", bool, True)
 
 
-def _timings(result: chat.ChatResult) -> dict[str, Any]:
+def _timings(result: service.ChatResult) -> dict[str, Any]:
     t = result.timings
     out = {"done_reason": result.done_reason, "total_duration": t.total_duration,
            "load_duration": t.load_duration, "prompt_eval_count": t.prompt_eval_count,
@@ -175,12 +179,12 @@ def _timings(result: chat.ChatResult) -> dict[str, Any]:
     return out
 
 
-def truncation_headers(reply: chat.Reply) -> dict[str, str]:
+def truncation_headers(reply: service.Reply) -> dict[str, str]:
     """The :data:`TRUNCATED_HEADER` of a reply whose prompt was cut, else nothing."""
     return {TRUNCATED_HEADER: str(reply.truncated)} if reply.truncated else {}
 
 
-def _send_reply(request: Request, reply: chat.Reply, stream: bool, shape: Any, final: Any) -> None:
+def _send_reply(request: Request, reply: service.Reply, stream: bool, shape: Any, final: Any) -> None:
     """Write a reply as NDJSON (one flushed line per delta) or as one JSON object."""
     handler = request.handler
     headers = truncation_headers(reply)
@@ -243,22 +247,22 @@ def generate(request: Request) -> None:
     raw = _field(body, "raw", bool, False)
     if raw and (body.get("template") or body.get("system") or context):
         raise BadRequestError("raw mode does not support template, system, or context", param="raw")
-    req = chat.GenerateRequest(
+    req = service.GenerateRequest(
         model=name, prompt=prompt, suffix=_field(body, "suffix", str, ""), system=_field(body, "system", str),
         template=_field(body, "template", str), raw=raw,
         images=_images(body.get("images")), context=context, options=_options(body), format=_format(body),
         think=_think(body), keep_alive=_keep_alive(body), truncate=_field(body, "truncate", bool, True),
         logprobs=logprobs, top_logprobs=top_logprobs)
-    reply = chat.generate(request.handler.app.manager, req)
+    reply = service.generate(request.handler.app.manager, req)
     model = reply.model_name
 
-    def shape(delta: chat.Delta) -> dict[str, Any]:
+    def shape(delta: service.Delta) -> dict[str, Any]:
         out: dict[str, Any] = {"model": model, "created_at": now(), "response": delta.content, "done": False}
         if delta.thinking:
             out["thinking"] = delta.thinking
         return _add_logprobs(out, delta.logprobs)
 
-    def final(result: chat.ChatResult, collected: list[chat.Delta] | None) -> dict[str, Any]:
+    def final(result: service.ChatResult, collected: list[service.Delta] | None) -> dict[str, Any]:
         out: dict[str, Any] = {"model": model, "created_at": now(),
                                "response": result.message.content if collected is not None else "", "done": True}
         if collected is not None and result.message.thinking:
@@ -337,11 +341,11 @@ def chat_route(request: Request) -> None:
     logprobs, top_logprobs = _logprobs(body)
     if not messages and _unload_reply(request, name, _keep_alive(body), "message"):
         return
-    req = chat.ChatRequest(model=name, messages=messages, tools=parse_tools(body.get("tools")),
+    req = service.ChatRequest(model=name, messages=messages, tools=parse_tools(body.get("tools")),
                            options=_options(body), format=_format(body), think=_think(body),
                            keep_alive=_keep_alive(body), truncate=_field(body, "truncate", bool, True),
                            logprobs=logprobs, top_logprobs=top_logprobs)
-    reply = chat.chat(request.handler.app.manager, req)
+    reply = service.chat(request.handler.app.manager, req)
     model = reply.model_name
 
     def message_json(content: str, thinking: str, calls: list[ToolCall]) -> dict[str, Any]:
@@ -352,12 +356,12 @@ def chat_route(request: Request) -> None:
             message["tool_calls"] = [tool_call_json(c) for c in calls]
         return message
 
-    def shape(delta: chat.Delta) -> dict[str, Any]:
+    def shape(delta: service.Delta) -> dict[str, Any]:
         out = {"model": model, "created_at": now(),
                "message": message_json(delta.content, delta.thinking, delta.tool_calls), "done": False}
         return _add_logprobs(out, delta.logprobs)
 
-    def final(result: chat.ChatResult, collected: list[chat.Delta] | None) -> dict[str, Any]:
+    def final(result: service.ChatResult, collected: list[service.Delta] | None) -> dict[str, Any]:
         m = result.message
         message = message_json(m.content, m.thinking, m.tool_calls) if collected is not None else \
             message_json("", "", [])
@@ -383,7 +387,7 @@ def embed(request: Request) -> None:
         with request.handler.app.manager.use(name, _options(body), _keep_alive(body)) as loaded:
             request.handler.send_json(200, {"model": loaded.record.name, "embeddings": []})
         return
-    result = chat.embed(request.handler.app.manager, name, inputs, truncate=_field(body, "truncate", bool, True),
+    result = service.embed(request.handler.app.manager, name, inputs, truncate=_field(body, "truncate", bool, True),
                         dimensions=dimensions, options=_options(body), keep_alive=_keep_alive(body))
     request.handler.send_json(200, {"model": result.model, "embeddings": result.vectors,
                                     "total_duration": result.total_duration, "load_duration": result.load_duration,
@@ -397,7 +401,7 @@ def embeddings_legacy(request: Request) -> None:
     if not prompt:
         request.handler.send_json(200, {"embedding": []})
         return
-    result = chat.embed(request.handler.app.manager, name, [prompt], options=_options(body),
+    result = service.embed(request.handler.app.manager, name, [prompt], options=_options(body),
                         keep_alive=_keep_alive(body))
     request.handler.send_json(200, {"embedding": result.vectors[0]})
 
@@ -449,7 +453,7 @@ def ps(request: Request) -> None:
                        "context_length": loaded.context_length, "num_parallel": loaded.num_parallel,
                        "memory": {"weights": loaded.estimate.weights, "kv_cache": loaded.estimate.kv_cache,
                                   "compute": loaded.estimate.compute},
-                       "active": loaded.scheduler.active_count, "queued": loaded.scheduler.queued_count})
+                       "active": loaded.batcher.active_count, "queued": loaded.batcher.queued_count})
     request.handler.send_json(200, {"models": models})
 
 
@@ -704,6 +708,6 @@ def blob_upload(request: Request) -> None:
 
 def apply_template(request: Request) -> None:
     body = request.json()
-    req = chat.ChatRequest(model=_model_name(body), messages=_messages(body.get("messages")),
+    req = service.ChatRequest(model=_model_name(body), messages=_messages(body.get("messages")),
                            tools=parse_tools(body.get("tools")), think=_think(body), options=_options(body))
-    request.handler.send_json(200, {"prompt": chat.apply_template(request.handler.app.manager, req)})
+    request.handler.send_json(200, {"prompt": service.apply_template(request.handler.app.manager, req)})

@@ -1,6 +1,6 @@
 """OpenAI's ``/v1``: chat completions, completions, embeddings, models and responses.
 
-Each route reads OpenAI's JSON into a :mod:`mullama.chat` request and writes
+Each route reads OpenAI's JSON into a :mod:`mullama.service` request and writes
 back the shapes the official ``openai`` SDK parses; streams are server-sent
 events. Chat completions report token log probabilities in the chat shape
 (``logprobs.content``), completions in the legacy one (``tokens``,
@@ -30,13 +30,13 @@ from collections.abc import Callable, Iterator
 from typing import Any
 from urllib.parse import unquote
 
-from mullama import chat
+from mullama import service
 from mullama.errors import BadRequestError, ModelNotFoundError, MullamaError
 from mullama.http.ollama import logprob_json, parse_tools, truncation_headers
 from mullama.http.server import Request, Router
-from mullama.names import ModelName
+from mullama.store.names import ModelName
 from mullama.options import PARAMETER_TYPES, parse_options
-from mullama.sampling import TokenLogprob, check_top_logprobs
+from mullama.engine.sampling import TokenLogprob, check_top_logprobs
 from mullama.types import Message, Tool, ToolCall
 
 SSE = "text/event-stream"
@@ -299,13 +299,13 @@ def _calls(calls: list[ToolCall], parallel: bool) -> list[ToolCall]:
     return calls if parallel else [call for call in calls if call.index == 0]
 
 
-def _finish_reason(result: chat.ChatResult, parallel: bool) -> str:
+def _finish_reason(result: service.ChatResult, parallel: bool) -> str:
     if _calls(result.message.tool_calls, parallel):
         return "tool_calls"
     return "length" if result.done_reason == "length" else "stop"
 
 
-def _usage(result: chat.ChatResult) -> dict[str, int]:
+def _usage(result: service.ChatResult) -> dict[str, int]:
     prompt = result.prompt_tokens or result.timings.prompt_eval_count
     completion = result.timings.eval_count
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
@@ -315,20 +315,20 @@ def _include_usage(body: dict[str, Any]) -> bool:
     return bool(_get(body, "stream_options", dict, {}).get("include_usage"))
 
 
-def _finished(reply: chat.Reply) -> chat.ChatResult:
+def _finished(reply: service.Reply) -> service.ChatResult:
     """The result of a reply that was iterated to its end."""
     assert reply.result is not None
     return reply.result
 
 
-def _drain(reply: chat.Reply) -> chat.ChatResult:
+def _drain(reply: service.Reply) -> service.ChatResult:
     """Run a reply to its end (non-streaming routes) and return its result."""
     for _ in reply:
         pass
     return _finished(reply)
 
 
-def _send_events(request: Request, reply: chat.Reply, events: Iterator[dict[str, Any]],
+def _send_events(request: Request, reply: service.Reply, events: Iterator[dict[str, Any]],
                  error_event: Callable[[MullamaError], dict[str, Any]], named: bool) -> None:
     """Stream ``events`` as server-sent events; ``named`` adds ``event:`` lines (Responses API)."""
     handler = request.handler
@@ -378,7 +378,7 @@ def chat_completions(request: Request) -> None:
         raise BadRequestError("functions and function_call are deprecated and not supported: use tools and "
                               "tool_choice", param="functions")
     tools = _tools(body.get("tools"))
-    req = chat.ChatRequest(
+    req = service.ChatRequest(
         model=model, messages=_chat_messages(body.get("messages")), tools=tools,
         options=_options(body, ("max_tokens", "max_completion_tokens")),
         format=_format(body.get("response_format"), "response_format"),
@@ -388,7 +388,7 @@ def chat_completions(request: Request) -> None:
     parallel = _get(body, "parallel_tool_calls", bool, True)
     stream = _get(body, "stream", bool, False)
     include_usage = _include_usage(body)
-    reply = chat.chat(request.handler.app.manager, req)
+    reply = service.chat(request.handler.app.manager, req)
     head = {"id": _new_id("chatcmpl-"), "created": int(time.time()), "model": model,
             "system_fingerprint": FINGERPRINT}
 
@@ -404,7 +404,7 @@ def chat_completions(request: Request) -> None:
         choice = {"index": 0, "message": message,
                   "logprobs": _chat_logprobs_json(result.logprobs) if logprobs else None,
                   "finish_reason": _finish_reason(result, parallel)}
-        request.handler.send_json(200, {**head, "object": "chat.completion", "choices": [choice],
+        request.handler.send_json(200, {**head, "object": "service.completion", "choices": [choice],
                                         "usage": _usage(result)}, truncation_headers(reply))
         return
 
@@ -412,7 +412,7 @@ def chat_completions(request: Request) -> None:
               entries: list[TokenLogprob] | None = None) -> dict[str, Any]:
         choice = {"index": 0, "delta": delta, "logprobs": _chat_logprobs_json(entries) if entries else None,
                   "finish_reason": finish_reason}
-        return {**head, "object": "chat.completion.chunk", "choices": [choice]}
+        return {**head, "object": "service.completion.chunk", "choices": [choice]}
 
     def chunks() -> Iterator[dict[str, Any]]:
         yield chunk({"role": "assistant", "content": ""})
@@ -433,7 +433,7 @@ def chat_completions(request: Request) -> None:
         result = _finished(reply)
         yield chunk({}, _finish_reason(result, parallel))
         if include_usage:
-            yield {**head, "object": "chat.completion.chunk", "choices": [], "usage": _usage(result)}
+            yield {**head, "object": "service.completion.chunk", "choices": [], "usage": _usage(result)}
 
     _send_events(request, reply, chunks(), openai_error, named=False)
 
@@ -470,12 +470,12 @@ def completions(request: Request) -> None:
     suffix = _get(body, "suffix", str, "")
     echo = _get(body, "echo", bool, False)
     # A suffix needs the model's fill-in-the-middle template, so only then is the template applied.
-    req = chat.GenerateRequest(model=model, prompt=prompt, suffix=suffix, raw=not suffix,
+    req = service.GenerateRequest(model=model, prompt=prompt, suffix=suffix, raw=not suffix,
                                options=_options(body, ("max_tokens",)), keep_alive=body.get("keep_alive"),
                                truncate=_truncate(body), logprobs=logprobs is not None, top_logprobs=logprobs or 0)
     stream = _get(body, "stream", bool, False)
     include_usage = _include_usage(body)
-    reply = chat.generate(request.handler.app.manager, req)
+    reply = service.generate(request.handler.app.manager, req)
     head = {"id": _new_id("cmpl-"), "object": "text_completion", "created": int(time.time()), "model": model,
             "system_fingerprint": FINGERPRINT}
     # Offsets count characters of the choice's text, which starts with the prompt when it is echoed.
@@ -525,7 +525,7 @@ def embeddings(request: Request) -> None:
     encoding = _get(body, "encoding_format", str, "float")
     if encoding not in ("float", "base64"):
         raise BadRequestError("encoding_format must be float or base64", param="encoding_format")
-    result = chat.embed(request.handler.app.manager, model, inputs, dimensions=_get(body, "dimensions", int),
+    result = service.embed(request.handler.app.manager, model, inputs, dimensions=_get(body, "dimensions", int),
                         options=_options(body, ()), keep_alive=body.get("keep_alive"))
 
     def encode(vector: list[float]) -> Any:
@@ -627,7 +627,7 @@ class _ResponseEvents:
         yield self.event("response.created", response=self.snapshot("in_progress"))
         yield self.event("response.in_progress", response=self.snapshot("in_progress"))
 
-    def feed(self, delta: chat.Delta) -> Iterator[dict[str, Any]]:
+    def feed(self, delta: service.Delta) -> Iterator[dict[str, Any]]:
         """Add one delta; opens and closes output items as the kind of output changes."""
         if delta.thinking:
             yield from self._text("reasoning", delta.thinking)
@@ -636,7 +636,7 @@ class _ResponseEvents:
         for call in _calls(delta.tool_calls, self._parallel):
             yield from self._call(call)
 
-    def finish(self, result: chat.ChatResult) -> Iterator[dict[str, Any]]:
+    def finish(self, result: service.ChatResult) -> Iterator[dict[str, Any]]:
         """Close the last item and end with ``response.completed`` (or ``response.incomplete``)."""
         if not self.output:
             yield from self._text("message", "")
@@ -733,7 +733,7 @@ def responses(request: Request) -> None:
     tools = _tools(body.get("tools"))
     text = _get(body, "text", dict, {})
     reasoning = _get(body, "reasoning", dict, {})
-    req = chat.ChatRequest(
+    req = service.ChatRequest(
         model=model, messages=messages, tools=tools, options=_options(body, ("max_output_tokens",)),
         format=_format(text.get("format"), "text.format"), think=_think(reasoning.get("effort"), "reasoning.effort"),
         keep_alive=body.get("keep_alive"), tool_choice=_tool_choice(body.get("tool_choice"), tools),
@@ -748,7 +748,7 @@ def responses(request: Request) -> None:
             "text": {"format": text.get("format") or {"type": "text"}}, "error": None, "incomplete_details": None,
             "previous_response_id": None, "reasoning": reasoning or None, "store": False, "truncation": "disabled",
             "usage": None}
-    reply = chat.chat(request.handler.app.manager, req)
+    reply = service.chat(request.handler.app.manager, req)
     machine = _ResponseEvents(base, parallel)
 
     def events() -> Iterator[dict[str, Any]]:

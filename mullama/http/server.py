@@ -3,7 +3,7 @@
 A request enters in :class:`Handler`, passes the safety checks (Host header,
 API key, CORS, body size), and is routed to a function of one API module
 (``ollama``, ``openai``, ``anthropic``). Those modules translate wire formats
-into :mod:`mullama.chat` calls; errors raised anywhere become the error body
+into :mod:`mullama.service` calls; errors raised anywhere become the error body
 of the API family the request came through.
 """
 
@@ -38,7 +38,7 @@ from mullama.errors import (
     PayloadTooLargeError,
     UnauthorizedError,
 )
-from mullama.models import ModelManager
+from mullama.engine.residency import ModelManager
 
 log = logging.getLogger("mullama.server")
 
@@ -563,7 +563,7 @@ def wind_down(app: App, grace: float, hurry: threading.Event | None = None) -> N
     deadline = time.monotonic() + grace
     while True:
         for loaded in app.manager.running():
-            loaded.scheduler.cancel_all()
+            loaded.batcher.cancel_all()
         if app.wait_idle(0.1):
             break
         if time.monotonic() >= deadline or (hurry is not None and hurry.is_set()):

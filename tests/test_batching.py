@@ -10,8 +10,8 @@ import pytest
 
 import mullama
 from mullama.errors import BadRequestError, MullamaError, OverloadedError
-from mullama.sampling import Sampler
-from mullama.scheduler import Scheduler
+from mullama.engine.sampling import Sampler
+from mullama.engine.batching import Batcher
 
 CHAT = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
 QUESTIONS = [
@@ -35,8 +35,8 @@ def model(model_path):
 
 
 @pytest.fixture(scope="module")
-def scheduler(model):
-    with Scheduler(model) as running:
+def batcher(model):
+    with Batcher(model) as running:
         yield running
 
 
@@ -57,13 +57,13 @@ def common_prefix(a, b):
     return n
 
 
-def test_concurrent_greedy_requests_match_single_sequence_generation(model, scheduler, single):
+def test_concurrent_greedy_requests_match_single_sequence_generation(model, batcher, single):
     alone = [single.complete(CHAT.format(q), GREEDY) for q in QUESTIONS]
     # The first request generates while the others are queued, admitted and read in chunks.
-    first = scheduler.submit(tokens_of(model, QUESTIONS[0]), dict(GREEDY, num_predict=100))
+    first = batcher.submit(tokens_of(model, QUESTIONS[0]), dict(GREEDY, num_predict=100))
     pieces = iter(first)
     head = next(pieces)
-    others = [scheduler.submit(tokens_of(model, q), GREEDY) for q in QUESTIONS[1:]]
+    others = [batcher.submit(tokens_of(model, q), GREEDY) for q in QUESTIONS[1:]]
     results = [r.wait(60) for r in others]
     assert not first.done, "the other requests should finish while the long one still runs"
     head += "".join(pieces)
@@ -81,33 +81,33 @@ def test_concurrent_greedy_requests_match_single_sequence_generation(model, sche
         assert result.timings.eval_duration > 0 and result.timings.total_duration >= result.timings.eval_duration
 
 
-def test_prompt_cache_goes_to_the_sequence_that_holds_it(model, scheduler):
+def test_prompt_cache_goes_to_the_sequence_that_holds_it(model, batcher):
     prompt = tokens_of(model, "Tell me about the sun and its planets.")
-    first = scheduler.submit(prompt, GREEDY).wait(60)
+    first = batcher.submit(prompt, GREEDY).wait(60)
     assert first.timings.prompt_eval_count > len(prompt) // 2
     # Seven other prompts fill the other sequences without evicting this one.
-    for request in [scheduler.submit(tokens_of(model, f"Count to {n}."), GREEDY) for n in range(7)]:
+    for request in [batcher.submit(tokens_of(model, f"Count to {n}."), GREEDY) for n in range(7)]:
         request.wait(60)
-    again = scheduler.submit(prompt, GREEDY).wait(60)
+    again = batcher.submit(prompt, GREEDY).wait(60)
     assert again.timings.prompt_eval_count == 1
     assert again.tokens == first.tokens
     # A conversation that goes on evaluates only what is new.
     follow_up = first.context + tokens_of(model, "And the moon?")
-    longer = scheduler.submit(follow_up, GREEDY).wait(60)
+    longer = batcher.submit(follow_up, GREEDY).wait(60)
     assert longer.timings.prompt_eval_count <= len(follow_up) - len(prompt)
 
 
-def test_a_shared_prefix_is_copied_from_a_busy_sequence(model, scheduler, single):
+def test_a_shared_prefix_is_copied_from_a_busy_sequence(model, batcher, single):
     system = ("<|im_start|>system\nYou are a careful assistant. Answer in one short sentence, "
               "and never use more words than needed.<|im_end|>\n")
     first_text, second_text = system + CHAT.format("Name a planet."), system + CHAT.format("Name a river.")
     shared = common_prefix(model.tokenize(first_text), model.tokenize(second_text))
     assert shared > 20
-    busy = scheduler.submit(model.tokenize(first_text), {"temperature": 0, "num_predict": -1}, grammar=ENDLESS)
+    busy = batcher.submit(model.tokenize(first_text), {"temperature": 0, "num_predict": -1}, grammar=ENDLESS)
     pieces = iter(busy)
     head = next(pieces)
     second = model.tokenize(second_text)
-    result = scheduler.submit(second, GREEDY).wait(60)
+    result = batcher.submit(second, GREEDY).wait(60)
     assert not busy.done
     busy.cancel()
     assert result.timings.prompt_eval_count == len(second) - shared
@@ -116,7 +116,7 @@ def test_a_shared_prefix_is_copied_from_a_busy_sequence(model, scheduler, single
     assert (head + "".join(pieces)).startswith("la la la")
 
 
-def test_requests_arriving_together_read_their_shared_prefix_once(model, scheduler, single):
+def test_requests_arriving_together_read_their_shared_prefix_once(model, batcher, single):
     system = ("<|im_start|>system\nPretend to be a patient tutor for curious children. Keep answers short, "
               "friendly and true.<|im_end|>\n")
     texts = [system + CHAT.format(q) for q in ("Why is grass green?", "Why do cats purr?", "What is rain?")]
@@ -124,9 +124,9 @@ def test_requests_arriving_together_read_their_shared_prefix_once(model, schedul
     shared = min(common_prefix(prompts[0], p) for p in prompts[1:])
     assert shared > 20
     # While the engine reads a long prompt, the three arrive and are admitted together.
-    busy = scheduler.submit(model.tokenize("word " * 200), {"temperature": 0, "num_predict": 1})
+    busy = batcher.submit(model.tokenize("word " * 200), {"temperature": 0, "num_predict": 1})
     time.sleep(0.05)
-    group = [scheduler.submit(p, GREEDY) for p in prompts]
+    group = [batcher.submit(p, GREEDY) for p in prompts]
     results = [r.wait(60) for r in group]
     busy.wait(60)
     # The first reads the whole prompt (but a token or two its sequence may still hold)...
@@ -138,10 +138,10 @@ def test_requests_arriving_together_read_their_shared_prefix_once(model, schedul
         assert result.tokens == single.complete(text, GREEDY).tokens
 
 
-def test_long_prompt_is_truncated_and_reported(model, scheduler, caplog):
+def test_long_prompt_is_truncated_and_reported(model, batcher, caplog):
     words = model.tokenize("word " * 800)
-    with caplog.at_level(logging.WARNING, logger="mullama.scheduler"):
-        request = scheduler.submit(words, {"temperature": 0, "num_predict": 3, "num_keep": 5})
+    with caplog.at_level(logging.WARNING, logger="mullama.engine.batching"):
+        request = batcher.submit(words, {"temperature": 0, "num_predict": 3, "num_keep": 5})
     result = request.wait(60)
     n_ctx = model.context.n_ctx_seq
     assert result.truncated == request.truncated == len(words) - len(request.tokens) > 0
@@ -150,13 +150,13 @@ def test_long_prompt_is_truncated_and_reported(model, scheduler, caplog):
     assert result.context == request.tokens + result.tokens
     assert "truncated" in caplog.text
     with pytest.raises(BadRequestError, match=f"{len(words)} tokens.*{n_ctx}"):
-        scheduler.submit(words, GREEDY, truncate=False)
+        batcher.submit(words, GREEDY, truncate=False)
 
 
-def test_generation_stops_with_length_at_the_context_end(model, scheduler):
+def test_generation_stops_with_length_at_the_context_end(model, batcher):
     n_ctx = model.context.n_ctx_seq
     prompt = model.tokenize("word " * 600)[:n_ctx - 20]
-    request = scheduler.submit(prompt, {"temperature": 0, "num_predict": -1}, grammar=ENDLESS, truncate=False)
+    request = batcher.submit(prompt, {"temperature": 0, "num_predict": -1}, grammar=ENDLESS, truncate=False)
     result = request.wait(60)
     assert result.done_reason == "length" and result.truncated == 0
     assert n_ctx <= len(result.context) <= n_ctx + 1
@@ -165,17 +165,17 @@ def test_generation_stops_with_length_at_the_context_end(model, scheduler):
 
 def test_cancel_frees_the_sequence_for_a_queued_request_and_the_queue_is_bounded(model_path):
     with mullama.Model(model_path, num_ctx=256, num_parallel=1, num_thread=1) as model, \
-            Scheduler(model, max_queue=2) as scheduler:
-        endless = scheduler.submit(tokens_of(model, "Sing."), {"temperature": 0}, grammar=ENDLESS)
+            Batcher(model, max_queue=2) as batcher:
+        endless = batcher.submit(tokens_of(model, "Sing."), {"temperature": 0}, grammar=ENDLESS)
         pieces = iter(endless)
         head = next(pieces)
-        queued = [scheduler.submit(tokens_of(model, q), GREEDY) for q in QUESTIONS[1:3]]
-        assert scheduler.queued_count == 2 and scheduler.active_count == 1 and scheduler.busy
+        queued = [batcher.submit(tokens_of(model, q), GREEDY) for q in QUESTIONS[1:3]]
+        assert batcher.queued_count == 2 and batcher.active_count == 1 and batcher.busy
         with pytest.raises(OverloadedError, match="max_queue is 2"):
-            scheduler.submit(tokens_of(model, "One more?"), GREEDY)
+            batcher.submit(tokens_of(model, "One more?"), GREEDY)
         queued[1].cancel()
         assert queued[1].wait(1).done_reason == "cancel" and list(queued[1]) == []
-        assert scheduler.queued_count == 1
+        assert batcher.queued_count == 1
         cancelled_at = time.monotonic()
         threading.Thread(target=endless.cancel).start()
         rest = list(pieces)
@@ -185,11 +185,11 @@ def test_cancel_frees_the_sequence_for_a_queued_request_and_the_queue_is_bounded
         assert endless.result.text == head + "".join(rest) and endless.result.text.startswith("la")
         assert result.done_reason in ("stop", "length") and result.text
         assert time.monotonic() - cancelled_at < 30
-        assert not scheduler.busy
+        assert not batcher.busy
 
 
-def test_leaving_the_iteration_early_cancels(model, scheduler):
-    request = scheduler.submit(tokens_of(model, "Sing."), {"temperature": 0}, grammar=ENDLESS)
+def test_leaving_the_iteration_early_cancels(model, batcher):
+    request = batcher.submit(tokens_of(model, "Sing."), {"temperature": 0}, grammar=ENDLESS)
     for _ in request:
         break
     assert request.wait(30).done_reason == "cancel"
@@ -198,36 +198,36 @@ def test_leaving_the_iteration_early_cancels(model, scheduler):
 
 def test_cancel_all_and_close(model_path):
     with mullama.Model(model_path, num_ctx=256, num_parallel=2, num_thread=1) as model:
-        scheduler = Scheduler(model, max_queue=4)
-        requests = [scheduler.submit(tokens_of(model, "Sing."), {"temperature": 0}, grammar=ENDLESS)
+        batcher = Batcher(model, max_queue=4)
+        requests = [batcher.submit(tokens_of(model, "Sing."), {"temperature": 0}, grammar=ENDLESS)
                     for _ in range(4)]
         pieces = iter(requests[0])
         next(pieces)
-        scheduler.cancel_all()
+        batcher.cancel_all()
         assert [r.wait(30).done_reason for r in requests] == ["cancel"] * 4
-        assert not scheduler.busy
-        running = scheduler.submit(tokens_of(model, "Sing."), {"temperature": 0}, grammar=ENDLESS)
+        assert not batcher.busy
+        running = batcher.submit(tokens_of(model, "Sing."), {"temperature": 0}, grammar=ENDLESS)
         pieces = iter(running)
         next(pieces)
-        scheduler.close()
+        batcher.close()
         assert running.wait(1).done_reason == "cancel"
         with pytest.raises(OverloadedError):
-            scheduler.submit(tokens_of(model, "Hello"), GREEDY)
-        scheduler.close()
+            batcher.submit(tokens_of(model, "Hello"), GREEDY)
+        batcher.close()
 
 
-def test_engine_errors_reach_the_request_and_the_engine_survives(model, scheduler, monkeypatch):
+def test_engine_errors_reach_the_request_and_the_engine_survives(model, batcher, monkeypatch):
     def broken(self, ctx, index):
         raise RuntimeError("sampler exploded")
 
     with monkeypatch.context() as patch:
         patch.setattr(Sampler, "sample", broken)
-        request = scheduler.submit(tokens_of(model, "Hello"), GREEDY)
+        request = batcher.submit(tokens_of(model, "Hello"), GREEDY)
         with pytest.raises(RuntimeError, match="exploded"):
             list(request)
         with pytest.raises(RuntimeError, match="exploded"):
             request.wait(1)
-    assert scheduler.submit(tokens_of(model, "Hello"), GREEDY).wait(60).done_reason in ("stop", "length")
+    assert batcher.submit(tokens_of(model, "Hello"), GREEDY).wait(60).done_reason in ("stop", "length")
 
     def failing(batch, **kwargs):
         raise MullamaError("llama_decode failed with code -1")
@@ -236,41 +236,41 @@ def test_engine_errors_reach_the_request_and_the_engine_survives(model, schedule
     with monkeypatch.context() as patch:
         patch.setattr(model.context, "decode", failing)
         with pytest.raises(MullamaError, match="code -1"):
-            scheduler.submit(prompt, GREEDY).wait(10)
+            batcher.submit(prompt, GREEDY).wait(10)
     # The failed sequence's cache was forgotten, not trusted.
     assert all(cached[:len(prompt)] != prompt for cached in model.context.cached)
-    assert scheduler.submit(prompt, GREEDY).wait(60).done_reason in ("stop", "length")
+    assert batcher.submit(prompt, GREEDY).wait(60).done_reason in ("stop", "length")
 
 
-def test_bad_requests_are_rejected_at_submit(model, scheduler):
+def test_bad_requests_are_rejected_at_submit(model, batcher):
     with pytest.raises(BadRequestError, match="empty"):
-        scheduler.submit([], GREEDY)
+        batcher.submit([], GREEDY)
     with pytest.raises(BadRequestError, match="vocabulary"):
-        scheduler.submit([model.n_vocab + 5], GREEDY)
+        batcher.submit([model.n_vocab + 5], GREEDY)
     with pytest.raises(BadRequestError, match="grammar"):
-        scheduler.submit(tokens_of(model, "Hi"), GREEDY, grammar="root ::= (")
+        batcher.submit(tokens_of(model, "Hi"), GREEDY, grammar="root ::= (")
     with pytest.raises(BadRequestError, match="option"):
-        scheduler.submit(tokens_of(model, "Hi"), {"num_predict": "many"})
+        batcher.submit(tokens_of(model, "Hi"), {"num_predict": "many"})
 
 
-def test_stop_strings_and_seeds(model, scheduler, single):
+def test_stop_strings_and_seeds(model, batcher, single):
     prompt = CHAT.format(QUESTIONS[0])
     reference = single.complete(prompt, temperature=0.9, seed=11, num_predict=16)
-    sampled = scheduler.submit(model.tokenize(prompt), {"temperature": 0.9, "seed": 11, "num_predict": 16}).wait(60)
+    sampled = batcher.submit(model.tokenize(prompt), {"temperature": 0.9, "seed": 11, "num_predict": 16}).wait(60)
     assert sampled.tokens == reference.tokens
     stop = reference.text[5:9]
-    stopped = scheduler.submit(model.tokenize(prompt), {"temperature": 0.9, "seed": 11, "stop": [stop]}).wait(60)
+    stopped = batcher.submit(model.tokenize(prompt), {"temperature": 0.9, "seed": 11, "stop": [stop]}).wait(60)
     assert stopped.done_reason == "stop" and stopped.text == reference.text[:reference.text.index(stop)]
     assert stopped.stop_sequence == stop and sampled.stop_sequence == ""
 
 
-def test_embeddings_run_alongside_generation(model, scheduler):
+def test_embeddings_run_alongside_generation(model, batcher):
     texts = ["The cat sleeps on the sofa.", "Quantum chromodynamics."]
     expected = model.embed(texts)
-    request = scheduler.submit(tokens_of(model, "Sing."), {"temperature": 0, "num_predict": 60}, grammar=ENDLESS)
+    request = batcher.submit(tokens_of(model, "Sing."), {"temperature": 0, "num_predict": 60}, grammar=ENDLESS)
     pieces = iter(request)
     next(pieces)
-    during = scheduler.embed(texts)
+    during = batcher.embed(texts)
     assert not request.done or request.result.timings.eval_count == 60
     for a, b in zip(expected, during):
         assert max(abs(x - y) for x, y in zip(a, b)) < 1e-4

@@ -3,7 +3,7 @@
 Ollama's ``/api/chat``, OpenAI's chat completions and Anthropic's messages
 all build a :class:`ChatRequest`; this module renders the prompt with the
 model's template, turns ``format`` and forced tool calls into a grammar,
-submits the tokens to the model's scheduler, and splits the output into
+submits the tokens to the model's batcher, and splits the output into
 thinking, content and tool calls. The API modules only translate.
 """
 
@@ -18,18 +18,18 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any
 
-from mullama import grammar as grammars
-from mullama.chat_template import render_jinja
-from mullama.engine import Completion, Model, Timings
+from mullama.prompt import grammar as grammars
+from mullama.prompt.jinja import render_jinja
+from mullama.engine.model import Completion, Model, Timings
 from mullama.errors import BadRequestError
-from mullama.models import LoadedModel, ModelManager, ModelRecord
-from mullama.prompt import render_chat, render_generate
-from mullama.sampling import TokenLogprob
-from mullama.thinking import ThinkingSplitter, prompt_opens_thinking
-from mullama.toolcalls import TextDelta, ToolCallEvent, ToolCallParser, ToolFormat, detect_format
+from mullama.engine.residency import LoadedModel, ModelManager, ModelRecord
+from mullama.prompt.templates import render_chat, render_generate
+from mullama.engine.sampling import TokenLogprob
+from mullama.prompt.thinking import ThinkingSplitter, prompt_opens_thinking
+from mullama.prompt.toolcalls import TextDelta, ToolCallEvent, ToolCallParser, ToolFormat, detect_format
 from mullama.types import Message, Tool, ToolCall
 
-log = logging.getLogger("mullama.chat")
+log = logging.getLogger("mullama.service")
 
 #: Used when a model's own template says nothing about tools.
 DEFAULT_TOOL_FORMAT = ToolFormat("hermes")
@@ -365,7 +365,7 @@ def chat(manager: ModelManager, req: ChatRequest) -> Reply:
         calls = tool_format(record, model)
         grammar = grammar_for(req.format, tools, req.tool_choice, calls, req.parallel_tool_calls)
         tokens = tokenize_prompt(model, prompt)
-        request = loaded.scheduler.submit(tokens, _options_dict(manager, record, req.options), grammar=grammar,
+        request = loaded.batcher.submit(tokens, _options_dict(manager, record, req.options), grammar=grammar,
                                           truncate=req.truncate, logprobs=req.logprobs,
                                           top_logprobs=req.top_logprobs)
         splitter = None
@@ -401,7 +401,7 @@ def generate(manager: ModelManager, req: GenerateRequest) -> Reply:
         tokens = list(req.context) + (model.tokenize(prompt, add_special=not req.context and model.add_bos,
                                                      parse_special=True) if req.raw else tokenize_prompt(model, prompt))
         grammar = grammar_for(req.format, [], "auto", DEFAULT_TOOL_FORMAT)
-        request = loaded.scheduler.submit(tokens, _options_dict(manager, record, req.options), grammar=grammar,
+        request = loaded.batcher.submit(tokens, _options_dict(manager, record, req.options), grammar=grammar,
                                           truncate=req.truncate, logprobs=req.logprobs,
                                           top_logprobs=req.top_logprobs)
         splitter = None
@@ -447,7 +447,7 @@ def embed(manager: ModelManager, model_name: str, inputs: list[str], *, truncate
     stack, loaded, load_duration = _start(manager, model_name, options or {}, keep_alive)
     with stack:
         model = loaded.model
-        vectors = loaded.scheduler.embed(inputs, truncate=truncate)
+        vectors = loaded.batcher.embed(inputs, truncate=truncate)
         if dimensions is not None:
             if dimensions < 1 or dimensions > model.n_embd:
                 raise BadRequestError(f"dimensions must be between 1 and {model.n_embd}", param="dimensions")

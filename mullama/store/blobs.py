@@ -30,8 +30,8 @@ from typing import Any, BinaryIO
 
 from mullama import config
 from mullama.errors import BadRequestError, InvalidModelFileError, ModelNotFoundError, NotFoundError
-from mullama.names import ModelName, blob_path, canonical_digest, parse_digest
-from mullama.pypi import sha256_file
+from mullama.store.names import ModelName, blob_path, canonical_digest, parse_digest
+from mullama.store.pypi import sha256_file
 
 MANIFEST_MEDIA_TYPE = "application/vnd.docker.distribution.manifest.v2+json"
 CONFIG_MEDIA_TYPE = "application/vnd.docker.container.image.v1+json"

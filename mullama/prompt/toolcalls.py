@@ -36,7 +36,7 @@ from typing import Any
 
 from mullama.types import Tool, ToolCall
 
-log = logging.getLogger("mullama.toolcalls")
+log = logging.getLogger("mullama.prompt.toolcalls")
 
 #: Exceptions a malformed call may raise while its body is decoded.
 _PARSE_ERRORS = (ValueError, TypeError, SyntaxError, RecursionError)

@@ -23,8 +23,8 @@ from typing import Any
 
 from mullama import config
 from mullama.errors import BadRequestError, NotFoundError
-from mullama.names import DEFAULT_TAG, ModelName, parse_digest
-from mullama.store import MEDIA_TYPES
+from mullama.store.names import DEFAULT_TAG, ModelName, parse_digest
+from mullama.store.blobs import MEDIA_TYPES
 
 HF_HOST = "hf.co"
 _HF_PREFIXES = ("hf:", "hf.co/", "huggingface.co/", "https://huggingface.co/", "https://hf.co/")

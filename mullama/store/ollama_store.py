@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from mullama.errors import InvalidModelFileError, MullamaError
-from mullama.names import ModelName
-from mullama.store import Manifest, ModelEntry, Store
+from mullama.store.names import ModelName
+from mullama.store.blobs import Manifest, ModelEntry, Store
 
 
 def ollama_root() -> Path | None:

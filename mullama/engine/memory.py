@@ -1,7 +1,7 @@
 """How much memory a model needs, and how much the daemon may use.
 
 :func:`estimate` predicts what llama.cpp allocates for a GGUF loaded with
-given :class:`~mullama.engine.LoadOptions`: the weights, the KV cache of
+given :class:`~mullama.engine.model.LoadOptions`: the weights, the KV cache of
 every sequence, and the compute buffers of one batch. :func:`budget` is
 what the daemon's models may occupy together: ``MULLAMA_MAX_MEMORY`` when
 set, else the GPUs' memory when the model is offloaded, else system RAM.
@@ -23,10 +23,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from mullama import config
-from mullama.engine import LoadOptions
+from mullama.engine.model import LoadOptions
 from mullama.errors import MullamaError, NativeLibraryError
 from mullama.ffi import load as load_native
-from mullama.gguf import GGML_TYPES, GGUFInfo, SkippedArray
+from mullama.store.gguf import GGML_TYPES, GGUFInfo, SkippedArray
 
 #: Elements per block and bytes per block of each KV cache type, from ggml's type table.
 _KV_BLOCKS = {name.lower(): (elements, size) for name, elements, size in GGML_TYPES.values()}

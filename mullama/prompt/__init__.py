@@ -1,0 +1,7 @@
+"""The prompt layer: from messages to prompt text, and from generated text back to structure.
+
+Standalone libraries with no model in them: Go templates (``gotemplate``,
+Ollama's TEMPLATE), Jinja chat templates (``jinja``, a GGUF's own),
+prompt rendering (``templates``), JSON Schema to grammar (``grammar``),
+tool-call parsing (``toolcalls``) and reasoning split (``thinking``).
+"""
