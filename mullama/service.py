@@ -27,57 +27,12 @@ from mullama.prompt.templates import render_chat, render_generate
 from mullama.engine.sampling import TokenLogprob
 from mullama.prompt.thinking import ThinkingSplitter, prompt_opens_thinking
 from mullama.prompt.toolcalls import TextDelta, ToolCallEvent, ToolCallParser, ToolFormat, detect_format
-from mullama.types import Message, Tool, ToolCall
+from mullama.types import ChatRequest, GenerateRequest, Message, Tool, ToolCall
 
 log = logging.getLogger("mullama.service")
 
 #: Used when a model's own template says nothing about tools.
 DEFAULT_TOOL_FORMAT = ToolFormat("hermes")
-
-
-@dataclass
-class ChatRequest:
-    """A conversation to continue, as every API describes it."""
-
-    model: str
-    messages: list[Message] = field(default_factory=list)
-    tools: list[Tool] = field(default_factory=list)
-    #: Ollama's ``options`` (already parsed), including ``num_predict``, ``stop``...
-    options: dict[str, Any] = field(default_factory=dict)
-    #: ``"json"``, a JSON Schema dict, or None.
-    format: Any = None
-    think: bool | None = None
-    keep_alive: Any = None
-    #: "auto", "none", "required", or the name of one tool that must be called.
-    tool_choice: str = "auto"
-    #: False: a prompt longer than the context is an error instead of being cut.
-    truncate: bool = True
-    #: With a forced tool choice, whether the grammar allows more than one call.
-    parallel_tool_calls: bool = False
-    #: Report each generated token's log probability, with ``top_logprobs`` (0 to 20) alternatives.
-    logprobs: bool = False
-    top_logprobs: int = 0
-
-
-@dataclass
-class GenerateRequest:
-    """Ollama's ``/api/generate`` (and OpenAI's legacy completions)."""
-
-    model: str
-    prompt: str = ""
-    suffix: str = ""
-    system: str | None = None
-    template: str | None = None
-    raw: bool = False
-    images: list[bytes] = field(default_factory=list)
-    context: list[int] = field(default_factory=list)
-    options: dict[str, Any] = field(default_factory=dict)
-    format: Any = None
-    think: bool | None = None
-    keep_alive: Any = None
-    truncate: bool = True
-    logprobs: bool = False
-    top_logprobs: int = 0
 
 
 @dataclass

@@ -1,9 +1,10 @@
 """The internal types every API translates to and from.
 
 Ollama's ``/api/chat``, OpenAI's ``/v1/chat/completions`` and Anthropic's
-``/v1/messages`` all become a list of :class:`Message` plus a list of
-:class:`Tool`; templates, tool-call parsing and scheduling only ever see
-these.
+``/v1/messages`` all become a :class:`ChatRequest` (a list of :class:`Message`
+plus a list of :class:`Tool`); Ollama's ``/api/generate`` and OpenAI's legacy
+completions become a :class:`GenerateRequest`. Templates, tool-call parsing
+and batching only ever see these.
 """
 
 from __future__ import annotations
@@ -48,3 +49,46 @@ class Message:
     tool_name: str = ""
     #: For a ``tool`` message: the id of the call it answers.
     tool_call_id: str = ""
+
+
+@dataclass
+class GenerationRequest:
+    """What every request that generates text shares, whichever API it came through."""
+
+    model: str
+    #: Ollama's ``options`` (already parsed), including ``num_predict``, ``stop``...
+    options: dict[str, Any] = field(default_factory=dict)
+    #: ``"json"``, a JSON Schema dict, or None.
+    format: Any = None
+    think: bool | None = None
+    keep_alive: Any = None
+    #: False: a prompt longer than the context is an error instead of being cut.
+    truncate: bool = True
+    #: Report each generated token's log probability, with ``top_logprobs`` (0 to 20) alternatives.
+    logprobs: bool = False
+    top_logprobs: int = 0
+
+
+@dataclass
+class ChatRequest(GenerationRequest):
+    """A conversation to continue, as every API describes it."""
+
+    messages: list[Message] = field(default_factory=list)
+    tools: list[Tool] = field(default_factory=list)
+    #: "auto", "none", "required", or the name of one tool that must be called.
+    tool_choice: str = "auto"
+    #: With a forced tool choice, whether the grammar allows more than one call.
+    parallel_tool_calls: bool = False
+
+
+@dataclass
+class GenerateRequest(GenerationRequest):
+    """Ollama's ``/api/generate`` (and OpenAI's legacy completions)."""
+
+    prompt: str = ""
+    suffix: str = ""
+    system: str | None = None
+    template: str | None = None
+    raw: bool = False
+    images: list[bytes] = field(default_factory=list)
+    context: list[int] = field(default_factory=list)

@@ -1,6 +1,6 @@
 """Anthropic's Messages API: ``/v1/messages`` and ``/v1/messages/count_tokens``.
 
-Requests become a :class:`mullama.service.ChatRequest`: content blocks turn into
+Requests become a :class:`mullama.ChatRequest`: content blocks turn into
 :class:`~mullama.types.Message` fields (tool results into ``tool`` messages),
 ``max_tokens`` and ``stop_sequences`` into Ollama's ``num_predict`` and
 ``stop``. Replies go back as a message object or as the server-sent events
@@ -28,7 +28,7 @@ from mullama.errors import BadRequestError, MullamaError, OverloadedError
 from mullama.http.ollama import truncation_headers
 from mullama.http.server import Request, Router
 from mullama.options import PARAMETER_TYPES, parse_options
-from mullama.types import Message, Tool, ToolCall
+from mullama.types import ChatRequest, Message, Tool, ToolCall
 
 log = logging.getLogger("mullama.anthropic")
 
@@ -255,7 +255,7 @@ def parse_output_format(value: Any) -> dict[str, Any] | None:
     return fmt["schema"]
 
 
-def parse_request(body: dict[str, Any], *, counting: bool = False) -> service.ChatRequest:
+def parse_request(body: dict[str, Any], *, counting: bool = False) -> ChatRequest:
     """A Messages (or count_tokens, where ``max_tokens`` is not needed) body as a ChatRequest."""
     model = body.get("model")
     if not isinstance(model, str) or not model.strip():
@@ -275,7 +275,7 @@ def parse_request(body: dict[str, Any], *, counting: bool = False) -> service.Ch
             raise BadRequestError("stop_sequences: expected a list of strings", param="stop_sequences")
         options["stop"] = stops
     tools = parse_tools(body.get("tools"))
-    return service.ChatRequest(model=model, messages=parse_messages(body.get("messages"), body.get("system")),
+    return ChatRequest(model=model, messages=parse_messages(body.get("messages"), body.get("system")),
                             tools=tools, options=options, format=parse_output_format(body.get("output_config")),
                             think=parse_thinking(body.get("thinking")),
                             keep_alive=body.get("keep_alive"),

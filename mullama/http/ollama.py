@@ -35,7 +35,7 @@ from mullama.options import parse_options
 from mullama.store.pull import pull
 from mullama.engine.sampling import TokenLogprob, check_top_logprobs
 from mullama.store.blobs import MEDIA_TYPES, Layer, Manifest
-from mullama.types import Message, Tool, ToolCall
+from mullama.types import ChatRequest, GenerateRequest, Message, Tool, ToolCall
 
 #: The Ollama version Mullama answers to; clients gate features on it.
 OLLAMA_COMPATIBLE_VERSION = "0.13.0"
@@ -247,7 +247,7 @@ def generate(request: Request) -> None:
     raw = _field(body, "raw", bool, False)
     if raw and (body.get("template") or body.get("system") or context):
         raise BadRequestError("raw mode does not support template, system, or context", param="raw")
-    req = service.GenerateRequest(
+    req = GenerateRequest(
         model=name, prompt=prompt, suffix=_field(body, "suffix", str, ""), system=_field(body, "system", str),
         template=_field(body, "template", str), raw=raw,
         images=_images(body.get("images")), context=context, options=_options(body), format=_format(body),
@@ -341,7 +341,7 @@ def chat_route(request: Request) -> None:
     logprobs, top_logprobs = _logprobs(body)
     if not messages and _unload_reply(request, name, _keep_alive(body), "message"):
         return
-    req = service.ChatRequest(model=name, messages=messages, tools=parse_tools(body.get("tools")),
+    req = ChatRequest(model=name, messages=messages, tools=parse_tools(body.get("tools")),
                            options=_options(body), format=_format(body), think=_think(body),
                            keep_alive=_keep_alive(body), truncate=_field(body, "truncate", bool, True),
                            logprobs=logprobs, top_logprobs=top_logprobs)
@@ -708,6 +708,6 @@ def blob_upload(request: Request) -> None:
 
 def apply_template(request: Request) -> None:
     body = request.json()
-    req = service.ChatRequest(model=_model_name(body), messages=_messages(body.get("messages")),
+    req = ChatRequest(model=_model_name(body), messages=_messages(body.get("messages")),
                            tools=parse_tools(body.get("tools")), think=_think(body), options=_options(body))
     request.handler.send_json(200, {"prompt": service.apply_template(request.handler.app.manager, req)})

@@ -37,7 +37,7 @@ from mullama.http.server import Request, Router
 from mullama.store.names import ModelName
 from mullama.options import PARAMETER_TYPES, parse_options
 from mullama.engine.sampling import TokenLogprob, check_top_logprobs
-from mullama.types import Message, Tool, ToolCall
+from mullama.types import ChatRequest, GenerateRequest, Message, Tool, ToolCall
 
 SSE = "text/event-stream"
 FINGERPRINT = "fp_mullama"
@@ -378,7 +378,7 @@ def chat_completions(request: Request) -> None:
         raise BadRequestError("functions and function_call are deprecated and not supported: use tools and "
                               "tool_choice", param="functions")
     tools = _tools(body.get("tools"))
-    req = service.ChatRequest(
+    req = ChatRequest(
         model=model, messages=_chat_messages(body.get("messages")), tools=tools,
         options=_options(body, ("max_tokens", "max_completion_tokens")),
         format=_format(body.get("response_format"), "response_format"),
@@ -470,7 +470,7 @@ def completions(request: Request) -> None:
     suffix = _get(body, "suffix", str, "")
     echo = _get(body, "echo", bool, False)
     # A suffix needs the model's fill-in-the-middle template, so only then is the template applied.
-    req = service.GenerateRequest(model=model, prompt=prompt, suffix=suffix, raw=not suffix,
+    req = GenerateRequest(model=model, prompt=prompt, suffix=suffix, raw=not suffix,
                                options=_options(body, ("max_tokens",)), keep_alive=body.get("keep_alive"),
                                truncate=_truncate(body), logprobs=logprobs is not None, top_logprobs=logprobs or 0)
     stream = _get(body, "stream", bool, False)
@@ -733,7 +733,7 @@ def responses(request: Request) -> None:
     tools = _tools(body.get("tools"))
     text = _get(body, "text", dict, {})
     reasoning = _get(body, "reasoning", dict, {})
-    req = service.ChatRequest(
+    req = ChatRequest(
         model=model, messages=messages, tools=tools, options=_options(body, ("max_output_tokens",)),
         format=_format(text.get("format"), "text.format"), think=_think(reasoning.get("effort"), "reasoning.effort"),
         keep_alive=body.get("keep_alive"), tool_choice=_tool_choice(body.get("tool_choice"), tools),
