@@ -710,6 +710,18 @@ def test_version(daemon):
     assert (result.returncode, result.stdout) == (0, f"mullama version is {__version__}\n")
 
 
+def wait_until_reading(pid: int, timeout: float = 60) -> None:
+    """Return once process ``pid`` sleeps in select()/poll() (readline waiting for a key)."""
+    wchan = Path(f"/proc/{pid}/wchan")
+    if not wchan.exists():
+        time.sleep(0.5)  # no /proc: the best a test can do is let readline settle
+        return
+    deadline = time.monotonic() + timeout
+    while not wchan.read_text().startswith(("poll_schedule_timeout", "do_select", "do_sys_poll")):
+        assert time.monotonic() < deadline, f"the session never waited for input (wchan {wchan.read_text()!r})"
+        time.sleep(0.01)
+
+
 def test_interactive_session(daemon, smol):
     master, slave = pty.openpty()
 
@@ -756,9 +768,10 @@ def test_interactive_session(daemon, smol):
         expect(">>> ")
         send("Hi")
         assert "eval count:" in expect(">>> ")
-        # The prompt is printed just before readline starts waiting; a SIGINT that lands in
-        # between is only seen at the next keystroke, so let readline settle first.
-        time.sleep(0.5)
+        # CPython's readline takes a SIGINT only while blocked in select(): one that lands
+        # after the prompt is drawn but before select() is held until the next keystroke.
+        # So Ctrl-C goes once the session is waiting for input, however loaded the machine.
+        wait_until_reading(process.pid)
         os.write(master, b"\x03")
         assert "Use Ctrl + d or /bye to exit." in expect(">>> ")
         send("/nonsense")

@@ -324,7 +324,7 @@ def test_concurrent_first_use_loads_once(make_manager, monkeypatch: pytest.Monke
         time.sleep(0.2)  # widen the window in which a second load could start
         return real_model(path, options, **kwargs)
 
-    monkeypatch.setattr(models, "Model", counting_model)
+    monkeypatch.setattr(residency, "Model", counting_model)
     manager = make_manager()
     barrier = threading.Barrier(4)
     seen: list[object] = []
@@ -355,7 +355,7 @@ def test_a_load_does_not_block_other_models(make_manager, monkeypatch: pytest.Mo
         release.wait(30)
         return real_model(path, options, **kwargs)
 
-    monkeypatch.setattr(models, "Model", slow_model)
+    monkeypatch.setattr(residency, "Model", slow_model)
     thread = threading.Thread(target=touch, args=(manager, "beta"))
     thread.start()
     try:

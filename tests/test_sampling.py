@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 import mullama
 from mullama.errors import BadRequestError, MullamaError
 from mullama.prompt.grammar import schema_to_gbnf, validate
+from mullama.engine import model as engine_model
 from mullama.engine.sampling import Sampler, SamplingParams, _stages
 from mullama.engine.batching import Batcher
 
@@ -58,7 +59,7 @@ def model(model_path):
 
 def reference(model, monkeypatch, prompt, options, grammar):
     with monkeypatch.context() as patch:
-        patch.setattr(engine, "Sampler", GrammarFirst)
+        patch.setattr(engine_model, "Sampler", GrammarFirst)
         return model.complete(prompt, options, grammar=grammar)
 
 
