@@ -185,6 +185,7 @@ def test_quantization_tags_resolve_to_that_file_of_the_same_repository(key, quan
     ("deepseek-r1:8b-0528-qwen3-q5_K_M", "deepseek-ai_DeepSeek-R1-0528-Qwen3-8B-Q5_K_M.gguf"),
     ("minicpm-v:8b-2.6-q8_0", "ggml-model-Q8_0.gguf"),
     ("llama3.2:1b-instruct", "Llama-3.2-1B-Instruct-Q8_0.gguf"),
+    ("llama3.1:8b-instruct-q8_0", "Meta-Llama-3.1-8B-Instruct-Q8_0.gguf"),
 ])
 def test_quantization_tags_by_example(tag, file):
     assert resolve(tag).files[0].sources[0].file == file
@@ -223,9 +224,9 @@ def test_pulling_a_misspelt_family_suggests_it():
 
 
 def test_pulling_an_uncatalogued_quantization_names_its_hf_reference():
-    message = _pull_error("llama3.2:3b-instruct-q8_0")
+    message = _pull_error("llama3.2:3b-instruct-q2_K")
     assert "llama3.2:3b is, at Q4_K_M" in message
-    assert "hf:bartowski/Llama-3.2-3B-Instruct-GGUF:Q8_0" in message
+    assert "hf:bartowski/Llama-3.2-3B-Instruct-GGUF:Q2_K" in message
 
 
 def test_pulling_an_unavailable_model_says_why():
