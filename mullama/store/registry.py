@@ -169,21 +169,26 @@ def _key_text(text: str) -> str:
 
 
 def _lookup(name: ModelName, registry: dict[str, Any]) -> tuple[FileSpec, ...] | None:
-    key = name.display.casefold()
-    seen = set()
-    while key in registry["aliases"] and key not in seen:
-        seen.add(key)
-        key = _key_text(registry["aliases"][key])
+    key = _target(name.display.casefold(), registry)
     entry = registry["models"].get(key)
     if entry is not None:
         return parse_entry(entry, key)
     return next((files for _, _, files in _quant_tag_matches(key, registry) if files), None)
 
 
+def _target(key: str, registry: dict[str, Any]) -> str:
+    """Where ``key`` leads through the aliases (a cycle stops where it closes)."""
+    seen = set()
+    while key in registry["aliases"] and key not in seen:
+        seen.add(key)
+        key = _key_text(registry["aliases"][key])
+    return key
+
+
 def _quant_tag_matches(key: str, registry: dict[str, Any]) -> list[tuple[str, str, tuple[FileSpec, ...] | None]]:
     """Each entry ``<model>:<size>`` that ``key`` (``<model>:<size>[-<variant>]-<quant>``) names a quantization of.
 
-    Yields (entry key, quantization asked for, files): files are the entry's
+    Returns (entry key, quantization asked for, files): files are the entry's
     own when its file is that quantization, the same repository's file for
     it when the entry's ``quant_tags`` lists it, and None otherwise.
     """
@@ -336,22 +341,19 @@ def missing_model_message(name: ModelName) -> str:
     close = difflib.get_close_matches(key, names, n=4, cutoff=0.6)
     family = [known for known in names if known.partition(":")[0] == key.partition(":")[0]]
     suggestions = close or family[:4]
-    example = next((f"hf:{repo}:{registry['models'][target].get('quantization')}" for known in suggestions
-                    if (target := _target(known, registry)) in registry["models"]
-                    and (repo := _hub_repo_of(registry["models"][target])) is not None
-                    and registry["models"][target].get("quantization")), _HUB_EXAMPLE)
     hint = f"; close names: {', '.join(suggestions)}" if suggestions else ""
     return (f'model "{display}" is not in Mullama\'s registry{hint}. Any GGUF on Hugging Face can be pulled'
-            f" as hf:owner/repo[:QUANT|:file.gguf], for example {example}")
+            f" as hf:owner/repo[:QUANT|:file.gguf], for example {_hub_example(suggestions, registry)}")
 
 
-def _target(key: str, registry: dict[str, Any]) -> str:
-    """Where ``key`` leads through the aliases."""
-    seen = set()
-    while key in registry["aliases"] and key not in seen:
-        seen.add(key)
-        key = _key_text(registry["aliases"][key])
-    return key
+def _hub_example(names: list[str], registry: dict[str, Any]) -> str:
+    """The ``hf:`` reference of the first of ``names`` the catalogue takes from the Hub, else a generic one."""
+    for known in names:
+        entry = registry["models"].get(_target(known, registry))
+        repo = _hub_repo_of(entry)
+        if repo is not None and entry.get("quantization"):
+            return f"hf:{repo}:{entry['quantization']}"
+    return _HUB_EXAMPLE
 
 
 def _hub_repo_of(entry: Any) -> str | None:
