@@ -172,3 +172,48 @@ def test_resolve_fails_only_cleanly(text):
     except MullamaError as exc:  # pragma: no cover - any other kind is a defect
         pytest.fail(f"unexpected {type(exc).__name__}: {exc}")
     assert resolved.name.display
+
+
+def _entry(**fields):
+    return {"layers": [{"sources": [{"hub": "me/Mine-GGUF", "file": "Mine-Q4_K_M.gguf"}]}], **fields}
+
+
+@pytest.mark.parametrize("fields", [
+    {"quantization": "Q4-ish"}, {"quantization": 4},
+    {"confirmed": "yes"}, {"confirmed": False}, {"confirmed": False, "reason": " "},
+    {"evidence": ["https://example.org"]}, {"evidence": {"https://example.org": ""}}, {"evidence": {"": "x"}},
+    {"quant_tags": "Mine-{quant}.gguf"},
+    {"quant_tags": {"variant": "instruct", "file": "Mine-Q4_K_M.gguf", "quants": ["Q4_K_M"]}},
+    {"quant_tags": {"variant": "instruct", "file": "Mine-{quant}-{quant}.gguf", "quants": ["Q4_K_M"]}},
+    {"quant_tags": {"variant": "instruct", "file": "../Mine-{quant}.gguf", "quants": ["Q4_K_M"]}},
+    {"quant_tags": {"variant": "instruct", "file": "Mine-{quant}.bin", "quants": ["Q4_K_M"]}},
+    {"quant_tags": {"variant": "instruct", "file": "Mine-{quant}.gguf", "quants": []}},
+    {"quant_tags": {"variant": "instruct", "file": "Mine-{quant}.gguf", "quants": ["Z9"]}},
+    {"quant_tags": {"variant": "Instruct!", "file": "Mine-{quant}.gguf", "quants": ["Q4_K_M"]}},
+    {"quant_tags": {"file": "Mine-{quant}.gguf", "quants": ["Q4_K_M"]}},
+])
+def test_malformed_catalogue_fields_are_reported(tmp_path, monkeypatch, fields):
+    monkeypatch.setenv("MULLAMA_ALIASES", str(_user_file(tmp_path, {"models": {"mine:1b": _entry(**fields)}})))
+    with pytest.raises(BadRequestError, match="mine:1b"):
+        resolve("mine:1b")
+
+
+def test_quant_tags_need_one_model_layer_from_the_hub(tmp_path, monkeypatch):
+    entry = _entry(quant_tags={"variant": "", "file": "Mine-{quant}.gguf", "quants": ["Q4_K_M"]})
+    entry["layers"].append({"sources": [{"hub": "me/Mine-GGUF", "file": "Mine-Q4_K_M-part2.gguf"}]})
+    monkeypatch.setenv("MULLAMA_ALIASES", str(_user_file(tmp_path, {"models": {"mine:1b": entry}})))
+    with pytest.raises(BadRequestError, match="quant_tags"):
+        resolve("mine:1b")
+
+
+def test_a_user_entry_with_catalogue_fields_gets_quantization_tags(tmp_path, monkeypatch):
+    entry = _entry(quantization="Q4_K_M", confirmed=False, reason="made up for the test",
+                   evidence={"https://example.org/mine": "names the file"},
+                   quant_tags={"variant": "chat", "file": "Mine-{quant}.gguf", "quants": ["Q4_K_M", "Q8_0", "f16"]})
+    entry["layers"][0]["sources"][0]["revision"] = "a" * 40
+    monkeypatch.setenv("MULLAMA_ALIASES", str(_user_file(tmp_path, {"models": {"mine:1b": entry}})))
+    assert resolve("mine:1b-chat-q8_0").files[0].sources == (HubSource("me/Mine-GGUF", "Mine-Q8_0.gguf", "a" * 40),)
+    assert resolve("mine:1b-chat-fp16").files[0].sources[0].file == "Mine-f16.gguf"
+    assert resolve("mine:1b-chat-q4_K_M").files == resolve("mine:1b").files
+    assert resolve("mine:1b-chat").files == resolve("mine:1b").files
+    assert not resolve("mine:1b-chat-q2_K").files and not resolve("mine:1b-q8_0").files

@@ -27,7 +27,7 @@ from mullama.store import ollama_store
 from mullama.errors import BadRequestError, DownloadError, MullamaError, NotFoundError
 from mullama.store.names import ModelName
 from mullama.store.pypi import fetch_member, sha256_file
-from mullama.store.registry import FileSpec, HubSource, PyPISource, Resolved, resolve
+from mullama.store.registry import FileSpec, HubSource, PyPISource, Resolved, missing_model_message, resolve
 from mullama.store.blobs import CONFIG_MEDIA_TYPE, MEDIA_TYPES, Layer, Manifest, Store
 
 Progress = Callable[[dict[str, Any]], None]
@@ -113,9 +113,7 @@ def pull(name: str, store: Store | None = None, progress: Progress | None = None
     hub = _Hub.from_env()
     specs = resolved.files or _hub_repo_files(resolved, hub)
     if not specs:
-        raise NotFoundError(
-            f'model "{resolved.name.display}" is not in Mullama\'s registry; pull a GGUF from Hugging Face'
-            " as hf.co/<owner>/<repo>[:QUANT]", param="model")
+        raise NotFoundError(missing_model_message(resolved.name), param="model")
     plans = [_plan(spec, hub) for spec in specs]
     for plan in plans:
         _fetch(plan, store, hub, emit)

