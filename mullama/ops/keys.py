@@ -205,14 +205,14 @@ def write_keys(path: Path, entries: Iterable[KeyEntry]) -> None:
 
 @contextmanager
 def _locked(path: Path) -> Iterator[None]:
-    """Hold ``<path>.lock`` so two ``mullama keys`` commands do not lose each other's change."""
+    """Hold ``.<name>.lock`` beside the file so two ``mullama keys`` commands do not lose each other's change."""
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         import fcntl
     except ImportError:  # Windows: one administrator at a time is assumed
         yield
         return
-    descriptor = os.open(path.with_name(path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    descriptor = os.open(path.with_name(f".{path.name}.lock"), os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(descriptor, fcntl.LOCK_EX)
         yield
