@@ -42,6 +42,7 @@ def best_ns(call: Callable[[], None], calls: int, rounds: int) -> float:
 
 
 def main() -> int:
+    """Run each case and print nanoseconds per call (and a JSON object with ``--json``)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=100_000)
     parser.add_argument("--rounds", type=int, default=5)

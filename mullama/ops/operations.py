@@ -93,7 +93,7 @@ class Operations:
     """Metrics, statistics, keys and limits of one daemon."""
 
     def __init__(self, *, metrics: Metrics, keys: Keyring, limits: Limits, stats: StatsStore | None = None,
-                 models: Callable[[], list[ModelUse]] = list, stopping: Callable[[], bool] = bool) -> None:
+                 models: Callable[[], list[ModelUse]] = list, stopping: Callable[[], bool] = lambda: False) -> None:
         self.metrics = metrics
         self.keys = keys
         self.limits = limits
@@ -104,7 +104,7 @@ class Operations:
         self._started = time.time()
 
     @classmethod
-    def create(cls, manager: Any, stopping: Callable[[], bool] = bool) -> "Operations":
+    def create(cls, manager: Any, stopping: Callable[[], bool] = lambda: False) -> "Operations":
         """The daemon's operations from the environment, over ``manager`` (a ``ModelManager``).
 
         Raises :class:`KeysFileError` or :class:`LimitsError` for a bad keys
@@ -143,7 +143,11 @@ class Operations:
         return RequestRecord(api, route, key)
 
     def finish(self, record: RequestRecord) -> None:
-        """Count a finished request in metrics and statistics and charge its tokens to its key."""
+        """Count a finished request in metrics and statistics and charge its tokens to its key.
+
+        Statistics are per model: a request that never resolved one (a
+        listing, a 404) is counted in metrics only.
+        """
         duration = time.monotonic() - record.started
         metrics = self.metrics
         metrics.request_finished(record.api, record.route, record.model, record.status, record.key, duration)
