@@ -64,6 +64,17 @@ class PayloadTooLargeError(MullamaError):
     kind = "request_too_large"
 
 
+class TooManyRequestsError(MullamaError):
+    """A rate limit or a model's limit was reached; ``retry_after`` is the whole seconds to wait (``Retry-After``)."""
+
+    status = 429
+    kind = "rate_limit_error"
+
+    def __init__(self, message: str, *, retry_after: int, param: str | None = None) -> None:
+        super().__init__(message, param=param)
+        self.retry_after = max(1, retry_after)
+
+
 class OverloadedError(MullamaError):
     """The queue is full or the server is shutting down."""
 

@@ -22,6 +22,8 @@ from mullama.cli.daemon import connect
 from mullama.cli.format import list_table, ps_table, show_info
 from mullama.cli.generate import RunOptions, generate_once, load_model
 from mullama.cli.interactive import Session, apply_show
+from mullama.cli.keys import add_keys_verb
+from mullama.cli.stats import add_stats_verb
 from mullama.cli.progress import Progress, follow
 from mullama.client import APIError, Client, ConnectError
 from mullama.errors import BadRequestError, MullamaError, NotFoundError
@@ -329,6 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("destination", metavar="DESTINATION")
     sub = verb("rm", cmd_rm, "Remove a model")
     sub.add_argument("models", metavar="MODEL", nargs="+")
+    add_stats_verb(verb)
+    add_keys_verb(verb)
     return parser
 
 
