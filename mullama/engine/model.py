@@ -562,6 +562,10 @@ class Model:
             if not self.ptr:
                 raise MullamaError("the model is closed")
             pooling = self.info.pooling_type
+            if pooling == L.LLAMA_POOLING_TYPE_RANK:
+                # llama.cpp pools such a model into n_cls_out relevance scores per input, not an embedding.
+                raise BadRequestError(f"{self.path.name} is a reranking model (pooling type rank): it scores "
+                                      "inputs instead of embedding them, and Mullama has no rerank API yet")
             if pooling is None or pooling == L.LLAMA_POOLING_TYPE_NONE:
                 pooling = L.LLAMA_POOLING_TYPE_MEAN
             n_seq = 16
