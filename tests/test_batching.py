@@ -7,11 +7,13 @@ import threading
 import time
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 import mullama
 from mullama.errors import BadRequestError, MullamaError, OverloadedError
 from mullama.engine.sampling import Sampler
-from mullama.engine.batching import Batcher
+from mullama.engine.batching import Batcher, fit_prompt
 
 CHAT = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
 QUESTIONS = [
@@ -151,6 +153,40 @@ def test_long_prompt_is_truncated_and_reported(model, batcher, caplog):
     assert "truncated" in caplog.text
     with pytest.raises(BadRequestError, match=f"{len(words)} tokens.*{n_ctx}"):
         batcher.submit(words, GREEDY, truncate=False)
+
+
+@pytest.mark.parametrize("n_ctx, num_keep, add_bos, length, expected", [
+    # Ollama's TestLlamaServerCompletionContextShiftTruncatesPromptOverContext: tokens 0..9, NumCtx 8, NumKeep 3.
+    (8, 3, False, 10, [0, 1, 2, 7, 8, 9]),
+    # Its TestContextShiftPromptLimit cases (a BOS the tokenizer adds is kept on top of num_keep).
+    (8, 3, False, 20, [0, 1, 2, 17, 18, 19]),
+    (4096, 4, False, 5000, list(range(4)) + list(range(5000 - 2046, 5000))),
+    (4096, 4, True, 5000, list(range(5)) + list(range(5000 - 2046, 5000))),
+    (8, 99, False, 20, list(range(7))),
+    # A negative num_keep keeps the whole prompt, as much of it as fits.
+    (8, -1, False, 20, list(range(7))),
+])
+def test_a_long_prompt_is_cut_by_ollamas_rule(n_ctx, num_keep, add_bos, length, expected):
+    tokens = list(range(length))
+    fitted, dropped = fit_prompt(tokens, n_ctx, num_keep, add_bos=add_bos)
+    assert fitted == expected and dropped == length - len(expected)
+
+
+@given(st.integers(2, 300), st.integers(1, 900), st.integers(-3, 400), st.booleans())
+def test_fit_prompt_keeps_the_front_and_the_end_and_leaves_room(n_ctx, length, num_keep, add_bos):
+    tokens = list(range(length))
+    fitted, dropped = fit_prompt(tokens, n_ctx, num_keep, add_bos=add_bos)
+    if length < n_ctx:
+        assert (fitted, dropped) == (tokens, 0)
+        assert fit_prompt(tokens, n_ctx, num_keep, add_bos=add_bos, truncate=False) == (tokens, 0)
+        return
+    with pytest.raises(BadRequestError, match=f"{length} tokens.*{n_ctx}"):
+        fit_prompt(tokens, n_ctx, num_keep, add_bos=add_bos, truncate=False)
+    keep = min(length if num_keep < 0 else max(0, num_keep + add_bos), n_ctx - 1)
+    assert len(fitted) + dropped == length and dropped > 0
+    assert fitted[:keep] == tokens[:keep] and fitted[keep:] == tokens[length - (len(fitted) - keep):]
+    # About half of what follows the kept tokens stays free for the answer, at least one token.
+    assert n_ctx - len(fitted) == max((n_ctx - keep) // 2, 1)
 
 
 def test_generation_stops_with_length_at_the_context_end(model, batcher):

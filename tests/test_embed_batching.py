@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import http.client
+import json
 import math
+import shutil
+import struct
 import threading
+from pathlib import Path
 
 import pytest
+from daemon import create_model, running
 
 import mullama
 from mullama.errors import BadRequestError, OverloadedError
 from mullama.engine.batching import EmbeddingBatcher, Batcher
+from mullama.ffi import llama as L
+from mullama.store.gguf import read_gguf
 
 TEXTS = [f"{subject} {verb} the {thing}." for subject in ("The cat", "A physicist", "My neighbour", "The river")
          for verb in ("likes", "studies") for thing in ("moon", "garden", "train", "sea")]
@@ -125,3 +133,50 @@ def test_closed_batcher_refuses_and_empty_calls_are_free(model):
     batcher.close()
     with pytest.raises(OverloadedError):
         batcher.embed("late")
+
+
+def with_rank_pooling(model_path: Path, dest: Path) -> Path:
+    """A copy of the real model whose metadata says ``llama.pooling_type = rank``, as a reranker's does.
+
+    Two key-value pairs go in front of the others: the pooling type, and a
+    string that pads the header by a multiple of the alignment, so that the
+    tensor data, addressed from its aligned start, moves whole.
+    """
+    def pair(key: str, value_type: int, payload: bytes) -> bytes:
+        name = key.encode()
+        return struct.pack("<Q", len(name)) + name + struct.pack("<I", value_type) + payload
+
+    uint32, string = 4, 8
+    pooling = pair("llama.pooling_type", uint32, struct.pack("<I", L.LLAMA_POOLING_TYPE_RANK))
+    fill = -(len(pooling) + len(pair("mullama.padding", string, struct.pack("<Q", 0)))) % read_gguf(model_path).alignment
+    padding = pair("mullama.padding", string, struct.pack("<Q", fill) + b" " * fill)
+    with open(model_path, "rb") as source, open(dest, "wb") as out:
+        magic, version, n_tensors, n_kv = struct.unpack("<4sIQQ", source.read(24))
+        out.write(struct.pack("<4sIQQ", magic, version, n_tensors, n_kv + 2) + pooling + padding)
+        shutil.copyfileobj(source, out, 1 << 20)
+    return dest
+
+
+def test_a_reranker_is_refused_on_the_embedding_routes(model_path, tmp_path):
+    # llama.cpp pools a rank model into n_cls_out scores per input (1 here), not n_embd floats:
+    # reading an embedding's length from them ran past the end of llama.cpp's buffer.
+    path = with_rank_pooling(model_path, tmp_path / "reranker.gguf")
+    assert read_gguf(path).pooling_type == L.LLAMA_POOLING_TYPE_RANK
+    with mullama.Model(path, num_ctx=256, num_thread=1) as reranker, Batcher(reranker) as batcher:
+        for embed in (reranker.embed, batcher.embed):
+            with pytest.raises(BadRequestError, match="reranking model"):
+                embed(["a query", "a document"])
+    with running(tmp_path / "daemon") as server:
+        port = server.server_address[1]
+        create_model(port, path, "reranker", parameters={"num_ctx": 256, "num_thread": 1})
+        for route, body in (("/api/embed", {"model": "reranker", "input": ["a query"]}),
+                            ("/v1/embeddings", {"model": "reranker", "input": "a query"})):
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+            try:
+                connection.request("POST", route, json.dumps(body), {"Content-Type": "application/json"})
+                response = connection.getresponse()
+                answer = json.loads(response.read())
+            finally:
+                connection.close()
+            assert response.status == 400, (route, answer)
+            assert "reranking model" in json.dumps(answer), (route, answer)

@@ -11,10 +11,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import mullama
+from mullama.engine.batching import Batcher
 from mullama.engine.model import common_prefix
-from mullama.errors import BadRequestError, InvalidModelFileError
+from mullama.errors import BadRequestError, CancelledError, InvalidModelFileError
 
 CHAT = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
+#: A grammar with no end: the model can only stop at num_predict, the context end or a cancel.
+ENDLESS = 'root ::= "la " root'
 
 
 @pytest.fixture(scope="module")
@@ -99,6 +102,80 @@ def test_long_prompt_is_truncated_and_reported(model):
     result = model.complete(prompt, temperature=0, num_predict=2)
     assert result.truncated > 0
     assert len(result.context) <= model.context.n_ctx_seq
+
+
+def test_truncate_false_refuses_a_long_prompt(model):
+    with pytest.raises(BadRequestError, match=r"tokens but the context holds 1024"):
+        model.generate("word " * 3000, temperature=0, num_predict=2, truncate=False)
+
+
+def test_in_process_generation_stops_at_the_context_end_as_the_daemons_batcher_does(model_path):
+    with mullama.Model(model_path, num_ctx=256, num_thread=1) as small:
+        n_ctx = small.context.n_ctx_seq
+        prompt = small.tokenize("word " * 600)[:n_ctx - 20]
+        local = small.complete(prompt, temperature=0, num_predict=-1, grammar=ENDLESS, truncate=False)
+        # A batcher with an engine thread, as the daemon makes, replaces the idle in-process one.
+        with Batcher(small) as batcher:
+            daemon = batcher.submit(prompt, {"temperature": 0, "num_predict": -1}, grammar=ENDLESS,
+                                    truncate=False).wait(60)
+    assert local.done_reason == daemon.done_reason == "length"
+    # The KV cache fills to the last position; the token sampled from it ends the answer.
+    assert local.tokens == daemon.tokens and len(local.context) == n_ctx + 1
+    assert local.context == daemon.context == prompt + local.tokens
+
+
+def test_generations_from_several_threads_match_their_single_runs(model, model_path):
+    questions = ["What is the capital of France?", "Name a colour.", "Who wrote Hamlet?", "Describe a cat.",
+                 "List three fruits."]
+    alone = [model.complete(CHAT.format(q), temperature=0, num_predict=16) for q in questions]
+    # Two sequences for five threads: some are batched together, the others wait for a free one.
+    with mullama.Model(model_path, num_ctx=512, num_parallel=2, num_thread=1) as shared:
+        start = threading.Barrier(len(questions))
+        results: list = [None] * len(questions)
+
+        def run(i: int) -> None:
+            start.wait()
+            generation = shared.generate(CHAT.format(questions[i]), temperature=0, num_predict=16)
+            results[i] = ("".join(generation), generation.result)
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(questions))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(120)
+    for reference, (text, result) in zip(alone, results):
+        assert text == result.text == reference.text and result.tokens == reference.tokens
+
+
+def test_cancel_aborts_a_prompt_chunk_while_it_is_decoded(model, monkeypatch):
+    ctx = model.context
+    prompt = model.tokenize("stone " * 900)
+    # Whatever the cache already holds of this prompt stays; the rest is one chunk to read.
+    kept = min(common_prefix(ctx.cached[0], prompt), len(prompt) - 1)
+    assert len(prompt) - kept > 500
+    decode = ctx.decode
+    aborted = []
+    generation = model.generate(prompt, temperature=0, num_predict=4)
+
+    def cancelled_as_it_starts(batch, *, abortable=False):
+        # Another thread's cancel, landing as the chunk's decode starts: ggml stops at its first graph node.
+        if abortable:
+            generation.cancel()
+        try:
+            decode(batch, abortable=abortable)
+        except CancelledError as exc:
+            aborted.append(exc)
+            raise
+
+    with monkeypatch.context() as patch:
+        patch.setattr(ctx, "decode", cancelled_as_it_starts)
+        assert list(generation) == []
+    assert len(aborted) == 1
+    assert generation.result.done_reason == "cancel" and generation.result.timings.eval_count == 0
+    # Nothing of the aborted chunk is left in the KV cache, nor believed to be.
+    assert ctx.cached[0] == prompt[:kept] and model.lib.llama_memory_seq_pos_max(ctx.memory, 0) == kept - 1
+    again = model.complete(prompt, temperature=0, num_predict=4)
+    assert again.done_reason == "length" and again.timings.prompt_eval_count == len(prompt) - kept
 
 
 def test_embeddings_rank_paraphrases_closer(model):

@@ -16,8 +16,8 @@ from hypothesis import strategies as st
 import mullama
 from mullama.errors import BadRequestError, MullamaError
 from mullama.prompt.grammar import schema_to_gbnf, validate
-from mullama.engine import model as engine_model
 from mullama.engine.sampling import Sampler, SamplingParams, _stages
+from mullama.engine import batching
 from mullama.engine.batching import Batcher
 
 CHAT = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
@@ -59,7 +59,8 @@ def model(model_path):
 
 def reference(model, monkeypatch, prompt, options, grammar):
     with monkeypatch.context() as patch:
-        patch.setattr(engine_model, "Sampler", GrammarFirst)
+        # Every generation, Model.complete included, makes its sampler in batching.submit.
+        patch.setattr(batching, "Sampler", GrammarFirst)
         return model.complete(prompt, options, grammar=grammar)
 
 

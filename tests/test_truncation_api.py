@@ -21,6 +21,7 @@ import openai
 import pytest
 from daemon import create_model, running
 
+import mullama
 from mullama.http.ollama import TRUNCATED_HEADER
 from mullama.http.server import Server
 
@@ -88,6 +89,24 @@ def test_ollama_truncate_false_is_a_400(server: Server) -> None:
     assert error.value.status_code == 400 and "256" in error.value.error and "tokens" in error.value.error
     status, _, data = post(server, "/api/generate", {"model": MODEL, "prompt": LONG, "truncate": False})
     assert status == 400 and "256" in json.loads(data)["error"]
+
+
+def test_the_in_process_api_cuts_a_long_prompt_as_the_daemon_does(server: Server, model_path: Path) -> None:
+    options = dict(OPTIONS, num_predict=8)
+    status, _, data = post(server, "/api/generate", {"model": MODEL, "prompt": LONG, "raw": True, "stream": False,
+                                                     "options": options})
+    assert status == 200, data
+    daemon = json.loads(data)
+    with mullama.Model(model_path, num_ctx=256, num_thread=1) as model:
+        # As /api/generate tokenizes a raw prompt.
+        tokens = model.tokenize(LONG, add_special=model.add_bos)
+        local = model.complete(tokens, options)
+        keep = 4 + model.add_bos
+    # Ollama's rule, num_keep 4: about half the context stays free for the answer.
+    assert local.truncated == daemon["truncated"] == len(tokens) - (256 - (256 - keep) // 2)
+    assert local.context == tokens[:keep] + tokens[keep + local.truncated:] + local.tokens
+    assert local.text == daemon["response"] and local.done_reason == daemon["done_reason"]
+    assert local.timings.eval_count == daemon["eval_count"] == 8
 
 
 # --- OpenAI --------------------------------------------------------------------

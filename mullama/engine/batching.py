@@ -1,11 +1,11 @@
-"""Continuous batching: many generations on one llama context.
+"""Continuous batching: every generation of a model runs through one decode loop.
 
 A :class:`Batcher` owns the generation context of a :class:`Model` (its
-``num_parallel`` sequences) and one engine thread. Each step of that thread
-builds a single batch holding the next token of every generating sequence
-plus chunks of the prompts still being read, decodes it once, then samples
-each sequence whose logits came out. HTTP threads only call :meth:`submit`
-and read the :class:`Request` it returns::
+``num_parallel`` sequences). Each turn of its decode loop admits waiting
+requests, then builds a single batch holding the next token of every
+generating sequence plus chunks of the prompts still being read, decodes it
+once, and samples each sequence whose logits came out. Callers only call
+:meth:`Batcher.submit` and read the :class:`Request` it returns::
 
     batcher = Batcher(model)
     request = batcher.submit(model.tokenize(prompt), {"temperature": 0, "num_predict": 32})
@@ -16,16 +16,24 @@ and read the :class:`Request` it returns::
 ``submit(..., logprobs=True)`` also gives each token's log probability:
 :meth:`Request.pieces` yields them with the text they produced.
 
+The same loop runs in one of two ways. The daemon's batcher has an engine
+thread of its own, so HTTP threads never decode. The batcher behind
+:meth:`Model.generate` (``thread=False``, made by :attr:`Model.batcher`)
+has none: a caller that waits for output runs turns of the loop itself, as
+a plain generation loop would, so nothing decodes ahead of what is read and
+a cancel lands before the next token; callers in several threads advance
+each other's requests in shared batches.
+
 Requests wait in a bounded FIFO queue for a free sequence. A free sequence
 whose KV cache shares the longest prefix with the new prompt is chosen, so a
 conversation that goes on only pays for its new tokens. A longer prefix held
 by any other sequence (a shared system prompt), even one still generating or
 still reading it, is copied from its KV cache rather than read again.
 
-While a Batcher runs it is the only user of ``model.context``: do not call
-``Model.generate`` on the same model. Embeddings use their own context and
-run alongside: :meth:`Batcher.embed` packs the inputs of concurrent calls
-into shared decodes.
+A model has one batcher at a time (:attr:`Model.batcher`), the only user of
+``model.context``. Embeddings use their own context and run alongside:
+:meth:`Batcher.embed` packs the inputs of concurrent calls into shared
+decodes.
 """
 
 from __future__ import annotations
@@ -39,8 +47,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from mullama.engine.model import Completion, Context, Model, Timings, common_prefix, fit_prompt, l2_normalize
-from mullama.errors import BadRequestError, OverloadedError
+from mullama.engine.model import Batch, Completion, Context, Model, Timings, common_prefix, l2_normalize
+from mullama.errors import BadRequestError, CancelledError, MullamaError, OverloadedError
 from mullama.engine.sampling import LogprobReader, Sampler, SamplingParams, TokenLogprob, check_top_logprobs
 from mullama.engine.textstream import TextStream
 
@@ -54,6 +62,46 @@ _MIN_SHARED_TOKENS = 4
 
 #: Ollama's default ``num_keep``: prompt tokens kept at the front when a prompt is cut.
 DEFAULT_NUM_KEEP = 4
+
+
+def fit_prompt(tokens: list[int], n_ctx: int, num_keep: int = DEFAULT_NUM_KEEP, *, add_bos: bool = False,
+               truncate: bool = True) -> tuple[list[int], int]:
+    """Ollama's rule for a prompt that does not fit a context of ``n_ctx`` tokens; returns it and the count dropped.
+
+    A prompt of up to ``n_ctx - 1`` tokens is left alone. A longer one is
+    refused with :class:`BadRequestError` when ``truncate`` is False;
+    otherwise its first ``keep`` tokens stay, where ``keep`` is
+    ``num_keep`` (the whole prompt when negative) plus one when the
+    tokenizer adds a BOS token, at most ``n_ctx - 1``, and the oldest
+    tokens after them are dropped until ``n_ctx - max((n_ctx - keep) // 2, 1)``
+    remain.
+
+    This is Ollama's ``completionPromptForRequest`` with
+    ``contextShiftPromptLimit`` (llm/llama_server.go, commit c191a145b,
+    "preserve generation headroom for shifted prompts"); its own test cases
+    are in tests/test_batching.py. Why the limit: cut to ``n_ctx - 1``
+    tokens (Ollama's rule before that commit, and Mullama's in-process one
+    before this function), a prompt leaves room for one generated token.
+    Ollama's older runners cut to ``n_ctx`` and then, on the first
+    generated token, shifted the context, dropping half of what follows
+    ``keep``; cutting straight to where that shift landed leaves about half
+    of the context for the answer. Mullama does not shift the context: a
+    generation that fills it ends with done_reason "length", as Ollama's
+    runners do with ``shift: false``. ``Model.generate`` and the daemon
+    both submit to a :class:`Batcher`, so this one rule serves both.
+    """
+    if len(tokens) < n_ctx:
+        return tokens, 0
+    if not truncate:
+        raise BadRequestError(f"the prompt has {len(tokens)} tokens but the context holds {n_ctx} "
+                              f"(at most {n_ctx - 1} for the prompt); shorten it or raise num_ctx")
+    keep = len(tokens) if num_keep < 0 else num_keep
+    keep = max(0, min(keep + add_bos, n_ctx - 1))
+    limit = n_ctx - max((n_ctx - keep) // 2, 1)
+    dropped = len(tokens) - limit
+    log.warning("prompt of %d tokens truncated to %d to fit a context of %d tokens (num_keep=%d)",
+                len(tokens), limit, n_ctx, num_keep)
+    return tokens[:keep] + tokens[keep + dropped:], dropped
 
 
 class Request:
@@ -85,7 +133,7 @@ class Request:
         self._output: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._done = threading.Event()
         self._cancelled = False
-        # Engine-thread state, meaningful once the request holds a sequence.
+        # Decode-loop state, meaningful once the request holds a sequence.
         self._seq = -1
         self._cached: list[int] = []
         self._fed = 0
@@ -116,9 +164,10 @@ class Request:
         stop string) comes with the piece that finally shows its text; tokens
         that only formed a stop string have no entry.
         """
+        take = self._output.get if self._scheduler.threaded else self._drive
         try:
             while True:
-                item = self._output.get()
+                item = take()
                 if item is _END:
                     return
                 if isinstance(item, BaseException):
@@ -146,12 +195,21 @@ class Request:
                 self.cancel()
 
     def cancel(self) -> None:
-        """Stop the generation; its sequence is free again within one decode step. Any thread."""
+        """Stop the generation; its sequence is free again within one decode step. Any thread.
+
+        A step that reads prompt chunks for cancelled requests only is
+        aborted between graph nodes.
+        """
         self._scheduler._cancel(self)
 
     def wait(self, timeout: float | None = None) -> Completion:
         """Block until the request is done; return its completion or raise its error."""
-        if not self._done.wait(timeout):
+        scheduler = self._scheduler
+        if not scheduler.threaded:
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while not self._done.is_set() and (deadline is None or time.monotonic() < deadline):
+                scheduler._turn()
+        if not self._done.wait(timeout if scheduler.threaded else 0):
             raise TimeoutError("the generation is still running")
         if self.error is not None:
             raise self.error
@@ -163,35 +221,62 @@ class Request:
         """True once the request finished, failed or was cancelled."""
         return self._done.is_set()
 
+    def _drive(self) -> Any:
+        """The next output item, running turns of the decode loop in this thread until there is one."""
+        output, turn = self._output, self._scheduler._turn
+        while True:
+            try:
+                return output.get_nowait()
+            except queue.Empty:
+                turn()
+
 
 class Batcher:
     """Runs every generation of one model through a single decode loop.
 
-    ``max_queue`` bounds the requests that wait for a free sequence; past it
-    :meth:`submit` raises :class:`OverloadedError`. Call :meth:`close` (or use
-    the batcher as a context manager) to stop its thread; the model stays open.
+    With ``thread`` (the daemon's way) an engine thread of its own runs the
+    loop; without, the threads waiting for output run it (see the module's
+    docstring). A model has one batcher at a time: making one replaces an
+    idle one the model made for :meth:`Model.generate`, and refuses if
+    another is running. ``max_queue`` bounds the requests that wait for a
+    free sequence; past it :meth:`submit` raises :class:`OverloadedError`.
+    Call :meth:`close` (or use the batcher as a context manager) to stop it;
+    the model stays open.
     """
 
-    def __init__(self, model: Model, *, max_queue: int = 512) -> None:
+    def __init__(self, model: Model, *, max_queue: int = 512, thread: bool = True) -> None:
+        previous = model._batcher
+        if previous is not None:
+            if previous.threaded or previous.busy:
+                raise MullamaError(f"{model.path.name} already has a running batcher")
+            previous.close()
         self.model = model
         self.max_queue = max_queue
         self._ctx: Context = model.context
         self._is_eog = model.is_end_of_generation
         self._token_bytes = model.token_bytes
+        self._add_bos = model.add_bos
         self._lock = threading.Lock()
         self._wakeup = threading.Condition(self._lock)
+        #: Held by whoever runs a turn of the loop: only one at a time.
+        self._turning = threading.Lock()
         self._waiting: collections.deque[Request] = collections.deque()
         #: The request holding each sequence, or None.
         self._slots: list[Request | None] = [None] * self._ctx.n_seq
         #: Holders in admission order, which is also the order prompts are read in.
         self._running: list[Request] = []
+        #: The requests of a decode in progress that reads prompt chunks (one that :meth:`_cancel` may abort).
+        self._abortable: list[Request] = []
         self._last_used = [0] * self._ctx.n_seq
         self._admissions = 0
         self._closing = False
         self._logprobs = LogprobReader(model.lib, model.token_bytes)
         self._embedder = EmbeddingBatcher(model)
-        self._thread = threading.Thread(target=self._loop, name=f"mullama-engine-{model.path.name}", daemon=True)
-        self._thread.start()
+        self._thread: threading.Thread | None = None
+        model._batcher = self
+        if thread:
+            self._thread = threading.Thread(target=self._loop, name=f"mullama-engine-{model.path.name}", daemon=True)
+            self._thread.start()
 
     # --- public API ------------------------------------------------------------
 
@@ -228,7 +313,7 @@ class Batcher:
         except (TypeError, ValueError) as exc:
             raise BadRequestError(f"invalid option: {exc}") from None
         top_logprobs = check_top_logprobs(top_logprobs)
-        tokens, truncated = self._fit(tokens, num_keep, num_predict, truncate)
+        tokens, truncated = fit_prompt(tokens, self._ctx.n_ctx_seq, num_keep, add_bos=self._add_bos, truncate=truncate)
         stop = _value(get, "stop", [])
         stream = TextStream(stop=[stop] if isinstance(stop, str) else list(stop))
         sampler = Sampler(self.model.lib, self.model.vocab, params, grammar)
@@ -259,6 +344,7 @@ class Batcher:
             self._waiting.clear()
             for request in self._running:
                 request._cancelled = True
+            self._abort_if_all_cancelled()
             self._wakeup.notify()
         for request in waiting:
             request._cancelled = True
@@ -269,8 +355,19 @@ class Batcher:
         with self._wakeup:
             self._closing = True
         self.cancel_all()
-        self._thread.join()
+        if self._thread is not None:
+            self._thread.join()
+        else:
+            with self._turning:
+                self._shutdown()
         self._embedder.close()
+        if self.model._batcher is self:
+            self.model._batcher = None
+
+    @property
+    def threaded(self) -> bool:
+        """True when an engine thread of its own runs the decode loop (the daemon's batchers)."""
+        return self._thread is not None
 
     @property
     def busy(self) -> bool:
@@ -290,21 +387,7 @@ class Batcher:
         with self._lock:
             return len(self._waiting)
 
-    # --- submission helpers (caller threads) -------------------------------------
-
-    def _fit(self, tokens: list[int], num_keep: int, num_predict: int, truncate: bool) -> tuple[list[int], int]:
-        """Cut a prompt that does not fit, leaving a quarter of the context (at most) for the answer."""
-        n_ctx = self._ctx.n_ctx_seq
-        if len(tokens) < n_ctx:
-            return tokens, 0
-        if not truncate:
-            raise BadRequestError(f"the prompt has {len(tokens)} tokens but the context holds {n_ctx} "
-                                  f"(at most {n_ctx - 1} for the prompt); shorten it or raise num_ctx")
-        room = max(1, min(num_predict if num_predict > 0 else n_ctx, n_ctx // 4))
-        fitted, dropped = fit_prompt(tokens, n_ctx - room + 1, max(0, num_keep), num_predict)
-        log.warning("prompt of %d tokens truncated to %d to fit a context of %d tokens (num_keep=%d)",
-                    len(tokens), len(fitted), n_ctx, num_keep)
-        return fitted, dropped
+    # --- called from any thread ---------------------------------------------------
 
     def _cancel(self, request: Request) -> None:
         with self._wakeup:
@@ -314,9 +397,15 @@ class Batcher:
             try:
                 self._waiting.remove(request)
             except ValueError:
+                self._abort_if_all_cancelled()
                 self._wakeup.notify()
                 return
         self._finish_unstarted(request)
+
+    def _abort_if_all_cancelled(self) -> None:
+        """Abort the decode in progress when every request in it is cancelled (called with the lock held)."""
+        if self._abortable and all(r._cancelled for r in self._abortable):
+            self._ctx.abort()
 
     def _finish_unstarted(self, request: Request) -> None:
         request._completion.done_reason = "cancel"
@@ -326,26 +415,50 @@ class Batcher:
         request._output.put(_END)
         request._done.set()
 
-    # --- engine thread -----------------------------------------------------------
+    # --- the decode loop: its engine thread, or the threads waiting for output ---
 
     def _loop(self) -> None:
+        """The engine thread of a threaded batcher: turns of the loop while there is work."""
         while True:
             with self._wakeup:
                 while not (self._closing or self._waiting or self._running):
                     self._wakeup.wait()
                 if self._closing:
                     break
-                admitted = self._admit()
-            try:
-                for request in admitted:
-                    self._start(request)
-                for request in [r for r in self._running if r._cancelled]:
-                    self._finish(request, "cancel")
-                if self._running:
-                    self._step()
-            except Exception as exc:  # the engine thread must outlive any request's failure
-                log.exception("generation step failed")
-                self._fail(list(self._running), exc)
+            self._cycle()
+        self._shutdown()
+
+    def _turn(self) -> None:
+        """Run one turn of the loop in the calling thread, once no other thread runs one (unthreaded batchers)."""
+        with self._turning:
+            self._cycle()
+
+    def _cycle(self) -> None:
+        """One turn of the decode loop: admit waiting requests, end cancelled ones, decode one step.
+
+        Only one thread at a time runs it: the engine thread, or whoever holds ``_turning``.
+        """
+        with self._lock:
+            admitted = self._admit()
+        try:
+            for request in admitted:
+                self._start(request)
+            for request in [r for r in self._running if r._cancelled]:
+                self._finish(request, "cancel")
+            if self._running:
+                self._step()
+        except Exception as exc:  # the loop must outlive any request's failure
+            log.exception("generation step failed")
+            self._fail(list(self._running), exc)
+        except BaseException:
+            # A KeyboardInterrupt in a caller's thread may cut a step anywhere: trust no cache it touched.
+            for request in list(self._running):
+                self._ctx.forget(request._seq, 0)
+            self._fail(list(self._running), CancelledError("generation interrupted"))
+            raise
+
+    def _shutdown(self) -> None:
+        """End what still runs once the batcher closes; safe to call twice."""
         for request in list(self._running):
             self._finish(request, "cancel")
         self._logprobs.close()
@@ -462,7 +575,8 @@ class Batcher:
                 request._out = batch.add(request._pending, len(request._cached), request._seq, True)
             else:
                 request._out = -1
-        room = batch.capacity - batch.n
+        generating = batch.n
+        room = batch.capacity - generating
         for request in running:
             if room <= 0:
                 break
@@ -477,7 +591,16 @@ class Batcher:
                 request._chunk_end = end
                 room -= end - start
         try:
-            ctx.decode(batch)
+            if batch.n > generating:
+                self._decode_abortable(batch)
+            else:
+                ctx.decode(batch)
+        except CancelledError:
+            # Aborted for requests that are all cancelled (see _cancel): the next turn ends them.
+            for request in running:
+                if request._pending >= 0 or request._chunk_end > request._fed:
+                    ctx.forget(request._seq, len(request._cached))
+            return
         except Exception as exc:  # noqa: BLE001 - fail the requests in this batch only
             # What a failed decode left in the KV cache is unknown: forget the sequences it touched.
             touched = [r for r in running if r._pending >= 0 or r._chunk_end > r._fed]
@@ -507,6 +630,22 @@ class Batcher:
                 self._finish(request, outcome)
             else:
                 self._fail([request], outcome)
+
+    def _decode_abortable(self, batch: Batch) -> None:
+        """Decode a batch that reads prompt chunks, abortable while it runs: such a decode takes long.
+
+        Only a cancel of every request in it aborts it, so no request fails for another's cancel.
+        """
+        ctx = self._ctx
+        ctx.clear_abort()
+        with self._lock:
+            self._abortable = [r for r in self._running if r._pending >= 0 or r._chunk_end > r._fed]
+            self._abort_if_all_cancelled()
+        try:
+            ctx.decode(batch, abortable=True)
+        finally:
+            with self._lock:
+                self._abortable = []
 
     def _advance(self, request: Request) -> str:
         """Sample the next token of ``request``; return a done reason, or "" to go on."""

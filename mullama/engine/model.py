@@ -9,8 +9,9 @@ it with no server::
         print(piece, end="", flush=True)
 
 One llama context holds ``num_parallel`` sequences, each with its own
-``num_ctx`` tokens of KV cache. ``Model.generate`` drives one sequence;
-the daemon's batcher drives all of them at once with :class:`Batch` and
+``num_ctx`` tokens of KV cache. Every generation, in-process or in the
+daemon, runs on the model's one batcher (:mod:`mullama.engine.batching`),
+which drives all of them at once with :class:`Batch` and
 :meth:`Context.decode`.
 """
 
@@ -24,15 +25,17 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mullama.store import gguf
 from mullama.errors import BadRequestError, CancelledError, ModelLoadError, MullamaError
 from mullama.ffi import llama as L
 from mullama.ffi import load
 from mullama.options import Options
-from mullama.engine.sampling import LogprobReader, Sampler, SamplingParams, TokenLogprob, check_top_logprobs
-from mullama.engine.textstream import TextStream
+from mullama.engine.sampling import TokenLogprob
+
+if TYPE_CHECKING:
+    from mullama.engine.batching import Batcher, Request
 
 #: Ollama's defaults, kept in one place (mullama.options).
 _OLLAMA = Options()
@@ -248,16 +251,16 @@ class Context:
         self.decode_count = 0
 
     def decode(self, batch: Batch, *, abortable: bool = False) -> None:
-        """Run the model on ``batch``; raise on failure or when aborted.
+        """Run the model on ``batch``; raise on failure, or :class:`CancelledError` when aborted.
 
         ``abortable`` installs the abort callback for this call only: ggml asks
         it between graph nodes, which is worth it for a long prompt chunk and
-        not for a one-token step.
+        not for a one-token step. It stops at an :meth:`abort` made since the
+        last :meth:`clear_abort`, before or during the call.
         """
         lib = self._lib
         batch.raw.n_tokens = batch.n
         if abortable:
-            self._abort_requested = False
             lib.llama_set_abort_callback(self.ptr, self._abort_cb, None)
         self.decode_count += 1
         try:
@@ -273,8 +276,12 @@ class Context:
             raise MullamaError(f"llama_decode failed with code {code}")
 
     def abort(self) -> None:
-        """Make an abortable decode in progress stop at its next graph node."""
+        """Make an abortable decode stop at its next graph node, or at its first if none runs yet."""
         self._abort_requested = True
+
+    def clear_abort(self) -> None:
+        """Forget an :meth:`abort` that came too late for the decode it was meant for."""
+        self._abort_requested = False
 
     def forget(self, seq: int, keep: int = 0) -> int:
         """Drop the KV cache of ``seq`` from position ``keep`` on; return how many positions stay.
@@ -376,6 +383,8 @@ class Model:
         self._lock = threading.Lock()
         self._context: Context | None = None
         self._embed_context: Context | None = None
+        #: The batcher driving the generation context (see :attr:`batcher`); it sets and clears this itself.
+        self._batcher: Batcher | None = None
         try:
             self._context = Context(self, self.options)
         except BaseException:
@@ -392,7 +401,9 @@ class Model:
         self.close()
 
     def close(self) -> None:
-        """Free the contexts and the weights; the model is unusable afterwards."""
+        """End its generations, free the contexts and the weights; the model is unusable afterwards."""
+        if self._batcher is not None:
+            self._batcher.close()
         for ctx in (self._context, self._embed_context):
             if ctx is not None:
                 ctx.close()
@@ -407,6 +418,27 @@ class Model:
         if self._context is None:
             raise MullamaError("the model is closed")
         return self._context
+
+    @property
+    def batcher(self) -> Batcher:
+        """The batcher every generation of this model runs on.
+
+        The daemon makes one with an engine thread; otherwise the first use
+        makes one without (``Batcher(model, thread=False)``), whose decode
+        loop runs in the threads that read the generations.
+        """
+        batcher = self._batcher
+        if batcher is not None:
+            return batcher
+        with self._lock:
+            if self._batcher is None:
+                if self._context is None:
+                    raise MullamaError("the model is closed")
+                from mullama.engine.batching import Batcher  # batching builds on this module
+
+                Batcher(self, thread=False)  # it sets self._batcher
+            assert self._batcher is not None
+            return self._batcher
 
     # --- metadata ------------------------------------------------------------
 
@@ -495,15 +527,20 @@ class Model:
     # --- generation ----------------------------------------------------------
 
     def generate(self, prompt: str | Sequence[int], options: Any = None, *, grammar: str | None = None,
-                 **overrides: Any) -> "Generation":
+                 **overrides: Any) -> Generation:
         """Start generating from ``prompt`` (text, or token ids); iterate for text pieces.
 
         Sampling options use Ollama's names (``temperature``, ``top_k``,
-        ``num_predict``, ``stop``, ``seed``, ...); ``logprobs=True`` (with
-        ``top_logprobs``, 0 to 20) fills ``Completion.logprobs``. The returned
-        :class:`Generation` yields text as it is produced and holds the
-        :class:`Completion` in ``.result`` once done; ``cancel()`` from any
-        thread stops it within one token.
+        ``num_predict``, ``num_keep``, ``stop``, ``seed``, ...);
+        ``logprobs=True`` (with ``top_logprobs``, 0 to 20) fills
+        ``Completion.logprobs``; ``truncate=False`` refuses a prompt that
+        does not fit the context instead of cutting it (see
+        :func:`mullama.engine.batching.fit_prompt`). Bad options, a bad
+        grammar or such a prompt raise :class:`BadRequestError` here. The
+        returned :class:`Generation` yields text as it is produced and holds
+        the :class:`Completion` in ``.result`` once done; ``cancel()`` from
+        any thread stops it within one token. Generations from several
+        threads share the model's ``num_parallel`` sequences, the rest wait.
         """
         merged: dict[str, Any] = {}
         if isinstance(options, dict):
@@ -511,14 +548,20 @@ class Model:
         elif options is not None:
             merged.update({k: getattr(options, k) for k in dir(options) if not k.startswith("_")})
         merged.update(overrides)
+        truncate = merged.pop("truncate", None)
+        logprobs = merged.pop("logprobs", False)
+        top_logprobs = merged.pop("top_logprobs", None) or 0
         tokens = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
-        return Generation(self, tokens, merged, grammar)
+        request = self.batcher.submit(tokens, merged, grammar=grammar, truncate=truncate is None or bool(truncate),
+                                      logprobs=bool(logprobs), top_logprobs=top_logprobs)
+        return Generation(request)
 
     def complete(self, prompt: str | Sequence[int], options: Any = None, **overrides: Any) -> Completion:
         """Generate to the end and return the :class:`Completion`."""
         generation = self.generate(prompt, options, **overrides)
         for _ in generation:
             pass
+        assert generation.result is not None
         return generation.result
 
     # --- embeddings ----------------------------------------------------------
@@ -562,6 +605,10 @@ class Model:
             if not self.ptr:
                 raise MullamaError("the model is closed")
             pooling = self.info.pooling_type
+            if pooling == L.LLAMA_POOLING_TYPE_RANK:
+                # llama.cpp pools such a model into n_cls_out relevance scores per input, not an embedding.
+                raise BadRequestError(f"{self.path.name} is a reranking model (pooling type rank): it scores "
+                                      "inputs instead of embedding them, and Mullama has no rerank API yet")
             if pooling is None or pooling == L.LLAMA_POOLING_TYPE_NONE:
                 pooling = L.LLAMA_POOLING_TYPE_MEAN
             n_seq = 16
@@ -612,138 +659,33 @@ def l2_normalize(vector: list[float]) -> list[float]:
     return [x / norm for x in vector] if norm > 0 else vector
 
 
-def fit_prompt(tokens: list[int], n_ctx: int, num_keep: int, num_predict: int) -> tuple[list[int], int]:
-    """Ollama's rule when a prompt does not fit: keep ``num_keep`` tokens, drop the oldest after them.
-
-    Room is left for at least one generated token. Returns the tokens and
-    how many were dropped.
-    """
-    limit = n_ctx - 1
-    if len(tokens) <= limit:
-        return tokens, 0
-    keep = max(0, min(num_keep, limit // 2))
-    dropped = len(tokens) - limit
-    return tokens[:keep] + tokens[keep + dropped:], dropped
-
-
 class Generation:
-    """One running generation on sequence 0 of a model's context; iterate for text."""
+    """One generation started by :meth:`Model.generate`; iterate it for text pieces.
 
-    def __init__(self, model: Model, tokens: list[int], options: dict[str, Any], grammar: str | None) -> None:
-        if not tokens:
-            raise BadRequestError("the prompt is empty")
-        self.model = model
-        self.prompt_tokens = tokens
-        self.options = options
-        self.grammar = grammar
-        self.result: Completion | None = None
-        self._cancelled = threading.Event()
+    It is a request on the model's batcher (:attr:`request`). Iterating runs
+    the decode loop in the reading thread unless the daemon's engine thread
+    does; leaving the iteration early cancels it.
+    """
 
-    def cancel(self) -> None:
-        """Stop at the next token (or the next graph node of a prompt chunk)."""
-        self._cancelled.set()
-        context = self.model._context
-        if context is not None:
-            context.abort()
+    def __init__(self, request: Request) -> None:
+        #: The batcher's request behind this generation.
+        self.request = request
 
     def __iter__(self) -> Iterator[str]:
-        model = self.model
-        with model._lock:
-            yield from self._run(model, model.context)
+        return iter(self.request)
 
-    def _run(self, model: Model, ctx: Context) -> Iterator[str]:
-        started = time.perf_counter_ns()
-        opts = self.options
-        num_predict = int(opts.get("num_predict") if opts.get("num_predict") is not None else -1)
-        stop = opts.get("stop") or []
-        stream = TextStream(stop=[stop] if isinstance(stop, str) else list(stop))
-        tokens, truncated = fit_prompt(self.prompt_tokens, ctx.n_ctx_seq, int(opts.get("num_keep") or 4), num_predict)
-        top = check_top_logprobs(opts.get("top_logprobs") or 0)
-        sampler = Sampler(model.lib, model.vocab, SamplingParams.from_options(opts), self.grammar)
-        reader = LogprobReader(model.lib, model.token_bytes) if opts.get("logprobs") else None
-        completion = Completion(truncated=truncated, timings=Timings(load_duration=0))
-        pieces: list[str] = []
-        #: Logprobs of sampled tokens whose text the stream still holds back.
-        held: list[TokenLogprob] = []
-        try:
-            n_past = ctx.reuse_prefix(0, tokens)
-            prompt_started = time.perf_counter_ns()
-            self._eval_prompt(ctx, tokens, n_past)
-            completion.timings.prompt_eval_count = len(tokens) - n_past
-            completion.timings.prompt_eval_duration = time.perf_counter_ns() - prompt_started
-            eval_started = time.perf_counter_ns()
-            completion.done_reason = yield from self._decode_loop(
-                model, ctx, sampler, stream, num_predict, completion, pieces, (reader, top, held))
-            completion.timings.eval_duration = time.perf_counter_ns() - eval_started
-            tail = stream.finish()
-            if tail:
-                pieces.append(tail)
-                completion.logprobs += held
-                yield tail
-        finally:
-            sampler.close()
-            if reader is not None:
-                reader.close()
-        completion.text = "".join(pieces)
-        completion.stop_sequence = stream.stop_hit
-        completion.context = list(ctx.cached[0])
-        completion.timings.total_duration = time.perf_counter_ns() - started
-        self.result = completion
+    def pieces(self) -> Iterator[tuple[str, list[TokenLogprob]]]:
+        """Each text piece with the logprobs of the tokens that produced it (see ``Request.pieces``)."""
+        return self.request.pieces()
 
-    def _eval_prompt(self, ctx: Context, tokens: list[int], n_past: int) -> None:
-        batch = ctx.batch
-        for start in range(n_past, len(tokens), batch.capacity):
-            if self._cancelled.is_set():
-                ctx.forget(0, start)
-                raise CancelledError("generation cancelled")
-            chunk = tokens[start:start + batch.capacity]
-            batch.clear()
-            last = start + len(chunk) - 1
-            for offset, token in enumerate(chunk):
-                batch.add(token, start + offset, 0, start + offset == last)
-            try:
-                ctx.decode(batch, abortable=True)
-            except MullamaError:
-                ctx.forget(0, start)
-                raise
-            ctx.cached[0].extend(chunk)
-        # A GPU decode returns before the work is done: wait, so prompt timings are true.
-        self.model.lib.llama_synchronize(ctx.ptr)
+    def cancel(self) -> None:
+        """Stop at the next token (or the next graph node of a prompt chunk). Any thread."""
+        self.request.cancel()
 
-    def _decode_loop(self, model: Model, ctx: Context, sampler: Sampler, stream: TextStream, num_predict: int,
-                     completion: Completion, pieces: list[str],
-                     logprobs: tuple[LogprobReader | None, int, list[TokenLogprob]]) -> Iterator[str]:
-        """Sample, yield text, decode the sampled token; return the done reason."""
-        reader, top, held = logprobs
-        batch = ctx.batch
-        cached = ctx.cached[0]
-        generated = completion.tokens
-        output = -1
-        while True:
-            if self._cancelled.is_set():
-                return "cancel"
-            token = sampler.sample(ctx.ptr, output)
-            if model.is_end_of_generation(token):
-                return "stop"
-            generated.append(token)
-            completion.timings.eval_count += 1
-            if reader is not None:
-                held.append(reader.read(ctx.ptr, output, token, top))
-            text = stream.feed(model.token_bytes(token))
-            if text:
-                pieces.append(text)
-                completion.logprobs += held
-                held.clear()
-                yield text
-            if stream.stopped:
-                return "stop"
-            if len(generated) == num_predict or len(cached) + 1 >= ctx.n_ctx_seq:
-                return "length"
-            batch.clear()
-            batch.add(token, len(cached), 0, True)
-            ctx.decode(batch)
-            cached.append(token)
-            output = 0
+    @property
+    def result(self) -> Completion | None:
+        """The :class:`Completion` once the generation is done; None before."""
+        return self.request.result
 
 
 def quantize(source: str | os.PathLike[str], destination: str | os.PathLike[str], quantization: str,
