@@ -21,7 +21,7 @@ import openai
 import pytest
 from daemon import create_model, running
 
-from mullama.http.ollama import TRUNCATED_HEADER
+from mullama.http.common import TRUNCATED_HEADER
 from mullama.http.server import Server
 
 MODEL = "tiny"
