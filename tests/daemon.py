@@ -27,7 +27,8 @@ from typing import Any
 
 import pytest
 
-from mullama.http.server import Server, make_server
+from mullama.http.app import make_server
+from mullama.http.server import Server
 
 REPO = Path(__file__).resolve().parent.parent
 #: The Hub's address for every in-process daemon: a closed port, so a download fails at once.
@@ -83,6 +84,21 @@ def create_model(port: int, model_path: Path, name: str = "smol", **fields: Any)
         connection.close()
     assert response.status == 200, data
     return json.loads(data)
+
+
+def exchange(server: Server, method: str, path: str, body: dict[str, Any] | None = None) -> tuple[int, bytes]:
+    """Send one request to ``server`` on a fresh connection; its status and whole body.
+
+    A chunked body cut short fails here (``http.client.IncompleteRead``).
+    """
+    connection = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=180)
+    try:
+        connection.request(method, path, None if body is None else json.dumps(body),
+                           {} if body is None else {"Content-Type": "application/json"})
+        response = connection.getresponse()
+        return response.status, response.read()
+    finally:
+        connection.close()
 
 
 # As a subprocess -------------------------------------------------------------

@@ -24,6 +24,7 @@ from mullama.errors import (
     PayloadTooLargeError,
 )
 from mullama.http import anthropic as api
+from mullama.http.common import sse
 from mullama.http.server import Server
 from mullama.types import Message, ToolCall
 
@@ -411,4 +412,4 @@ def test_error_bodies() -> None:
         assert error.status == status
         assert api.error_body(error) == {"type": "error", "error": {"type": kind, "message": "x"}}
     assert api.error_type(429) == "rate_limit_error" and api.error_type(405) == "invalid_request_error"
-    assert api.sse("ping", {"type": "ping"}) == b'event: ping\ndata: {"type": "ping"}\n\n'
+    assert sse({"type": "ping"}, "ping") == b'event: ping\ndata: {"type": "ping"}\n\n'

@@ -113,7 +113,7 @@ def test_wrong_api_key_is_authentication_error(client: openai.OpenAI, server: Se
 
 
 def test_chat_completion_shape_and_usage(hello: Any) -> None:
-    assert hello.object == "service.completion" and hello.id.startswith("chatcmpl-")
+    assert hello.object == "chat.completion" and hello.id.startswith("chatcmpl-")
     assert hello.model == MODEL
     choice = hello.choices[0]
     assert choice.message.role == "assistant" and choice.message.content
@@ -127,7 +127,7 @@ def test_streaming_equals_non_streaming(client: openai.OpenAI, hello: Any) -> No
     chunks = list(client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=16, stream=True,
                                                  stream_options={"include_usage": True}, logprobs=True, **GREEDY))
     assert chunks[0].choices[0].delta.role == "assistant"
-    assert all(c.object == "service.completion.chunk" and c.id == chunks[0].id for c in chunks)
+    assert all(c.object == "chat.completion.chunk" and c.id == chunks[0].id for c in chunks)
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == hello.choices[0].message.content
     finals = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
@@ -414,8 +414,8 @@ def test_chat_messages_keep_text_and_order(turns: list[tuple[str, str]]) -> None
 def test_openai_error_body() -> None:
     from mullama.errors import ModelNotFoundError, OverloadedError
 
-    assert api.openai_error(ModelNotFoundError("x"))["error"]["code"] == "model_not_found"
-    assert api.openai_error(OverloadedError("busy"))["error"] == {"message": "busy", "type": "server_error",
+    assert api.error_body(ModelNotFoundError("x"))["error"]["code"] == "model_not_found"
+    assert api.error_body(OverloadedError("busy"))["error"] == {"message": "busy", "type": "server_error",
                                                                    "param": None, "code": "overloaded_error"}
-    assert api.openai_error(BadRequestError("bad", param="n"))["error"] == {
+    assert api.error_body(BadRequestError("bad", param="n"))["error"] == {
         "message": "bad", "type": "invalid_request_error", "param": "n", "code": None}

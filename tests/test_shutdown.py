@@ -13,7 +13,7 @@ import time
 import pytest
 from daemon import create_model, running, serve
 
-from mullama.http.server import wind_down
+from mullama.http.app import wind_down
 
 #: What the brief allows between the signal and the process's exit.
 EXIT_WITHIN = 10.0
@@ -80,11 +80,18 @@ def test_signal_ends_streams_unloads_and_exits(tmp_path, model_path, signum):
 
 @pytest.fixture
 def server(tmp_path, model_path):
-    """An in-process daemon with the test model as ``smol`` and a route that hangs for 30 s."""
+    """An in-process daemon with the test model as ``smol`` and a route that hangs until the test is over."""
+    over = threading.Event()
+
+    def hang(request) -> None:
+        over.wait(30)
+        request.handler.send_json(200, {})
+
     with running(tmp_path) as server:
-        server.app.router.add("POST", "/test/hang", lambda request: time.sleep(30))
+        server.app.router.add("POST", "/test/hang", hang)
         create_model(server.server_address[1], model_path)
         yield server
+        over.set()
 
 
 def _stop(server) -> float:
@@ -115,9 +122,9 @@ def test_wind_down_gives_up_after_the_grace_period(server, caplog):
     port = server.server_address[1]
 
     def hang() -> None:
-        # The server gives up on this request and closes its connection: that is the point.
+        # Answered only once the test is over, long after wind_down gave up on it: that is the point.
         with contextlib.suppress(http.client.RemoteDisconnected, ConnectionError):
-            _post(port, "/test/hang", {})
+            _post(port, "/test/hang", {}).read()
 
     hanging = threading.Thread(target=hang, daemon=True)
     hanging.start()

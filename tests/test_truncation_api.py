@@ -22,7 +22,7 @@ import pytest
 from daemon import create_model, running
 
 import mullama
-from mullama.http.ollama import TRUNCATED_HEADER
+from mullama.http.common import TRUNCATED_HEADER
 from mullama.http.server import Server
 
 MODEL = "tiny"

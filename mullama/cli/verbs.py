@@ -45,7 +45,7 @@ def _show_or_pull(client: Client, name: str) -> dict[str, Any]:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Run the daemon in the foreground."""
-    from mullama.http.server import serve
+    from mullama.http.app import serve
 
     return serve()
 

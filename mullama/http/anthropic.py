@@ -1,6 +1,6 @@
 """Anthropic's Messages API: ``/v1/messages`` and ``/v1/messages/count_tokens``.
 
-Requests become a :class:`mullama.ChatRequest`: content blocks turn into
+Requests become a :class:`mullama.types.ChatRequest`: content blocks turn into
 :class:`~mullama.types.Message` fields (tool results into ``tool`` messages),
 ``max_tokens`` and ``stop_sequences`` into Ollama's ``num_predict`` and
 ``stop``. Replies go back as a message object or as the server-sent events
@@ -14,23 +14,30 @@ blocks (``thinking_delta`` events when streamed).
 
 from __future__ import annotations
 
-import base64
-import binascii
-import json
-import logging
-import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from mullama import service
-from mullama.errors import BadRequestError, MullamaError, OverloadedError
-from mullama.http.ollama import truncation_headers
+from mullama.errors import BadRequestError, MullamaError
+from mullama.http.common import (
+    ToolHistory,
+    arguments_json,
+    call_id,
+    decode_base64,
+    drain,
+    generation_options,
+    keep_alive,
+    listed,
+    model_name,
+    new_id,
+    send_result,
+    sse,
+    stream_reply,
+    typed,
+)
 from mullama.http.server import Request, Router
-from mullama.options import PARAMETER_TYPES, parse_options
 from mullama.types import ChatRequest, Message, Tool, ToolCall
-
-log = logging.getLogger("mullama.anthropic")
 
 SSE = "text/event-stream; charset=utf-8"
 Event = tuple[str, dict[str, Any]]
@@ -47,14 +54,13 @@ _ERROR_TYPES = {
 }
 _EMPTY_BLOCKS = {"text": {"type": "text", "text": ""}, "thinking": {"type": "thinking", "thinking": "", "signature": ""}}
 _TOOL_CHOICES = {"auto": "auto", "any": "required", "none": "none"}
-_TYPE_NAMES = {int: "an integer", bool: "a boolean", list: "a list", dict: "an object"}
 
 
 def register(router: Router) -> None:
     """Add the Messages routes and Anthropic's error body for them."""
     router.add("POST", "/v1/messages", messages_route)
     router.add("POST", "/v1/messages/count_tokens", count_tokens_route)
-    router.error_formats.append(("/v1/messages", error_body))
+    router.add_error_format("/v1/messages", error_body)
 
 
 def error_type(status: int) -> str:
@@ -67,17 +73,12 @@ def error_body(error: MullamaError) -> dict[str, Any]:
     return {"type": "error", "error": {"type": error_type(error.status), "message": error.message}}
 
 
+def _error_event(error: MullamaError) -> bytes:
+    """Anthropic's in-stream error: its error body as an ``error`` event."""
+    return sse(error_body(error), "error")
+
+
 # --- requests ----------------------------------------------------------------
-
-
-def _typed(body: dict[str, Any], name: str, kind: type, default: Any = None) -> Any:
-    """``body[name]`` checked against ``kind`` (bool is never taken for int)."""
-    value = body.get(name)
-    if value is None:
-        return default
-    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
-        raise BadRequestError(f"{name}: expected {_TYPE_NAMES[kind]}", param=name)
-    return value
 
 
 def _text_of(blocks: list[Any], where: str) -> str:
@@ -97,18 +98,12 @@ def _image(block: dict[str, Any], where: str) -> bytes:
     if source.get("type") != "base64":
         raise BadRequestError(f"{where}: image sources of type {source.get('type')!r} are not supported; "
                               "send the image inline with source.type \"base64\"")
-    data = source.get("data")
-    if not isinstance(data, str):
-        raise BadRequestError(f"{where}.source.data: expected a base64 string")
-    try:
-        return base64.b64decode(data, validate=True)
-    except (binascii.Error, ValueError):
-        raise BadRequestError(f"{where}.source.data: invalid base64") from None
+    return decode_base64(source.get("data"), f"{where}.source.data")
 
 
-def _tool_result(block: dict[str, Any], names: dict[str, str], where: str) -> Message:
-    call_id = block.get("tool_use_id")
-    if not isinstance(call_id, str) or not call_id:
+def _tool_result(block: dict[str, Any], history: ToolHistory, where: str) -> Message:
+    answered = block.get("tool_use_id")
+    if not isinstance(answered, str) or not answered:
         raise BadRequestError(f"{where}.tool_use_id: expected a string")
     content = block.get("content", "")
     images = []
@@ -125,20 +120,19 @@ def _tool_result(block: dict[str, Any], names: dict[str, str], where: str) -> Me
         raise BadRequestError(f"{where}.content: expected a string or a list of blocks")
     if block.get("is_error"):
         text = f"Error: {text}"
-    return Message(role="tool", content=text, images=images, tool_name=names.get(call_id, ""),
-                   tool_call_id=call_id)
+    return history.result(text, answered, images=images)
 
 
 def _tool_use(block: dict[str, Any], where: str) -> ToolCall:
-    call_id, name, arguments = block.get("id"), block.get("name"), block.get("input", {})
-    if not isinstance(call_id, str) or not call_id or not isinstance(name, str) or not name:
+    given, name, arguments = block.get("id"), block.get("name"), block.get("input", {})
+    if not isinstance(given, str) or not given or not isinstance(name, str) or not name:
         raise BadRequestError(f"{where}: a tool_use block needs an id and a name")
     if not isinstance(arguments, dict):
         raise BadRequestError(f"{where}.input: expected an object")
-    return ToolCall(name=name, arguments=arguments, id=call_id)
+    return ToolCall(name=name, arguments=arguments, id=given)
 
 
-def _message(role: str, content: Any, names: dict[str, str], where: str) -> list[Message]:
+def _message(role: str, content: Any, history: ToolHistory, where: str) -> list[Message]:
     """One Anthropic message as Mullama messages: tool results first, then the turn itself."""
     if isinstance(content, str):
         return [Message(role=role, content=content)]
@@ -157,10 +151,10 @@ def _message(role: str, content: Any, names: dict[str, str], where: str) -> list
         elif kind == "tool_use" and role == "assistant":
             call = _tool_use(block, at)
             call.index = len(turn.tool_calls)
-            names[call.id] = call.name
+            history.called([call])
             turn.tool_calls.append(call)
         elif kind == "tool_result" and role == "user":
-            results.append(_tool_result(block, names, at))
+            results.append(_tool_result(block, history, at))
         elif kind == "thinking" and role == "assistant" and isinstance(block.get("thinking"), str):
             turn.thinking += block["thinking"]
         elif kind == "redacted_thinking" and role == "assistant":
@@ -183,23 +177,19 @@ def parse_messages(value: Any, system: Any = None) -> list[Message]:
         messages.append(Message(role="system", content=system))
     if not isinstance(value, list) or not value:
         raise BadRequestError("messages: expected a non-empty list", param="messages")
-    names: dict[str, str] = {}
+    history = ToolHistory()
     for i, item in enumerate(value):
         if not isinstance(item, dict) or item.get("role") not in ("user", "assistant"):
             raise BadRequestError(f"messages[{i}]: expected an object with role \"user\" or \"assistant\"",
                                   param="messages")
-        messages.extend(_message(item["role"], item.get("content"), names, f"messages[{i}]"))
+        messages.extend(_message(item["role"], item.get("content"), history, f"messages[{i}]"))
     return messages
 
 
 def parse_tools(value: Any) -> list[Tool]:
     """Anthropic tool definitions (``name``, ``description``, ``input_schema``)."""
-    if value is None:
-        return []
-    if not isinstance(value, list):
-        raise BadRequestError("tools: expected a list", param="tools")
     tools = []
-    for i, item in enumerate(value):
+    for i, item in enumerate(listed(value, "tools", "tools")):
         if not isinstance(item, dict) or not isinstance(item.get("name"), str) or not item["name"]:
             raise BadRequestError(f"tools[{i}]: expected an object with a name", param="tools")
         if item.get("type") not in (None, "custom"):
@@ -257,30 +247,16 @@ def parse_output_format(value: Any) -> dict[str, Any] | None:
 
 def parse_request(body: dict[str, Any], *, counting: bool = False) -> ChatRequest:
     """A Messages (or count_tokens, where ``max_tokens`` is not needed) body as a ChatRequest."""
-    model = body.get("model")
-    if not isinstance(model, str) or not model.strip():
-        raise BadRequestError("model: field required", param="model")
-    options = parse_options(_typed(body, "options", dict, {}))
-    options.update(parse_options({name: value for name, value in body.items() if name in PARAMETER_TYPES}))
-    max_tokens = _typed(body, "max_tokens", int)
-    if max_tokens is None and not counting:
+    model = model_name(body)
+    if body.get("max_tokens") is None and not counting:
         raise BadRequestError("max_tokens: field required", param="max_tokens")
-    if max_tokens is not None:
-        if max_tokens < 1:
-            raise BadRequestError("max_tokens: must be at least 1", param="max_tokens")
-        options["num_predict"] = max_tokens
-    stops = _typed(body, "stop_sequences", list)
-    if stops is not None:
-        if not all(isinstance(s, str) for s in stops):
-            raise BadRequestError("stop_sequences: expected a list of strings", param="stop_sequences")
-        options["stop"] = stops
+    options = generation_options(body, limits=("max_tokens",), stop="stop_sequences")
     tools = parse_tools(body.get("tools"))
     return ChatRequest(model=model, messages=parse_messages(body.get("messages"), body.get("system")),
-                            tools=tools, options=options, format=parse_output_format(body.get("output_config")),
-                            think=parse_thinking(body.get("thinking")),
-                            keep_alive=body.get("keep_alive"),
-                            tool_choice=parse_tool_choice(body.get("tool_choice"), tools),
-                            truncate=_typed(body, "truncate", bool, True))
+                       tools=tools, options=options, format=parse_output_format(body.get("output_config")),
+                       think=parse_thinking(body.get("thinking")), keep_alive=keep_alive(body),
+                       tool_choice=parse_tool_choice(body.get("tool_choice"), tools),
+                       truncate=typed(body, "truncate", bool, True))
 
 
 # --- replies -----------------------------------------------------------------
@@ -288,9 +264,7 @@ def parse_request(body: dict[str, Any], *, counting: bool = False) -> ChatReques
 
 def tool_use_id(call: ToolCall) -> str:
     """The call's id in Anthropic's ``toolu_`` style."""
-    if not call.id:
-        call.id = "call_" + secrets.token_hex(12)
-    return "toolu_" + call.id.removeprefix("call_")
+    return "toolu_" + call_id(call).removeprefix("call_")
 
 
 def stop_reason(result: service.ChatResult) -> str:
@@ -358,8 +332,7 @@ class _Blocks:
 
     def tool_use(self, call: ToolCall) -> list[Event]:
         events = self.start({"type": "tool_use", "id": tool_use_id(call), "name": call.name, "input": {}})
-        events.append(self.delta({"type": "input_json_delta",
-                                  "partial_json": json.dumps(call.arguments, ensure_ascii=False)}))
+        events.append(self.delta({"type": "input_json_delta", "partial_json": arguments_json(call)}))
         return events + self.stop()
 
 
@@ -379,7 +352,7 @@ def stream_events(reply: service.Reply, message_id: str, model: str) -> Iterator
             yield from blocks.tool_use(call)
     yield from blocks.stop()
     result = reply.result
-    assert result is not None
+    assert result is not None, "the reply was not iterated to its end"
     yield "message_delta", {"type": "message_delta",
                             "delta": {"stop_reason": stop_reason(result),
                                       "stop_sequence": result.stop_sequence or None},
@@ -387,46 +360,25 @@ def stream_events(reply: service.Reply, message_id: str, model: str) -> Iterator
     yield "message_stop", {"type": "message_stop"}
 
 
-def sse(name: str, data: dict[str, Any]) -> bytes:
-    """One server-sent event."""
-    return f"event: {name}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n".encode()
-
-
 # --- routes ------------------------------------------------------------------
 
 
 def messages_route(request: Request) -> None:
+    """``POST /v1/messages``: a message object, or its server-sent events."""
     body = request.json()
     req = parse_request(body)
-    stream = _typed(body, "stream", bool, False)
-    handler = request.handler
-    reply = service.chat(handler.app.manager, req)
-    message_id = "msg_" + secrets.token_hex(12)
+    stream = typed(body, "stream", bool, False)
+    reply = service.chat(request.handler.app.manager, req)
+    message_id = new_id("msg_")
     if not stream:
-        for _ in reply:
-            pass
-        assert reply.result is not None
-        handler.send_json(200, message_json(message_id, req.model, reply.result), truncation_headers(reply))
+        send_result(request, reply, message_json(message_id, req.model, drain(request, reply)))
         return
-    handler.start_stream(SSE, truncation_headers(reply))
-    try:
-        for name, data in stream_events(reply, message_id, req.model):
-            if handler.app.stopping.is_set():
-                raise OverloadedError("the server is shutting down")
-            handler.write_chunk(sse(name, data))
-    except (BrokenPipeError, ConnectionResetError):
-        reply.cancel()
-        raise
-    except MullamaError as error:
-        handler.write_chunk(sse("error", error_body(error)))
-    except Exception:  # the headers are sent: the client still gets an error event
-        log.exception("streaming /v1/messages failed")
-        handler.write_chunk(sse("error", error_body(MullamaError("internal server error"))))
-    finally:
-        reply.close()
-    handler.end_stream()
+
+    events = (sse(data, name) for name, data in stream_events(reply, message_id, req.model))
+    stream_reply(request, reply, SSE, events, _error_event)
 
 
 def count_tokens_route(request: Request) -> None:
+    """``POST /v1/messages/count_tokens``: the prompt's length in tokens."""
     req = parse_request(request.json(), counting=True)
     request.handler.send_json(200, {"input_tokens": service.count_tokens(request.handler.app.manager, req)})

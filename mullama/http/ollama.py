@@ -7,45 +7,57 @@ NDJSON with one flushed line per token.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 import json
-import math
 import os
 import tempfile
 import time
+from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from mullama import __version__
-
-from mullama import service
-
-from mullama.store import gguf
+from mullama import __version__, service
 from mullama.engine.model import quantize
+from mullama.engine.residency import ModelRecord, find_model, parse_keep_alive
+from mullama.engine.sampling import TokenLogprob, check_top_logprobs
 from mullama.errors import BadRequestError, MullamaError, NotFoundError
+from mullama.http.common import (
+    Write,
+    call_id,
+    decode_base64,
+    drain,
+    finished,
+    function_calls,
+    function_tools,
+    generation_options,
+    keep_alive,
+    listed,
+    logprob_json,
+    model_name,
+    ndjson,
+    send_result,
+    send_stream,
+    stream_reply,
+    typed,
+)
 from mullama.http.server import Request, Router
+from mullama.options import parse_options
+from mullama.store import gguf
+from mullama.store.blobs import MEDIA_TYPES, Layer, Manifest
 from mullama.store.modelfile import Modelfile
 from mullama.store.modelfile import render as render_modelfile
-from mullama.engine.residency import ModelRecord, find_model, parse_keep_alive
 from mullama.store.names import ModelName, canonical_digest
-from mullama.options import parse_options
 from mullama.store.pull import pull
-from mullama.engine.sampling import TokenLogprob, check_top_logprobs
-from mullama.store.blobs import MEDIA_TYPES, Layer, Manifest
-from mullama.types import ChatRequest, GenerateRequest, Message, Tool, ToolCall
+from mullama.types import ChatRequest, GenerateRequest, Message, ToolCall
 
 #: The Ollama version Mullama answers to; clients gate features on it.
 OLLAMA_COMPATIBLE_VERSION = "0.13.0"
 NDJSON = "application/x-ndjson"
-#: How many prompt tokens were dropped to fit the context; sent by every API, only when some were.
-TRUNCATED_HEADER = "X-Mullama-Prompt-Truncated"
 
 
 def register(router: Router) -> None:
-    """Add every Ollama route."""
+    """Add every Ollama route (Ollama's error body is the router's default, see :mod:`mullama.http.app`)."""
     router.add("GET", "/", root)
     router.add("HEAD", "/", root)
     router.add("GET", "/api/version", version)
@@ -67,6 +79,16 @@ def register(router: Router) -> None:
     router.add("POST", "/api/apply-template", apply_template)
 
 
+def error_body(error: MullamaError) -> dict[str, Any]:
+    """Ollama's error body: ``{"error": "..."}``."""
+    return {"error": error.message}
+
+
+def _error_line(error: MullamaError) -> bytes:
+    """Ollama's in-stream error: its error body as the last NDJSON line."""
+    return ndjson(error_body(error))
+
+
 # --- small helpers ----------------------------------------------------------
 
 
@@ -85,24 +107,9 @@ def _iso(timestamp: float) -> str:
     return datetime.fromtimestamp(timestamp, timezone.utc).astimezone().isoformat()
 
 
-def _field(body: dict[str, Any], name: str, kind: type | tuple[type, ...], default: Any = None) -> Any:
-    value = body.get(name, default)
-    if value is None:
-        return default
-    if not isinstance(value, kind) or (isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,))):
-        raise BadRequestError(f"invalid value for {name!r}", param=name)
-    return value
-
-
-def _model_name(body: dict[str, Any], key: str = "model") -> str:
-    name = body.get(key) or (body.get("name") if key == "model" else None)
-    if not isinstance(name, str) or not name.strip():
-        raise BadRequestError("model is required", param="model")
-    return name
-
-
 def _options(body: dict[str, Any]) -> dict[str, Any]:
-    return parse_options(_field(body, "options", dict, {}))
+    """Ollama's ``options`` object (Ollama reads no option names beside it)."""
+    return generation_options(body, top_level=False)
 
 
 def _format(body: dict[str, Any]) -> Any:
@@ -123,38 +130,14 @@ def _think(body: dict[str, Any]) -> bool | None:
     raise BadRequestError("think must be true, false, \"low\", \"medium\", \"high\" or \"max\"", param="think")
 
 
-def _images(value: Any) -> list[bytes]:
-    if value is None:
-        return []
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise BadRequestError("images must be a list of base64 strings", param="images")
-    try:
-        return [base64.b64decode(v, validate=True) for v in value]
-    except (binascii.Error, ValueError):
-        raise BadRequestError("images must be base64-encoded", param="images") from None
-
-
-def _keep_alive(body: dict[str, Any]) -> Any:
-    """The request's keep_alive, checked here so a bad one is a 400 before anything loads."""
-    value = body.get("keep_alive")
-    if value is not None and math.isnan(parse_keep_alive(value)):
-        raise BadRequestError(f"invalid keep_alive duration {value!r}", param="keep_alive")
-    return value
+def _images(value: Any, where: str = "images") -> list[bytes]:
+    return [decode_base64(v, f"{where}[{i}]", "images") for i, v in enumerate(listed(value, where, "images"))]
 
 
 def _logprobs(body: dict[str, Any]) -> tuple[bool, int]:
     """``logprobs`` and ``top_logprobs``; as in Ollama, the range is checked even with ``logprobs`` off."""
     top = body.get("top_logprobs")
-    return _field(body, "logprobs", bool, False), check_top_logprobs(0 if top is None else top)
-
-
-def logprob_json(entry: TokenLogprob, with_top: bool) -> dict[str, Any]:
-    """A token as Ollama's ``Logprob`` (OpenAI's chat uses the same shape); ``with_top`` adds its alternatives."""
-    out: dict[str, Any] = {"token": entry.token, "logprob": entry.logprob, "bytes": list(entry.raw)}
-    if with_top:
-        out["top_logprobs"] = [{"token": alt.token, "logprob": alt.logprob, "bytes": list(alt.raw)}
-                               for alt in entry.top_logprobs]
-    return out
+    return typed(body, "logprobs", bool, False), check_top_logprobs(0 if top is None else top)
 
 
 def _add_logprobs(out: dict[str, Any], entries: list[TokenLogprob]) -> dict[str, Any]:
@@ -165,7 +148,11 @@ def _add_logprobs(out: dict[str, Any], entries: list[TokenLogprob]) -> dict[str,
 
 
 def _stream(body: dict[str, Any]) -> bool:
-    return _field(body, "stream", bool, True)
+    return typed(body, "stream", bool, True)
+
+
+def _truncate(body: dict[str, Any]) -> bool:
+    return typed(body, "truncate", bool, True)
 
 
 def _timings(result: service.ChatResult) -> dict[str, Any]:
@@ -179,36 +166,22 @@ def _timings(result: service.ChatResult) -> dict[str, Any]:
     return out
 
 
-def truncation_headers(reply: service.Reply) -> dict[str, str]:
-    """The :data:`TRUNCATED_HEADER` of a reply whose prompt was cut, else nothing."""
-    return {TRUNCATED_HEADER: str(reply.truncated)} if reply.truncated else {}
-
-
 def _send_reply(request: Request, reply: service.Reply, stream: bool, shape: Any, final: Any) -> None:
-    """Write a reply as NDJSON (one flushed line per delta) or as one JSON object."""
-    handler = request.handler
-    headers = truncation_headers(reply)
+    """Write a reply as NDJSON (one flushed line per delta) or as one JSON object.
+
+    ``final(result, whole)`` is the last line; ``whole`` when it is the only
+    one and carries the whole message.
+    """
     if not stream:
-        collected = list(reply)
-        handler.send_json(200, final(reply.result, collected), headers)
+        send_result(request, reply, final(drain(request, reply), True))
         return
-    handler.start_stream(NDJSON, headers)
-    try:
+
+    def lines() -> Iterator[bytes]:
         for delta in reply:
-            if handler.app.stopping.is_set():
-                raise MullamaError("the server is shutting down")
-            handler.write_chunk((json.dumps(shape(delta), ensure_ascii=False) + "\n").encode())
-        if handler.app.stopping.is_set():
-            raise MullamaError("the server is shutting down")
-        handler.write_chunk((json.dumps(final(reply.result, None), ensure_ascii=False) + "\n").encode())
-    except (BrokenPipeError, ConnectionResetError):
-        reply.cancel()
-        raise
-    except MullamaError as error:
-        handler.write_chunk((json.dumps({"error": error.message}) + "\n").encode())
-    finally:
-        reply.close()
-    handler.end_stream()
+            yield ndjson(shape(delta))
+        yield ndjson(final(finished(request, reply), False))
+
+    stream_reply(request, reply, NDJSON, lines(), _error_line)
 
 
 # --- routes -----------------------------------------------------------------
@@ -222,9 +195,9 @@ def version(request: Request) -> None:
     request.handler.send_json(200, {"version": OLLAMA_COMPATIBLE_VERSION, "mullama_version": __version__})
 
 
-def _unload_reply(request: Request, name: str, keep_alive: Any, key: str) -> bool:
+def _unload_reply(request: Request, name: str, duration: Any, key: str) -> bool:
     """An empty prompt with keep_alive 0 unloads the model instead of loading it."""
-    if keep_alive is None or parse_keep_alive(keep_alive) != 0:
+    if duration is None or parse_keep_alive(duration) != 0:
         return False
     find_model(request.handler.app.manager.store, name)
     request.handler.app.manager.unload(name)
@@ -236,23 +209,24 @@ def _unload_reply(request: Request, name: str, keep_alive: Any, key: str) -> boo
 
 def generate(request: Request) -> None:
     body = request.json()
-    name = _model_name(body)
-    prompt = _field(body, "prompt", str, "")
-    context = _field(body, "context", list, [])
+    name = model_name(body, "name")
+    prompt = typed(body, "prompt", str, "")
+    context = typed(body, "context", list, [])
     if not all(isinstance(t, int) and not isinstance(t, bool) for t in context):
         raise BadRequestError("context must be a list of token ids", param="context")
     logprobs, top_logprobs = _logprobs(body)
-    if not prompt and not context and _unload_reply(request, name, _keep_alive(body), "response"):
+    if not prompt and not context and _unload_reply(request, name, keep_alive(body), "response"):
         return
-    raw = _field(body, "raw", bool, False)
+    raw = typed(body, "raw", bool, False)
     if raw and (body.get("template") or body.get("system") or context):
         raise BadRequestError("raw mode does not support template, system, or context", param="raw")
     req = GenerateRequest(
-        model=name, prompt=prompt, suffix=_field(body, "suffix", str, ""), system=_field(body, "system", str),
-        template=_field(body, "template", str), raw=raw,
+        model=name, prompt=prompt, suffix=typed(body, "suffix", str, ""), system=typed(body, "system", str),
+        template=typed(body, "template", str), raw=raw,
         images=_images(body.get("images")), context=context, options=_options(body), format=_format(body),
-        think=_think(body), keep_alive=_keep_alive(body), truncate=_field(body, "truncate", bool, True),
+        think=_think(body), keep_alive=keep_alive(body), truncate=_truncate(body),
         logprobs=logprobs, top_logprobs=top_logprobs)
+    stream = _stream(body)  # checked before the generation starts: a bad one must not leave it running
     reply = service.generate(request.handler.app.manager, req)
     model = reply.model_name
 
@@ -262,89 +236,55 @@ def generate(request: Request) -> None:
             out["thinking"] = delta.thinking
         return _add_logprobs(out, delta.logprobs)
 
-    def final(result: service.ChatResult, collected: list[service.Delta] | None) -> dict[str, Any]:
+    def final(result: service.ChatResult, whole: bool) -> dict[str, Any]:
         out: dict[str, Any] = {"model": model, "created_at": now(),
-                               "response": result.message.content if collected is not None else "", "done": True}
-        if collected is not None and result.message.thinking:
+                               "response": result.message.content if whole else "", "done": True}
+        if whole and result.message.thinking:
             out["thinking"] = result.message.thinking
         out.update(_timings(result))
         if result.context and not raw:
             out["context"] = result.context
-        return _add_logprobs(out, result.logprobs if collected is not None else [])
+        return _add_logprobs(out, result.logprobs if whole else [])
 
-    _send_reply(request, reply, _stream(body), shape, final)
+    _send_reply(request, reply, stream, shape, final)
 
 
 def _messages(value: Any) -> list[Message]:
-    if value is None:
-        return []
-    if not isinstance(value, list):
-        raise BadRequestError("messages must be a list", param="messages")
     messages = []
-    for i, item in enumerate(value):
+    for i, item in enumerate(listed(value, "messages", "messages")):
+        where = f"messages[{i}]"
         if not isinstance(item, dict) or not isinstance(item.get("role"), str):
-            raise BadRequestError(f"messages[{i}] must be an object with a role", param="messages")
+            raise BadRequestError(f"{where} must be an object with a role", param="messages")
         content = item.get("content", "")
         if content is None:
             content = ""
         if not isinstance(content, str):
-            raise BadRequestError(f"messages[{i}].content must be a string", param="messages")
-        calls = []
-        for j, call in enumerate(item.get("tool_calls") or []):
-            function = call.get("function") if isinstance(call, dict) else None
-            if not isinstance(function, dict) or not isinstance(function.get("name"), str):
-                raise BadRequestError(f"messages[{i}].tool_calls[{j}] needs function.name", param="messages")
-            arguments = function.get("arguments") or {}
-            if isinstance(arguments, str):
-                try:
-                    arguments = json.loads(arguments)
-                except ValueError:
-                    raise BadRequestError(f"messages[{i}].tool_calls[{j}].function.arguments is not JSON") from None
-            if not isinstance(arguments, dict):
-                raise BadRequestError(f"messages[{i}].tool_calls[{j}].function.arguments must be an object")
-            calls.append(ToolCall(name=function["name"], arguments=arguments, id=str(call.get("id") or ""),
-                                  index=j))
+            raise BadRequestError(f"{where}.content must be a string", param="messages")
         messages.append(Message(role=item["role"], content=content, thinking=str(item.get("thinking") or ""),
-                                images=_images(item.get("images")), tool_calls=calls,
+                                images=_images(item.get("images"), f"{where}.images"),
+                                tool_calls=function_calls(item.get("tool_calls"), where, "messages"),
                                 tool_name=str(item.get("tool_name") or item.get("name") or ""),
                                 tool_call_id=str(item.get("tool_call_id") or "")))
     return messages
 
 
-def parse_tools(value: Any) -> list[Tool]:
-    """OpenAI-style tool definitions (Ollama uses the same shape)."""
-    if value is None:
-        return []
-    if not isinstance(value, list):
-        raise BadRequestError("tools must be a list", param="tools")
-    tools = []
-    for i, item in enumerate(value):
-        function = item.get("function") if isinstance(item, dict) else None
-        if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"]:
-            raise BadRequestError(f"tools[{i}] must have a function with a name", param="tools")
-        parameters = function.get("parameters") or {"type": "object", "properties": {}}
-        if not isinstance(parameters, dict):
-            raise BadRequestError(f"tools[{i}].function.parameters must be a JSON schema object", param="tools")
-        tools.append(Tool(name=function["name"], description=str(function.get("description") or ""),
-                          parameters=parameters))
-    return tools
-
-
 def tool_call_json(call: ToolCall) -> dict[str, Any]:
-    return {"id": call.id, "function": {"index": call.index, "name": call.name, "arguments": call.arguments}}
+    """A tool call in Ollama's message shape."""
+    return {"id": call_id(call), "function": {"index": call.index, "name": call.name, "arguments": call.arguments}}
 
 
 def chat_route(request: Request) -> None:
     body = request.json()
-    name = _model_name(body)
+    name = model_name(body, "name")
     messages = _messages(body.get("messages"))
     logprobs, top_logprobs = _logprobs(body)
-    if not messages and _unload_reply(request, name, _keep_alive(body), "message"):
+    if not messages and _unload_reply(request, name, keep_alive(body), "message"):
         return
-    req = ChatRequest(model=name, messages=messages, tools=parse_tools(body.get("tools")),
+    req = ChatRequest(model=name, messages=messages, tools=function_tools(body.get("tools")),
                            options=_options(body), format=_format(body), think=_think(body),
-                           keep_alive=_keep_alive(body), truncate=_field(body, "truncate", bool, True),
+                           keep_alive=keep_alive(body), truncate=_truncate(body),
                            logprobs=logprobs, top_logprobs=top_logprobs)
+    stream = _stream(body)
     reply = service.chat(request.handler.app.manager, req)
     model = reply.model_name
 
@@ -361,34 +301,33 @@ def chat_route(request: Request) -> None:
                "message": message_json(delta.content, delta.thinking, delta.tool_calls), "done": False}
         return _add_logprobs(out, delta.logprobs)
 
-    def final(result: service.ChatResult, collected: list[service.Delta] | None) -> dict[str, Any]:
+    def final(result: service.ChatResult, whole: bool) -> dict[str, Any]:
         m = result.message
-        message = message_json(m.content, m.thinking, m.tool_calls) if collected is not None else \
-            message_json("", "", [])
+        message = message_json(m.content, m.thinking, m.tool_calls) if whole else message_json("", "", [])
         out = {"model": model, "created_at": now(), "message": message, "done": True}
         out.update(_timings(result))
-        return _add_logprobs(out, result.logprobs if collected is not None else [])
+        return _add_logprobs(out, result.logprobs if whole else [])
 
-    _send_reply(request, reply, _stream(body), shape, final)
+    _send_reply(request, reply, stream, shape, final)
 
 
 def embed(request: Request) -> None:
     body = request.json()
-    name = _model_name(body)
+    name = model_name(body, "name")
     value = body.get("input")
     inputs = ([value] if value else []) if isinstance(value, str) else [] if value is None else value
     if not isinstance(inputs, list) or not all(isinstance(v, str) for v in inputs):
         raise BadRequestError("input must be a string or a list of strings", param="input")
     if not all(inputs):
         raise BadRequestError("input must not contain empty strings", param="input")
-    dimensions = _field(body, "dimensions", int)
+    dimensions = typed(body, "dimensions", int)
     if not inputs:
         # Ollama loads the model and answers with no vectors.
-        with request.handler.app.manager.use(name, _options(body), _keep_alive(body)) as loaded:
+        with request.handler.app.manager.use(name, _options(body), keep_alive(body)) as loaded:
             request.handler.send_json(200, {"model": loaded.record.name, "embeddings": []})
         return
-    result = service.embed(request.handler.app.manager, name, inputs, truncate=_field(body, "truncate", bool, True),
-                        dimensions=dimensions, options=_options(body), keep_alive=_keep_alive(body))
+    result = service.embed(request.handler.app.manager, name, inputs, truncate=_truncate(body),
+                        dimensions=dimensions, options=_options(body), keep_alive=keep_alive(body))
     request.handler.send_json(200, {"model": result.model, "embeddings": result.vectors,
                                     "total_duration": result.total_duration, "load_duration": result.load_duration,
                                     "prompt_eval_count": result.prompt_tokens})
@@ -396,13 +335,13 @@ def embed(request: Request) -> None:
 
 def embeddings_legacy(request: Request) -> None:
     body = request.json()
-    name = _model_name(body)
-    prompt = _field(body, "prompt", str, "")
+    name = model_name(body, "name")
+    prompt = typed(body, "prompt", str, "")
     if not prompt:
         request.handler.send_json(200, {"embedding": []})
         return
     result = service.embed(request.handler.app.manager, name, [prompt], options=_options(body),
-                        keep_alive=_keep_alive(body))
+                        keep_alive=keep_alive(body))
     request.handler.send_json(200, {"embedding": result.vectors[0]})
 
 
@@ -484,7 +423,7 @@ def _parameters_text(parameters: dict[str, Any]) -> str:
 
 def show(request: Request) -> None:
     body = request.json()
-    name = _model_name(body)
+    name = model_name(body, "name")
     manager = request.handler.app.manager
     record = find_model(manager.store, name)
     info = gguf.read_gguf(record.model_path)
@@ -512,27 +451,25 @@ def show(request: Request) -> None:
 
 def _status_stream(request: Request, stream: bool, work: Any) -> None:
     """Run ``work(emit)`` and send its progress as NDJSON, or only the outcome."""
-    handler = request.handler
     if not stream:
         work(lambda event: None)
-        handler.send_json(200, {"status": "success"})
+        request.handler.send_json(200, {"status": "success"})
         return
-    handler.start_stream(NDJSON)
-    try:
-        work(lambda event: handler.write_chunk((json.dumps(event) + "\n").encode()))
-    except MullamaError as error:
-        handler.write_chunk((json.dumps({"error": error.message}) + "\n").encode())
-    handler.end_stream()
+
+    def produce(write: Write) -> None:
+        work(lambda event: write(ndjson(event)))
+
+    send_stream(request, NDJSON, produce, _error_line)
 
 
 def create(request: Request) -> None:
     body = request.json()
-    name = ModelName.parse(_model_name(body))
+    name = ModelName.parse(model_name(body, "name"))
     manager = request.handler.app.manager
     store = manager.store
-    quantization = _field(body, "quantize", str)
-    in_place = _field(body, "in_place", bool, False)
-    parameters = parse_options(_field(body, "parameters", dict, {}))
+    quantization = typed(body, "quantize", str)
+    in_place = typed(body, "in_place", bool, False)
+    parameters = parse_options(typed(body, "parameters", dict, {}))
     licenses = body.get("license")
     licenses = [licenses] if isinstance(licenses, str) else licenses or []
     if not isinstance(licenses, list) or not all(isinstance(text, str) for text in licenses):
@@ -543,7 +480,7 @@ def create(request: Request) -> None:
         layers: list[Layer] = []
         base: Manifest | None = None
         source = body.get("from")
-        files = _field(body, "files", dict, {})
+        files = typed(body, "files", dict, {})
         if in_place:
             # Mullama's extension: reference the GGUF where it lies (``mullama create --in-place``).
             candidate = Path(source if isinstance(source, str) else "")
@@ -574,7 +511,7 @@ def create(request: Request) -> None:
             gguf.read_gguf(store.blob_path(digest))
             media = MEDIA_TYPES["projector"] if "mmproj" in filename.lower() else MEDIA_TYPES["model"]
             layers.append(Layer(media, digest, store.blob_path(digest).stat().st_size))
-        for filename, digest in _field(body, "adapters", dict, {}).items():
+        for filename, digest in typed(body, "adapters", dict, {}).items():
             digest = canonical_digest(digest)
             if not store.has_blob(digest):
                 raise BadRequestError(f"blob {digest} for adapter {filename} was not uploaded", param="adapters")
@@ -592,7 +529,7 @@ def create(request: Request) -> None:
             digest = store.add_blob_bytes(data)
             layers.append(Layer(MEDIA_TYPES[kind], digest, len(data)))
 
-        template, system = _field(body, "template", str), _field(body, "system", str)
+        template, system = typed(body, "template", str), typed(body, "system", str)
         replace("template", template.encode() if template is not None else None)
         replace("system", system.encode() if system is not None else None)
         if parameters:
@@ -613,7 +550,7 @@ def create(request: Request) -> None:
         store.write_manifest(name, Manifest(config_layer, tuple(layers)))
         emit({"status": "success"})
 
-    _status_stream(request, _field(body, "stream", bool, True), work)
+    _status_stream(request, typed(body, "stream", bool, True), work)
 
 
 def _quantized(store: Any, layers: list[Layer], quantization: str, emit: Any) -> list[Layer]:
@@ -650,7 +587,7 @@ def copy(request: Request) -> None:
 
 def delete(request: Request) -> None:
     body = request.json()
-    name = ModelName.parse(_model_name(body))
+    name = ModelName.parse(model_name(body, "name"))
     manager = request.handler.app.manager
     if not manager.store.has_model(name):
         raise NotFoundError(f'model "{body.get("model") or body.get("name")}" not found')
@@ -661,14 +598,14 @@ def delete(request: Request) -> None:
 
 def pull_route(request: Request) -> None:
     body = request.json()
-    name = _model_name(body)
+    name = model_name(body, "name")
     store = request.handler.app.manager.store
-    _status_stream(request, _field(body, "stream", bool, True), lambda emit: pull(name, store, emit))
+    _status_stream(request, typed(body, "stream", bool, True), lambda emit: pull(name, store, emit))
 
 
 def push(request: Request) -> None:
     body = request.json()
-    _model_name(body)
+    model_name(body, "name")
     raise BadRequestError("push is not supported: Mullama models come from Hugging Face; upload the GGUF with "
                           "`huggingface-cli upload` instead")
 
@@ -708,6 +645,6 @@ def blob_upload(request: Request) -> None:
 
 def apply_template(request: Request) -> None:
     body = request.json()
-    req = ChatRequest(model=_model_name(body), messages=_messages(body.get("messages")),
-                           tools=parse_tools(body.get("tools")), think=_think(body), options=_options(body))
+    req = ChatRequest(model=model_name(body, "name"), messages=_messages(body.get("messages")),
+                           tools=function_tools(body.get("tools")), think=_think(body), options=_options(body))
     request.handler.send_json(200, {"prompt": service.apply_template(request.handler.app.manager, req)})

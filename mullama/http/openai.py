@@ -19,24 +19,40 @@ refuses a prompt longer than the context with a 400 instead of cutting it.
 from __future__ import annotations
 
 import base64
-import binascii
 import copy
-import json
-import secrets
 import struct
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 from urllib.parse import unquote
 
 from mullama import service
+from mullama.engine.sampling import TokenLogprob, check_top_logprobs
 from mullama.errors import BadRequestError, ModelNotFoundError, MullamaError
-from mullama.http.ollama import logprob_json, parse_tools, truncation_headers
+from mullama.http.common import (
+    ToolHistory,
+    arguments_json,
+    call_arguments,
+    call_id,
+    decode_base64,
+    drain,
+    finished,
+    function_calls,
+    function_tools,
+    generation_options,
+    keep_alive,
+    listed,
+    logprob_json,
+    model_name,
+    new_id,
+    send_result,
+    sse,
+    stream_reply,
+    typed,
+)
 from mullama.http.server import Request, Router
 from mullama.store.names import ModelName
-from mullama.options import PARAMETER_TYPES, parse_options
-from mullama.engine.sampling import TokenLogprob, check_top_logprobs
 from mullama.types import ChatRequest, GenerateRequest, Message, Tool, ToolCall
 
 SSE = "text/event-stream"
@@ -57,43 +73,32 @@ def register(router: Router) -> None:
     router.add("GET", "/v1/models", list_models)
     router.add("GET", "/v1/models/{model...}", retrieve_model)
     router.add("POST", "/v1/responses", responses)
-    router.error_formats.append(("/v1/", openai_error))
+    router.add_error_format("/v1/", error_body)
 
 
-def openai_error(error: MullamaError) -> dict[str, Any]:
+def error_body(error: MullamaError) -> dict[str, Any]:
     """OpenAI's error body: ``{"error": {"message", "type", "param", "code"}}``."""
     kind = "server_error" if error.status >= 500 else _ERROR_TYPES.get(error.status, "invalid_request_error")
     code = "model_not_found" if isinstance(error, ModelNotFoundError) else None if error.kind == kind else error.kind
     return {"error": {"message": error.message, "type": kind, "param": error.param, "code": code}}
 
 
+def _error_data(error: MullamaError) -> bytes:
+    """The in-stream error of chat completions and completions: the error body as one event's data."""
+    return sse(error_body(error))
+
+
 # --- request fields ---------------------------------------------------------
 
 
-def _get(body: dict[str, Any], name: str, kind: type, default: Any = None) -> Any:
-    value = body.get(name)
-    if value is None:
-        return default
-    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
-        raise BadRequestError(f"invalid type for {name!r}: expected {kind.__name__}", param=name)
-    return value
-
-
-def _model(body: dict[str, Any]) -> str:
-    name = body.get("model")
-    if not isinstance(name, str) or not name.strip():
-        raise BadRequestError("you must provide a model parameter", param="model")
-    return name
-
-
 def _only_one(body: dict[str, Any], name: str) -> None:
-    if _get(body, name, int, 1) != 1:
+    if typed(body, name, int, 1) != 1:
         raise BadRequestError(f"{name} must be 1: Mullama returns one choice per request", param=name)
 
 
 def _chat_logprobs(body: dict[str, Any]) -> tuple[bool, int]:
     """``logprobs`` and ``top_logprobs``; as OpenAI, alternatives without ``logprobs: true`` are refused."""
-    logprobs = _get(body, "logprobs", bool, False)
+    logprobs = typed(body, "logprobs", bool, False)
     top = body.get("top_logprobs")
     top = 0 if top is None else check_top_logprobs(top)
     if top and not logprobs:
@@ -101,18 +106,12 @@ def _chat_logprobs(body: dict[str, Any]) -> tuple[bool, int]:
     return logprobs, top
 
 
-def _options(body: dict[str, Any], max_tokens: tuple[str, ...]) -> dict[str, Any]:
-    """Ollama's ``options`` object, then Ollama option names given at the top level, then OpenAI's fields."""
-    values = dict(_get(body, "options", dict, {}))
-    # temperature, top_p, seed and the penalties have the same names in both APIs.
-    values.update((k, v) for k, v in body.items() if k in PARAMETER_TYPES and k != "stop")
-    for key in max_tokens:
-        if body.get(key) is not None:
-            values["num_predict"] = body[key]
-    stop = body.get("stop")
-    if stop is not None:
-        values["stop"] = [stop] if isinstance(stop, str) else stop
-    return parse_options(values)
+def _options(body: dict[str, Any], limits: tuple[str, ...]) -> dict[str, Any]:
+    """Ollama's options, the token limit named by one of ``limits``, and ``stop`` (a string or a list).
+
+    temperature, top_p, seed and the penalties have the same names in both APIs.
+    """
+    return generation_options(body, limits=limits, stop="stop", stop_may_be_text=True)
 
 
 def _think(effort: Any, param: str) -> bool | None:
@@ -127,7 +126,7 @@ def _think(effort: Any, param: str) -> bool | None:
 
 def _chat_effort(body: dict[str, Any]) -> Any:
     """Chat's ``reasoning_effort``, or the Responses-style ``reasoning.effort`` that Ollama also accepts."""
-    reasoning = _get(body, "reasoning", dict)
+    reasoning = typed(body, "reasoning", dict)
     if reasoning is not None:
         return reasoning.get("effort")
     return body.get("reasoning_effort")
@@ -135,7 +134,7 @@ def _chat_effort(body: dict[str, Any]) -> Any:
 
 def _truncate(body: dict[str, Any]) -> bool:
     """Mullama's extra ``truncate`` field: False refuses an over-long prompt instead of cutting it."""
-    return _get(body, "truncate", bool, True)
+    return typed(body, "truncate", bool, True)
 
 
 def _format(spec: Any, param: str) -> Any:
@@ -168,10 +167,7 @@ def _image(url: Any, where: str) -> bytes:
     header, comma, data = url.partition(",")
     if not (header.startswith("data:") and header.endswith(";base64") and comma):
         raise BadRequestError(f"{where}: the image must be a base64 data: URL", param="messages")
-    try:
-        return base64.b64decode(data, validate=True)
-    except (binascii.Error, ValueError):
-        raise BadRequestError(f"{where}: the image data is not valid base64", param="messages") from None
+    return decode_base64(data, f"{where}: the image data", "messages")
 
 
 def _content(value: Any, where: str) -> tuple[str, list[bytes]]:
@@ -200,37 +196,10 @@ def _content(value: Any, where: str) -> tuple[str, list[bytes]]:
     return "\n".join(texts), images
 
 
-def _arguments(value: Any, where: str) -> dict[str, Any]:
-    if value is None or value == "":
-        return {}
-    try:
-        arguments = json.loads(value) if isinstance(value, str) else value
-    except (ValueError, RecursionError):
-        raise BadRequestError(f"{where}.arguments is not valid JSON", param="messages") from None
-    if not isinstance(arguments, dict):
-        raise BadRequestError(f"{where}.arguments must be a JSON object", param="messages")
-    return arguments
-
-
-def _tool_calls(value: Any, where: str) -> list[ToolCall]:
-    if value is None:
-        return []
-    if not isinstance(value, list):
-        raise BadRequestError(f"{where}.tool_calls must be a list", param="messages")
-    calls = []
-    for j, item in enumerate(value):
-        function = item.get("function") if isinstance(item, dict) else None
-        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
-            raise BadRequestError(f"{where}.tool_calls[{j}] needs function.name", param="messages")
-        calls.append(ToolCall(name=function["name"], id=str(item.get("id") or ""), index=j,
-                              arguments=_arguments(function.get("arguments"), f"{where}.tool_calls[{j}].function")))
-    return calls
-
-
 def _chat_messages(value: Any) -> list[Message]:
     if not isinstance(value, list) or not value:
         raise BadRequestError("messages must be a non-empty list", param="messages")
-    tool_names: dict[str, str] = {}
+    history = ToolHistory()
     messages = []
     for i, item in enumerate(value):
         where = f"messages[{i}]"
@@ -240,12 +209,10 @@ def _chat_messages(value: Any) -> list[Message]:
                                   param="messages")
         text, images = _content(item.get("content"), where)
         if role in ("tool", "function"):
-            call_id = str(item.get("tool_call_id") or "")
-            messages.append(Message(role="tool", content=text, tool_call_id=call_id,
-                                    tool_name=tool_names.get(call_id) or str(item.get("name") or "")))
+            messages.append(history.result(text, str(item.get("tool_call_id") or ""), name=str(item.get("name") or "")))
             continue
-        calls = _tool_calls(item.get("tool_calls"), where) if role == "assistant" else []
-        tool_names.update((call.id, call.name) for call in calls)
+        calls = function_calls(item.get("tool_calls"), where, "messages") if role == "assistant" else []
+        history.called(calls)
         thinking = item.get("reasoning_content") or item.get("reasoning") or ""
         messages.append(Message(role=_ROLES[role], content=text, images=images, tool_calls=calls,
                                 thinking=thinking if isinstance(thinking, str) else ""))
@@ -254,16 +221,12 @@ def _chat_messages(value: Any) -> list[Message]:
 
 def _tools(value: Any) -> list[Tool]:
     """OpenAI tool definitions: the chat shape (nested ``function``) or the Responses shape (flat)."""
-    if value is None:
-        return []
-    if not isinstance(value, list):
-        raise BadRequestError("tools must be a list", param="tools")
     nested = []
-    for i, item in enumerate(value):
+    for i, item in enumerate(listed(value, "tools", "tools")):
         if not isinstance(item, dict) or item.get("type", "function") != "function":
             raise BadRequestError(f"tools[{i}]: only function tools are supported", param="tools")
         nested.append(item if "function" in item else {"type": "function", "function": item})
-    return parse_tools(nested)
+    return function_tools(nested)
 
 
 def _tool_choice(value: Any, tools: list[Tool]) -> str:
@@ -286,14 +249,6 @@ def _tool_choice(value: Any, tools: list[Tool]) -> str:
 # --- reply helpers ----------------------------------------------------------
 
 
-def _new_id(prefix: str) -> str:
-    return prefix + secrets.token_hex(12)
-
-
-def _arguments_json(call: ToolCall) -> str:
-    return json.dumps(call.arguments, ensure_ascii=False)
-
-
 def _calls(calls: list[ToolCall], parallel: bool) -> list[ToolCall]:
     """The calls to report: only the first when the client asked for no parallel calls."""
     return calls if parallel else [call for call in calls if call.index == 0]
@@ -312,47 +267,18 @@ def _usage(result: service.ChatResult) -> dict[str, int]:
 
 
 def _include_usage(body: dict[str, Any]) -> bool:
-    return bool(_get(body, "stream_options", dict, {}).get("include_usage"))
+    return bool(typed(body, "stream_options", dict, {}).get("include_usage"))
 
 
-def _finished(reply: service.Reply) -> service.ChatResult:
-    """The result of a reply that was iterated to its end."""
-    assert reply.result is not None
-    return reply.result
+def _send_events(request: Request, reply: service.Reply, events: Iterator[dict[str, Any]]) -> None:
+    """Stream chat completion (or completion) chunks as server-sent events, ending with ``data: [DONE]``."""
 
-
-def _drain(reply: service.Reply) -> service.ChatResult:
-    """Run a reply to its end (non-streaming routes) and return its result."""
-    for _ in reply:
-        pass
-    return _finished(reply)
-
-
-def _send_events(request: Request, reply: service.Reply, events: Iterator[dict[str, Any]],
-                 error_event: Callable[[MullamaError], dict[str, Any]], named: bool) -> None:
-    """Stream ``events`` as server-sent events; ``named`` adds ``event:`` lines (Responses API)."""
-    handler = request.handler
-
-    def write(event: dict[str, Any]) -> None:
-        line = f"event: {event['type']}\n" if named else ""
-        handler.write_chunk(f"{line}data: {json.dumps(event, ensure_ascii=False)}\n\n".encode())
-
-    handler.start_stream(SSE, truncation_headers(reply))
-    try:
+    def data() -> Iterator[bytes]:
         for event in events:
-            if handler.app.stopping.is_set():
-                raise MullamaError("the server is shutting down")
-            write(event)
-        if not named:
-            handler.write_chunk(b"data: [DONE]\n\n")
-    except (BrokenPipeError, ConnectionResetError):
-        reply.cancel()
-        raise
-    except MullamaError as error:
-        write(error_event(error))
-    finally:
-        reply.close()
-    handler.end_stream()
+            yield sse(event)
+        yield b"data: [DONE]\n\n"
+
+    stream_reply(request, reply, SSE, data(), _error_data)
 
 
 # --- /v1/chat/completions ---------------------------------------------------
@@ -364,14 +290,14 @@ def _chat_logprobs_json(entries: list[TokenLogprob]) -> dict[str, Any]:
 
 
 def _call_json(call: ToolCall) -> dict[str, Any]:
-    return {"id": call.id or _new_id("call_"), "type": "function",
-            "function": {"name": call.name, "arguments": _arguments_json(call)}}
+    return {"id": call_id(call), "type": "function",
+            "function": {"name": call.name, "arguments": arguments_json(call)}}
 
 
 def chat_completions(request: Request) -> None:
     """``POST /v1/chat/completions``."""
     body = request.json()
-    model = _model(body)
+    model = model_name(body)
     _only_one(body, "n")
     logprobs, top_logprobs = _chat_logprobs(body)
     if body.get("functions") is not None or body.get("function_call") is not None:
@@ -382,18 +308,18 @@ def chat_completions(request: Request) -> None:
         model=model, messages=_chat_messages(body.get("messages")), tools=tools,
         options=_options(body, ("max_tokens", "max_completion_tokens")),
         format=_format(body.get("response_format"), "response_format"),
-        think=_think(_chat_effort(body), "reasoning_effort"), keep_alive=body.get("keep_alive"),
+        think=_think(_chat_effort(body), "reasoning_effort"), keep_alive=keep_alive(body),
         tool_choice=_tool_choice(body.get("tool_choice"), tools), truncate=_truncate(body),
         logprobs=logprobs, top_logprobs=top_logprobs)
-    parallel = _get(body, "parallel_tool_calls", bool, True)
-    stream = _get(body, "stream", bool, False)
+    parallel = typed(body, "parallel_tool_calls", bool, True)
+    stream = typed(body, "stream", bool, False)
     include_usage = _include_usage(body)
     reply = service.chat(request.handler.app.manager, req)
-    head = {"id": _new_id("chatcmpl-"), "created": int(time.time()), "model": model,
+    head = {"id": new_id("chatcmpl-"), "created": int(time.time()), "model": model,
             "system_fingerprint": FINGERPRINT}
 
     if not stream:
-        result = _drain(reply)
+        result = drain(request, reply)
         calls = _calls(result.message.tool_calls, parallel)
         message: dict[str, Any] = {"role": "assistant", "content": result.message.content or (None if calls else ""),
                                    "refusal": None}
@@ -404,15 +330,14 @@ def chat_completions(request: Request) -> None:
         choice = {"index": 0, "message": message,
                   "logprobs": _chat_logprobs_json(result.logprobs) if logprobs else None,
                   "finish_reason": _finish_reason(result, parallel)}
-        request.handler.send_json(200, {**head, "object": "service.completion", "choices": [choice],
-                                        "usage": _usage(result)}, truncation_headers(reply))
+        send_result(request, reply, {**head, "object": "chat.completion", "choices": [choice], "usage": _usage(result)})
         return
 
     def chunk(delta: dict[str, Any], finish_reason: str | None = None,
               entries: list[TokenLogprob] | None = None) -> dict[str, Any]:
         choice = {"index": 0, "delta": delta, "logprobs": _chat_logprobs_json(entries) if entries else None,
                   "finish_reason": finish_reason}
-        return {**head, "object": "service.completion.chunk", "choices": [choice]}
+        return {**head, "object": "chat.completion.chunk", "choices": [choice]}
 
     def chunks() -> Iterator[dict[str, Any]]:
         yield chunk({"role": "assistant", "content": ""})
@@ -430,12 +355,12 @@ def chat_completions(request: Request) -> None:
             # A delta's tokens may spell several parts (or markup of none); its first chunk carries them all.
             for i, part in enumerate(parts):
                 yield chunk(part, entries=delta.logprobs if i == 0 else None)
-        result = _finished(reply)
+        result = finished(request, reply)
         yield chunk({}, _finish_reason(result, parallel))
         if include_usage:
-            yield {**head, "object": "service.completion.chunk", "choices": [], "usage": _usage(result)}
+            yield {**head, "object": "chat.completion.chunk", "choices": [], "usage": _usage(result)}
 
-    _send_events(request, reply, chunks(), openai_error, named=False)
+    _send_events(request, reply, chunks())
 
 
 # --- /v1/completions --------------------------------------------------------
@@ -456,10 +381,10 @@ def _legacy_logprobs(entries: list[TokenLogprob], offset: int) -> dict[str, Any]
 def completions(request: Request) -> None:
     """``POST /v1/completions``: the prompt goes to the model as it is, without the chat template."""
     body = request.json()
-    model = _model(body)
+    model = model_name(body)
     _only_one(body, "n")
     _only_one(body, "best_of")
-    logprobs = _get(body, "logprobs", int)
+    logprobs = typed(body, "logprobs", int)
     if logprobs is not None and not 0 <= logprobs <= 5:
         raise BadRequestError("logprobs must be between 0 and 5", param="logprobs")
     prompt = body.get("prompt")
@@ -467,16 +392,16 @@ def completions(request: Request) -> None:
         prompt = prompt[0]
     if not isinstance(prompt, str) or not prompt:
         raise BadRequestError("prompt must be a non-empty string (one prompt per request)", param="prompt")
-    suffix = _get(body, "suffix", str, "")
-    echo = _get(body, "echo", bool, False)
+    suffix = typed(body, "suffix", str, "")
+    echo = typed(body, "echo", bool, False)
     # A suffix needs the model's fill-in-the-middle template, so only then is the template applied.
     req = GenerateRequest(model=model, prompt=prompt, suffix=suffix, raw=not suffix,
-                               options=_options(body, ("max_tokens",)), keep_alive=body.get("keep_alive"),
+                               options=_options(body, ("max_tokens",)), keep_alive=keep_alive(body),
                                truncate=_truncate(body), logprobs=logprobs is not None, top_logprobs=logprobs or 0)
-    stream = _get(body, "stream", bool, False)
+    stream = typed(body, "stream", bool, False)
     include_usage = _include_usage(body)
     reply = service.generate(request.handler.app.manager, req)
-    head = {"id": _new_id("cmpl-"), "object": "text_completion", "created": int(time.time()), "model": model,
+    head = {"id": new_id("cmpl-"), "object": "text_completion", "created": int(time.time()), "model": model,
             "system_fingerprint": FINGERPRINT}
     # Offsets count characters of the choice's text, which starts with the prompt when it is echoed.
     start = len(prompt) if echo else 0
@@ -485,11 +410,11 @@ def completions(request: Request) -> None:
         return {"text": text, "index": 0, "logprobs": legacy, "finish_reason": finish_reason}
 
     if not stream:
-        result = _drain(reply)
+        result = drain(request, reply)
         text = (prompt if echo else "") + result.message.content
         legacy = _legacy_logprobs(result.logprobs, start) if logprobs is not None else None
-        request.handler.send_json(200, {**head, "choices": [choice(text, _finish_reason(result, True), legacy)],
-                                        "usage": _usage(result)}, truncation_headers(reply))
+        send_result(request, reply, {**head, "choices": [choice(text, _finish_reason(result, True), legacy)],
+                                     "usage": _usage(result)})
         return
 
     def chunks() -> Iterator[dict[str, Any]]:
@@ -502,12 +427,12 @@ def completions(request: Request) -> None:
             legacy = _legacy_logprobs(delta.logprobs, offset) if delta.logprobs else None
             offset += sum(len(entry.token) for entry in delta.logprobs)
             yield {**head, "choices": [choice(delta.content, None, legacy)]}
-        result = _finished(reply)
+        result = finished(request, reply)
         yield {**head, "choices": [choice("", _finish_reason(result, True))]}
         if include_usage:
             yield {**head, "choices": [], "usage": _usage(result)}
 
-    _send_events(request, reply, chunks(), openai_error, named=False)
+    _send_events(request, reply, chunks())
 
 
 # --- /v1/embeddings ---------------------------------------------------------
@@ -516,17 +441,17 @@ def completions(request: Request) -> None:
 def embeddings(request: Request) -> None:
     """``POST /v1/embeddings``; base64 vectors are little-endian float32, as OpenAI sends them."""
     body = request.json()
-    model = _model(body)
+    model = model_name(body)
     value = body.get("input")
     inputs = [value] if isinstance(value, str) else value
     if not isinstance(inputs, list) or not inputs or not all(isinstance(v, str) and v for v in inputs):
         raise BadRequestError("input must be a non-empty string or a non-empty list of non-empty strings "
                               "(token-id input is not supported)", param="input")
-    encoding = _get(body, "encoding_format", str, "float")
+    encoding = typed(body, "encoding_format", str, "float")
     if encoding not in ("float", "base64"):
         raise BadRequestError("encoding_format must be float or base64", param="encoding_format")
-    result = service.embed(request.handler.app.manager, model, inputs, dimensions=_get(body, "dimensions", int),
-                        options=_options(body, ()), keep_alive=body.get("keep_alive"))
+    result = service.embed(request.handler.app.manager, model, inputs, dimensions=typed(body, "dimensions", int),
+                        options=_options(body, ()), keep_alive=keep_alive(body))
 
     def encode(vector: list[float]) -> Any:
         return vector if encoding == "float" else base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
@@ -572,7 +497,7 @@ def _response_input(value: Any) -> list[Message]:
         return [Message(role="user", content=value)]
     if not isinstance(value, list) or not value:
         raise BadRequestError("input must be a string or a non-empty list of input items", param="input")
-    tool_names: dict[str, str] = {}
+    history = ToolHistory()
     messages: list[Message] = []
     for i, item in enumerate(value):
         where = f"input[{i}]"
@@ -584,21 +509,20 @@ def _response_input(value: Any) -> list[Message]:
             text, images = _content(item.get("content"), where)
             messages.append(Message(role=_ROLES[role], content=text, images=images))
         elif kind == "function_call":
-            name, call_id = item.get("name"), str(item.get("call_id") or "")
+            name = item.get("name")
             if not isinstance(name, str) or not name:
                 raise BadRequestError(f"{where}.name is required", param="input")
             if not messages or messages[-1].role != "assistant":
                 messages.append(Message(role="assistant"))
             calls = messages[-1].tool_calls
-            calls.append(ToolCall(name=name, arguments=_arguments(item.get("arguments"), where), id=call_id,
-                                  index=len(calls)))
-            tool_names[call_id] = name
+            call = ToolCall(name=name, arguments=call_arguments(item.get("arguments"), where, "input"),
+                            id=str(item.get("call_id") or ""), index=len(calls))
+            calls.append(call)
+            history.called([call])
         elif kind == "function_call_output":
-            call_id = str(item.get("call_id") or "")
             output = item.get("output")
             text = output if isinstance(output, str) else _content(output, where)[0]
-            messages.append(Message(role="tool", content=text, tool_call_id=call_id,
-                                    tool_name=tool_names.get(call_id, "")))
+            messages.append(history.result(text, str(item.get("call_id") or "")))
         elif kind != "reasoning":  # past reasoning is dropped, as chat templates drop it
             raise BadRequestError(f"{where}: unsupported input item type {kind!r}", param="input")
     return messages
@@ -667,11 +591,11 @@ class _ResponseEvents:
             item: dict[str, Any]
             part: dict[str, Any]
             if kind == "message":
-                item = {"id": _new_id("msg_"), "type": "message", "role": "assistant", "status": "in_progress",
+                item = {"id": new_id("msg_"), "type": "message", "role": "assistant", "status": "in_progress",
                         "content": []}
                 part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
             else:
-                item = {"id": _new_id("rs_"), "type": "reasoning", "summary": [], "status": "in_progress",
+                item = {"id": new_id("rs_"), "type": "reasoning", "summary": [], "status": "in_progress",
                         "content": []}
                 part = {"type": "reasoning_text", "text": ""}
             self.output.append(item)
@@ -705,9 +629,9 @@ class _ResponseEvents:
 
     def _call(self, call: ToolCall) -> Iterator[dict[str, Any]]:
         yield from self._close()
-        arguments = _arguments_json(call)
-        item = {"id": _new_id("fc_"), "type": "function_call", "status": "in_progress",
-                "call_id": call.id or _new_id("call_"), "name": call.name, "arguments": ""}
+        arguments = arguments_json(call)
+        item = {"id": new_id("fc_"), "type": "function_call", "status": "in_progress",
+                "call_id": call_id(call), "name": call.name, "arguments": ""}
         self.output.append(item)
         index = len(self.output) - 1
         yield self.event("response.output_item.added", output_index=index, item=copy.deepcopy(item))
@@ -722,27 +646,27 @@ class _ResponseEvents:
 def responses(request: Request) -> None:
     """``POST /v1/responses`` (stateless: ``previous_response_id`` is refused)."""
     body = request.json()
-    model = _model(body)
+    model = model_name(body)
     if body.get("previous_response_id") is not None:
         raise BadRequestError("previous_response_id is not supported: Mullama keeps no responses; send the whole "
                               "conversation as input", param="previous_response_id")
     messages = _response_input(body.get("input"))
-    instructions = _get(body, "instructions", str)
+    instructions = typed(body, "instructions", str)
     if instructions:
         messages.insert(0, Message(role="system", content=instructions))
     tools = _tools(body.get("tools"))
-    text = _get(body, "text", dict, {})
-    reasoning = _get(body, "reasoning", dict, {})
+    text = typed(body, "text", dict, {})
+    reasoning = typed(body, "reasoning", dict, {})
     req = ChatRequest(
         model=model, messages=messages, tools=tools, options=_options(body, ("max_output_tokens",)),
         format=_format(text.get("format"), "text.format"), think=_think(reasoning.get("effort"), "reasoning.effort"),
-        keep_alive=body.get("keep_alive"), tool_choice=_tool_choice(body.get("tool_choice"), tools),
+        keep_alive=keep_alive(body), tool_choice=_tool_choice(body.get("tool_choice"), tools),
         truncate=_truncate(body))
-    parallel = _get(body, "parallel_tool_calls", bool, True)
-    stream = _get(body, "stream", bool, False)
-    base = {"id": _new_id("resp_"), "object": "response", "created_at": int(time.time()), "model": model,
+    parallel = typed(body, "parallel_tool_calls", bool, True)
+    stream = typed(body, "stream", bool, False)
+    base = {"id": new_id("resp_"), "object": "response", "created_at": int(time.time()), "model": model,
             "instructions": instructions, "max_output_tokens": body.get("max_output_tokens"),
-            "metadata": _get(body, "metadata", dict, {}), "parallel_tool_calls": parallel,
+            "metadata": typed(body, "metadata", dict, {}), "parallel_tool_calls": parallel,
             "temperature": body.get("temperature"), "top_p": body.get("top_p"),
             "tool_choice": body.get("tool_choice") or "auto", "tools": body.get("tools") or [],
             "text": {"format": text.get("format") or {"type": "text"}}, "error": None, "incomplete_details": None,
@@ -755,19 +679,19 @@ def responses(request: Request) -> None:
         yield from machine.start()
         for delta in reply:
             yield from machine.feed(delta)
-        yield from machine.finish(_finished(reply))
+        yield from machine.finish(finished(request, reply))
 
     if not stream:
         try:
             final = deque(events(), maxlen=1)[0]
         finally:
             reply.close()
-        request.handler.send_json(200, final["response"], truncation_headers(reply))
+        send_result(request, reply, final["response"])
         return
 
-    def error_event(error: MullamaError) -> dict[str, Any]:
-        detail = openai_error(error)["error"]
-        return machine.event("error", code=detail["code"] or detail["type"], message=error.message,
-                              param=error.param)
+    def error_event(error: MullamaError) -> bytes:
+        detail = error_body(error)["error"]
+        return sse(machine.event("error", code=detail["code"] or detail["type"], message=error.message,
+                                 param=error.param), "error")
 
-    _send_events(request, reply, events(), error_event, named=True)
+    stream_reply(request, reply, SSE, (sse(event, event["type"]) for event in events()), error_event)

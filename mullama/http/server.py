@@ -1,10 +1,11 @@
-"""The daemon: one ``ThreadingHTTPServer`` serving the Ollama, OpenAI and Anthropic APIs.
+"""The transport: one ``ThreadingHTTPServer`` and the handler of its connections.
 
 A request enters in :class:`Handler`, passes the safety checks (Host header,
-API key, CORS, body size), and is routed to a function of one API module
-(``ollama``, ``openai``, ``anthropic``). Those modules translate wire formats
-into :mod:`mullama.service` calls; errors raised anywhere become the error body
-of the API family the request came through.
+API key, CORS, body size), and is routed by the :class:`Router` to a route
+function that some module registered. This module knows no API family: the
+composition root (:mod:`mullama.http.app`) gives the server its application,
+whose router holds the routes and the error formatters, so an error raised
+anywhere becomes the error body of the API family its path belongs to.
 """
 
 from __future__ import annotations
@@ -13,23 +14,20 @@ import hmac
 import ipaddress
 import json
 import logging
-import os
 import re
-import signal
 import socket
 import sys
 import threading
-import time
 import traceback
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
-from mullama import __version__, config
+from mullama import __version__
 from mullama.errors import (
     BadRequestError,
     ForbiddenError,
@@ -38,15 +36,12 @@ from mullama.errors import (
     PayloadTooLargeError,
     UnauthorizedError,
 )
-from mullama.engine.residency import ModelManager
 
 log = logging.getLogger("mullama.server")
 
 DEFAULT_PORT = 11434
 #: Bodies above this are refused (blob uploads stream to disk and are exempt).
 DEFAULT_MAX_BODY = 64 * 1024 * 1024
-#: Seconds shutdown waits for requests in flight to write their last line.
-SHUTDOWN_GRACE = 5.0
 #: An unread body up to this size is skipped to keep the connection; a bigger one closes it.
 _DRAIN_LIMIT = 1024 * 1024
 _DEFAULT_ORIGIN_HOSTS = ("localhost", "127.0.0.1", "0.0.0.0", "[::1]")
@@ -89,10 +84,16 @@ Route = Callable[[Request], None]
 ErrorFormatter = Callable[[MullamaError], dict[str, Any]]
 
 
+Route = Callable[[Request], None]
+ErrorFormatter = Callable[[MullamaError], dict[str, Any]]
+
+
 @dataclass
 class Router:
-    """Routes by method and path pattern; each API family registers its own."""
+    """Routes by method and path pattern; each API family registers its routes and its error body."""
 
+    #: The error body of a path under no registered prefix.
+    default_error: ErrorFormatter
     routes: list[tuple[str, re.Pattern[str], Route]] = field(default_factory=list)
     #: (path prefix, error formatter), longest prefix wins.
     error_formats: list[tuple[str, ErrorFormatter]] = field(default_factory=list)
@@ -102,6 +103,10 @@ class Router:
         regex = re.compile("^" + re.sub(r"\{(\w+)(\.\.\.)?\}",
                                         lambda m: f"(?P<{m[1]}>{'.+' if m[2] else '[^/]+'})", pattern) + "$")
         self.routes.append((method, regex, route))
+
+    def add_error_format(self, prefix: str, formatter: ErrorFormatter) -> None:
+        """Report the errors of paths under ``prefix`` with ``formatter``."""
+        self.error_formats.append((prefix, formatter))
 
     def match(self, method: str, path: str) -> tuple[Route | None, dict[str, str], bool]:
         """(route, path parameters, whether the path exists under another method)."""
@@ -115,51 +120,34 @@ class Router:
         return None, {}, path_known
 
     def error_body(self, path: str, error: MullamaError) -> dict[str, Any]:
+        """``error`` as the body of the API family ``path`` belongs to."""
         best = ""
-        formatter: ErrorFormatter = ollama_error
+        formatter = self.default_error
         for prefix, candidate in self.error_formats:
             if path.startswith(prefix) and len(prefix) > len(best):
                 best, formatter = prefix, candidate
         return formatter(error)
 
 
-def ollama_error(error: MullamaError) -> dict[str, Any]:
-    """Ollama's error body: ``{"error": "..."}``."""
-    return {"error": error.message}
+class Application(Protocol):
+    """What the transport needs of the application it serves (:class:`mullama.http.app.App` is the one).
 
+    Route functions reach the whole application as ``request.handler.app``.
+    """
 
-@dataclass
-class App:
-    """Everything the handlers share: the model registry and the server's settings."""
-
-    manager: ModelManager
     router: Router
-    api_key: str | None = None
-    loopback: bool = True
-    extra_origins: tuple[str, ...] = ()
-    max_body: int = DEFAULT_MAX_BODY
-    #: Set on shutdown: streaming responses end with an error message.
-    stopping: threading.Event = field(default_factory=threading.Event)
-    #: Requests being answered, so shutdown can wait for their last line.
-    _active: int = field(default=0, init=False, repr=False)
-    _idle: threading.Condition = field(default_factory=threading.Condition, init=False, repr=False)
+    #: When set, every route but ``/`` needs ``Authorization: Bearer KEY`` or ``x-api-key: KEY``.
+    api_key: str | None
+    #: Bound to loopback: Host headers naming another machine are refused.
+    loopback: bool
+    #: CORS origins allowed beyond Ollama's defaults (``*`` wildcards).
+    extra_origins: tuple[str, ...]
+    max_body: int
+    #: Set on shutdown: every response closes its connection.
+    stopping: threading.Event
 
-    @contextmanager
-    def answering(self) -> Iterator[None]:
+    def answering(self) -> AbstractContextManager[None]:
         """Count a request as in flight while the block runs."""
-        with self._idle:
-            self._active += 1
-        try:
-            yield
-        finally:
-            with self._idle:
-                self._active -= 1
-                self._idle.notify_all()
-
-    def wait_idle(self, timeout: float) -> bool:
-        """Wait until no request is in flight; False if some still are after ``timeout`` seconds."""
-        with self._idle:
-            return self._idle.wait_for(lambda: self._active == 0, timeout)
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -173,7 +161,17 @@ class Handler(BaseHTTPRequestHandler):
     #: Seconds a socket read or write may stall: a client that sends half a body
     #: (or stops reading a stream) must not hold a thread forever.
     timeout = 300
-    app: App  # set on the subclass made by make_server
+    #: Set by socketserver for each connection.
+    server: Server
+
+    @property
+    def app(self) -> Any:
+        """The application of this connection's server.
+
+        An :class:`Application`, typed loosely: route functions also reach
+        what the transport does not know of it (the model registry).
+        """
+        return self.server.app
 
     # --- entry points ------------------------------------------------------
 
@@ -364,6 +362,7 @@ class Handler(BaseHTTPRequestHandler):
             self.wfile.write(body)
 
     def send_json(self, status: int, obj: Any, headers: dict[str, str] | None = None) -> None:
+        """A complete JSON response."""
         self.send_bytes(status, json.dumps(obj, ensure_ascii=False).encode(), "application/json; charset=utf-8",
                         headers)
 
@@ -386,6 +385,7 @@ class Handler(BaseHTTPRequestHandler):
             self.wfile.flush()
 
     def end_stream(self) -> None:
+        """End a chunked response begun by :meth:`start_stream`."""
         self.wfile.write(b"0\r\n\r\n")
         self.wfile.flush()
 
@@ -460,27 +460,13 @@ def parse_address(value: str | None) -> tuple[str, int]:
 
 
 def is_loopback(host: str) -> bool:
+    """Whether ``host`` (a name or an address) is this machine's loopback."""
     if host == "localhost":
         return True
     try:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
-
-
-def build_router() -> Router:
-    """Every API family's routes on one router."""
-    from mullama.http import ollama
-
-    router = Router()
-    ollama.register(router)
-    for module_name in ("openai", "anthropic"):
-        try:
-            module = __import__(f"mullama.http.{module_name}", fromlist=["register"])
-        except ImportError:
-            continue
-        module.register(router)
-    return router
 
 
 class Server(ThreadingHTTPServer):
@@ -492,81 +478,8 @@ class Server(ThreadingHTTPServer):
     # (eight agents starting at once), which then wait a full second to retry.
     request_queue_size = 1024
 
-    def __init__(self, address: tuple[str, int], app: App) -> None:
+    def __init__(self, address: tuple[str, int], app: Application) -> None:
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
-        handler = type("BoundHandler", (Handler,), {"app": app})
-        super().__init__(address, handler)
+        #: What every handler reaches as ``self.server.app``.
         self.app = app
-
-
-def make_server(address: str | None = None, manager: ModelManager | None = None) -> Server:
-    """A ready-to-serve server on ``address`` (default MULLAMA_HOST/OLLAMA_HOST or 127.0.0.1:11434)."""
-    host, port = parse_address(address if address is not None else config.env("HOST"))
-    origins = tuple(o.strip() for o in (config.env("ORIGINS") or "").split(",") if o.strip())
-    app = App(manager=manager or ModelManager(), router=build_router(),
-              api_key=os.environ.get("MULLAMA_API_KEY") or None, loopback=is_loopback(host),
-              extra_origins=origins,
-              max_body=int(os.environ.get("MULLAMA_MAX_BODY") or DEFAULT_MAX_BODY))
-    if not app.loopback and not app.api_key:
-        log.warning("listening on %s without MULLAMA_API_KEY: ANYONE ON THE NETWORK CAN USE, CREATE AND DELETE "
-                    "MODELS on this server", host)
-    return Server((host, port), app)
-
-
-def serve(address: str | None = None) -> int:
-    """Run the daemon in the foreground until SIGINT/SIGTERM; a second signal skips the grace period."""
-    logging.basicConfig(level=logging.DEBUG if os.environ.get("MULLAMA_DEBUG") else logging.INFO,
-                        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", stream=sys.stderr)
-    if not os.environ.get("MULLAMA_DEBUG"):
-        logging.getLogger("mullama.native").setLevel(logging.WARNING)
-    try:
-        server = make_server(address)
-    except OSError as exc:
-        print(f"Error: could not listen: {exc}", file=sys.stderr)
-        return 1
-    except MullamaError as exc:
-        print(f"Error: {exc.message}", file=sys.stderr)
-        return 1
-    host, port = server.server_address[:2]
-    log.info("Mullama %s listening on %s:%s (models in %s)", __version__, host, port, server.app.manager.store.root)
-    hurry = threading.Event()
-
-    def stop(signum: int, _frame: Any) -> None:
-        if server.app.stopping.is_set():
-            log.info("received %s again, stopping now", signal.Signals(signum).name)
-            hurry.set()
-            return
-        log.info("received %s, shutting down", signal.Signals(signum).name)
-        server.app.stopping.set()
-        # shutdown() waits for serve_forever to return, so it cannot run in the thread serving.
-        threading.Thread(target=server.shutdown, daemon=True).start()
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    try:
-        server.serve_forever(poll_interval=0.2)
-    finally:
-        server.app.stopping.set()
-        wind_down(server.app, SHUTDOWN_GRACE, hurry)
-        server.server_close()
-    log.info("stopped")
-    return 0
-
-
-def wind_down(app: App, grace: float, hurry: threading.Event | None = None) -> None:
-    """End every generation, give requests in flight up to ``grace`` seconds to finish, then unload all models.
-
-    Generations are cancelled again on each pass, since a request may load
-    its model and start generating after the first pass. Connections idle
-    between requests are not waited for: their threads are daemons.
-    """
-    deadline = time.monotonic() + grace
-    while True:
-        for loaded in app.manager.running():
-            loaded.batcher.cancel_all()
-        if app.wait_idle(0.1):
-            break
-        if time.monotonic() >= deadline or (hurry is not None and hurry.is_set()):
-            log.warning("closing with requests still in flight")
-            break
-    app.manager.close()
+        super().__init__(address, Handler)

@@ -1,0 +1,172 @@
+"""The composition root of the daemon: the API families on one route table, and the server that runs them.
+
+The transport (:mod:`mullama.http.server`) knows no API; each API family is a
+module with ``register(router)`` that adds its routes (and, under its path
+prefix, its error body). This module imports every family, builds the one
+router with Ollama's error body as the default, and makes, runs and winds
+down the server. A family that cannot be imported stops startup with one
+line naming it: the daemon never runs with an API silently missing.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any, cast
+
+from mullama import __version__, config
+from mullama.engine.residency import ModelManager
+from mullama.errors import MullamaError
+from mullama.http.server import DEFAULT_MAX_BODY, Router, Server, is_loopback, parse_address
+
+log = logging.getLogger("mullama.server")
+
+#: Seconds shutdown waits for requests in flight to write their last line.
+SHUTDOWN_GRACE = 5.0
+
+
+class StartupError(MullamaError):
+    """The daemon cannot start: a part of it failed to load."""
+
+
+def _api(name: str) -> ModuleType:
+    """Import the API family ``mullama.http.NAME``; failing to, for whatever reason, is a :class:`StartupError`."""
+    module = f"mullama.http.{name}"
+    try:
+        return importlib.import_module(module)
+    except Exception as error:  # noqa: BLE001 - a syntax slip stops startup as clearly as a missing import
+        raise StartupError(f"cannot load {module}, the daemon cannot start without it: "
+                           f"{type(error).__name__}: {error}") from error
+
+
+# Imported here, at load time, so that a broken family fails every use of the daemon at once.
+ollama = _api("ollama")
+openai = _api("openai")
+anthropic = _api("anthropic")
+#: Every API family, each a module with ``register(router)``.
+API_FAMILIES = (ollama, openai, anthropic)
+
+
+def build_router() -> Router:
+    """Every API family's routes on one router; a path under no family's prefix gets Ollama's error body."""
+    router = Router(default_error=ollama.error_body)
+    for family in API_FAMILIES:
+        family.register(router)
+    return router
+
+
+@dataclass
+class App:
+    """Everything the handlers share: the model registry, the routes and the server's settings."""
+
+    manager: ModelManager
+    router: Router
+    api_key: str | None = None
+    loopback: bool = True
+    extra_origins: tuple[str, ...] = ()
+    max_body: int = DEFAULT_MAX_BODY
+    #: Set on shutdown: streams end with an error event, responses close their connection.
+    stopping: threading.Event = field(default_factory=threading.Event)
+    #: Requests being answered, so shutdown can wait for their last line.
+    _active: int = field(default=0, init=False, repr=False)
+    _idle: threading.Condition = field(default_factory=threading.Condition, init=False, repr=False)
+
+    @contextmanager
+    def answering(self) -> Iterator[None]:
+        """Count a request as in flight while the block runs."""
+        with self._idle:
+            self._active += 1
+        try:
+            yield
+        finally:
+            with self._idle:
+                self._active -= 1
+                self._idle.notify_all()
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until no request is in flight; False if some still are after ``timeout`` seconds."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._active == 0, timeout)
+
+
+def make_server(address: str | None = None, manager: ModelManager | None = None) -> Server:
+    """A ready-to-serve server on ``address`` (default MULLAMA_HOST/OLLAMA_HOST or 127.0.0.1:11434)."""
+    host, port = parse_address(address if address is not None else config.env("HOST"))
+    origins = tuple(o.strip() for o in (config.env("ORIGINS") or "").split(",") if o.strip())
+    app = App(manager=manager or ModelManager(), router=build_router(),
+              api_key=os.environ.get("MULLAMA_API_KEY") or None, loopback=is_loopback(host),
+              extra_origins=origins,
+              max_body=int(os.environ.get("MULLAMA_MAX_BODY") or DEFAULT_MAX_BODY))
+    if not app.loopback and not app.api_key:
+        log.warning("listening on %s without MULLAMA_API_KEY: ANYONE ON THE NETWORK CAN USE, CREATE AND DELETE "
+                    "MODELS on this server", host)
+    return Server((host, port), app)
+
+
+def serve(address: str | None = None) -> int:
+    """Run the daemon in the foreground until SIGINT/SIGTERM; a second signal skips the grace period."""
+    logging.basicConfig(level=logging.DEBUG if os.environ.get("MULLAMA_DEBUG") else logging.INFO,
+                        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", stream=sys.stderr)
+    if not os.environ.get("MULLAMA_DEBUG"):
+        logging.getLogger("mullama.native").setLevel(logging.WARNING)
+    try:
+        server = make_server(address)
+    except OSError as exc:
+        print(f"Error: could not listen: {exc}", file=sys.stderr)
+        return 1
+    except MullamaError as exc:
+        print(f"Error: {exc.message}", file=sys.stderr)
+        return 1
+    app = cast(App, server.app)
+    host, port = server.server_address[:2]
+    log.info("Mullama %s listening on %s:%s (models in %s)", __version__, host, port, app.manager.store.root)
+    hurry = threading.Event()
+
+    def stop(signum: int, _frame: Any) -> None:
+        if app.stopping.is_set():
+            log.info("received %s again, stopping now", signal.Signals(signum).name)
+            hurry.set()
+            return
+        log.info("received %s, shutting down", signal.Signals(signum).name)
+        app.stopping.set()
+        # shutdown() waits for serve_forever to return, so it cannot run in the thread serving.
+        threading.Thread(target=server.shutdown, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    try:
+        server.serve_forever(poll_interval=0.2)
+    finally:
+        app.stopping.set()
+        wind_down(app, SHUTDOWN_GRACE, hurry)
+        server.server_close()
+    log.info("stopped")
+    return 0
+
+
+def wind_down(app: App, grace: float, hurry: threading.Event | None = None) -> None:
+    """End every generation, give requests in flight up to ``grace`` seconds to finish, then unload all models.
+
+    Generations are cancelled again on each pass, since a request may load
+    its model and start generating after the first pass. Connections idle
+    between requests are not waited for: their threads are daemons.
+    """
+    deadline = time.monotonic() + grace
+    while True:
+        for loaded in app.manager.running():
+            loaded.batcher.cancel_all()
+        if app.wait_idle(0.1):
+            break
+        if time.monotonic() >= deadline or (hurry is not None and hurry.is_set()):
+            log.warning("closing with requests still in flight")
+            break
+    app.manager.close()
