@@ -470,10 +470,11 @@ def is_loopback(host: str) -> bool:
 
 def build_router() -> Router:
     """Every API family's routes on one router."""
-    from mullama.http import ollama
+    from mullama.http import ollama, webui
 
     router = Router()
     ollama.register(router)
+    webui.register(router)
     for module_name in ("openai", "anthropic"):
         try:
             module = __import__(f"mullama.http.{module_name}", fromlist=["register"])
