@@ -21,55 +21,20 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from daemon import create_model, running, serve
-from hub_server import HubServer
+from daemon import create_model, serve
+from ui_daemon import MODEL, PULL_NAME, UIDaemon, ui_daemon
 
 from mullama.http import webui
-from mullama.http.server import Server
 
 CHROMIUM = Path("/usr/bin/chromium")
-MODEL = "smol"
-#: One thread and short greedy answers keep the module quick on two busy cores.
-PARAMETERS = {"num_thread": 1, "num_predict": 24, "temperature": 0}
-HUB_REPO = "someone/SmolLM2-135M-GGUF"
-HUB_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-PULL_NAME = f"hf.co/{HUB_REPO}:q4_1"
 #: Milliseconds a browser wait may take: generations on a shared two-core machine are slow.
 WAIT = 120_000
 
 
-@dataclass
-class Daemon:
-    """The daemon under test, its port, and the local Hub its pulls use."""
-
-    server: Server
-    port: int
-    hub: HubServer
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-
-def renamed_copy(model_path: Path, dest: Path) -> Path:
-    """The test model with another ``general.name``: a valid GGUF whose blob the store does not hold yet."""
-    data = bytearray(model_path.read_bytes())
-    key = data.index(b"general.name\x08\x00\x00\x00")
-    value = key + len(b"general.name") + 4 + 8
-    data[value:value + 7] = b"Pulled!"
-    dest.write_bytes(data)
-    return dest
-
-
 @pytest.fixture(scope="module")
-def daemon(model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
-    tmp = tmp_path_factory.mktemp("webui")
-    with HubServer() as hub:
-        hub.add(HUB_REPO, HUB_FILE, renamed_copy(model_path, tmp / HUB_FILE))
-        with running(tmp, HF_ENDPOINT=hub.endpoint) as server:
-            port = server.server_address[1]
-            create_model(port, model_path, MODEL, parameters=PARAMETERS)
-            yield Daemon(server, port, hub)
+def daemon(model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[UIDaemon]:
+    with ui_daemon(model_path, tmp_path_factory.mktemp("webui")) as started:
+        yield started
 
 
 def request(port: int, method: str, path: str, body: Any = None,
@@ -84,7 +49,7 @@ def request(port: int, method: str, path: str, body: Any = None,
         connection.close()
 
 
-def api(daemon: Daemon, method: str, path: str, body: Any = None) -> Any:
+def api(daemon: UIDaemon, method: str, path: str, body: Any = None) -> Any:
     """A JSON call that must succeed."""
     status, _, data = request(daemon.port, method, path, body)
     assert status == 200, data
@@ -94,7 +59,7 @@ def api(daemon: Daemon, method: str, path: str, body: Any = None) -> Any:
 # --- the files ---------------------------------------------------------------
 
 
-def test_root_keeps_ollamas_answer(daemon: Daemon) -> None:
+def test_root_keeps_ollamas_answer(daemon: UIDaemon) -> None:
     status, _, body = request(daemon.port, "GET", "/")
     assert (status, body) == (200, b"Ollama is running")
 
@@ -108,7 +73,7 @@ def test_root_keeps_ollamas_answer(daemon: Daemon) -> None:
     ("/ui/vendor/marked.esm.js", "text/javascript; charset=utf-8"),
     ("/ui/vendor/purify.es.mjs", "text/javascript; charset=utf-8"),
 ])
-def test_files_are_served_with_type_policy_and_cache_headers(daemon: Daemon, path: str, content_type: str) -> None:
+def test_files_are_served_with_type_policy_and_cache_headers(daemon: UIDaemon, path: str, content_type: str) -> None:
     status, headers, body = request(daemon.port, "GET", path)
     assert status == 200 and body
     assert headers["Content-Type"] == content_type
@@ -144,14 +109,14 @@ def test_the_page_has_no_inline_script_or_style() -> None:
     "/ui/vendor",
     "/ui/missing.js",
 ])
-def test_nothing_outside_the_web_files_is_reachable(daemon: Daemon, path: str) -> None:
+def test_nothing_outside_the_web_files_is_reachable(daemon: UIDaemon, path: str) -> None:
     status, headers, body = request(daemon.port, "GET", path)
     assert status == 404, body[:200]
     assert headers["Content-Type"].startswith("application/json")
     assert b"import" not in body and b"root:" not in body
 
 
-def test_only_get_and_head_are_served(daemon: Daemon) -> None:
+def test_only_get_and_head_are_served(daemon: UIDaemon) -> None:
     status, _, _ = request(daemon.port, "POST", "/ui/app.js", {})
     assert status == 405
 
@@ -174,7 +139,7 @@ class Page:
     """A browser page on the daemon's UI, and what its console reported."""
 
     page: Any
-    daemon: Daemon
+    daemon: UIDaemon
     errors: list[str] = field(default_factory=list)
     #: Console errors the test expects (substrings), ignored by the final check.
     expected: list[str] = field(default_factory=list)
@@ -198,7 +163,7 @@ def browser() -> Iterator[Any]:
 
 
 @pytest.fixture
-def ui(browser: Any, daemon: Daemon, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Page]:
+def ui(browser: Any, daemon: UIDaemon, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Page]:
     """A fresh browser context (empty storage) whose page must log no unexpected console error."""
     if not os.environ.get("MULLAMA_SCREENSHOTS"):
         monkeypatch.setenv("MULLAMA_SCREENSHOTS", str(tmp_path))
@@ -240,7 +205,8 @@ def test_chat_streams_answers_regenerates_edits_and_keeps_them(ui: Page) -> None
         && document.querySelector('.message.assistant .content')?.textContent.trim().length > 0""")
     page.locator("#send").wait_for()
     stats = page.locator(".message.assistant .stats").inner_text()
-    assert re.fullmatch(r"\d+ tokens · [\d.]+ tokens/s · prompt \d+ tokens( · stopped at the token limit)?", stats), stats
+    assert re.fullmatch(r"\d+ tokens · [\d.]+ tokens/s · prompt \d+ tokens( · stopped at the token limit)?",
+                        stats), stats
     first = assistant_text(ui)
     assert first.strip()
     ui.screenshot("chat")
@@ -356,7 +322,8 @@ def test_hostile_model_output_and_metadata_run_no_script(ui: Page, model_path: P
 
     assert page.evaluate(DANGEROUS_NODES) == []
 
-    create_model(ui.daemon.port, model_path, "hostile", license="<img src=x onerror=window.__xss=30>", system="<script>window.__xss=31</script>",
+    create_model(ui.daemon.port, model_path, "hostile", license="<img src=x onerror=window.__xss=30>",
+                 system="<script>window.__xss=31</script>",
                  template="{{ .Prompt }}<svg onload=window.__xss=32>")
     try:
         ui.open("models")
@@ -380,7 +347,8 @@ def test_models_page_lists_creates_copies_and_deletes(ui: Page) -> None:
     assert cells[:5] == ["98 MB", "llama", "134.52M", "Q4_1", "completion"], cells
 
     page.fill("#create-name", "made-in-ui")
-    page.fill("#modelfile", 'FROM smol\nPARAMETER temperature 0.25\nPARAMETER stop "<|im_end|>"\nSYSTEM """Be brief."""\n')
+    page.fill("#modelfile",
+              'FROM smol\nPARAMETER temperature 0.25\nPARAMETER stop "<|im_end|>"\nSYSTEM """Be brief."""\n')
     page.get_by_role("button", name="Create", exact=True).click()
     page.locator("#create-status", has_text="Created made-in-ui.").wait_for()
     page.locator('tr[data-model="made-in-ui:latest"]').wait_for()
