@@ -116,6 +116,11 @@ def test_nothing_outside_the_web_files_is_reachable(daemon: UIDaemon, path: str)
     assert b"import" not in body and b"root:" not in body
 
 
+def test_the_ui_obeys_the_dns_rebinding_rule(daemon: UIDaemon) -> None:
+    status, _, body = request(daemon.port, "GET", "/ui/app.js", headers={"Host": "attacker.example:11434"})
+    assert status == 403 and b"import" not in body
+
+
 def test_only_get_and_head_are_served(daemon: UIDaemon) -> None:
     status, _, _ = request(daemon.port, "POST", "/ui/app.js", {})
     assert status == 405
