@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from mullama.cli import main
 from mullama.errors import ForbiddenError, TooManyRequestsError, UnauthorizedError
-from mullama.http.server import build_router
+from mullama.http.app import build_router
 from mullama.ops.keys import (DEFAULT_KEY_NAME, OPEN, Keyring, KeysFileError, create_key, read_keys, revoke_key,
                               scope_of)
 from mullama.ops.ratelimit import TokenBucket, retry_after
