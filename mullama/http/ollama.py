@@ -29,7 +29,8 @@ from mullama.errors import BadRequestError, MullamaError, NotFoundError
 from mullama.http.server import Request, Router
 from mullama.store.modelfile import Modelfile
 from mullama.store.modelfile import render as render_modelfile
-from mullama.engine.residency import ModelRecord, find_model, parse_keep_alive
+from mullama.engine.residency import parse_keep_alive
+from mullama.store.records import ModelRecord, find_model
 from mullama.store.names import ModelName, canonical_digest
 from mullama.options import parse_options
 from mullama.store.pull import pull
