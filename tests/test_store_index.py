@@ -101,6 +101,20 @@ def test_a_chat_to_a_loaded_model_reads_no_manifest_layer_or_alias_file(tmp_path
     assert touched == []
 
 
+def test_listing_known_models_again_opens_no_file(tmp_path: Path, model_path: Path) -> None:
+    with running(tmp_path) as server:
+        port = server.server_address[1]
+        for name in ("one", "two", "three"):
+            create_model(port, model_path, name, system=f"I am {name}.")
+        backdate(tmp_path / "models")
+        assert tags(port) == ["one:latest", "three:latest", "two:latest"]
+        with file_access() as seen:
+            assert tags(port) == ["one:latest", "three:latest", "two:latest"]
+            assert post(port, "/api/show", {"model": "two"})[1]["system"] == "I am two."
+    # The directories are listed (to see new models); no manifest, layer or GGUF header is read again.
+    assert [path for event, path in seen if event == "open" and path.startswith(str(tmp_path))] == []
+
+
 def test_manifests_written_by_another_process_are_seen(tmp_path: Path, model_path: Path) -> None:
     root = tmp_path / "models"
     with running(tmp_path) as server:

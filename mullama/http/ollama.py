@@ -409,7 +409,7 @@ def embeddings_legacy(request: Request) -> None:
 
 def _details(record: ModelRecord) -> dict[str, Any]:
     try:
-        info = gguf.read_gguf(record.model_path)
+        info = record.info
     except (MullamaError, OSError):
         return {"parent_model": "", "format": "gguf", "family": "", "families": None,
                 "parameter_size": "", "quantization_level": ""}
@@ -488,7 +488,7 @@ def show(request: Request) -> None:
     name = _model_name(body)
     manager = request.handler.app.manager
     record = find_model(manager.store, name)
-    info = gguf.read_gguf(record.model_path)
+    info = record.info
     template = record.template if record.template is not None else (info.chat_template or "")
     modelfile = Modelfile(from_=str(record.model_path), parameters=dict(record.parameters), template=template,
                           system=record.system, adapters=[str(a) for a in record.adapters],
