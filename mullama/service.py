@@ -22,8 +22,9 @@ from mullama.prompt import grammar as grammars
 from mullama.prompt.jinja import render_jinja
 from mullama.engine.model import Completion, Model, Timings
 from mullama.errors import BadRequestError
-from mullama.engine.residency import LoadedModel, ModelManager, ModelRecord
+from mullama.engine.residency import LoadedModel, ModelManager, Resolution
 from mullama.prompt.templates import render_chat, render_generate
+from mullama.store.records import ModelRecord
 from mullama.engine.sampling import TokenLogprob
 from mullama.prompt.thinking import ThinkingSplitter, prompt_opens_thinking
 from mullama.prompt.toolcalls import TextDelta, ToolCallEvent, ToolCallParser, ToolFormat, detect_format
@@ -170,12 +171,9 @@ class Reply:
                 yield Delta(tool_calls=[event.call])
 
 
-def _resolve_think(manager: ModelManager, record: ModelRecord, think: bool | None,
-                   options: dict[str, Any]) -> bool | None:
+def _resolve_think(resolution: Resolution, think: bool | None) -> bool | None:
     """The request's ``think``; when it says nothing, a ``think`` option or Modelfile ``PARAMETER think``."""
-    if think is not None or ("think" not in record.parameters and "think" not in options):
-        return think
-    return manager.options_for(record, options).think
+    return think if think is not None else resolution.think
 
 
 def _thinking_enabled(record: ModelRecord, model: Model, think: bool | None) -> bool:
@@ -280,20 +278,18 @@ def grammar_for(fmt: Any, tools: list[Tool], tool_choice: str, calls: ToolFormat
     raise BadRequestError(f"invalid format {fmt!r}: use \"json\" or a JSON schema object", param="format")
 
 
-def _options_dict(manager: ModelManager, record: ModelRecord, request_options: dict[str, Any]) -> dict[str, Any]:
-    return dataclasses.asdict(manager.options_for(record, request_options))
-
-
 def _start(manager: ModelManager, model_name: str, options: dict[str, Any], keep_alive: Any,
-           ) -> tuple[ExitStack, LoadedModel, int]:
+           ) -> tuple[ExitStack, Resolution, LoadedModel, int]:
+    """Resolve the request's model once and hold it loaded; also the nanoseconds that took."""
     started = time.perf_counter_ns()
+    resolution = manager.resolve(model_name, options)
     stack = ExitStack()
     try:
-        loaded = stack.enter_context(manager.use(model_name, options, keep_alive))
+        loaded = stack.enter_context(manager.hold(resolution, keep_alive))
     except BaseException:
         stack.close()
         raise
-    return stack, loaded, time.perf_counter_ns() - started
+    return stack, resolution, loaded, time.perf_counter_ns() - started
 
 
 def _check_images(record: ModelRecord, has_images: bool) -> None:
@@ -308,19 +304,19 @@ def _check_images(record: ModelRecord, has_images: bool) -> None:
 def chat(manager: ModelManager, req: ChatRequest) -> Reply:
     """Start a chat reply (an empty ``messages`` just loads the model)."""
     started = time.perf_counter_ns()
-    stack, loaded, load_duration = _start(manager, req.model, req.options, req.keep_alive)
+    stack, resolution, loaded, load_duration = _start(manager, req.model, req.options, req.keep_alive)
     try:
-        record, model = loaded.record, loaded.model
+        record, model = resolution.record, loaded.model
         if not req.messages:
             return Reply(record.name, stack, None, None, None, started, load_duration, 0)
         _check_images(record, any(m.images for m in req.messages))
         tools = req.tools if req.tool_choice != "none" else []
-        think = _resolve_think(manager, record, req.think, req.options)
+        think = _resolve_think(resolution, req.think)
         prompt = render_prompt(record, model, req.messages, tools, think)
         calls = tool_format(record, model)
         grammar = grammar_for(req.format, tools, req.tool_choice, calls, req.parallel_tool_calls)
         tokens = tokenize_prompt(model, prompt)
-        request = loaded.batcher.submit(tokens, _options_dict(manager, record, req.options), grammar=grammar,
+        request = loaded.batcher.submit(tokens, resolution.options, grammar=grammar,
                                           truncate=req.truncate, logprobs=req.logprobs,
                                           top_logprobs=req.top_logprobs)
         splitter = None
@@ -336,13 +332,13 @@ def chat(manager: ModelManager, req: ChatRequest) -> Reply:
 def generate(manager: ModelManager, req: GenerateRequest) -> Reply:
     """Start a generate reply (an empty prompt just loads the model)."""
     started = time.perf_counter_ns()
-    stack, loaded, load_duration = _start(manager, req.model, req.options, req.keep_alive)
+    stack, resolution, loaded, load_duration = _start(manager, req.model, req.options, req.keep_alive)
     try:
-        record, model = loaded.record, loaded.model
+        record, model = resolution.record, loaded.model
         if not req.prompt and not req.context:
             return Reply(record.name, stack, None, None, None, started, load_duration, 0)
         _check_images(record, bool(req.images))
-        think = _resolve_think(manager, record, req.think, req.options)
+        think = _resolve_think(resolution, req.think)
         if req.raw:
             prompt = req.prompt
         elif req.template is not None or record.template is not None:
@@ -356,7 +352,7 @@ def generate(manager: ModelManager, req: GenerateRequest) -> Reply:
         tokens = list(req.context) + (model.tokenize(prompt, add_special=not req.context and model.add_bos,
                                                      parse_special=True) if req.raw else tokenize_prompt(model, prompt))
         grammar = grammar_for(req.format, [], "auto", DEFAULT_TOOL_FORMAT)
-        request = loaded.batcher.submit(tokens, _options_dict(manager, record, req.options), grammar=grammar,
+        request = loaded.batcher.submit(tokens, resolution.options, grammar=grammar,
                                           truncate=req.truncate, logprobs=req.logprobs,
                                           top_logprobs=req.top_logprobs)
         splitter = None
@@ -370,17 +366,19 @@ def generate(manager: ModelManager, req: GenerateRequest) -> Reply:
 
 def apply_template(manager: ModelManager, req: ChatRequest) -> str:
     """The prompt a chat request would give the model, without generating."""
-    with manager.use(req.model, req.options, req.keep_alive) as loaded:
-        think = _resolve_think(manager, loaded.record, req.think, req.options)
-        return render_prompt(loaded.record, loaded.model, req.messages, req.tools, think)
+    resolution = manager.resolve(req.model, req.options)
+    with manager.hold(resolution, req.keep_alive) as loaded:
+        think = _resolve_think(resolution, req.think)
+        return render_prompt(resolution.record, loaded.model, req.messages, req.tools, think)
 
 
 def count_tokens(manager: ModelManager, req: ChatRequest) -> int:
     """How many tokens the prompt of a chat request takes, as :func:`chat` would submit it."""
-    with manager.use(req.model, req.options, req.keep_alive) as loaded:
+    resolution = manager.resolve(req.model, req.options)
+    with manager.hold(resolution, req.keep_alive) as loaded:
         tools = req.tools if req.tool_choice != "none" else []
-        think = _resolve_think(manager, loaded.record, req.think, req.options)
-        prompt = render_prompt(loaded.record, loaded.model, req.messages, tools, think)
+        think = _resolve_think(resolution, req.think)
+        prompt = render_prompt(resolution.record, loaded.model, req.messages, tools, think)
         return len(tokenize_prompt(loaded.model, prompt))
 
 
@@ -399,7 +397,7 @@ def embed(manager: ModelManager, model_name: str, inputs: list[str], *, truncate
           dimensions: int | None = None, options: dict[str, Any] | None = None, keep_alive: Any = None) -> Embeddings:
     """Embed ``inputs`` (several per decode); ``dimensions`` keeps the first N, re-normalised."""
     started = time.perf_counter_ns()
-    stack, loaded, load_duration = _start(manager, model_name, options or {}, keep_alive)
+    stack, resolution, loaded, load_duration = _start(manager, model_name, options or {}, keep_alive)
     with stack:
         model = loaded.model
         vectors = loaded.batcher.embed(inputs, truncate=truncate)
@@ -408,7 +406,7 @@ def embed(manager: ModelManager, model_name: str, inputs: list[str], *, truncate
                 raise BadRequestError(f"dimensions must be between 1 and {model.n_embd}", param="dimensions")
             vectors = [_renormalise(v[:dimensions]) for v in vectors]
         tokens = sum(len(model.tokenize(text)) for text in inputs)
-        return Embeddings(loaded.record.name, vectors, tokens, load_duration, time.perf_counter_ns() - started)
+        return Embeddings(resolution.record.name, vectors, tokens, load_duration, time.perf_counter_ns() - started)
 
 
 def _renormalise(vector: list[float]) -> list[float]:

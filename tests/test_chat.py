@@ -7,7 +7,7 @@ import pytest
 import mullama
 from mullama import service
 from mullama.errors import BadRequestError
-from mullama.engine.residency import ModelRecord
+from mullama.store.records import ModelRecord
 from mullama.types import Message, Tool, ToolCall
 
 WEATHER = Tool(name="get_weather", description="Weather in a city",

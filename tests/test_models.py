@@ -18,8 +18,9 @@ from mullama.engine import memory
 
 from mullama.engine import residency
 from mullama.engine.model import LoadOptions
-from mullama.errors import ModelLoadError, MullamaError, OverloadedError
-from mullama.engine.residency import ModelManager, find_model
+from mullama.errors import ModelLoadError, ModelNotFoundError, MullamaError, OverloadedError
+from mullama.engine.residency import ModelManager
+from mullama.store.records import find_model
 from mullama.store.names import ModelName
 from mullama.store.blobs import CONFIG_MEDIA_TYPE, MEDIA_TYPES, Layer, Manifest, Store
 
@@ -287,12 +288,23 @@ def test_loaded_model_reports_its_size(make_manager, one_model: int) -> None:
         assert loaded.size_vram in (0, loaded.size)
 
 
+def test_a_request_resolves_once_to_a_shared_record_and_merged_options(make_manager) -> None:
+    manager = make_manager()
+    resolution = manager.resolve("alpha", {"num_ctx": 300, "top_k": 5, "think": True})
+    assert resolution.record is manager.resolve("ALPHA:latest").record
+    assert resolution.record.name == "alpha:latest"
+    assert resolution.options.num_ctx == resolution.load_options.num_ctx == 300
+    assert resolution.options.top_k == 5 and resolution.think is True
+    assert manager.resolve("alpha").think is None  # neither the request nor the Modelfile says
+    with pytest.raises(ModelNotFoundError):
+        manager.resolve("absent")
+
+
 def test_max_context_caps_num_ctx(make_manager, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MULLAMA_MAX_CONTEXT", "256")
     manager = make_manager()
-    record = manager.record("alpha")
-    assert manager.options_for(record, {"num_ctx": 8192}).num_ctx == 256
-    assert manager.options_for(record, {"num_ctx": 128}).num_ctx == 128
+    assert manager.resolve("alpha", {"num_ctx": 8192}).options.num_ctx == 256
+    assert manager.resolve("alpha", {"num_ctx": 128}).load_options.num_ctx == 128
     with manager.use("alpha", SMALL) as loaded:
         assert loaded.context_length == 256
         assert loaded.model.context.n_ctx_seq == 256

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import time
 
 import pytest
 from hypothesis import given, settings
@@ -141,6 +143,23 @@ def test_user_overrides_from_data_dir(tmp_path):
     home.mkdir()
     (home / "aliases.json").write_text(json.dumps({"aliases": {"tiny": "smollm2:135m"}}))
     assert resolve("tiny").files == resolve("smollm2:135m").files
+
+
+def test_the_registry_is_parsed_once_until_the_user_file_changes(tmp_path, monkeypatch):
+    path = _user_file(tmp_path, {"aliases": {"tiny": "smollm2:135m"}})
+    monkeypatch.setenv("MULLAMA_ALIASES", str(path))
+    an_hour_ago = time.time() - 3600
+    os.utime(path, (an_hour_ago, an_hour_ago))
+    first = load_aliases()
+    assert load_aliases() is first and first["aliases"]["tiny:latest"] == "smollm2:135m"
+    with pytest.raises(TypeError):
+        first["aliases"]["tiny:latest"] = "changed"  # shared between callers, so read-only
+    _user_file(tmp_path, {"aliases": {"tiny": "smollm2:360m", "small": "smollm2:135m"}})
+    assert resolve("small").files == resolve("smollm2:135m").files
+    assert resolve("tiny").files == resolve("smollm2:360m").files
+    path.unlink()
+    assert resolve("small").files == ()
+
 
 
 @pytest.mark.parametrize("content", [

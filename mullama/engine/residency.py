@@ -1,7 +1,8 @@
-"""Which models are loaded, for how long, and how they are found.
+"""Which models are loaded, and for how long.
 
-``ModelRecord`` is what the store says about a model (its GGUF, template,
-system prompt, parameters). ``ModelManager`` is the daemon's one registry of
+A request's model name and options are resolved once into a
+:class:`Resolution` (the store's record and the merged options), which then
+picks the loaded model. ``ModelManager`` is the daemon's one registry of
 loaded models: it loads on first use, keeps each model for its keep-alive,
 and makes room for a new model by unloading the least recently used idle
 ones when its estimated memory (see :mod:`mullama.engine.memory`) would exceed the
@@ -11,30 +12,24 @@ request is never unloaded: a load that needs its room waits for it.
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
-from pathlib import Path
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass, replace
 from typing import Any
 
 from mullama import config
-
-from mullama.store import gguf
-
 from mullama.engine import memory
+from mullama.engine.batching import Batcher
+from mullama.engine.memory import Estimate
 from mullama.engine.model import LoadOptions, Model
 from mullama.errors import BadRequestError, ModelLoadError, ModelNotFoundError, MullamaError, OverloadedError
-from mullama.engine.memory import Estimate
-from mullama.options import Options, parse_options
-from mullama.store.registry import resolve
-from mullama.engine.batching import Batcher
-from mullama.store.blobs import MEDIA_TYPES, Store
-from mullama.types import Message
+from mullama.options import Options
+from mullama.store.blobs import Store
+from mullama.store.records import ModelRecord, find_model
 
 log = logging.getLogger("mullama.engine.residency")
 
@@ -44,71 +39,22 @@ DEFAULT_KEEP_ALIVE = 300.0
 DEFAULT_LOAD_TIMEOUT = 300.0
 
 
-@dataclass
-class ModelRecord:
-    """A model as stored: its files and the Modelfile settings layered on it."""
+@dataclass(frozen=True)
+class Resolution:
+    """What one request runs on, worked out once: the model's record and the options merged for it.
 
-    name: str
-    digest: str
-    #: The GGUF; the first part when the model is split.
-    model_path: Path
-    #: Every part of the GGUF in order (just ``model_path`` unless split).
-    model_paths: list[Path] = field(default_factory=list)
-    projector_path: Path | None = None
-    adapters: list[Path] = field(default_factory=list)
-    #: A Go template from the Modelfile's TEMPLATE; None means the GGUF's own.
-    template: str | None = None
-    system: str = ""
-    parameters: dict[str, Any] = field(default_factory=dict)
-    messages: list[Message] = field(default_factory=list)
-    license: list[str] = field(default_factory=list)
-    size: int = 0
-    modified: float = 0.0
+    Everything a request needs below the API derives from it: the load
+    options that pick (or load) the model, and the sampling options the
+    batcher reads from :attr:`options` itself.
+    """
 
-    def __post_init__(self) -> None:
-        if not self.model_paths:
-            self.model_paths = [self.model_path]
-
-
-def find_model(store: Store, text: str) -> ModelRecord:
-    """The record for ``text`` (a name in the store, or a local ``.gguf`` path)."""
-    resolved = resolve(text)
-    if resolved.path is not None:
-        stat = resolved.path.stat()
-        return ModelRecord(name=str(resolved.path), digest="", model_path=resolved.path,
-                           size=stat.st_size, modified=stat.st_mtime)
-    name = resolved.name
-    if not store.has_model(name):
-        raise ModelNotFoundError(text)
-    manifest = store.read_manifest(name)
-    entry = next((e for e in store.list_models() if e.name.key == name.key), None)
-    record = ModelRecord(name=name.display, digest=entry.digest if entry else "", model_path=Path(),
-                         size=manifest.size, modified=entry.modified if entry else 0.0)
-    parts: list[Path] = []
-    for layer in manifest.layers:
-        path = store.layer_path(layer)
-        kind = layer.media_type.rsplit(".", 1)[-1]
-        if layer.media_type == MEDIA_TYPES["model"]:
-            parts.append(path)
-        elif kind == "projector":
-            record.projector_path = path
-        elif kind == "adapter":
-            record.adapters.append(path)
-        elif kind == "template":
-            record.template = path.read_text()
-        elif kind == "system":
-            record.system = path.read_text()
-        elif kind == "params":
-            record.parameters = parse_options(json.loads(path.read_text()))
-        elif kind == "messages":
-            record.messages = [Message(role=m.get("role", ""), content=m.get("content", ""))
-                               for m in json.loads(path.read_text())]
-        elif kind == "license":
-            record.license.append(path.read_text())
-    if not parts:
-        raise BadRequestError(f"{name.display} has no model layer")
-    record.model_path, record.model_paths = parts[0], parts
-    return record
+    record: ModelRecord
+    #: The Modelfile's parameters with the request's options over them, ``num_ctx`` capped.
+    options: Options
+    #: The load-time part of :attr:`options`; another value needs another load.
+    load_options: LoadOptions
+    #: ``think`` as the Modelfile or the request's options set it; None when neither does.
+    think: bool | None
 
 
 def parse_keep_alive(value: Any, default: float | None = None) -> float:
@@ -225,32 +171,39 @@ class ModelManager:
 
     # --- public --------------------------------------------------------------
 
-    def record(self, name: str) -> ModelRecord:
-        """The stored record of ``name`` (raises ModelNotFoundError)."""
-        return find_model(self.store, name)
+    def resolve(self, name: str, request_options: dict[str, Any] | None = None) -> Resolution:
+        """The record of ``name`` with the request's options merged over its Modelfile's, once per request.
 
-    @contextmanager
-    def use(self, name: str, options: dict[str, Any] | None = None, keep_alive: Any = None) -> Iterator[LoadedModel]:
-        """Load ``name`` if needed and hold it for the duration of a request.
-
-        Raises :class:`OverloadedError` when busy models leave no room for it
-        within the load timeout, :class:`ModelLoadError` when it cannot fit
-        even alone.
+        Raises :class:`ModelNotFoundError` for a model the store lacks.
         """
-        loaded = self._acquire(name, options or {}, parse_keep_alive(keep_alive))
-        try:
-            yield loaded
-        finally:
-            self._release(loaded)
-
-    def options_for(self, record: ModelRecord, request_options: dict[str, Any]) -> Options:
-        """The Modelfile's parameters with the request's options over them, num_ctx capped."""
+        record = find_model(self.store, name)
+        request_options = request_options or {}
         options = Options(num_parallel=self.default_parallel).merged(record.parameters, request_options)
         if self.max_context and options.num_ctx > self.max_context:
             log.debug("num_ctx %d for %s capped to %d by MULLAMA_MAX_CONTEXT", options.num_ctx, record.name,
                       self.max_context)
             options = replace(options, num_ctx=self.max_context)
-        return options
+        think = options.think if "think" in record.parameters or "think" in request_options else None
+        return Resolution(record, options, LoadOptions.from_options(options), think)
+
+    @contextmanager
+    def hold(self, resolution: Resolution, keep_alive: Any = None) -> Iterator[LoadedModel]:
+        """Load the resolved model if needed and hold it for the duration of a request.
+
+        Raises :class:`OverloadedError` when busy models leave no room for it
+        within the load timeout, :class:`ModelLoadError` when it cannot fit
+        even alone.
+        """
+        loaded = self._acquire(resolution, parse_keep_alive(keep_alive))
+        try:
+            yield loaded
+        finally:
+            self._release(loaded)
+
+    def use(self, name: str, options: dict[str, Any] | None = None, keep_alive: Any = None,
+            ) -> AbstractContextManager[LoadedModel]:
+        """:meth:`resolve` then :meth:`hold`, for a caller that needs only the loaded model."""
+        return self.hold(self.resolve(name, options), keep_alive)
 
     def unload(self, name: str) -> bool:
         """Unload ``name`` as soon as it is idle; True if it was loaded."""
@@ -297,9 +250,8 @@ class ModelManager:
         except (ModelNotFoundError, BadRequestError):
             return name
 
-    def _acquire(self, name: str, request_options: dict[str, Any], keep_alive: float) -> LoadedModel:
-        record = self.record(name)
-        load_options = LoadOptions.from_options(self.options_for(record, request_options))
+    def _acquire(self, resolution: Resolution, keep_alive: float) -> LoadedModel:
+        record, load_options = resolution.record, resolution.load_options
         with self._lock:
             loaded = self._take(record, load_options, keep_alive)
         if loaded is not None:
@@ -450,7 +402,7 @@ class ModelManager:
 
 def estimate_record(record: ModelRecord, load_options: LoadOptions) -> Estimate:
     """The memory ``record``'s GGUF (all its parts) takes with ``load_options``."""
-    first, *rest = (gguf.read_gguf(path) for path in record.model_paths)
+    first, *rest = record.headers()
     return memory.estimate(first, load_options, parts=rest)
 
 

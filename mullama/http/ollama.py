@@ -19,7 +19,7 @@ from typing import Any
 
 from mullama import __version__, service
 from mullama.engine.model import quantize
-from mullama.engine.residency import ModelRecord, find_model, parse_keep_alive
+from mullama.engine.residency import parse_keep_alive
 from mullama.engine.sampling import TokenLogprob, check_top_logprobs
 from mullama.errors import BadRequestError, MullamaError, NotFoundError
 from mullama.http.common import (
@@ -47,6 +47,7 @@ from mullama.store import gguf
 from mullama.store.blobs import MEDIA_TYPES, Layer, Manifest
 from mullama.store.modelfile import Modelfile
 from mullama.store.modelfile import render as render_modelfile
+from mullama.store.records import ModelRecord, find_model
 from mullama.store.names import ModelName, canonical_digest
 from mullama.store.pull import pull
 from mullama.types import ChatRequest, GenerateRequest, Message, ToolCall
@@ -347,7 +348,7 @@ def embeddings_legacy(request: Request) -> None:
 
 def _details(record: ModelRecord) -> dict[str, Any]:
     try:
-        info = gguf.read_gguf(record.model_path)
+        info = record.info
     except (MullamaError, OSError):
         return {"parent_model": "", "format": "gguf", "family": "", "families": None,
                 "parameter_size": "", "quantization_level": ""}
@@ -426,7 +427,7 @@ def show(request: Request) -> None:
     name = model_name(body, "name")
     manager = request.handler.app.manager
     record = find_model(manager.store, name)
-    info = gguf.read_gguf(record.model_path)
+    info = record.info
     template = record.template if record.template is not None else (info.chat_template or "")
     modelfile = Modelfile(from_=str(record.model_path), parameters=dict(record.parameters), template=template,
                           system=record.system, adapters=[str(a) for a in record.adapters],

@@ -2,6 +2,7 @@
 
 Nothing here loads a model: this layer only knows files. ``names`` parses
 what a user types, ``registry`` maps it to Hugging Face files, ``pull``
-fetches them, ``blobs`` keeps them content-addressed in Ollama's layout, and
-``gguf`` validates a file before llama.cpp ever opens it.
+fetches them, ``blobs`` keeps them content-addressed in Ollama's layout (with
+an index of the manifests in memory), ``records`` says what one model is
+made of, and ``gguf`` validates a file before llama.cpp ever opens it.
 """

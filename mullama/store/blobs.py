@@ -12,6 +12,12 @@ it: the layer keeps its digest and size, and its ``from`` field holds the
 file's absolute path. Ollama uses ``from`` for the model a layer came from;
 Mullama gives it this meaning only when the value is an absolute path and no
 blob with the layer's digest is present.
+
+A :class:`Store` keeps an index of its manifests in memory, so that a
+request reads no manifest it has read before: an entry is trusted while a
+stat of its file says it is unchanged, and the whole tree is walked again
+only to list the models or to find a name the index lacks. Another process
+may write the store at any time; what it wrote is seen at the next stat.
 """
 
 from __future__ import annotations
@@ -22,16 +28,22 @@ import hashlib
 import json
 import os
 import tempfile
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from mullama import config
 from mullama.errors import BadRequestError, InvalidModelFileError, ModelNotFoundError, NotFoundError
+from mullama.store import gguf
 from mullama.store.names import ModelName, blob_path, canonical_digest, parse_digest
 from mullama.store.pypi import sha256_file
+
+if TYPE_CHECKING:
+    from mullama.store.records import ModelRecord
 
 MANIFEST_MEDIA_TYPE = "application/vnd.docker.distribution.manifest.v2+json"
 CONFIG_MEDIA_TYPE = "application/vnd.docker.container.image.v1+json"
@@ -39,6 +51,12 @@ MEDIA_TYPES = {kind: f"application/vnd.ollama.image.{kind}" for kind in (
     "model", "adapter", "projector", "template", "system", "params", "messages", "license")}
 
 _CHUNK = 1 << 20
+#: How long after a file changed a stat may miss a further change: a change within the same tick of the
+#: file system's clock (up to 2 s on some) can leave size and time as they were. Until then the bytes are
+#: compared too.
+RACY_NS = 3_000_000_000
+#: GGUF headers kept per store; a header of a large model takes a few hundred kilobytes.
+_HEADER_CACHE = 256
 # Linux's FICLONE ioctl: a copy-on-write clone on btrfs, XFS and similar.
 _FICLONE = 0x40049409
 
@@ -127,11 +145,62 @@ class ModelEntry:
     modified: float
 
 
+#: What a stat says of a file's version: inode, size, modification time.
+FileStamp = tuple[int, int, int]
+
+
+def file_stamp(stat: os.stat_result) -> FileStamp:
+    """The version of a file as a stat tells it (a rename-in gives a new inode; a write, a new size or time)."""
+    return (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+
+
+def is_racy(mtime_ns: int, checked_ns: int) -> bool:
+    """Whether a change after ``checked_ns`` could leave a file last modified at ``mtime_ns`` with the same stat.
+
+    See :data:`RACY_NS`; until then a reader must compare the bytes.
+    """
+    return checked_ns - mtime_ns < RACY_NS
+
+
+@dataclass(eq=False)
+class IndexedManifest:
+    """One manifest file as the index knows it: parsed and hashed once per version of the file."""
+
+    name: ModelName
+    path: Path
+    manifest: Manifest
+    entry: ModelEntry
+    stamp: FileStamp
+    #: When the bytes were last read; a stat is trusted once that is well after the file's last change.
+    checked_ns: int
+    #: The record built from this version of the manifest (by :mod:`mullama.store.records`), once built.
+    record: ModelRecord | None = field(default=None, repr=False)
+
+    @property
+    def trusted(self) -> bool:
+        """Whether a stat alone tells that the file is unchanged."""
+        return not is_racy(self.stamp[2], self.checked_ns)
+
+
 class Store:
-    """A model store rooted at ``root`` (default :func:`config.models_dir`)."""
+    """A model store rooted at ``root`` (default :func:`config.models_dir`).
+
+    One object serves many threads: its index and header cache are guarded
+    by a lock. Its own writes are atomic renames; other writers, other
+    processes or a hand, are noticed by the stat of what they changed.
+    """
 
     def __init__(self, root: Path | str | None = None) -> None:
         self.root = Path(root) if root is not None else config.models_dir()
+        self._lock = threading.Lock()
+        #: Manifest file (its path as text) to its entry: every valid manifest, as of the last scan or write.
+        self._by_path: dict[str, IndexedManifest] = {}
+        #: The same entries by name, and by the case-insensitive key of their name.
+        self._by_name: dict[ModelName, IndexedManifest] = {}
+        self._by_key: dict[tuple[str, str, str, str], IndexedManifest] = {}
+        #: Manifest files that are not valid manifests, by the version that was read.
+        self._invalid: dict[str, FileStamp] = {}
+        self._headers: OrderedDict[Path, tuple[FileStamp, gguf.GGUFInfo]] = OrderedDict()
 
     @property
     def partial_dir(self) -> Path:
@@ -227,34 +296,66 @@ class Store:
         """Write (or replace) a model's manifest; every blob it names must already be present."""
         for layer in (manifest.config, *manifest.layers):
             self.layer_path(layer)
-        existing = self._find_manifest(name)
-        target = existing if existing is not None else name.manifest_path(self.root)
+        existing = self.lookup(name)
+        target = existing.path if existing is not None else name.manifest_path(self.root)
         data = manifest.to_bytes()
+        checked = time.time_ns()
         _atomic_write(target, lambda out: out.write(data))
+        with self._lock, contextlib.suppress(OSError):
+            indexed = _parse(existing.name if existing is not None else name, target, data, os.stat(target),
+                             checked)
+            if indexed is not None:
+                self._put(indexed)
 
     def read_manifest(self, name: ModelName) -> Manifest:
         """The manifest of ``name`` (matched case-insensitively), or :class:`ModelNotFoundError`."""
-        path = self._find_manifest(name)
-        if path is None:
+        found = self.lookup(name)
+        if found is None:
             raise ModelNotFoundError(name.display)
-        return Manifest.from_bytes(path.read_bytes())
+        return found.manifest
 
     def has_model(self, name: ModelName) -> bool:
         """Whether a manifest exists for ``name``."""
-        return self._find_manifest(name) is not None
+        return self.lookup(name) is not None
 
     def list_models(self) -> list[ModelEntry]:
         """Every readable model in the store, sorted by name."""
-        entries = []
-        for name, path in self._manifest_files():
-            try:
-                data = path.read_bytes()
-                manifest = Manifest.from_bytes(data)
-                modified = path.stat().st_mtime
-            except (OSError, InvalidModelFileError):
-                continue
-            entries.append(ModelEntry(name, hashlib.sha256(data).hexdigest(), manifest.size, modified))
+        with self._lock:
+            self._scan()
+            entries = [indexed.entry for indexed in self._by_path.values()]
         return sorted(entries, key=lambda entry: entry.name.display)
+
+    def lookup(self, name: ModelName) -> IndexedManifest | None:
+        """The index's entry for ``name`` (matched case-insensitively), checked against its file; None if absent.
+
+        A known, unchanged manifest costs one stat; the tree is walked only
+        when the name is unknown or its file changed.
+        """
+        with self._lock:
+            found = self._by_name.get(name) or self._by_key.get(name.key)
+            if found is not None and self._current(found):
+                return found
+            self._scan()
+            return self._by_name.get(name) or self._by_key.get(name.key)
+
+    def gguf_info(self, path: Path) -> gguf.GGUFInfo:
+        """The header of the GGUF at ``path``, read once per version of the file (see :func:`gguf.read_gguf`)."""
+        try:
+            stamp = file_stamp(os.stat(path))
+        except OSError:
+            return gguf.read_gguf(path)  # raises the validator's error for a missing file
+        with self._lock:
+            cached = self._headers.get(path)
+            if cached is not None and cached[0] == stamp:
+                self._headers.move_to_end(path)
+                return cached[1]
+        info = gguf.read_gguf(path)
+        with self._lock:
+            self._headers[path] = (stamp, info)
+            self._headers.move_to_end(path)
+            while len(self._headers) > _HEADER_CACHE:
+                self._headers.popitem(last=False)
+        return info
 
     def copy(self, src: ModelName, dst: ModelName) -> None:
         """Give the model ``src`` a second name; blobs are shared, not copied."""
@@ -262,42 +363,116 @@ class Store:
 
     def delete(self, name: ModelName) -> None:
         """Remove a model, and the blobs no other manifest uses."""
-        path = self._find_manifest(name)
-        if path is None:
+        found = self.lookup(name)
+        if found is None:
             raise ModelNotFoundError(name.display)
-        manifest = Manifest.from_bytes(path.read_bytes())
-        path.unlink()
-        _prune_empty_dirs(path.parent, self.root / "manifests")
-        in_use: set[str] = set()
-        for _, other in self._manifest_files():
-            with contextlib.suppress(OSError, InvalidModelFileError):
-                in_use |= Manifest.from_bytes(other.read_bytes()).digests()
-        for digest in manifest.digests() - in_use:
+        with contextlib.suppress(FileNotFoundError):
+            found.path.unlink()
+        _prune_empty_dirs(found.path.parent, self.root / "manifests")
+        with self._lock:
+            self._scan()
+            in_use = set().union(*(indexed.manifest.digests() for indexed in self._by_path.values()))
+        for digest in found.manifest.digests() - in_use:
             with contextlib.suppress(FileNotFoundError):
                 self.blob_path(digest).unlink()
 
-    def _find_manifest(self, name: ModelName) -> Path | None:
-        exact = name.manifest_path(self.root)
-        if exact.is_file():
-            return exact
-        # Names match case-insensitively, as in Ollama, while the file keeps
-        # the case it was first written with.
-        for other, path in self._manifest_files():
-            if other.key == name.key:
-                return path
-        return None
+    # --- the index (called with the lock held) -------------------------------
 
-    def _manifest_files(self) -> Iterator[tuple[ModelName, Path]]:
-        base = self.root / "manifests"
-        for path in base.glob("*/*/*/*"):
-            if not path.is_file():
+    def _current(self, indexed: IndexedManifest) -> bool:
+        """Whether ``indexed`` still is what its file holds; re-reads the bytes only while a stat cannot tell."""
+        try:
+            stat = os.stat(indexed.path)
+        except OSError:
+            return False
+        if file_stamp(stat) != indexed.stamp:
+            return False
+        if indexed.trusted:
+            return True
+        return self._reread(indexed) is indexed
+
+    def _scan(self) -> None:
+        """Bring the index up to date with the manifests on disk, reading only files that changed."""
+        previous, invalid = self._by_path, self._invalid
+        self._by_path, self._by_name, self._by_key, self._invalid = {}, {}, {}, {}
+        # Sorted, so that of two names differing only in case the same one always wins.
+        for path, parts, stat in sorted(self._manifest_stats(), reverse=True):
+            stamp = file_stamp(stat)
+            known = previous.get(path)
+            if known is not None and stamp == known.stamp:
+                indexed = known if known.trusted else self._reread(known)
+            elif invalid.get(path) == stamp:
+                self._invalid[path] = stamp
                 continue
-            host, namespace, model, tag = path.relative_to(base).parts
+            else:
+                name = known.name if known is not None else _name_of(parts)
+                indexed = self._read(Path(path), name) if name is not None else None
+            if indexed is not None:
+                self._put(indexed)
+
+    def _put(self, indexed: IndexedManifest) -> None:
+        self._by_path[str(indexed.path)] = indexed
+        self._by_name[indexed.name] = indexed
+        self._by_key[indexed.name.key] = indexed
+
+    def _reread(self, indexed: IndexedManifest) -> IndexedManifest | None:
+        """``indexed`` itself (its record kept) when the file's bytes are unchanged, else a new entry."""
+        fresh = self._read(indexed.path, indexed.name)
+        if fresh is not None and fresh.entry.digest == indexed.entry.digest:
+            indexed.stamp, indexed.checked_ns = fresh.stamp, fresh.checked_ns
+            return indexed
+        return fresh
+
+    def _read(self, path: Path, name: ModelName) -> IndexedManifest | None:
+        """Read, parse and hash one manifest file; None (remembered) when it is not a valid manifest."""
+        checked = time.time_ns()
+        try:
+            with open(path, "rb") as file:
+                data = file.read()
+                stat = os.fstat(file.fileno())
+        except OSError:
+            return None
+        indexed = _parse(name, path, data, stat, checked)
+        if indexed is None:
+            self._invalid[str(path)] = file_stamp(stat)
+        return indexed
+
+    def _manifest_stats(self) -> Iterator[tuple[str, tuple[str, ...], os.stat_result]]:
+        """Every file four levels below ``manifests/`` (host/namespace/model/tag): path, those four parts, stat."""
+        def walk(directory: str, parts: tuple[str, ...]) -> Iterator[tuple[str, tuple[str, ...], os.stat_result]]:
             try:
-                name = ModelName.parse(f"{host}/{namespace}/{model}:{tag}")
-            except BadRequestError:
-                continue  # temporary files and strays never parse as names
-            yield name, path
+                with os.scandir(directory) as listing:
+                    children = list(listing)
+            except OSError:
+                return
+            for child in children:
+                try:
+                    if len(parts) < 3 and child.is_dir():
+                        yield from walk(child.path, (*parts, child.name))
+                    elif len(parts) == 3 and child.is_file():
+                        yield child.path, (*parts, child.name), child.stat()
+                except OSError:
+                    continue  # removed meanwhile
+
+        yield from walk(str(self.root / "manifests"), ())
+
+
+def _name_of(parts: tuple[str, ...]) -> ModelName | None:
+    """The name a manifest file's host/namespace/model/tag path gives; None for a stray file."""
+    host, namespace, model, tag = parts
+    try:
+        return ModelName.parse(f"{host}/{namespace}/{model}:{tag}")
+    except BadRequestError:
+        return None  # temporary files and strays never parse as names
+
+
+def _parse(name: ModelName, path: Path, data: bytes, stat: os.stat_result, checked: int) -> IndexedManifest | None:
+    """An index entry for the manifest ``data`` read from ``path`` (at ``checked``, with ``stat``); None if invalid."""
+    try:
+        manifest = Manifest.from_bytes(data)
+    except InvalidModelFileError:
+        return None
+    entry = ModelEntry(name, hashlib.sha256(data).hexdigest(), manifest.size, stat.st_mtime)
+    return IndexedManifest(name, path, manifest, entry, file_stamp(stat), checked)
 
 
 def _check_digest(path: Path, digest: str, expected: str | None) -> None:

@@ -15,6 +15,7 @@ and merges) are walked to validate their lengths but are kept only when
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import struct
@@ -179,9 +180,9 @@ class GGUFInfo:
         """``tokenizer.chat_template``, the Jinja chat template shipped with the model."""
         return self._str("tokenizer.chat_template")
 
-    @property
+    @functools.cached_property
     def parameter_count(self) -> int:
-        """Total number of weights across all tensors."""
+        """Total number of weights across all tensors (counted once: a store shares one header between uses)."""
         return sum(t.n_elements for t in self.tensors)
 
     @property

@@ -22,18 +22,23 @@ chosen when it is pulled; a path ending in ``.gguf`` names a local file.
 from __future__ import annotations
 
 import difflib
+import functools
 import json
 import os
 import re
-from dataclasses import dataclass
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
+from stat import S_ISREG
+from types import MappingProxyType
 from typing import Any
 
 from mullama import config
 from mullama.errors import BadRequestError, NotFoundError
+from mullama.store.blobs import MEDIA_TYPES, FileStamp, file_stamp, is_racy
 from mullama.store.names import DEFAULT_TAG, ModelName, parse_digest
-from mullama.store.blobs import MEDIA_TYPES
 
 HF_HOST = "hf.co"
 _HF_PREFIXES = ("hf:", "hf.co/", "huggingface.co/", "https://huggingface.co/", "https://hf.co/")
@@ -116,6 +121,19 @@ class Resolved:
 
 def resolve(text: str) -> Resolved:
     """Describe what ``text`` refers to; raise :class:`BadRequestError` when it is malformed."""
+    located = locate(text)
+    if located.path is not None or located.hub_repo is not None:
+        return located
+    entry = _lookup(located.name, load_aliases())
+    return located if entry is None else replace(located, files=entry)
+
+
+def locate(text: str) -> Resolved:
+    """What ``text`` names, without the alias registry: a local file, a Hub repository, or a store name.
+
+    This is all a request to a stored model needs, so serving one never
+    reads the registry.
+    """
     if not isinstance(text, str) or not text.strip():
         raise BadRequestError("a model name is required", param="model")
     text = text.strip()
@@ -136,18 +154,39 @@ def resolve(text: str) -> Resolved:
     name = ModelName.parse(text)
     if name.host.casefold() in ("hf.co", "huggingface.co"):
         return _resolve_hub(text, f"{name.namespace}/{name.model}:{name.tag}")
-    entry = _lookup(name, load_aliases())
-    if entry is None:
-        return Resolved(name=name)
-    return Resolved(name=name, files=entry)
+    return Resolved(name=name)
 
 
-def load_aliases() -> dict[str, Any]:
-    """The packaged registry merged with the user's (``MULLAMA_ALIASES`` or ``data_dir()/aliases.json``)."""
-    packaged = json.loads(resources.files("mullama").joinpath("data/aliases.json").read_text("utf-8"))
-    merged = {"aliases": dict(packaged["aliases"]), "models": dict(packaged["models"])}
+def load_aliases() -> Mapping[str, Mapping[str, Any]]:
+    """The packaged registry merged with the user's (``MULLAMA_ALIASES`` or ``data_dir()/aliases.json``).
+
+    The result is read-only and shared: the files are parsed again only when
+    the user's file changes (by its stat; see :data:`blobs.RACY_NS`).
+    """
     user_file = Path(os.environ.get("MULLAMA_ALIASES") or config.data_dir() / "aliases.json").expanduser()
-    if user_file.is_file():
+    try:
+        stat = user_file.stat()
+    except OSError:
+        return _merged_aliases(user_file, None)
+    if not S_ISREG(stat.st_mode):
+        return _merged_aliases(user_file, None)
+    if is_racy(stat.st_mtime_ns, time.time_ns()):
+        # Changed a moment ago: a further change might not show in its stat, so this read is not kept.
+        return _merged_aliases.__wrapped__(user_file, file_stamp(stat))
+    return _merged_aliases(user_file, file_stamp(stat))
+
+
+@functools.lru_cache(maxsize=1)
+def _packaged_aliases() -> dict[str, Any]:
+    return json.loads(resources.files("mullama").joinpath("data/aliases.json").read_text("utf-8"))
+
+
+@functools.lru_cache(maxsize=4)
+def _merged_aliases(user_file: Path, stamp: FileStamp | None) -> Mapping[str, Mapping[str, Any]]:
+    """The registry with ``user_file`` (at version ``stamp``; None when there is none) over the packaged one."""
+    packaged = _packaged_aliases()
+    merged = {"aliases": dict(packaged["aliases"]), "models": dict(packaged["models"])}
+    if stamp is not None:
         try:
             user = json.loads(user_file.read_text("utf-8"))
         except (OSError, ValueError, RecursionError) as exc:
@@ -159,16 +198,15 @@ def load_aliases() -> dict[str, Any]:
             if not isinstance(value, dict):
                 raise BadRequestError(f"{user_file}: {section!r} must be an object")
             merged[section].update({_key_text(key): item for key, item in value.items()})
-    merged["aliases"] = {_key_text(key): value for key, value in merged["aliases"].items()}
-    merged["models"] = {_key_text(key): value for key, value in merged["models"].items()}
-    return merged
+    return MappingProxyType({section: MappingProxyType({_key_text(key): value for key, value in table.items()})
+                             for section, table in merged.items()})
 
 
 def _key_text(text: str) -> str:
     return ModelName.parse(text).display.casefold()
 
 
-def _lookup(name: ModelName, registry: dict[str, Any]) -> tuple[FileSpec, ...] | None:
+def _lookup(name: ModelName, registry: Mapping[str, Mapping[str, Any]]) -> tuple[FileSpec, ...] | None:
     key = _target(name.display.casefold(), registry)
     entry = registry["models"].get(key)
     if entry is not None:
@@ -176,7 +214,7 @@ def _lookup(name: ModelName, registry: dict[str, Any]) -> tuple[FileSpec, ...] |
     return next((files for _, _, files in _quant_tag_matches(key, registry) if files), None)
 
 
-def _target(key: str, registry: dict[str, Any]) -> str:
+def _target(key: str, registry: Mapping[str, Mapping[str, Any]]) -> str:
     """Where ``key`` leads through the aliases (a cycle stops where it closes)."""
     seen = set()
     while key in registry["aliases"] and key not in seen:
@@ -185,7 +223,7 @@ def _target(key: str, registry: dict[str, Any]) -> str:
     return key
 
 
-def _quant_tag_matches(key: str, registry: dict[str, Any]) -> list[tuple[str, str, tuple[FileSpec, ...] | None]]:
+def _quant_tag_matches(key: str, registry: Mapping[str, Mapping[str, Any]]) -> list[tuple[str, str, tuple[FileSpec, ...] | None]]:
     """Each entry ``<model>:<size>`` that ``key`` (``<model>:<size>[-<variant>]-<quant>``) names a quantization of.
 
     Returns (entry key, quantization asked for, files): files are the entry's
@@ -346,7 +384,7 @@ def missing_model_message(name: ModelName) -> str:
             f" as hf:owner/repo[:QUANT|:file.gguf], for example {_hub_example(suggestions, registry)}")
 
 
-def _hub_example(names: list[str], registry: dict[str, Any]) -> str:
+def _hub_example(names: list[str], registry: Mapping[str, Mapping[str, Any]]) -> str:
     """The ``hf:`` reference of the first of ``names`` the catalogue takes from the Hub, else a generic one."""
     for known in names:
         entry = registry["models"].get(_target(known, registry))
