@@ -23,6 +23,7 @@ from mullama.prompt.harmony import (
     parse_header,
     reasoning_level,
     render_harmony,
+    renamed_tools,
     resume_point,
 )
 from mullama.prompt.jinja import render_jinja
@@ -404,3 +405,11 @@ def test_detect_format_leaves_other_models_alone():
 def test_the_generic_tool_call_parser_refuses_harmony():
     with pytest.raises(ValueError, match="HarmonyParser"):
         ToolCallParser(ToolFormat("harmony"), TOOLS)
+
+
+def test_renamed_tools_are_what_a_modelfile_template_is_given():
+    tools = [Tool("get-weather", "w"), Tool("python"), Tool("get weather")]
+    assert [tool.name for tool in renamed_tools(tools)] == ["get_weather", "python", "get_weather_2"]
+    assert [tool.description for tool in renamed_tools(tools)] == ["w", "", ""]
+    assert tools[0].name == "get-weather"
+    assert renamed_tools(None) == []

@@ -86,6 +86,12 @@ class FunctionNames:
         return self._to_user.get(harmony_name, harmony_name)
 
 
+def renamed_tools(tools: Sequence[Tool] | None) -> list[Tool]:
+    """``tools`` with the names the prompt shows them by, for a Modelfile TEMPLATE to render (as Ollama passes them)."""
+    names = FunctionNames([tool.name for tool in tools or ()])
+    return [dataclasses.replace(tool, name=name) for tool, name in zip(tools or (), names.converted)]
+
+
 def _identifier(name: str) -> str:
     """``name`` as a TypeScript identifier: spaces, ``-`` and ``.`` become ``_``, other non-word characters go."""
     kept = []
@@ -188,8 +194,7 @@ def render_harmony(
     message with content (or only thinking) is left open, to be continued.
     """
     system, turns = collate(messages)
-    names = FunctionNames([tool.name for tool in tools or ()])
-    renamed = [dataclasses.replace(tool, name=name) for tool, name in zip(tools or (), names.converted)]
+    renamed = renamed_tools(tools)
     functions = [tool for tool in renamed if tool.name not in BUILTIN_TOOLS]
     out = [START, "system", MESSAGE, _IDENTITY, (today or datetime.date.today()).isoformat()]
     level = reasoning_level(think, think_level)
