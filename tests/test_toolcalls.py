@@ -369,6 +369,7 @@ LLAMA_CPP_TEMPLATES = {
     "ByteDance-Seed-OSS.jinja": "generic",
     "Apriel-1.6-15b-Thinker-fixed.jinja": "generic",
     "google-gemma-2-2b-it.jinja": "json",
+    "openai-gpt-oss-120b.jinja": "harmony",
 }
 
 

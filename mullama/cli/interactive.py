@@ -1,11 +1,19 @@
-"""The ``>>>`` session of ``mullama run``: multi-line blocks, ``/set``, ``/show``, ``/load``, ``/save``, chat turns."""
+"""The ``>>>`` session of ``mullama run``: multi-line blocks, ``/set``, ``/show``, ``/load``, ``/save``, chat turns.
+
+The lines typed are kept in the data directory's ``history`` file, as Ollama
+keeps ``~/.ollama/history``; the model last used is remembered beside it for
+``mullama chat``.
+"""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any, TextIO
 
+from mullama import config
 from mullama.cli.format import go_value, list_table, show_info
 from mullama.cli.generate import RunOptions, chat_turn, load_model
 from mullama.client import APIError, Client
@@ -14,6 +22,99 @@ from mullama.store.names import ModelName
 from mullama.options import parse_parameter
 
 _MULTILINE = '"""'
+#: The lines a history file keeps, as Ollama's.
+HISTORY_LIMIT = 100
+#: What ``mullama chat`` opens when no model was named and none was used before.
+DEFAULT_MODEL = "smollm2:135m"
+
+
+def _go_bool(text: str) -> bool:
+    """An environment flag as Ollama reads it: Go's ``ParseBool``, anything else set counts as true."""
+    value = text.strip().strip("\"'")
+    return bool(value) and value not in ("0", "f", "F", "false", "FALSE", "False")
+
+
+@dataclass
+class History:
+    """The lines typed in the session, saved after each one while enabled (``/set nohistory`` stops it).
+
+    Starts disabled when ``MULLAMA_NOHISTORY`` (or ``OLLAMA_NOHISTORY``) is
+    set; lines typed while it is disabled are never written.
+    """
+
+    path: Path
+    enabled: bool = True
+    lines: list[str] = field(default_factory=list)
+
+    @classmethod
+    def open(cls) -> History:
+        """The data directory's history, with the lines saved so far."""
+        history = cls(config.data_dir() / "history", enabled=not _go_bool(config.env("NOHISTORY") or ""))
+        try:
+            text = history.path.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            text = ""
+        history.lines = [line.strip() for line in text.splitlines() if line.strip()][-HISTORY_LIMIT:]
+        return history
+
+    def add(self, line: str) -> None:
+        """Record one typed line, saving the file when history is on."""
+        if not line.strip() or not self.enabled:
+            return
+        self.lines = (self.lines + [line.strip()])[-HISTORY_LIMIT:]
+        self.save()
+
+    def save(self) -> None:
+        """Write the file whole, replacing the old one at once, readable by its owner only."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        partial = self.path.with_name(self.path.name + ".tmp")
+        descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(descriptor, "w", encoding="utf-8") as file:
+            file.write("".join(line + "\n" for line in self.lines))
+        os.replace(partial, self.path)
+
+    def recording(self, read: Callable[[str], str]) -> Callable[[str], str]:
+        """``read`` that records each line it returns."""
+
+        def read_line(prompt: str) -> str:
+            line = read(prompt)
+            self.add(line)
+            return line
+
+        return read_line
+
+
+def use_readline(history: History) -> None:
+    """Give ``input()`` line editing, with the saved history under the arrow keys (where readline exists)."""
+    try:
+        import readline
+    except ImportError:
+        return
+    readline.clear_history()
+    for line in history.lines:
+        readline.add_history(line)
+
+
+def _last_model_file() -> Path:
+    return config.data_dir() / "last-model"
+
+
+def last_model() -> str:
+    """The model ``run`` or ``chat`` last used, else :data:`DEFAULT_MODEL`."""
+    try:
+        name = _last_model_file().read_text(encoding="utf-8").strip()
+    except OSError:
+        name = ""
+    return name or DEFAULT_MODEL
+
+
+def remember_model(name: str) -> None:
+    """Note ``name`` as the model last used; a data directory that cannot be written is no error."""
+    try:
+        _last_model_file().parent.mkdir(parents=True, exist_ok=True)
+        _last_model_file().write_text(name + "\n", encoding="utf-8")
+    except OSError:
+        pass
 
 
 @dataclass(frozen=True)
@@ -90,6 +191,8 @@ _HELP_SET = """\
 Available Commands:
   /set parameter ...     Set a parameter
   /set system <string>   Set system message
+  /set history           Enable history
+  /set nohistory         Disable history
   /set wordwrap          Enable wordwrap
   /set nowordwrap        Disable wordwrap
   /set format json       Enable JSON mode
@@ -141,15 +244,19 @@ Available keyboard shortcuts:
 class Session:
     """The ``>>>`` loop of ``mullama run``: commands change ``opts``, messages go to ``/api/chat``."""
 
-    def __init__(self, client: Client, opts: RunOptions, out: TextIO, err: TextIO) -> None:
+    def __init__(self, client: Client, opts: RunOptions, out: TextIO, err: TextIO,
+                 history: History | None = None) -> None:
         self.client = client
         self.opts = opts
         self.out = out
         self.err = err
+        self.history = history
         self.think_set = opts.think is not None
 
     def run(self, read: Callable[[str], str]) -> int:
         """Read and handle entries until ``/bye`` or end of input."""
+        if self.history is not None:
+            read = self.history.recording(read)
         while True:
             try:
                 entry = read_entry(read)
@@ -205,7 +312,9 @@ class Session:
         if not what:
             self.err.write(_HELP_SET)
         elif what in ("history", "nohistory"):
-            pass
+            # Silent, as in Ollama.
+            if self.history is not None:
+                self.history.enabled = what == "history"
         elif what in ("wordwrap", "nowordwrap"):
             opts.wordwrap = what == "wordwrap"
             self._say(f"Set '{what}' mode.")
@@ -301,6 +410,7 @@ class Session:
             info = self.client.post("/api/show", {"model": self.opts.model}) or {}
             apply_show(self.opts, info, think_set=self.think_set)
             load_model(self.client, self.opts)
+            remember_model(self.opts.model)
         except APIError as error:
             if error.status != 404 and "not found" not in error.message:
                 raise

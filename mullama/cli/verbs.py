@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
+import struct
 import sys
 from collections.abc import Callable, Iterable
 from datetime import datetime, timezone
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +24,7 @@ from mullama.cli.create import create_request, upload
 from mullama.cli.daemon import connect
 from mullama.cli.format import list_table, ps_table, show_info
 from mullama.cli.generate import RunOptions, generate_once, load_model
-from mullama.cli.interactive import Session, apply_show
+from mullama.cli.interactive import History, Session, apply_show, last_model, remember_model, use_readline
 from mullama.cli.keys import add_keys_verb
 from mullama.cli.stats import add_stats_verb
 from mullama.cli.progress import Progress, follow
@@ -61,6 +64,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         verbose=args.verbose,
         format=_format(args.format),
     )
+    truncate = _go_bool_flag("truncate", args.truncate)
+    dimensions = _go_int_flag("dimensions", args.dimensions)
     prompts = list(args.prompt)
     interactive = not prompts and sys.stdout.isatty()
     if not sys.stdin.isatty():
@@ -76,11 +81,16 @@ def cmd_run(args: argparse.Namespace) -> int:
         if not opts.prompt:
             raise BadRequestError(f'embedding models require input text. Usage: mullama run {opts.model} "your text here"')
         body = {"model": opts.model, "input": opts.prompt} | ({"keep_alive": opts.keep_alive} if opts.keep_alive else {})
+        if truncate is not None:
+            body["truncate"] = truncate
+        if dimensions > 0:
+            body["dimensions"] = dimensions
         embeddings = (client.post("/api/embed", body) or {}).get("embeddings") or []
         if not embeddings:
             raise MullamaError("no embeddings returned")
-        print(json.dumps(embeddings[0], separators=(",", ":")))
+        print(float32_json(embeddings[0]))
         return 0
+    remember_model(opts.model)
     if not interactive:
         generate_once(client, opts, sys.stdout, sys.stderr)
         return 0
@@ -90,11 +100,67 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(f">>> {message.get('content', '')}")
         elif message.get("role") == "assistant":
             print(f"{message.get('content', '')}\n")
+    history = History.open()
+    use_readline(history)
+    return Session(client, opts, sys.stdout, sys.stderr, history).run(input)
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    """The interactive session with a model: the one named, else the one last used, else the default."""
+    args.model = args.model or last_model()
+    args.prompt, args.truncate, args.dimensions = [], None, None
+    return cmd_run(args)
+
+
+def _go_bool_flag(name: str, value: str | None) -> bool | None:
+    """A boolean flag's value as Go's flag package reads it (``None`` when not given)."""
+    if value is None:
+        return None
+    if value in ("1", "t", "T", "TRUE", "true", "True"):
+        return True
+    if value in ("0", "f", "F", "FALSE", "false", "False"):
+        return False
+    raise BadRequestError(f'invalid argument "{value}" for "--{name}" flag: strconv.ParseBool: parsing "{value}": invalid syntax')
+
+
+def _go_int_flag(name: str, value: str | None) -> int:
+    """An integer flag's value as Go's flag package reads it (0 when not given)."""
+    if value is None:
+        return 0
+    if not re.fullmatch(r"[-+]?(0[xX][0-9a-fA-F_]+|0[bB][01_]+|0[oO]?[0-7_]*|[1-9][0-9_]*)", value):
+        raise BadRequestError(f'invalid argument "{value}" for "--{name}" flag: strconv.ParseInt: parsing "{value}": invalid syntax')
+    return int(value, 0)
+
+
+def float32_json(vector: list[float]) -> str:
+    """A vector as Go's ``json.Marshal`` writes a ``[]float32``: the shortest digits that read back the same float32."""
+    return "[" + ",".join(_float32(value) for value in vector) + "]"
+
+
+def _single(value: float) -> float:
+    """``value`` rounded to the nearest float32."""
+    return struct.unpack("<f", struct.pack("<f", value))[0]
+
+
+def _float32(value: float) -> str:
+    single = _single(value)
+    if single == 0:
+        return "-0" if math.copysign(1, single) < 0 else "0"
+    text = next(text for digits in range(9) if _reads_back((text := f"{single:.{digits}e}"), single))
+    mantissa, exponent = text.split("e")
+    shortest = Decimal(f"{mantissa}e{exponent}")
+    # Go compares in float32 too: float32(1e-6) itself is written without an exponent.
+    if abs(single) < _single(1e-6) or abs(single) >= _single(1e21):
+        mantissa = mantissa.rstrip("0").rstrip(".") if "." in mantissa else mantissa
+        return f"{mantissa}e{int(exponent):+03d}".replace("e-0", "e-")
+    return format(shortest, "f")
+
+
+def _reads_back(text: str, single: float) -> bool:
     try:
-        import readline  # noqa: F401  (line editing and history for input())
-    except ImportError:
-        pass
-    return Session(client, opts, sys.stdout, sys.stderr).run(input)
+        return _single(float(text)) == single
+    except OverflowError:  # rounded past float32's largest value
+        return False
 
 
 def _think(value: str | None) -> bool | str | None:
@@ -311,16 +377,18 @@ def build_parser() -> argparse.ArgumentParser:
     for flag in ("license", "modelfile", "parameters", "template", "system"):
         sub.add_argument(f"--{flag}", action="store_true", help=f"show the {flag} of a model")
     sub.add_argument("-v", "--verbose", action="store_true", help="show detailed model information")
-    sub = verb("run", cmd_run, "Run a model", ["chat"])
+    sub = verb("run", cmd_run, "Run a model")
     sub.add_argument("model", metavar="MODEL")
     sub.add_argument("prompt", metavar="PROMPT", nargs="*", default=[])
-    sub.add_argument("--keepalive", help="how long to keep the model loaded (e.g. 5m)")
-    sub.add_argument("--verbose", action="store_true", help="show timings for the response")
-    sub.add_argument("--insecure", action="store_true", help="use an insecure registry")
-    sub.add_argument("--nowordwrap", action="store_true", help="don't wrap words to the next line")
-    sub.add_argument("--format", help="response format (json, or a JSON schema)")
-    sub.add_argument("--think", help="enable thinking: true/false, or high/medium/low")
-    sub.add_argument("--hidethinking", action="store_true", help="hide the thinking output")
+    _session_flags(sub)
+    sub.add_argument("--truncate", metavar="BOOL",
+                     help="for embedding models: truncate inputs exceeding the context length (default: true); "
+                          "--truncate=false to error instead")
+    sub.add_argument("--dimensions", metavar="N",
+                     help="truncate output embeddings to this many dimensions (embedding models only)")
+    sub = verb("chat", cmd_chat, "Chat with a model (by default the one last used, else smollm2:135m)")
+    sub.add_argument("model", metavar="MODEL", nargs="?")
+    _session_flags(sub)
     sub = verb("stop", cmd_stop, "Stop a running model")
     sub.add_argument("model", metavar="MODEL")
     for name, handler, help in (("pull", cmd_pull, "Pull a model from a registry"), ("push", cmd_push, "Push a model to a registry")):
@@ -345,10 +413,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _session_flags(sub: argparse.ArgumentParser) -> None:
+    """The flags ``run`` and ``chat`` share."""
+    sub.add_argument("--keepalive", help="how long to keep the model loaded (e.g. 5m)")
+    sub.add_argument("--verbose", action="store_true", help="show timings for the response")
+    sub.add_argument("--insecure", action="store_true", help="use an insecure registry")
+    sub.add_argument("--nowordwrap", action="store_true", help="don't wrap words to the next line")
+    sub.add_argument("--format", help="response format (json, or a JSON schema)")
+    sub.add_argument("--think", help="enable thinking: true/false, or high/medium/low")
+    sub.add_argument("--hidethinking", action="store_true", help="hide the thinking output")
+
+
+#: Flags that take a value only after ``=``, as Go's boolean flags do.
+_OPTIONAL_VALUE_FLAGS = ("--think", "--truncate")
+
+
 def _normalise_argv(argv: list[str]) -> list[str]:
-    """A bare ``--think`` means ``--think=true``, so it never swallows the prompt that follows."""
+    """A bare ``--think`` or ``--truncate`` means ``=true``, so it never swallows the prompt that follows."""
     end = argv.index("--") if "--" in argv else len(argv)
-    return [("--think=true" if arg == "--think" else arg) for arg in argv[:end]] + argv[end:]
+    return [(arg + "=true" if arg in _OPTIONAL_VALUE_FLAGS else arg) for arg in argv[:end]] + argv[end:]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,5 +3,6 @@
 Standalone libraries with no model in them: Go templates (``gotemplate``,
 Ollama's TEMPLATE), Jinja chat templates (``jinja``, a GGUF's own),
 prompt rendering (``templates``), JSON Schema to grammar (``grammar``),
-tool-call parsing (``toolcalls``) and reasoning split (``thinking``).
+tool-call parsing (``toolcalls``), reasoning split (``thinking``) and gpt-oss's
+harmony format (``harmony``).
 """

@@ -365,7 +365,7 @@ class _ResponseCut:
         return node
 
 
-def _collate(messages: Sequence[Message]) -> tuple[str, list[Message]]:
+def collate(messages: Sequence[Message]) -> tuple[str, list[Message]]:
     """Merge consecutive same-role messages (tool results excepted) and gather the system text."""
     system: list[str] = []
     collated: list[Message] = []
@@ -414,7 +414,7 @@ class _Values:
 
 def _execute(template_text: str, values: _Values) -> str:
     template = parse_template(template_text)
-    system, messages = _collate(values.messages or [])
+    system, messages = collate(values.messages or [])
     if values.prompt and values.suffix:
         return template.execute({"Prompt": values.prompt, "Suffix": values.suffix, "Response": "", **values.thinking()})
     if "messages" in template_vars(template):

@@ -19,6 +19,8 @@ The syntaxes handled::
     functionary  <function=name>{...}</function>
     firefunction functools[{...}, ...]
     json         a bare JSON object or array as the whole output (the fallback)
+    harmony      gpt-oss's channels (analysis, commentary to=functions.NAME, final): not parsed here but by
+                 mullama.prompt.harmony.HarmonyParser, which also splits out the thinking
     generic      JSON or <function=...> tags between an open and a close marker from the template
                  (Seed-OSS <seed:tool_call>, Apriel <tool_calls>, SmolLM2, ...)
 """
@@ -390,10 +392,15 @@ _FORMAT_MARKERS: dict[str, tuple[_Marker, ...]] = {
 
 #: The names of every format :class:`ToolCallParser` knows.
 FORMATS = (*_FORMAT_MARKERS, "generic")
+#: The format of gpt-oss, whose output :class:`mullama.prompt.harmony.HarmonyParser` parses.
+HARMONY = "harmony"
 
 
 def _markers(fmt: ToolFormat) -> tuple[_Marker, ...]:
     """The markers that start a call in ``fmt``."""
+    if fmt.name == HARMONY:
+        raise ValueError("harmony output carries thinking and calls in channels: parse it with "
+                         "mullama.prompt.harmony.HarmonyParser")
     if fmt.name == "generic":
         if not fmt.open:
             raise ValueError("the generic tool-call format needs an open marker")
@@ -540,12 +547,16 @@ class ToolCallParser:
             events.append(TextDelta(text))
 
 
-def detect_format(chat_template: str, model_name: str = "") -> ToolFormat:
+def detect_format(chat_template: str, model_name: str = "", architecture: str = "") -> ToolFormat:
     """Choose the tool-call format from markers in a chat template (Jinja or Go).
 
-    ``model_name`` is a hint used only when the template has no known marker.
+    ``architecture`` (the GGUF's ``general.architecture``) names gpt-oss,
+    whose harmony format is chosen as Ollama chooses it; ``model_name`` is a
+    hint used only when the template has no known marker.
     """
     template = chat_template or ""
+    if architecture.lower() in ("gpt-oss", "gptoss") or ("<|channel|>" in template and "<|message|>" in template):
+        return ToolFormat(HARMONY)
     # Wrappers around a JSON or <function=...> body, read by the generic format.
     for open_tag, close_tag in (("<seed:tool_call>", "</seed:tool_call>"), ("<tool_calls>[", "</tool_calls>")):
         if open_tag in template and close_tag in template:
@@ -565,6 +576,7 @@ def detect_format(chat_template: str, model_name: str = "") -> ToolFormat:
         if matched:
             return ToolFormat(name)
     hints = [
+        ("gpt-oss", HARMONY),
         ("deepseek", "deepseek"),
         ("mistral", "mistral"),
         ("granite", "granite"),
