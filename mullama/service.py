@@ -27,7 +27,8 @@ from mullama.prompt.templates import render_chat, render_generate
 from mullama.store.records import ModelRecord
 from mullama.engine.sampling import TokenLogprob
 from mullama.prompt.thinking import ThinkingSplitter, prompt_opens_thinking
-from mullama.prompt.toolcalls import TextDelta, ToolCallEvent, ToolCallParser, ToolFormat, detect_format
+from mullama.prompt.harmony import HarmonyParser, ThinkingDelta, render_harmony, renamed_tools
+from mullama.prompt.toolcalls import HARMONY, TextDelta, ToolCallEvent, ToolCallParser, ToolFormat, detect_format
 from mullama.types import ChatRequest, GenerateRequest, Message, Tool, ToolCall
 
 log = logging.getLogger("mullama.service")
@@ -77,7 +78,7 @@ class Reply:
     """
 
     def __init__(self, model_name: str, stack: ExitStack, request: Any, splitter: ThinkingSplitter | None,
-                 parser: ToolCallParser | None, started: int, load_duration: int, prompt_tokens: int) -> None:
+                 parser: ToolCallParser | HarmonyParser | None, started: int, load_duration: int, prompt_tokens: int) -> None:
         self.model_name = model_name
         self._stack = stack
         self._request = request
@@ -162,7 +163,10 @@ class Reply:
             return
         events = self._parser.feed(text) if not final else self._parser.finish()
         for event in events:
-            if isinstance(event, TextDelta) and event.text:
+            if isinstance(event, ThinkingDelta) and event.text:
+                message.thinking += event.text
+                yield Delta(thinking=event.text)
+            elif isinstance(event, TextDelta) and event.text:
                 message.content += event.text
                 yield Delta(content=event.text)
             elif isinstance(event, ToolCallEvent):
@@ -231,8 +235,13 @@ def render_prompt(record: ModelRecord, model: Model, messages: list[Message], to
                   think: bool | None) -> str:
     """The exact prompt text: the Modelfile TEMPLATE, else the GGUF's own Jinja template."""
     messages = _with_defaults(record, messages)
+    harmony = tool_format(record, model).name == HARMONY
     if record.template is not None:
-        return render_chat(record.template, messages, tools or None, think=think)
+        # Ollama gives a harmony template its tools under TypeScript-safe names.
+        return render_chat(record.template, messages, (renamed_tools(tools) if harmony else tools) or None,
+                           think=think)
+    if harmony:
+        return render_harmony(messages, tools, think=think)
     template = model.chat_template
     if template is None or "tools" not in template and (tools or any(m.tool_calls or m.role == "tool"
                                                                      for m in messages)):
@@ -254,7 +263,8 @@ def tokenize_prompt(model: Model, prompt: str) -> list[int]:
 
 def tool_format(record: ModelRecord, model: Model) -> ToolFormat:
     """The model's tool-call syntax; Hermes when its template has none (tools are then described Hermes-style)."""
-    found = detect_format((record.template or "") + (model.chat_template or ""), record.name)
+    found = detect_format((record.template or "") + (model.chat_template or ""), record.name,
+                          model.info.architecture or "")
     return DEFAULT_TOOL_FORMAT if found.name == "json" else found
 
 
@@ -320,9 +330,14 @@ def chat(manager: ModelManager, req: ChatRequest) -> Reply:
                                           truncate=req.truncate, logprobs=req.logprobs,
                                           top_logprobs=req.top_logprobs)
         splitter = None
-        if _thinking_enabled(record, model, think) and not grammar:
-            splitter = ThinkingSplitter(starts_inside=prompt_opens_thinking(prompt))
-        parser = ToolCallParser(calls, tools) if tools else None
+        parser: ToolCallParser | HarmonyParser | None = None
+        if calls.name == HARMONY:
+            # Channels carry the thinking, the answer and the calls alike.
+            parser = HarmonyParser(tools, prompt)
+        else:
+            if _thinking_enabled(record, model, think) and not grammar:
+                splitter = ThinkingSplitter(starts_inside=prompt_opens_thinking(prompt))
+            parser = ToolCallParser(calls, tools) if tools else None
         return Reply(record.name, stack, request, splitter, parser, started, load_duration, len(tokens))
     except BaseException:
         stack.close()
@@ -355,10 +370,12 @@ def generate(manager: ModelManager, req: GenerateRequest) -> Reply:
         request = loaded.batcher.submit(tokens, resolution.options, grammar=grammar,
                                           truncate=req.truncate, logprobs=req.logprobs,
                                           top_logprobs=req.top_logprobs)
-        splitter = None
-        if not req.raw and _thinking_enabled(record, model, think) and not grammar:
+        splitter, parser = None, None
+        if not req.raw and tool_format(record, model).name == HARMONY:
+            parser = HarmonyParser([], prompt)
+        elif not req.raw and _thinking_enabled(record, model, think) and not grammar:
             splitter = ThinkingSplitter(starts_inside=prompt_opens_thinking(prompt))
-        return Reply(record.name, stack, request, splitter, None, started, load_duration, len(tokens))
+        return Reply(record.name, stack, request, splitter, parser, started, load_duration, len(tokens))
     except BaseException:
         stack.close()
         raise

@@ -21,7 +21,7 @@ def model(model_path):
 
 
 def record(model_path, **fields) -> ModelRecord:
-    return ModelRecord(name="smol", digest="", model_path=model_path, **fields)
+    return ModelRecord(**{"name": "smol", "digest": "", "model_path": model_path, **fields})
 
 
 def test_gguf_template_renders_with_modelfile_system(model, model_path):
@@ -69,3 +69,50 @@ def test_images_are_refused_not_dropped(model_path):
     with pytest.raises(BadRequestError, match="no vision projector"):
         service._check_images(record(model_path), True)
     service._check_images(record(model_path), False)
+
+
+# --- gpt-oss (harmony) through the service --------------------------------------
+
+
+class RecordedRequest:
+    """A finished generation that wrote ``text``: the part of a batcher request a :class:`service.Reply` reads."""
+
+    truncated = 0
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.result = mullama.Completion(done_reason="stop")
+
+    def pieces(self):
+        # Three characters at a time: markers arrive split, as tokens split them.
+        for start in range(0, len(self.text), 3):
+            yield self.text[start:start + 3], []
+
+    def cancel(self) -> None:
+        pass
+
+
+def test_a_gpt_oss_model_gets_the_harmony_prompt(model, model_path):
+    prompt = service.render_prompt(record(model_path, name="gpt-oss-tiny"), model,
+                                   [Message(role="user", content="Weather in Paris?")], [WEATHER], None)
+    assert prompt.startswith("<|start|>system<|message|>")
+    assert "namespace functions" in prompt and "type get_weather = " in prompt
+    assert prompt.endswith("<|start|>user<|message|>Weather in Paris?<|end|><|start|>assistant")
+
+
+def test_harmony_output_becomes_thinking_content_and_calls(model, model_path):
+    import json
+    from contextlib import ExitStack
+    from pathlib import Path
+
+    recorded = json.loads((Path(__file__).parent / "data" / "harmony" / "thinking-tool-call.json").read_text())
+    fmt = service.tool_format(record(model_path, name="gpt-oss-tiny"), model)
+    assert fmt.name == "harmony"
+    parser = service.HarmonyParser([Tool(name="get_current_weather")], "")
+    reply = service.Reply("gpt-oss-tiny", ExitStack(), RecordedRequest(recorded["output"]), None, parser, 0, 0, 1)
+    deltas = list(reply)
+    message = reply.result.message
+    assert message.thinking == recorded["expected_thinking"] == "".join(d.thinking for d in deltas)
+    assert message.content == recorded["expected_content"]
+    assert [(c.name, c.arguments) for c in message.tool_calls] == \
+        [(c["name"], c["arguments"]) for c in recorded["expected_calls"]]
