@@ -23,6 +23,7 @@ from mullama.prompt.jinja import render_jinja
 from mullama.engine.model import Completion, Model, Timings
 from mullama.errors import BadRequestError
 from mullama.engine.residency import LoadedModel, ModelManager, ModelRecord
+from mullama.ops.operations import RequestContext
 from mullama.prompt.templates import render_chat, render_generate
 from mullama.engine.sampling import TokenLogprob
 from mullama.prompt.thinking import ThinkingSplitter, prompt_opens_thinking
@@ -76,8 +77,10 @@ class Reply:
     """
 
     def __init__(self, model_name: str, stack: ExitStack, request: Any, splitter: ThinkingSplitter | None,
-                 parser: ToolCallParser | None, started: int, load_duration: int, prompt_tokens: int) -> None:
+                 parser: ToolCallParser | None, started: int, load_duration: int, prompt_tokens: int,
+                 context: RequestContext | None = None) -> None:
         self.model_name = model_name
+        self._context = context
         self._stack = stack
         self._request = request
         self._splitter = splitter
@@ -115,6 +118,8 @@ class Reply:
             else:
                 held: list[TokenLogprob] = []
                 for piece, logprobs in self._request.pieces():
+                    if self._context is not None:
+                        self._context.first_token()
                     held += logprobs
                     held = yield from self._with_logprobs(self._deltas(piece, message, final=False), held)
                 held = yield from self._with_logprobs(self._deltas("", message, final=True), held)
@@ -123,6 +128,8 @@ class Reply:
                 completion = self._request.result
             timings = dataclasses.replace(completion.timings, load_duration=self._load_duration,
                                           total_duration=time.perf_counter_ns() - self._started)
+            if self._context is not None and self._request is not None:
+                self._context.generated(timings)
             self.result = ChatResult(model=self.model_name, message=message, done_reason=completion.done_reason,
                                      timings=timings, truncated=completion.truncated, context=completion.context,
                                      prompt_tokens=self._prompt_tokens, stop_sequence=completion.stop_sequence,
@@ -285,8 +292,10 @@ def _options_dict(manager: ModelManager, record: ModelRecord, request_options: d
 
 
 def _start(manager: ModelManager, model_name: str, options: dict[str, Any], keep_alive: Any,
-           ) -> tuple[ExitStack, LoadedModel, int]:
+           context: RequestContext | None = None) -> tuple[ExitStack, LoadedModel, int]:
     started = time.perf_counter_ns()
+    if context is not None:  # operations: may this request use the model? (before anything loads)
+        context.admit(manager.record(model_name).name)
     stack = ExitStack()
     try:
         loaded = stack.enter_context(manager.use(model_name, options, keep_alive))
@@ -305,10 +314,10 @@ def _check_images(record: ModelRecord, has_images: bool) -> None:
     raise BadRequestError("image input is not supported by this Mullama version yet", param="images")
 
 
-def chat(manager: ModelManager, req: ChatRequest) -> Reply:
-    """Start a chat reply (an empty ``messages`` just loads the model)."""
+def chat(manager: ModelManager, req: ChatRequest, *, context: RequestContext | None = None) -> Reply:
+    """Start a chat reply (an empty ``messages`` just loads the model); ``context`` is the request's operations."""
     started = time.perf_counter_ns()
-    stack, loaded, load_duration = _start(manager, req.model, req.options, req.keep_alive)
+    stack, loaded, load_duration = _start(manager, req.model, req.options, req.keep_alive, context)
     try:
         record, model = loaded.record, loaded.model
         if not req.messages:
@@ -320,6 +329,8 @@ def chat(manager: ModelManager, req: ChatRequest) -> Reply:
         calls = tool_format(record, model)
         grammar = grammar_for(req.format, tools, req.tool_choice, calls, req.parallel_tool_calls)
         tokens = tokenize_prompt(model, prompt)
+        if context is not None:  # operations: the model's max_queue
+            context.check_queue(loaded)
         request = loaded.batcher.submit(tokens, _options_dict(manager, record, req.options), grammar=grammar,
                                           truncate=req.truncate, logprobs=req.logprobs,
                                           top_logprobs=req.top_logprobs)
@@ -327,16 +338,16 @@ def chat(manager: ModelManager, req: ChatRequest) -> Reply:
         if _thinking_enabled(record, model, think) and not grammar:
             splitter = ThinkingSplitter(starts_inside=prompt_opens_thinking(prompt))
         parser = ToolCallParser(calls, tools) if tools else None
-        return Reply(record.name, stack, request, splitter, parser, started, load_duration, len(tokens))
+        return Reply(record.name, stack, request, splitter, parser, started, load_duration, len(tokens), context)
     except BaseException:
         stack.close()
         raise
 
 
-def generate(manager: ModelManager, req: GenerateRequest) -> Reply:
-    """Start a generate reply (an empty prompt just loads the model)."""
+def generate(manager: ModelManager, req: GenerateRequest, *, context: RequestContext | None = None) -> Reply:
+    """Start a generate reply (an empty prompt just loads the model); ``context`` is the request's operations."""
     started = time.perf_counter_ns()
-    stack, loaded, load_duration = _start(manager, req.model, req.options, req.keep_alive)
+    stack, loaded, load_duration = _start(manager, req.model, req.options, req.keep_alive, context)
     try:
         record, model = loaded.record, loaded.model
         if not req.prompt and not req.context:
@@ -356,27 +367,33 @@ def generate(manager: ModelManager, req: GenerateRequest) -> Reply:
         tokens = list(req.context) + (model.tokenize(prompt, add_special=not req.context and model.add_bos,
                                                      parse_special=True) if req.raw else tokenize_prompt(model, prompt))
         grammar = grammar_for(req.format, [], "auto", DEFAULT_TOOL_FORMAT)
+        if context is not None:  # operations: the model's max_queue
+            context.check_queue(loaded)
         request = loaded.batcher.submit(tokens, _options_dict(manager, record, req.options), grammar=grammar,
                                           truncate=req.truncate, logprobs=req.logprobs,
                                           top_logprobs=req.top_logprobs)
         splitter = None
         if not req.raw and _thinking_enabled(record, model, think) and not grammar:
             splitter = ThinkingSplitter(starts_inside=prompt_opens_thinking(prompt))
-        return Reply(record.name, stack, request, splitter, None, started, load_duration, len(tokens))
+        return Reply(record.name, stack, request, splitter, None, started, load_duration, len(tokens), context)
     except BaseException:
         stack.close()
         raise
 
 
-def apply_template(manager: ModelManager, req: ChatRequest) -> str:
+def apply_template(manager: ModelManager, req: ChatRequest, *, context: RequestContext | None = None) -> str:
     """The prompt a chat request would give the model, without generating."""
+    if context is not None:  # operations: may this request use the model?
+        context.admit(manager.record(req.model).name)
     with manager.use(req.model, req.options, req.keep_alive) as loaded:
         think = _resolve_think(manager, loaded.record, req.think, req.options)
         return render_prompt(loaded.record, loaded.model, req.messages, req.tools, think)
 
 
-def count_tokens(manager: ModelManager, req: ChatRequest) -> int:
+def count_tokens(manager: ModelManager, req: ChatRequest, *, context: RequestContext | None = None) -> int:
     """How many tokens the prompt of a chat request takes, as :func:`chat` would submit it."""
+    if context is not None:  # operations: may this request use the model?
+        context.admit(manager.record(req.model).name)
     with manager.use(req.model, req.options, req.keep_alive) as loaded:
         tools = req.tools if req.tool_choice != "none" else []
         think = _resolve_think(manager, loaded.record, req.think, req.options)
@@ -396,10 +413,11 @@ class Embeddings:
 
 
 def embed(manager: ModelManager, model_name: str, inputs: list[str], *, truncate: bool = True,
-          dimensions: int | None = None, options: dict[str, Any] | None = None, keep_alive: Any = None) -> Embeddings:
+          dimensions: int | None = None, options: dict[str, Any] | None = None, keep_alive: Any = None,
+          context: RequestContext | None = None) -> Embeddings:
     """Embed ``inputs`` (several per decode); ``dimensions`` keeps the first N, re-normalised."""
     started = time.perf_counter_ns()
-    stack, loaded, load_duration = _start(manager, model_name, options or {}, keep_alive)
+    stack, loaded, load_duration = _start(manager, model_name, options or {}, keep_alive, context)
     with stack:
         model = loaded.model
         vectors = loaded.batcher.embed(inputs, truncate=truncate)
@@ -408,6 +426,8 @@ def embed(manager: ModelManager, model_name: str, inputs: list[str], *, truncate
                 raise BadRequestError(f"dimensions must be between 1 and {model.n_embd}", param="dimensions")
             vectors = [_renormalise(v[:dimensions]) for v in vectors]
         tokens = sum(len(model.tokenize(text)) for text in inputs)
+        if context is not None:
+            context.embedded(tokens)
         return Embeddings(loaded.record.name, vectors, tokens, load_duration, time.perf_counter_ns() - started)
 
 

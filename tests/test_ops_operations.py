@@ -145,7 +145,7 @@ def test_status_and_stats_routes_on_a_daemon(tmp_path: Path) -> None:
         ops = make_ops(tmp_path, models=models, stopping=stopping)
         try:
             with running(tmp_path / f"daemon-{stopping}") as server:
-                server.app.router.add("GET", "/api/status", ops.status_route)
+                server.app.ops = ops
                 status, body = get(server.server_address[1], "/api/status")
         finally:
             ops.close()
@@ -158,7 +158,7 @@ def test_status_and_stats_routes_on_a_daemon(tmp_path: Path) -> None:
     # A daemon whose statistics database could not be opened answers /api/stats with a clear error.
     ops = Operations(metrics=Metrics(), keys=Keyring(tmp_path / "keys.json"), limits=Limits(tmp_path / "limits.json"))
     with running(tmp_path / "no-stats") as server:
-        server.app.router.add("GET", "/api/stats", ops.stats_route)
+        server.app.ops = ops
         status, body = get(server.server_address[1], "/api/stats")
     assert status == 503 and "statistics are off" in body["error"]
 
