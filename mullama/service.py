@@ -129,7 +129,7 @@ class Reply:
             timings = dataclasses.replace(completion.timings, load_duration=self._load_duration,
                                           total_duration=time.perf_counter_ns() - self._started)
             if self._context is not None and self._request is not None:
-                self._context.generated(timings)
+                self._context.generated(timings, self._prompt_tokens)
             self.result = ChatResult(model=self.model_name, message=message, done_reason=completion.done_reason,
                                      timings=timings, truncated=completion.truncated, context=completion.context,
                                      prompt_tokens=self._prompt_tokens, stop_sequence=completion.stop_sequence,

@@ -88,15 +88,19 @@ class RequestRecord:
         if self.first_token_at is None:
             self.first_token_at = time.monotonic()
 
-    def add_timings(self, timings: Any) -> None:
+    def add_timings(self, timings: Any, prompt_tokens: int | None = None) -> None:
         """Count one generation from its :class:`~mullama.engine.model.Timings` (durations in nanoseconds).
+
+        ``prompt_tokens`` is the whole prompt's length when known: the timings
+        count only the tokens read, not a prefix reused from the cache.
 
         Its queue wait is what its total leaves after loading, reading the
         prompt and generating; its time to first token is the mark of
         :meth:`first_token` when there is one, else its total before the
         first generated token.
         """
-        prompt, generated = int(timings.prompt_eval_count), int(timings.eval_count)
+        prompt = int(timings.prompt_eval_count if prompt_tokens is None else prompt_tokens)
+        generated = int(timings.eval_count)
         total, load = int(timings.total_duration), int(timings.load_duration)
         prompt_ns, eval_ns = int(timings.prompt_eval_duration), int(timings.eval_duration)
         self.prompt_tokens += prompt
@@ -146,9 +150,9 @@ class RequestContext:
         """The first generated text is on its way to the client (later calls change nothing)."""
         self.record.first_token()
 
-    def generated(self, timings: Any) -> None:
-        """Count a finished generation from its :class:`~mullama.engine.model.Timings`."""
-        self.record.add_timings(timings)
+    def generated(self, timings: Any, prompt_tokens: int | None = None) -> None:
+        """Count a finished generation from its :class:`~mullama.engine.model.Timings` and whole prompt's length."""
+        self.record.add_timings(timings, prompt_tokens)
 
     def embedded(self, prompt_tokens: int) -> None:
         """Count the tokens an embedding request read."""
