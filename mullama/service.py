@@ -117,9 +117,11 @@ class Reply:
                 completion = Completion(done_reason="load")
             else:
                 held: list[TokenLogprob] = []
+                unmarked = self._context  # operations: the first piece is the request's first token
                 for piece, logprobs in self._request.pieces():
-                    if self._context is not None:
-                        self._context.first_token()
+                    if unmarked is not None:
+                        unmarked.first_token()
+                        unmarked = None
                     held += logprobs
                     held = yield from self._with_logprobs(self._deltas(piece, message, final=False), held)
                 held = yield from self._with_logprobs(self._deltas("", message, final=True), held)

@@ -45,6 +45,8 @@ from mullama.options import Options
 log = logging.getLogger("mullama.limits")
 
 _GLOB_CHARS = frozenset("*?[")
+#: Models whose limits are kept worked out (a name is a model of the store or a local file: few).
+_KNOWN_MODELS = 1024
 
 
 class LimitsError(MullamaError):
@@ -257,7 +259,8 @@ class Limits:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._config = load_limits(path)
+        #: The parsed limits and each model's limits worked out from them (a request asks several times).
+        self._state: tuple[LimitsConfig, dict[str, ModelLimits]] = (load_limits(path), {})
         self._lock = threading.Lock()
 
     @classmethod
@@ -267,9 +270,15 @@ class Limits:
 
     def for_model(self, name: str) -> ModelLimits:
         """The limits of the model named ``name`` now."""
-        return self._config.for_model(name)
+        config, known = self._state
+        found = known.get(name)
+        if found is None:
+            found = config.for_model(name)
+            if len(known) < _KNOWN_MODELS:
+                known[name] = found
+        return found
 
     def reload(self) -> None:
         """Reread the file and the environment; raises :class:`LimitsError` and keeps the old limits if invalid."""
         with self._lock:
-            self._config = load_limits(self.path)
+            self._state = (load_limits(self.path), {})
