@@ -18,7 +18,9 @@ import ollama
 import openai
 import pytest
 from daemon import anthropic_client, create_model, openai_client, running
+from hub_server import HubServer
 
+from mullama.cli.format import ps_table
 from mullama.http.server import Server
 from mullama.ops.keys import create_key
 
@@ -224,3 +226,33 @@ def test_model_limits_are_applied_and_a_full_queue_is_429(model_path: Path, tmp_
             client.generate(model="big", prompt="Hi", options=SHORT)
         assert big.value.status_code == 500 and "max_memory" in big.value.error
         assert [m.model for m in client.ps().models] == ["smol:latest"]
+
+
+# Pulls and `mullama ps` ----------------------------------------------------------------
+
+
+def test_pulls_and_their_bytes_are_counted(model_path: Path, tmp_path: Path) -> None:
+    repo, file = "someone/SmolLM2-135M-GGUF", "SmolLM2-135M-Instruct.Q4_1.gguf"
+    with HubServer() as hub:
+        hub.add(repo, file, model_path)
+        with running(tmp_path, HF_ENDPOINT=hub.endpoint) as server:
+            client = ollama_client(server)
+            assert client.pull(f"hf.co/{repo}:q4_1").status == "success"
+            # Pulled again: the blob is there, nothing is downloaded.
+            assert client.pull(f"hf.co/{repo}:q4_1").status == "success"
+            with pytest.raises(ollama.ResponseError):
+                client.pull("hf.co/someone/missing:q4_1")
+            text = call(server.server_address[1], "GET", "/metrics")[2].decode()
+    assert 'mullama_pulls_total{outcome="ok"} 2.0' in text and 'mullama_pulls_total{outcome="error"} 1.0' in text
+    assert f"mullama_pull_bytes_total {float(model_path.stat().st_size)}" in text
+
+
+def test_ps_shows_limits_only_when_a_model_has_some() -> None:
+    model = {"name": "smol:latest", "digest": "a" * 64, "size": 2000, "size_vram": 0, "context_length": 1024,
+             "expires_at": "0001-01-01T00:00:00Z", "queued": 2}
+    plain = ps_table([model | {"limits": {}}]).splitlines()
+    assert plain[0].split() == ["NAME", "ID", "SIZE", "PROCESSOR", "CONTEXT", "UNTIL"]
+    limited = ps_table([model | {"limits": {"max_parallel": 1, "max_queue": 8, "keep_alive": -1.0, "pinned": True,
+                                            "max_memory": 6 * 2**30, "keys": ["ci", "alice"]}}]).splitlines()
+    assert limited[0].split()[-1] == "LIMITS"
+    assert limited[1].endswith("parallel 1, queue 2/8, memory 6.4 GB, keep forever, pinned, keys ci,alice")
