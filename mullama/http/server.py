@@ -1,10 +1,10 @@
 """The transport: one ``ThreadingHTTPServer`` and the handler of its connections.
 
 A request enters in :class:`Handler`, passes the safety checks (Host header,
-API key and its scopes, CORS, body size), and is routed by the :class:`Router`
-to a route function that some module registered. Every request is counted,
-logged and given an id by the application's operations (:mod:`mullama.ops`). This module knows no API family: the
-composition root (:mod:`mullama.http.app`) gives the server its application,
+API key and its scope, CORS, body size), and is routed by the :class:`Router`
+to a route function that some module registered; the application's
+operations (:mod:`mullama.ops`) give it an id, count it and log it. This
+module knows no API family: the composition root (:mod:`mullama.http.app`) gives the server its application,
 whose router holds the routes and the error formatters, so an error raised
 anywhere becomes the error body of the API family its path belongs to.
 """
