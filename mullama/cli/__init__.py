@@ -9,7 +9,7 @@ Ctrl-C exits 130.
 print; :mod:`.progress` the pull/push/create display; :mod:`.daemon`
 reaching (or starting) the daemon; :mod:`.create` Modelfile uploads;
 :mod:`.generate` one streamed answer; :mod:`.interactive` the ``run``
-session.
+session; :mod:`.tui` the terminal UI.
 """
 
 from mullama.cli.verbs import main

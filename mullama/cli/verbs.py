@@ -250,6 +250,13 @@ def cmd_stop(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tui(args: argparse.Namespace) -> int:
+    """The terminal UI: chat, models, running models, statistics."""
+    from mullama.cli.tui import run
+
+    return run(connect(), args.model or "")
+
+
 def print_version() -> int:
     """``mullama version is X``, and the server's version when one answers."""
     client = connect(start=False)
@@ -333,6 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("models", metavar="MODEL", nargs="+")
     add_stats_verb(verb)
     add_keys_verb(verb)
+    sub = verb("tui", cmd_tui, "Open the terminal UI: chat, models, running models")
+    sub.add_argument("model", metavar="MODEL", nargs="?", help="the model to chat with first")
     return parser
 
 

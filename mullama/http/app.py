@@ -58,8 +58,9 @@ def _api(name: str) -> ModuleType:
 ollama = _api("ollama")
 openai = _api("openai")
 anthropic = _api("anthropic")
-#: Every API family, each a module with ``register(router)``.
-API_FAMILIES = (ollama, openai, anthropic)
+webui = _api("webui")
+#: Every API family (and the web UI's static files), each a module with ``register(router)``.
+API_FAMILIES = (ollama, openai, anthropic, webui)
 
 
 def build_router() -> Router:

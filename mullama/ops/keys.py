@@ -56,6 +56,8 @@ _KEY_PREFIX = "mk-"
 # makes before it chooses a model). A route missing here needs "admin": unknown means closed.
 _ROUTE_SCOPES: tuple[tuple[str, str], ...] = (
     ("/", "public"),
+    # The web UI's static files: a browser opening the page cannot send a key; the page asks for one for the API.
+    ("/ui", "public"), ("/ui/*", "public"),
     ("/api/version", "read"), ("/api/tags", "read"), ("/api/ps", "read"), ("/api/show", "read"),
     ("/api/status", "read"), ("/v1/models", "read"), ("/v1/models/*", "read"),
     ("/api/generate", "inference"), ("/api/chat", "inference"), ("/api/embed", "inference"),

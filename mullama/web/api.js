@@ -1,0 +1,115 @@
+// The daemon's public API, from the page: JSON calls, NDJSON streams, the API key.
+//
+// The key, when the daemon wants one, is asked for once and kept in
+// sessionStorage only: it is gone when the tab closes.
+
+import { ask, banner } from "./ui.js";
+
+const KEY_STORAGE = "mullama.apiKey";
+
+/** An error answer from the daemon (status 0: no answer at all). */
+export class ApiError extends Error {
+  constructor(status, message) {
+    super(message);
+    this.status = status;
+  }
+}
+
+function headers(body) {
+  const result = {};
+  if (body !== undefined) result["Content-Type"] = "application/json";
+  const key = sessionStorage.getItem(KEY_STORAGE);
+  if (key) result.Authorization = `Bearer ${key}`;
+  return result;
+}
+
+async function errorOf(response) {
+  const text = await response.text();
+  try {
+    const error = JSON.parse(text).error;
+    return new ApiError(response.status, typeof error === "string" ? error : error?.message || text);
+  } catch {
+    return new ApiError(response.status, text || `${response.status} ${response.statusText}`);
+  }
+}
+
+/** Send one request; on 401 ask for the API key and try again. Returns the Response. */
+async function send(method, path, body, signal) {
+  for (;;) {
+    let response;
+    try {
+      response = await fetch(path, {
+        method, signal, headers: headers(body), body: body === undefined ? undefined : JSON.stringify(body),
+      });
+    } catch (error) {
+      if (error.name === "AbortError") throw error;
+      banner(`Cannot reach the Mullama daemon at ${location.origin}. Is it running?`);
+      throw new ApiError(0, "cannot reach the daemon");
+    }
+    banner(null);
+    if (response.status !== 401) {
+      if (!response.ok) throw await errorOf(response);
+      return response;
+    }
+    const key = await ask({
+      title: "API key required", text: "This daemon requires an API key. It is kept for this browser session only.",
+      label: "API key", type: "password", ok: "Use key",
+    });
+    if (key === null) throw await errorOf(response);
+    sessionStorage.setItem(KEY_STORAGE, key);
+  }
+}
+
+/** A JSON call; resolves to the parsed answer (null when empty). */
+export async function call(method, path, body, signal) {
+  const response = await send(method, path, body, signal);
+  const text = await response.text();
+  return text.trim() ? JSON.parse(text) : null;
+}
+
+export const get = (path) => call("GET", path);
+export const post = (path, body, signal) => call("POST", path, body, signal);
+
+/**
+ * POST and call `onEvent` with each object of the NDJSON answer as it arrives.
+ * A line carrying `error` (how Ollama reports failures mid-stream) throws.
+ * Aborting `signal` ends the stream (and the daemon's work on it).
+ */
+export async function stream(path, body, onEvent, signal) {
+  const response = await send("POST", path, body, signal);
+  const reader = response.body.getReader();
+  const decoder = new TextDecoder();
+  let pending = "";
+  const handle = (line) => {
+    if (!line.trim()) return;
+    const event = JSON.parse(line);
+    if (event.error) throw new ApiError(response.status, event.error);
+    onEvent(event);
+  };
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) break;
+    pending += decoder.decode(value, { stream: true });
+    const lines = pending.split("\n");
+    pending = lines.pop();
+    lines.forEach(handle);
+  }
+  handle(pending + decoder.decode());
+}
+
+/** Every model with its /api/show answer (capabilities, details...), in /api/tags order. */
+export async function modelsWithInfo() {
+  const { models = [] } = (await get("/api/tags")) || {};
+  return Promise.all(models.map(async (model) => {
+    try {
+      return { ...model, info: await post("/api/show", { model: model.name }) };
+    } catch (error) {
+      return { ...model, info: null, error: error.message };
+    }
+  }));
+}
+
+/** Whether a model (from modelsWithInfo) can chat. */
+export function canChat(model) {
+  return (model.info?.capabilities || []).includes("completion");
+}

@@ -1,0 +1,337 @@
+// The Chat page: conversations, a model picker, streamed answers from /api/chat.
+
+import { canChat, modelsWithInfo, stream } from "./api.js";
+import * as store from "./conversations.js";
+import { field, h, replace } from "./dom.js";
+import { rate } from "./format.js";
+import { renderMarkdown } from "./markdown.js";
+import { ask } from "./ui.js";
+
+/** Render the chat page into `root`; returns the function that leaves it. */
+export function chatPage(root) {
+  const state = {
+    conversations: store.loadAll(),
+    current: null,
+    models: [],
+    // The generation under way: its conversation, message and AbortController.
+    running: null,
+  };
+  const view = buildView();
+  replace(root, view.element);
+  loadModels();
+  selectConversation(state.conversations[0] || null);
+
+  function buildView() {
+    const list = h("ul", { class: "conversation-list" });
+    const picker = h("select", { id: "model-picker", on: { change: onModelChange } });
+    const settingsButton = h("button", { type: "button", "aria-expanded": "false", "aria-controls": "chat-settings",
+      text: "Settings", on: { click: toggleSettings } });
+    const system = h("textarea", { id: "system-prompt", rows: "3", placeholder: "The model's own system prompt",
+      on: { input: onSettingsInput } });
+    const think = h("input", { type: "checkbox", id: "think", on: { change: onSettingsInput } });
+    const thinkField = h("label", { class: "check", hidden: true }, think, " Think before answering");
+    const optionInputs = store.OPTIONS.map((option) => h("input", {
+      type: "number", name: option.name, step: option.step, min: option.min, max: option.max,
+      placeholder: "default", on: { input: onSettingsInput },
+    }));
+    const settings = h("div", { class: "settings", id: "chat-settings", hidden: true },
+      field("System prompt", system),
+      h("div", { class: "grid" }, store.OPTIONS.map((option, index) => field(option.label, optionInputs[index]))),
+      thinkField);
+    const messages = h("ol", { class: "messages", "aria-label": "Messages" });
+    const input = h("textarea", { id: "prompt", rows: "3", "aria-label": "Message",
+      placeholder: "Send a message (Enter sends, Shift+Enter for a new line)", on: { keydown: onPromptKey } });
+    const send = h("button", { type: "submit", class: "primary", id: "send", text: "Send" });
+    const stop = h("button", { type: "button", id: "stop", class: "danger", text: "Stop", hidden: true,
+      on: { click: stopGeneration } });
+    const composer = h("form", { class: "composer", on: { submit: onSubmit } }, input, h("div", { class: "buttons" },
+      send, stop));
+    const notice = h("p", { class: "notice", role: "status" });
+    const element = h("div", { class: "chat" },
+      h("aside", { class: "sidebar", "aria-label": "Conversations" },
+        h("button", { type: "button", class: "primary wide", id: "new-chat", text: "New chat",
+          on: { click: () => selectConversation(null) } }),
+        list),
+      h("section", { class: "thread", "aria-label": "Conversation" },
+        h("div", { class: "toolbar" }, field("Model", picker), settingsButton),
+        settings, notice, messages, composer));
+    return { element, composer, list, picker, settingsButton, settings, system, think, thinkField, optionInputs, messages,
+      input, send, stop, notice };
+  }
+
+  // --- models -----------------------------------------------------------
+
+  async function loadModels() {
+    view.notice.textContent = "Loading models…";
+    try {
+      state.models = (await modelsWithInfo()).filter(canChat);
+      view.notice.textContent = state.models.length ? ""
+        : "No model that can chat is installed yet: pull or create one on the Models page.";
+    } catch (error) {
+      view.notice.textContent = `Could not list the models: ${error.message}`;
+    }
+    renderPicker();
+  }
+
+  function renderPicker() {
+    const conversation = ensureConversation();
+    const names = state.models.map((model) => model.name);
+    if (!names.includes(conversation.model) && names.length) conversation.model = names[0];
+    const options = names.map((name) => h("option", { value: name, text: name }));
+    if (conversation.model && !names.includes(conversation.model)) {
+      options.unshift(h("option", { value: conversation.model, text: `${conversation.model} (not installed)` }));
+    }
+    replace(view.picker, options);
+    view.picker.value = conversation.model;
+    renderSettings();
+  }
+
+  function onModelChange() {
+    const conversation = ensureConversation();
+    conversation.model = view.picker.value;
+    renderSettings();
+    persist();
+  }
+
+  function modelInfo(name) {
+    return state.models.find((model) => model.name === name)?.info || null;
+  }
+
+  // --- conversations ------------------------------------------------------
+
+  function ensureConversation() {
+    if (!state.current) state.current = store.create(state.models[0]?.name);
+    return state.current;
+  }
+
+  function selectConversation(conversation) {
+    state.current = conversation || store.create(view.picker.value || state.models[0]?.name);
+    renderPicker();
+    renderList();
+    renderMessages();
+    view.input.focus();
+  }
+
+  function persist() {
+    const conversation = state.current;
+    if (conversation && conversation.messages.length && !state.conversations.includes(conversation)) {
+      state.conversations.unshift(conversation);
+    }
+    if (!store.saveAll(state.conversations)) view.notice.textContent = "The browser refused to save the conversation.";
+    renderList();
+  }
+
+  function renderList() {
+    replace(view.list, state.conversations.map((conversation) => {
+      const current = conversation === state.current;
+      return h("li", { class: current ? "current" : "" },
+        h("button", { type: "button", class: "link", "aria-current": current ? "true" : false, text: conversation.title,
+          on: { click: () => selectConversation(conversation) } }),
+        h("button", { type: "button", class: "icon", "aria-label": `Delete conversation ${conversation.title}`,
+          text: "×", on: { click: () => deleteConversation(conversation) } }));
+    }));
+  }
+
+  async function deleteConversation(conversation) {
+    const sure = await ask({ title: "Delete conversation", text: `Delete "${conversation.title}"?`, ok: "Delete" });
+    if (!sure) return;
+    state.conversations = state.conversations.filter((c) => c !== conversation);
+    store.saveAll(state.conversations);
+    if (conversation === state.current) selectConversation(state.conversations[0] || null);
+    else renderList();
+  }
+
+  // --- settings -------------------------------------------------------------
+
+  function toggleSettings() {
+    const open = view.settings.hidden;
+    view.settings.hidden = !open;
+    view.settingsButton.setAttribute("aria-expanded", String(open));
+  }
+
+  function renderSettings() {
+    const conversation = ensureConversation();
+    view.system.value = conversation.system;
+    view.think.checked = Boolean(conversation.think);
+    view.optionInputs.forEach((input) => { input.value = conversation.options[input.name] ?? ""; });
+    const info = modelInfo(conversation.model);
+    view.thinkField.hidden = !(info?.capabilities || []).includes("thinking");
+  }
+
+  function onSettingsInput() {
+    const conversation = ensureConversation();
+    conversation.system = view.system.value;
+    conversation.think = view.think.checked && !view.thinkField.hidden;
+    for (const input of view.optionInputs) {
+      if (input.value === "") delete conversation.options[input.name];
+      else conversation.options[input.name] = input.value;
+    }
+    persist();
+  }
+
+  // --- messages ---------------------------------------------------------------
+
+  function renderMessages() {
+    const conversation = ensureConversation();
+    const items = conversation.messages.map((message, index) => messageItem(conversation, message, index));
+    if (!items.length) items.push(h("li", { class: "empty muted", text: "Ask the model anything." }));
+    replace(view.messages, items);
+    updateButtons();
+    scrollToEnd(true);
+  }
+
+  function messageItem(conversation, message, index) {
+    const item = h("li", { class: `message ${message.role}`, "data-index": String(index) });
+    fillMessage(item, conversation, message, index);
+    return item;
+  }
+
+  function fillMessage(item, conversation, message, index) {
+    const last = index === conversation.messages.length - 1;
+    const busy = Boolean(state.running);
+    const body = h("div", { class: "content" });
+    if (message.role === "assistant") body.append(renderMarkdown(message.content));
+    else body.textContent = message.content;
+    const actions = h("div", { class: "actions" });
+    if (message.role === "user" && !busy) {
+      actions.append(h("button", { type: "button", class: "small", text: "Edit",
+        on: { click: () => editMessage(item, conversation, index) } }));
+    }
+    if (message.role === "assistant" && last && !busy) {
+      actions.append(h("button", { type: "button", class: "small", id: "regenerate", text: "Regenerate",
+        on: { click: () => regenerate(conversation) } }));
+    }
+    replace(item,
+      h("div", { class: "role", text: message.role === "user" ? "You" : conversation.model || "Assistant" }),
+      message.thinking ? h("details", { class: "thinking" }, h("summary", { text: "Thinking" }),
+        h("div", { class: "thinking-text", text: message.thinking })) : null,
+      body,
+      (message.tool_calls || []).map((call) => h("div", { class: "tool-call" },
+        h("span", { class: "label", text: `Tool call: ${call.function?.name ?? "?"}` }),
+        h("pre", { text: JSON.stringify(call.function?.arguments ?? {}, null, 2) }))),
+      message.error ? h("p", { class: "error", role: "alert", text: message.error }) : null,
+      statsLine(message),
+      actions);
+  }
+
+  function statsLine(message) {
+    const parts = [];
+    const stats = message.stats;
+    if (stats) {
+      if (stats.eval_count) parts.push(`${stats.eval_count} tokens`);
+      const speed = rate(stats.eval_count, stats.eval_duration);
+      if (speed) parts.push(`${speed.toFixed(1)} tokens/s`);
+      if (stats.prompt_eval_count) parts.push(`prompt ${stats.prompt_eval_count} tokens`);
+      if (stats.done_reason === "length") parts.push("stopped at the token limit");
+    }
+    if (message.stopped) parts.push("stopped");
+    return parts.length ? h("div", { class: "stats muted", text: parts.join(" · ") }) : null;
+  }
+
+  function editMessage(item, conversation, index) {
+    const message = conversation.messages[index];
+    const editor = h("textarea", { rows: "4", "aria-label": "Edit message", value: message.content });
+    const save = h("button", { type: "submit", class: "primary small", text: "Save and send" });
+    const cancel = h("button", { type: "button", class: "small", text: "Cancel",
+      on: { click: () => renderMessages() } });
+    const form = h("form", { class: "edit", on: { submit: (event) => {
+      event.preventDefault();
+      if (!editor.value.trim()) return;
+      conversation.messages.splice(index);
+      sendMessage(conversation, editor.value);
+    } } }, editor, h("div", { class: "buttons" }, save, cancel));
+    replace(item, form);
+    editor.focus();
+  }
+
+  function regenerate(conversation) {
+    if (conversation.messages.at(-1)?.role === "assistant") conversation.messages.pop();
+    generate(conversation);
+  }
+
+  // --- sending ----------------------------------------------------------------
+
+  function onPromptKey(event) {
+    if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
+      event.preventDefault();
+      view.composer.requestSubmit();
+    } else if (event.key === "Escape" && state.running) {
+      stopGeneration();
+    }
+  }
+
+  function onSubmit(event) {
+    event.preventDefault();
+    const text = view.input.value;
+    if (!text.trim() || state.running) return;
+    view.input.value = "";
+    sendMessage(ensureConversation(), text);
+  }
+
+  function sendMessage(conversation, text) {
+    if (!conversation.model) {
+      view.notice.textContent = "Choose a model first.";
+      return;
+    }
+    conversation.messages.push({ role: "user", content: text });
+    conversation.title = store.titleOf(conversation);
+    generate(conversation);
+  }
+
+  async function generate(conversation) {
+    const history = conversation.messages.slice();
+    const message = { role: "assistant", content: "", thinking: "", tool_calls: [] };
+    conversation.messages.push(message);
+    conversation.updated = Date.now();
+    const controller = new AbortController();
+    state.running = { conversation, message, controller };
+    persist();
+    renderMessages();
+    let frame = 0;
+    const update = () => {
+      frame = 0;
+      if (state.current !== conversation) return;
+      const item = view.messages.querySelector(`li[data-index="${conversation.messages.indexOf(message)}"]`);
+      if (item) fillMessage(item, conversation, message, conversation.messages.indexOf(message));
+      scrollToEnd(false);
+    };
+    try {
+      await stream("/api/chat", store.chatRequest(conversation, history), (event) => {
+        const delta = event.message || {};
+        message.content += delta.content || "";
+        message.thinking += delta.thinking || "";
+        if (delta.tool_calls) message.tool_calls.push(...delta.tool_calls);
+        if (event.done) {
+          message.stats = { eval_count: event.eval_count, eval_duration: event.eval_duration,
+            prompt_eval_count: event.prompt_eval_count, done_reason: event.done_reason };
+        }
+        frame ||= requestAnimationFrame(update);
+      }, controller.signal);
+    } catch (error) {
+      if (error.name === "AbortError") message.stopped = true;
+      else message.error = error.message;
+    } finally {
+      cancelAnimationFrame(frame);
+      state.running = null;
+      persist();
+      if (state.current === conversation) renderMessages();
+      updateButtons();
+    }
+  }
+
+  function stopGeneration() {
+    state.running?.controller.abort();
+  }
+
+  function updateButtons() {
+    const busy = Boolean(state.running);
+    view.stop.hidden = !busy;
+    view.send.hidden = busy;
+    view.element.classList.toggle("busy", busy);
+  }
+
+  function scrollToEnd(force) {
+    const box = view.messages;
+    if (force || box.scrollHeight - box.scrollTop - box.clientHeight < 120) box.scrollTop = box.scrollHeight;
+  }
+}
