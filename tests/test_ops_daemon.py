@@ -19,6 +19,7 @@ import openai
 import pytest
 from daemon import anthropic_client, create_model, openai_client, running
 from hub_server import HubServer
+from test_ops_metrics import poll
 
 from mullama.cli.format import ps_table
 from mullama.http.server import Server
@@ -39,6 +40,19 @@ def call(port: int, method: str, path: str, body: Any = None, **headers: str) ->
         return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
     finally:
         connection.close()
+
+
+def scraped(port: int, *lines: str, **headers: str) -> str:
+    """``/metrics`` once it holds every one of ``lines``.
+
+    A request is counted right after its last byte went out, so its client
+    may ask before that: the scrape is repeated until the lines are there.
+    """
+    def holding() -> str | None:
+        text = call(port, "GET", "/metrics", **headers)[2].decode()
+        return text if all(line in text for line in lines) else None
+
+    return poll(holding, 30, lambda: f"/metrics never held {lines}: {call(port, 'GET', '/metrics', **headers)}")
 
 
 def bearer(key: str) -> dict[str, str]:
@@ -163,14 +177,16 @@ def test_requests_are_labelled_by_key_in_metrics_and_statistics(guarded: tuple[S
     server, keys = guarded
     port = server.server_address[1]
     answer = ollama_client(server, keys["ci"]).chat(model="smol", messages=HELLO, options=SHORT)
-    status, _, body = call(port, "GET", "/metrics", **bearer(keys["grafana"]))
-    assert status == 200
-    assert (f'mullama_generated_tokens_total{{api="ollama",model="smol:latest",key="ci"}} '
-            f'{float(answer.eval_count)}') in body.decode()
-    status, _, body = call(port, "GET", "/api/stats?by=key&model=smol", **bearer(keys["grafana"]))
-    assert status == 200
-    rows = {row["key"]: row for row in json.loads(body)["stats"]}
-    assert rows["ci"]["requests"] >= 1 and rows["ci"]["generated_tokens"] >= answer.eval_count
+    scraped(port, f'mullama_generated_tokens_total{{api="ollama",model="smol:latest",key="ci"}} '
+                  f'{float(answer.eval_count)}', **bearer(keys["grafana"]))
+
+    def by_key() -> dict[str, Any] | None:
+        status, _, body = call(port, "GET", "/api/stats?by=key&model=smol", **bearer(keys["grafana"]))
+        assert status == 200, body
+        return {row["key"]: row for row in json.loads(body)["stats"]}.get("ci")
+
+    row = poll(by_key, 30, lambda: "the statistics never showed the key ci")
+    assert row["requests"] == 1 and row["generated_tokens"] == answer.eval_count
     # Statistics and metrics need the metrics scope (or admin), not inference.
     assert call(port, "GET", "/metrics", **bearer(keys["ci"]))[0] == 403
 
@@ -226,6 +242,17 @@ def test_model_limits_are_applied_and_a_full_queue_is_429(model_path: Path, tmp_
             client.generate(model="big", prompt="Hi", options=SHORT)
         assert big.value.status_code == 500 and "max_memory" in big.value.error
         assert [m.model for m in client.ps().models] == ["smol:latest"]
+        # A stream cut by shutdown began as a 200: it is counted with the error its last event carries.
+        server.app.stopping.set()
+        try:
+            with pytest.raises(anthropic.APIStatusError):
+                for _ in anthropic_client(server, 120).messages.create(model="smol", max_tokens=3, messages=HELLO,
+                                                                       stream=True):
+                    pass
+        finally:
+            server.app.stopping.clear()
+        scraped(port, 'mullama_requests_total{api="anthropic",route="/v1/messages",model="smol:latest",status="503",'
+                      'key=""} 1.0')
 
 
 # Pulls and `mullama ps` ----------------------------------------------------------------
@@ -242,9 +269,9 @@ def test_pulls_and_their_bytes_are_counted(model_path: Path, tmp_path: Path) -> 
             assert client.pull(f"hf.co/{repo}:q4_1").status == "success"
             with pytest.raises(ollama.ResponseError):
                 client.pull("hf.co/someone/missing:q4_1")
-            text = call(server.server_address[1], "GET", "/metrics")[2].decode()
-    assert 'mullama_pulls_total{outcome="ok"} 2.0' in text and 'mullama_pulls_total{outcome="error"} 1.0' in text
-    assert f"mullama_pull_bytes_total {float(model_path.stat().st_size)}" in text
+            scraped(server.server_address[1], 'mullama_pulls_total{outcome="ok"} 2.0',
+                    'mullama_pulls_total{outcome="error"} 1.0',
+                    f"mullama_pull_bytes_total {float(model_path.stat().st_size)}")
 
 
 def test_ps_shows_limits_only_when_a_model_has_some() -> None:

@@ -5,13 +5,16 @@ from __future__ import annotations
 import json
 import signal
 import socket
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import ollama
 import pytest
-from daemon import Serving, cli, openai_client, serve
+from daemon import Serving, cli, environment, free_port, openai_client, serve
 from test_ops_daemon import HELLO, SHORT, bearer, call
+from test_ops_metrics import poll
 
 from mullama.ops.keys import create_key
 
@@ -105,8 +108,10 @@ def test_statistics_survive_kill_9_and_restarts(model_path: Path, tmp_path: Path
             completion = sdk.chat.completions.create(model="smol", messages=HELLO, max_tokens=3, temperature=0)
         generated = sum(answer.eval_count for answer in answers) + completion.usage.completion_tokens
         # /api/stats writes what is queued before it reads: once it shows the requests, they are on disk.
-        total = stats(first, "model=smol")["total"]
-        assert (total["requests"], total["generated_tokens"]) == (3, generated)
+        # (A request is recorded right after its last byte went out: its client may ask a moment before.)
+        total = poll(lambda: (found := stats(first, "model=smol")["total"]) and found["requests"] == 3 and found,
+                     30, lambda: f"the statistics never showed 3 requests: {stats(first)}")
+        assert total["generated_tokens"] == generated
     finally:
         first.stop(signal.SIGKILL)
     second = serve(tmp_path)
@@ -143,3 +148,21 @@ class _Address:
     def __init__(self, port: int) -> None:
         self.server_address = ("127.0.0.1", port)
 
+
+
+@pytest.mark.parametrize(("file", "text", "setting", "named"), [
+    ("limits.json", '{"models": {"smol": {"max_queue": -1}}}', {}, 'models."smol".max_queue'),
+    ("keys.json", '{"keys": [{"name": "x"}]}', {}, "sha256"),
+    ("", "", {"MULLAMA_LOG_FORMAT": "yaml"}, "MULLAMA_LOG_FORMAT"),
+])
+def test_a_daemon_does_not_start_with_rules_it_cannot_read(tmp_path: Path, file: str, text: str,
+                                                           setting: dict[str, str], named: str) -> None:
+    if file:
+        (tmp_path / "home").mkdir()
+        (tmp_path / "home" / file).write_text(text)
+    env = environment(tmp_path, free_port()) | setting
+    finished = subprocess.run([sys.executable, "-m", "mullama", "serve"], env=env, capture_output=True, text=True,
+                              timeout=120, check=False)
+    assert finished.returncode == 1
+    (line,) = finished.stderr.strip().splitlines()
+    assert line.startswith("Error: ") and named in line

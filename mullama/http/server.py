@@ -410,6 +410,10 @@ class Handler(BaseHTTPRequestHandler):
         self._common_headers()
         self.end_headers()
 
+    def stream_failed(self, status: int) -> None:
+        """The stream begun with a 200 ends with an error event: the request is counted and logged with ``status``."""
+        self._status = status
+
     def write_chunk(self, data: bytes) -> None:
         """Send one chunk and flush it (one per token when streaming)."""
         if data:

@@ -47,7 +47,7 @@ _FIRST_GUESS = 5.0
 
 
 def api_of(path: str) -> str:
-    """The API family a request path belongs to: ``ollama``, ``openai``, ``anthropic``, or ``""`` (``/``, ``/metrics``)."""
+    """The API family of a request path: ``ollama``, ``openai``, ``anthropic``; ``""`` for others (``/metrics``)."""
     for prefix, api in _API_PREFIXES:
         if path == prefix.rstrip("/") or path.startswith(prefix):
             return api
