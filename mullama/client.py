@@ -2,7 +2,9 @@
 
 Only the standard library: ``http.client`` for requests, NDJSON for the
 streamed answers (one JSON object per line), and the ``{"error": ...}``
-bodies turned into :class:`APIError`.
+bodies turned into :class:`APIError`. ``MULLAMA_API_KEY``, when set, is
+sent as ``Authorization: Bearer KEY`` (the daemon's all-scopes key, or any
+key of its keys file).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import hashlib
 import http.client
 import ipaddress
 import json
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -195,6 +198,9 @@ class Client:
         """Send a request; return the open connection and a successful response."""
         factory = http.client.HTTPSConnection if self.host.scheme == "https" else http.client.HTTPConnection
         headers = {"Accept": "application/x-ndjson, application/json", "User-Agent": "mullama-cli"}
+        key = os.environ.get("MULLAMA_API_KEY")
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
         if body is not None:
             headers["Content-Type"] = "application/json" if isinstance(body, bytes) else "application/octet-stream"
             headers["Content-Length"] = str(len(body) if isinstance(body, bytes) else length)

@@ -23,6 +23,7 @@ from mullama.prompt.jinja import render_jinja
 from mullama.engine.model import Completion, Model, Timings
 from mullama.errors import BadRequestError
 from mullama.engine.residency import LoadedModel, ModelManager, Resolution
+from mullama.ops.operations import RequestContext
 from mullama.prompt.templates import render_chat, render_generate
 from mullama.store.records import ModelRecord
 from mullama.engine.sampling import TokenLogprob
@@ -78,8 +79,10 @@ class Reply:
     """
 
     def __init__(self, model_name: str, stack: ExitStack, request: Any, splitter: ThinkingSplitter | None,
-                 parser: ToolCallParser | HarmonyParser | None, started: int, load_duration: int, prompt_tokens: int) -> None:
+                 parser: ToolCallParser | HarmonyParser | None, started: int, load_duration: int,
+                 prompt_tokens: int, context: RequestContext | None = None) -> None:
         self.model_name = model_name
+        self._context = context
         self._stack = stack
         self._request = request
         self._splitter = splitter
@@ -116,7 +119,11 @@ class Reply:
                 completion = Completion(done_reason="load")
             else:
                 held: list[TokenLogprob] = []
+                unmarked = self._context  # operations: the first piece is the request's first token
                 for piece, logprobs in self._request.pieces():
+                    if unmarked is not None:
+                        unmarked.first_token()
+                        unmarked = None
                     held += logprobs
                     held = yield from self._with_logprobs(self._deltas(piece, message, final=False), held)
                 held = yield from self._with_logprobs(self._deltas("", message, final=True), held)
@@ -125,6 +132,8 @@ class Reply:
                 completion = self._request.result
             timings = dataclasses.replace(completion.timings, load_duration=self._load_duration,
                                           total_duration=time.perf_counter_ns() - self._started)
+            if self._context is not None and self._request is not None:
+                self._context.generated(timings, self._prompt_tokens)
             self.result = ChatResult(model=self.model_name, message=message, done_reason=completion.done_reason,
                                      timings=timings, truncated=completion.truncated, context=completion.context,
                                      prompt_tokens=self._prompt_tokens, stop_sequence=completion.stop_sequence,
@@ -289,10 +298,12 @@ def grammar_for(fmt: Any, tools: list[Tool], tool_choice: str, calls: ToolFormat
 
 
 def _start(manager: ModelManager, model_name: str, options: dict[str, Any], keep_alive: Any,
-           ) -> tuple[ExitStack, Resolution, LoadedModel, int]:
+           context: RequestContext | None = None) -> tuple[ExitStack, Resolution, LoadedModel, int]:
     """Resolve the request's model once and hold it loaded; also the nanoseconds that took."""
     started = time.perf_counter_ns()
     resolution = manager.resolve(model_name, options)
+    if context is not None:  # operations: may this request use the model? (before anything loads)
+        context.admit(resolution.record.name)
     stack = ExitStack()
     try:
         loaded = stack.enter_context(manager.hold(resolution, keep_alive))
@@ -311,10 +322,10 @@ def _check_images(record: ModelRecord, has_images: bool) -> None:
     raise BadRequestError("image input is not supported by this Mullama version yet", param="images")
 
 
-def chat(manager: ModelManager, req: ChatRequest) -> Reply:
-    """Start a chat reply (an empty ``messages`` just loads the model)."""
+def chat(manager: ModelManager, req: ChatRequest, *, context: RequestContext | None = None) -> Reply:
+    """Start a chat reply (an empty ``messages`` just loads the model); ``context`` is the request's operations."""
     started = time.perf_counter_ns()
-    stack, resolution, loaded, load_duration = _start(manager, req.model, req.options, req.keep_alive)
+    stack, resolution, loaded, load_duration = _start(manager, req.model, req.options, req.keep_alive, context)
     try:
         record, model = resolution.record, loaded.model
         if not req.messages:
@@ -326,6 +337,8 @@ def chat(manager: ModelManager, req: ChatRequest) -> Reply:
         calls = tool_format(record, model)
         grammar = grammar_for(req.format, tools, req.tool_choice, calls, req.parallel_tool_calls)
         tokens = tokenize_prompt(model, prompt)
+        if context is not None:  # operations: the model's max_queue
+            context.check_queue(loaded)
         request = loaded.batcher.submit(tokens, resolution.options, grammar=grammar,
                                           truncate=req.truncate, logprobs=req.logprobs,
                                           top_logprobs=req.top_logprobs)
@@ -338,16 +351,16 @@ def chat(manager: ModelManager, req: ChatRequest) -> Reply:
             if _thinking_enabled(record, model, think) and not grammar:
                 splitter = ThinkingSplitter(starts_inside=prompt_opens_thinking(prompt))
             parser = ToolCallParser(calls, tools) if tools else None
-        return Reply(record.name, stack, request, splitter, parser, started, load_duration, len(tokens))
+        return Reply(record.name, stack, request, splitter, parser, started, load_duration, len(tokens), context)
     except BaseException:
         stack.close()
         raise
 
 
-def generate(manager: ModelManager, req: GenerateRequest) -> Reply:
-    """Start a generate reply (an empty prompt just loads the model)."""
+def generate(manager: ModelManager, req: GenerateRequest, *, context: RequestContext | None = None) -> Reply:
+    """Start a generate reply (an empty prompt just loads the model); ``context`` is the request's operations."""
     started = time.perf_counter_ns()
-    stack, resolution, loaded, load_duration = _start(manager, req.model, req.options, req.keep_alive)
+    stack, resolution, loaded, load_duration = _start(manager, req.model, req.options, req.keep_alive, context)
     try:
         record, model = resolution.record, loaded.model
         if not req.prompt and not req.context:
@@ -367,6 +380,8 @@ def generate(manager: ModelManager, req: GenerateRequest) -> Reply:
         tokens = list(req.context) + (model.tokenize(prompt, add_special=not req.context and model.add_bos,
                                                      parse_special=True) if req.raw else tokenize_prompt(model, prompt))
         grammar = grammar_for(req.format, [], "auto", DEFAULT_TOOL_FORMAT)
+        if context is not None:  # operations: the model's max_queue
+            context.check_queue(loaded)
         request = loaded.batcher.submit(tokens, resolution.options, grammar=grammar,
                                           truncate=req.truncate, logprobs=req.logprobs,
                                           top_logprobs=req.top_logprobs)
@@ -375,23 +390,27 @@ def generate(manager: ModelManager, req: GenerateRequest) -> Reply:
             parser = HarmonyParser([], prompt)
         elif not req.raw and _thinking_enabled(record, model, think) and not grammar:
             splitter = ThinkingSplitter(starts_inside=prompt_opens_thinking(prompt))
-        return Reply(record.name, stack, request, splitter, parser, started, load_duration, len(tokens))
+        return Reply(record.name, stack, request, splitter, parser, started, load_duration, len(tokens), context)
     except BaseException:
         stack.close()
         raise
 
 
-def apply_template(manager: ModelManager, req: ChatRequest) -> str:
+def apply_template(manager: ModelManager, req: ChatRequest, *, context: RequestContext | None = None) -> str:
     """The prompt a chat request would give the model, without generating."""
     resolution = manager.resolve(req.model, req.options)
+    if context is not None:  # operations: may this request use the model?
+        context.admit(resolution.record.name)
     with manager.hold(resolution, req.keep_alive) as loaded:
         think = _resolve_think(resolution, req.think)
         return render_prompt(resolution.record, loaded.model, req.messages, req.tools, think)
 
 
-def count_tokens(manager: ModelManager, req: ChatRequest) -> int:
+def count_tokens(manager: ModelManager, req: ChatRequest, *, context: RequestContext | None = None) -> int:
     """How many tokens the prompt of a chat request takes, as :func:`chat` would submit it."""
     resolution = manager.resolve(req.model, req.options)
+    if context is not None:  # operations: may this request use the model?
+        context.admit(resolution.record.name)
     with manager.hold(resolution, req.keep_alive) as loaded:
         tools = req.tools if req.tool_choice != "none" else []
         think = _resolve_think(resolution, req.think)
@@ -411,10 +430,11 @@ class Embeddings:
 
 
 def embed(manager: ModelManager, model_name: str, inputs: list[str], *, truncate: bool = True,
-          dimensions: int | None = None, options: dict[str, Any] | None = None, keep_alive: Any = None) -> Embeddings:
+          dimensions: int | None = None, options: dict[str, Any] | None = None, keep_alive: Any = None,
+          context: RequestContext | None = None) -> Embeddings:
     """Embed ``inputs`` (several per decode); ``dimensions`` keeps the first N, re-normalised."""
     started = time.perf_counter_ns()
-    stack, resolution, loaded, load_duration = _start(manager, model_name, options or {}, keep_alive)
+    stack, resolution, loaded, load_duration = _start(manager, model_name, options or {}, keep_alive, context)
     with stack:
         model = loaded.model
         vectors = loaded.batcher.embed(inputs, truncate=truncate)
@@ -423,6 +443,8 @@ def embed(manager: ModelManager, model_name: str, inputs: list[str], *, truncate
                 raise BadRequestError(f"dimensions must be between 1 and {model.n_embd}", param="dimensions")
             vectors = [_renormalise(v[:dimensions]) for v in vectors]
         tokens = sum(len(model.tokenize(text)) for text in inputs)
+        if context is not None:
+            context.embedded(tokens)
         return Embeddings(resolution.record.name, vectors, tokens, load_duration, time.perf_counter_ns() - started)
 
 

@@ -34,7 +34,9 @@ REPO = Path(__file__).resolve().parent.parent
 #: The Hub's address for every in-process daemon: a closed port, so a download fails at once.
 CLOSED_HUB = "http://127.0.0.1:9"
 #: Settings that would change what a daemon accepts, cleared unless a test sets them.
-_CLEARED = ("MULLAMA_API_KEY", "MULLAMA_MAX_BODY", "MULLAMA_ORIGINS", "OLLAMA_ORIGINS")
+_CLEARED = ("MULLAMA_API_KEY", "MULLAMA_MAX_BODY", "MULLAMA_ORIGINS", "OLLAMA_ORIGINS", "MULLAMA_KEYS",
+            "MULLAMA_LIMITS", "MULLAMA_LOG_FORMAT", "MULLAMA_STATS_RETENTION", "MULLAMA_MAX_QUEUE",
+            "OLLAMA_MAX_QUEUE", "MULLAMA_MAX_CONTEXT", "OLLAMA_MAX_CONTEXT", "MULLAMA_KEEP_ALIVE", "OLLAMA_KEEP_ALIVE")
 #: Seconds a ``mullama serve`` gets to answer, and to exit once signalled.
 _START_TIMEOUT, _STOP_TIMEOUT = 30.0, 15.0
 
@@ -66,6 +68,7 @@ def running(tmp: Path, **env: str) -> Iterator[Server]:
             server.shutdown()
             server.app.manager.close()
             server.server_close()
+            server.app.ops.close()
 
 
 def create_model(port: int, model_path: Path, name: str = "smol", **fields: Any) -> Any:

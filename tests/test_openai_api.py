@@ -22,6 +22,7 @@ from mullama.errors import BadRequestError
 from mullama.prompt.grammar import validate
 from mullama.http import openai as api
 from mullama.http.server import Server
+from mullama.ops.keys import Keyring
 from mullama.types import Message, ToolCall
 
 MODEL = "smol"
@@ -99,14 +100,15 @@ def test_unknown_v1_path_and_method_have_openai_errors(server: Server) -> None:
     assert status == 405 and "message" in body["error"]
 
 
-def test_wrong_api_key_is_authentication_error(client: openai.OpenAI, server: Server) -> None:
-    server.app.api_key = "secret"
+def test_wrong_api_key_is_authentication_error(client: openai.OpenAI, server: Server, tmp_path: Path) -> None:
+    keys = server.app.ops.keys
+    server.app.ops.keys = Keyring(tmp_path / "keys.json", "secret")
     try:
         with pytest.raises(openai.AuthenticationError):
             client.models.list()
         assert client.with_options(api_key="secret").models.list().data
     finally:
-        server.app.api_key = None
+        server.app.ops.keys = keys
 
 
 # --- chat completions -------------------------------------------------------

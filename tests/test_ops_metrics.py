@@ -19,14 +19,10 @@ from typing import Any
 
 import ollama
 import pytest
-from daemon import create_model, free_port, running
+from daemon import anthropic_client, create_model, free_port, openai_client, running
 
-from mullama.engine.model import Timings
 from mullama.ffi import loader
-from mullama.ops.keys import Keyring
-from mullama.ops.limits import Limits
-from mullama.ops.metrics import BuildInfo, Metrics, ModelUse, manager_models
-from mullama.ops.operations import Operations
+from mullama.ops.metrics import BuildInfo, Metrics, ModelUse
 from mullama.ops.prometheus import (OPENMETRICS_CONTENT_TYPE, TEXT_CONTENT_TYPE, Registry, negotiate, render)
 from mullama.ops.process import read_process
 
@@ -311,40 +307,33 @@ def query(url: str, promql: str) -> list[dict[str, Any]]:
     return answer["data"]["result"]
 
 
-def test_prometheus_scrapes_the_daemon(model_path: Path, tmp_path: Path) -> None:
+def test_a_live_daemon_passes_promtool_and_prometheus_reads_it_back(model_path: Path, tmp_path: Path) -> None:
     with running(tmp_path) as server:
         port = server.server_address[1]
-        ops = Operations(metrics=Metrics(models=lambda: manager_models(server.app.manager), build=BuildInfo.current()),
-                         keys=Keyring(tmp_path / "keys.json"), limits=Limits(tmp_path / "limits.json"))
-        accepted: list[str] = []
-
-        def metrics_route(request: Any) -> None:
-            accepted.append(request.headers.get("Accept") or "")
-            ops.metrics_route(request)
-
-        server.app.router.add("GET", "/metrics", metrics_route)
         # The same registry in the text format, whatever the scraper asks: Prometheus reads both.
         server.app.router.add("GET", "/metrics-text", lambda request: request.handler.send_bytes(
-            200, ops.metrics.exposition("text/plain")[0], TEXT_CONTENT_TYPE))
+            200, request.handler.app.ops.metrics.exposition("text/plain")[0], TEXT_CONTENT_TYPE))
         create_model(port, model_path, "smol", parameters={"num_thread": 1})
-        # What the request path will record once wired, from a real answer's own numbers.
-        record = ops.start("ollama", "/api/generate")
+        hello = [{"role": "user", "content": "Say hi"}]
         with ollama.Client(host=f"http://127.0.0.1:{port}", timeout=120) as client:
-            answer = client.generate(model="smol", prompt="Say hi", options={"num_predict": 6, "temperature": 0})
-            record.model = client.ps().models[0].model
-        record.add_timings(Timings(answer.load_duration or 0, answer.prompt_eval_count or 0,
-                                   answer.prompt_eval_duration or 0, answer.eval_count or 0, answer.eval_duration or 0,
-                                   answer.total_duration or 0))
-        ops.finish(record)
+            chats = [client.chat(model="smol", messages=hello, options={"num_predict": 4, "temperature": 0})
+                     for _ in range(2)]
+            model = client.ps().models[0].model
+        with openai_client(server, 120) as sdk:
+            completion = sdk.chat.completions.create(model="smol", messages=hello, max_tokens=4, temperature=0)
+        message = anthropic_client(server, 120).messages.create(model="smol", max_tokens=4, messages=hello)
+        generated = {"ollama": sum(chat.eval_count for chat in chats), "openai": completion.usage.completion_tokens,
+                     "anthropic": message.usage.output_tokens}
+        prompt = {"openai": completion.usage.prompt_tokens, "anthropic": message.usage.input_tokens}
 
-        live = _get(f"http://127.0.0.1:{port}/metrics-text")
-        assert live is not None
+        status, live = _get_with(f"http://127.0.0.1:{port}/metrics", "text/plain")
+        assert status == TEXT_CONTENT_TYPE
         checked = promtool_check(live)
         assert checked.returncode == 0 and not checked.stdout.strip(), checked.stdout + checked.stderr
+        status, openmetrics = _get_with(f"http://127.0.0.1:{port}/metrics", PROMETHEUS_ACCEPT)
+        assert status == OPENMETRICS_CONTENT_TYPE and openmetrics.endswith(b"\n# EOF\n")
 
         with prometheus(tmp_path, {"openmetrics": (port, "/metrics"), "text": (port, "/metrics-text")}) as url:
-            poll(lambda: accepted, 60, lambda: "Prometheus never scraped /metrics")
-            assert negotiate(accepted[0]), accepted[0]
             for job in ("openmetrics", "text"):
                 poll(lambda: query(url, f'up{{job="{job}"}} == 1'), 60,
                      lambda: f"the {job} job is not up: {_get(url + '/api/v1/targets')!r}")
@@ -353,13 +342,20 @@ def test_prometheus_scrapes_the_daemon(model_path: Path, tmp_path: Path) -> None
                     found = poll(lambda: query(url, promql), 30, lambda: f"no value for {promql}")
                     return float(found[0]["value"][1])
 
-                model = record.model
-                assert value(f'mullama_requests_total{{job="{job}",route="/api/generate",model="{model}",'
-                             f'status="200"}}') == 1
-                assert value(f'mullama_generated_tokens_total{{job="{job}",model="{model}"}}') == answer.eval_count
-                assert value(f'mullama_prompt_tokens_total{{job="{job}",model="{model}"}}') == \
-                    answer.prompt_eval_count
-                assert value(f'mullama_time_to_first_token_seconds_count{{job="{job}"}}') == 1
+                for api, route, count in (("ollama", "/api/chat", 2), ("openai", "/v1/chat/completions", 1),
+                                          ("anthropic", "/v1/messages", 1)):
+                    assert value(f'mullama_requests_total{{job="{job}",api="{api}",route="{route}",'
+                                 f'model="{model}",status="200",key=""}}') == count
+                    assert value(f'mullama_generated_tokens_total{{job="{job}",api="{api}",model="{model}"}}') == \
+                        generated[api]
+                    assert value(f'mullama_time_to_first_token_seconds_count{{job="{job}",api="{api}"}}') == count
+                for api, tokens in prompt.items():
+                    assert value(f'mullama_prompt_tokens_total{{job="{job}",api="{api}",model="{model}"}}') == tokens
+                assert value(f'mullama_requests_total{{job="{job}",route="/api/create",status="200"}}') == 1
+                assert value(f'mullama_model_loads_total{{job="{job}",model="{model}",outcome="ok"}}') == 1
+                assert value(f'mullama_model_load_duration_seconds_count{{job="{job}",model="{model}"}}') == 1
+                assert value(f'mullama_time_per_output_token_seconds_count{{job="{job}",model="{model}"}}') > 0
+                assert value(f'mullama_queue_wait_seconds_count{{job="{job}",model="{model}"}}') == 4
                 assert value(f'mullama_loaded_models{{job="{job}"}}') == 1
                 assert value(f'mullama_model_memory_bytes{{job="{job}",model="{model}"}}') > 1_000_000
                 assert value(f'mullama_slots_free{{job="{job}",model="{model}"}}') >= 1
@@ -370,3 +366,9 @@ def test_prometheus_scrapes_the_daemon(model_path: Path, tmp_path: Path) -> None
                 # A histogram Prometheus can take a quantile of: the buckets arrived whole.
                 assert value(f'histogram_quantile(0.5, mullama_request_duration_seconds_bucket{{job="{job}"}})') > 0
 
+
+def _get_with(url: str, accept: str) -> tuple[str, bytes]:
+    """GET ``url`` asking for ``accept``: the answer's content type and body."""
+    request = urllib.request.Request(url, headers={"Accept": accept})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return response.headers["Content-Type"], response.read()

@@ -18,7 +18,7 @@ from mullama.ops.keys import Keyring, create_key
 from mullama.ops.limits import Limits, LimitsError
 from mullama.ops.logs import JsonFormatter, LogFormatError, configure_logging, request_id
 from mullama.ops.metrics import Metrics, ModelUse
-from mullama.ops.operations import Operations, RequestRecord
+from mullama.ops.operations import Operations, RequestRecord, api_of
 from mullama.ops.prometheus import render
 from mullama.ops.stats import StatsStore
 
@@ -145,7 +145,7 @@ def test_status_and_stats_routes_on_a_daemon(tmp_path: Path) -> None:
         ops = make_ops(tmp_path, models=models, stopping=stopping)
         try:
             with running(tmp_path / f"daemon-{stopping}") as server:
-                server.app.router.add("GET", "/api/status", ops.status_route)
+                server.app.ops = ops
                 status, body = get(server.server_address[1], "/api/status")
         finally:
             ops.close()
@@ -158,7 +158,7 @@ def test_status_and_stats_routes_on_a_daemon(tmp_path: Path) -> None:
     # A daemon whose statistics database could not be opened answers /api/stats with a clear error.
     ops = Operations(metrics=Metrics(), keys=Keyring(tmp_path / "keys.json"), limits=Limits(tmp_path / "limits.json"))
     with running(tmp_path / "no-stats") as server:
-        server.app.router.add("GET", "/api/stats", ops.stats_route)
+        server.app.ops = ops
         status, body = get(server.server_address[1], "/api/stats")
     assert status == 503 and "statistics are off" in body["error"]
 
@@ -206,3 +206,30 @@ def test_json_logs_and_request_ids(monkeypatch: pytest.MonkeyPatch) -> None:
         generated = request_id(bad)
         assert len(generated) == 32 and generated != bad
     assert request_id(None) != request_id(None)
+
+
+def test_api_of_paths() -> None:
+    assert [api_of(path) for path in ("/api/chat", "/api", "/v1/chat/completions", "/v1/messages",
+                                      "/v1/messages/count_tokens", "/", "/metrics", "/ui")] == [
+        "ollama", "ollama", "openai", "anthropic", "anthropic", "", "", ""]
+
+
+def test_a_full_queue_is_refused_with_the_models_recent_pace(tmp_path: Path) -> None:
+    (tmp_path / "limits.json").write_text(json.dumps({"models": {"m": {"max_queue": 2}}}))
+    ops = make_ops(tmp_path)
+    try:
+        ops.check_queue("other:1", 1, 1, 500)  # no max_queue: the batcher's own bound applies
+        ops.check_queue("m:1", 4, 3, 0)  # a free sequence: nobody waits
+        ops.check_queue("m:1", 2, 2, 1)  # waits, behind one of two allowed
+        with pytest.raises(TooManyRequestsError, match="2 requests already wait") as first:
+            ops.check_queue("m:1", 2, 2, 2)
+        assert first.value.retry_after == 8  # nothing finished yet: 5 s a request, 3 ahead over 2 sequences
+        done = ops.start("ollama", "/api/chat")
+        done.model, done.started = "m:1", done.started - 20.0
+        done.add_timings(Timings(0, 1, MS, 1, MS, 2 * MS))
+        ops.finish(done)
+        with pytest.raises(TooManyRequestsError) as paced:
+            ops.check_queue("m:1", 2, 2, 2)
+        assert 30 <= paced.value.retry_after <= 31  # 20 s a request now
+    finally:
+        ops.close()

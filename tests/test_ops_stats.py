@@ -236,7 +236,7 @@ def test_stats_route_and_command(tmp_path: Path, capsys: pytest.CaptureFixture[s
     now = time.time()
     try:
         with running(tmp_path) as server:
-            server.app.router.add("GET", "/api/stats", ops.stats_route)
+            server.app.ops = ops
             port = server.server_address[1]
             for i in range(4):
                 store.record(record("smollm2:135m", at=now, key="ci", latency=0.1 * (i + 1)))

@@ -329,7 +329,10 @@ def list_table(models: list[dict[str, Any]], prefix: str = "", now: datetime | N
 
 
 def ps_table(models: list[dict[str, Any]], prefix: str = "", now: datetime | None = None) -> str:
-    """The ``NAME ID SIZE PROCESSOR CONTEXT UNTIL`` table of ``mullama ps``; ``prefix`` filters names."""
+    """The ``NAME ID SIZE PROCESSOR CONTEXT UNTIL`` table of ``mullama ps``; ``prefix`` filters names.
+
+    A ``LIMITS`` column follows when a model has limits (``limits.json``, ``MULLAMA_MAX_QUEUE``...).
+    """
     wanted = prefix
     rows = []
     now = now or datetime.now(timezone.utc)
@@ -350,8 +353,43 @@ def ps_table(models: list[dict[str, Any]], prefix: str = "", now: datetime | Non
         expires = parse_time(model.get("expires_at"))
         until = "Stopping..." if expires is not None and expires < now else human_time(expires, "Never", now)
         context = str(json_int(model.get("context_length")))
-        rows.append([name, _short_digest(model.get("digest")), human_bytes(size), processor, context, until])
-    return format_table(rows, ["NAME", "ID", "SIZE", "PROCESSOR", "CONTEXT", "UNTIL"])
+        rows.append([name, _short_digest(model.get("digest")), human_bytes(size), processor, context, until,
+                     limits_cell(model)])
+    header = ["NAME", "ID", "SIZE", "PROCESSOR", "CONTEXT", "UNTIL", "LIMITS"]
+    if all(row[-1] == "-" for row in rows):
+        # Ollama's own table when no model is limited: scripts that read it keep working.
+        rows, header = [row[:-1] for row in rows], header[:-1]
+    return format_table(rows, header)
+
+
+#: How ``mullama ps`` names each limit of ``/api/ps``.
+_LIMIT_WORDS = (("max_parallel", "parallel"), ("max_queue", "queue"), ("max_context", "ctx"),
+                ("max_memory", "memory"), ("keep_alive", "keep"), ("pinned", "pinned"), ("keys", "keys"))
+
+
+def limits_cell(model: dict[str, Any]) -> str:
+    """A loaded model's limits and use, as ``mullama ps`` shows them: ``queue 1/64, parallel 4, pinned``; ``-``."""
+    limits = model.get("limits")
+    if not isinstance(limits, dict) or not limits:
+        return "-"
+    parts = []
+    for name, word in _LIMIT_WORDS:
+        value = limits.get(name)
+        if value is None or value is False:
+            continue
+        if name == "max_queue":
+            parts.append(f"{word} {json_int(model.get('queued'))}/{json_int(value)}")
+        elif name == "max_memory":
+            parts.append(f"{word} {human_bytes(json_int(value))}")
+        elif name == "keys":
+            parts.append(f"{word} {','.join(str(k) for k in value) if isinstance(value, list) else value}")
+        elif name == "keep_alive" and isinstance(value, (int, float)):
+            parts.append(f"{word} {'forever' if value < 0 else f'{value:g}s'}")
+        elif value is True:
+            parts.append(word)
+        else:
+            parts.append(f"{word} {value}")
+    return ", ".join(parts) or "-"
 
 
 def _short_digest(digest: Any) -> str:

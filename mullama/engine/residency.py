@@ -16,7 +16,7 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, replace
 from typing import Any
@@ -30,6 +30,8 @@ from mullama.errors import BadRequestError, ModelLoadError, ModelNotFoundError, 
 from mullama.options import Options
 from mullama.store.blobs import Store
 from mullama.store.records import ModelRecord, find_model
+from mullama.ops.limits import ModelLimits
+from mullama.ops.metrics import Metrics
 
 log = logging.getLogger("mullama.engine.residency")
 
@@ -161,6 +163,10 @@ class ModelManager:
         #: Seconds a load waits for busy models to make room before answering 503.
         self.load_timeout = load_timeout if load_timeout is not None else \
             _env_value("LOAD_TIMEOUT", DEFAULT_LOAD_TIMEOUT, parse_keep_alive)
+        #: Operations hooks: a model's limits (``limits.json``) and where loads and evictions are counted.
+        #: The daemon's composition root sets its own; the defaults limit nothing and count for no one.
+        self.limits: Callable[[str], ModelLimits] = _no_limits
+        self.metrics = Metrics()
         self._loaded: dict[str, LoadedModel] = {}
         #: Loads in progress: name to the bytes reserved for it.
         self._loading: dict[str, int] = {}
@@ -183,6 +189,7 @@ class ModelManager:
             log.debug("num_ctx %d for %s capped to %d by MULLAMA_MAX_CONTEXT", options.num_ctx, record.name,
                       self.max_context)
             options = replace(options, num_ctx=self.max_context)
+        options = self.limits(record.name).capped(options)
         think = options.think if "think" in record.parameters or "think" in request_options else None
         return Resolution(record, options, LoadOptions.from_options(options), think)
 
@@ -194,7 +201,7 @@ class ModelManager:
         within the load timeout, :class:`ModelLoadError` when it cannot fit
         even alone.
         """
-        loaded = self._acquire(resolution, parse_keep_alive(keep_alive))
+        loaded = self._acquire(resolution, keep_alive)
         try:
             yield loaded
         finally:
@@ -239,7 +246,7 @@ class ModelManager:
         with self._lock:
             for loaded in list(self._loaded.values()):
                 loaded.batcher.cancel_all()
-                self._evict(loaded)
+                self._evict(loaded, "shutdown")
             self._lock.notify_all()
 
     # --- internals -----------------------------------------------------------
@@ -250,13 +257,16 @@ class ModelManager:
         except (ModelNotFoundError, BadRequestError):
             return name
 
-    def _acquire(self, resolution: Resolution, keep_alive: float) -> LoadedModel:
+    def _acquire(self, resolution: Resolution, keep_alive: Any) -> LoadedModel:
         record, load_options = resolution.record, resolution.load_options
+        limits = self.limits(record.name)
+        keep_alive = -1.0 if limits.pinned else parse_keep_alive(keep_alive, limits.keep_alive)
         with self._lock:
             loaded = self._take(record, load_options, keep_alive)
         if loaded is not None:
             return loaded
         need = estimate_record(record, load_options)
+        limits.check_memory(record.name, need.total)
         deadline = time.monotonic() + self.load_timeout
         with self._lock:
             while True:
@@ -272,7 +282,7 @@ class ModelManager:
                         self._wait(deadline, f"{record.name} is busy serving requests with other options "
                                              f"(num_ctx {current.load_options.num_ctx})")
                     else:
-                        self._evict(current)
+                        self._evict(current, "reload")
                 else:
                     evict = self._plan_room(record.name, need, load_options)
                     if evict is not None:
@@ -280,7 +290,7 @@ class ModelManager:
                     self._wait(deadline, self._no_room(record.name, need.total, load_options))
             for idle in evict:
                 log.info("unloading %s to make room for %s", idle.record.name, record.name)
-                self._evict(idle)
+                self._evict(idle, "room")
             self._loading[record.name] = need.total
         try:
             return self._load(record, load_options, keep_alive, need)
@@ -359,7 +369,7 @@ class ModelManager:
             loaded.last_used = time.monotonic()
             loaded.expires_at = time.time() + loaded.keep_alive if loaded.keep_alive >= 0 else float("inf")
             if loaded.in_use == 0 and loaded.keep_alive == 0:
-                self._evict(loaded)
+                self._evict(loaded, "expired")
             self._lock.notify_all()
 
     def _load(self, record: ModelRecord, load_options: LoadOptions, keep_alive: float, need: Estimate) -> LoadedModel:
@@ -367,27 +377,30 @@ class ModelManager:
         capped = " (the MULLAMA_MAX_CONTEXT cap)" if load_options.num_ctx == self.max_context else ""
         log.info("loading %s (%s, num_ctx=%d%s, num_parallel=%d, about %s)", record.name, record.model_path,
                  load_options.num_ctx, capped, load_options.num_parallel, memory.describe(need.total))
-        model = Model(record.model_paths, load_options, adapters=record.adapters)
-        try:
-            batcher = Batcher(model, max_queue=self.max_queue)
-        except BaseException:
-            model.close()
-            raise
+        with self.metrics.loading(record.name):
+            model = Model(record.model_paths, load_options, adapters=record.adapters)
+            try:
+                batcher = Batcher(model, max_queue=self.max_queue)
+            except BaseException:
+                model.close()
+                raise
         loaded = LoadedModel(record=record, model=model, batcher=batcher, load_options=load_options,
                              keep_alive=keep_alive, last_used=time.monotonic(), in_use=1, estimate=need)
         with self._lock:
             if self._closed.is_set():
-                self._evict(loaded)
+                self._evict(loaded, "shutdown")
                 raise OverloadedError("the server is shutting down")
             self._loaded[record.name] = loaded
         return loaded
 
-    def _evict(self, loaded: LoadedModel) -> None:
+    def _evict(self, loaded: LoadedModel, reason: str = "unload") -> None:
         if self._loaded.get(loaded.record.name) is loaded:
             del self._loaded[loaded.record.name]
         log.info("unloading %s", loaded.record.name)
+        started = time.monotonic()
         loaded.batcher.close()
         loaded.model.close()
+        self.metrics.model_evicted(loaded.record.name, reason, time.monotonic() - started)
         self._lock.notify_all()
 
     def _reap(self) -> None:
@@ -397,7 +410,12 @@ class ModelManager:
             with self._lock:
                 for loaded in list(self._loaded.values()):
                     if not loaded.busy and not loaded.pinned and loaded.expires_at and loaded.expires_at <= now:
-                        self._evict(loaded)
+                        self._evict(loaded, "expired")
+
+
+def _no_limits(name: str) -> ModelLimits:
+    """The limits of every model outside the daemon: none."""
+    return ModelLimits()
 
 
 def estimate_record(record: ModelRecord, load_options: LoadOptions) -> Estimate:

@@ -368,7 +368,7 @@ def messages_route(request: Request) -> None:
     body = request.json()
     req = parse_request(body)
     stream = typed(body, "stream", bool, False)
-    reply = service.chat(request.handler.app.manager, req)
+    reply = service.chat(request.handler.app.manager, req, context=request.context)
     message_id = new_id("msg_")
     if not stream:
         send_result(request, reply, message_json(message_id, req.model, drain(request, reply)))
@@ -381,4 +381,5 @@ def messages_route(request: Request) -> None:
 def count_tokens_route(request: Request) -> None:
     """``POST /v1/messages/count_tokens``: the prompt's length in tokens."""
     req = parse_request(request.json(), counting=True)
-    request.handler.send_json(200, {"input_tokens": service.count_tokens(request.handler.app.manager, req)})
+    tokens = service.count_tokens(request.handler.app.manager, req, context=request.context)
+    request.handler.send_json(200, {"input_tokens": tokens})

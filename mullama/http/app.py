@@ -3,9 +3,12 @@
 The transport (:mod:`mullama.http.server`) knows no API; each API family is a
 module with ``register(router)`` that adds its routes (and, under its path
 prefix, its error body). This module imports every family, builds the one
-router with Ollama's error body as the default, and makes, runs and winds
-down the server. A family that cannot be imported stops startup with one
-line naming it: the daemon never runs with an API silently missing.
+router with Ollama's error body as the default, puts the daemon's
+operations (:mod:`mullama.ops`: keys, limits, metrics, statistics, health)
+beside the model registry, and makes, runs and winds down the server. A
+family that cannot be imported stops startup with one line naming it: the
+daemon never runs with an API silently missing; neither does it run with a
+keys or limits file it cannot read.
 """
 
 from __future__ import annotations
@@ -26,7 +29,10 @@ from typing import Any, cast
 from mullama import __version__, config
 from mullama.engine.residency import ModelManager
 from mullama.errors import MullamaError
-from mullama.http.server import DEFAULT_MAX_BODY, Router, Server, is_loopback, parse_address
+from mullama.http.server import DEFAULT_MAX_BODY, Request, Router, Server, is_loopback, parse_address
+from mullama.ops import systemd
+from mullama.ops.logs import configure_logging
+from mullama.ops.operations import Operations
 
 log = logging.getLogger("mullama.server")
 
@@ -58,20 +64,41 @@ API_FAMILIES = (ollama, openai, anthropic, webui)
 
 
 def build_router() -> Router:
-    """Every API family's routes on one router; a path under no family's prefix gets Ollama's error body."""
+    """Every API family's routes and the operations routes on one router.
+
+    A path under no family's prefix gets Ollama's error body.
+    """
     router = Router(default_error=ollama.error_body)
     for family in API_FAMILIES:
         family.register(router)
+    router.add("GET", "/metrics", metrics_route)
+    router.add("GET", "/api/stats", stats_route)
+    router.add("GET", "/api/status", status_route)
     return router
+
+
+def metrics_route(request: Request) -> None:
+    """``GET /metrics``: the application's metrics (see :meth:`Operations.metrics_route`)."""
+    request.handler.app.ops.metrics_route(request)
+
+
+def stats_route(request: Request) -> None:
+    """``GET /api/stats``: the application's statistics (see :meth:`Operations.stats_route`)."""
+    request.handler.app.ops.stats_route(request)
+
+
+def status_route(request: Request) -> None:
+    """``GET /api/status``: health, loaded models and queue (see :meth:`Operations.status_route`)."""
+    request.handler.app.ops.status_route(request)
 
 
 @dataclass
 class App:
-    """Everything the handlers share: the model registry, the routes and the server's settings."""
+    """Everything the handlers share: the model registry, the operations, the routes and the server's settings."""
 
     manager: ModelManager
+    ops: Operations
     router: Router
-    api_key: str | None = None
     loopback: bool = True
     extra_origins: tuple[str, ...] = ()
     max_body: int = DEFAULT_MAX_BODY
@@ -100,26 +127,45 @@ class App:
 
 
 def make_server(address: str | None = None, manager: ModelManager | None = None) -> Server:
-    """A ready-to-serve server on ``address`` (default MULLAMA_HOST/OLLAMA_HOST or 127.0.0.1:11434)."""
+    """A ready-to-serve server on ``address`` (default MULLAMA_HOST/OLLAMA_HOST or 127.0.0.1:11434).
+
+    Raises :class:`MullamaError` for a keys or limits file that cannot be read.
+    """
     host, port = parse_address(address if address is not None else config.env("HOST"))
     origins = tuple(o.strip() for o in (config.env("ORIGINS") or "").split(",") if o.strip())
-    app = App(manager=manager or ModelManager(), router=build_router(),
-              api_key=os.environ.get("MULLAMA_API_KEY") or None, loopback=is_loopback(host),
-              extra_origins=origins,
-              max_body=int(os.environ.get("MULLAMA_MAX_BODY") or DEFAULT_MAX_BODY))
-    if not app.loopback and not app.api_key:
-        log.warning("listening on %s without MULLAMA_API_KEY: ANYONE ON THE NETWORK CAN USE, CREATE AND DELETE "
-                    "MODELS on this server", host)
-    return Server((host, port), app)
+    max_body = int(os.environ.get("MULLAMA_MAX_BODY") or DEFAULT_MAX_BODY)
+    owned = manager is None
+    manager = manager or ModelManager()
+    stopping = threading.Event()
+    try:
+        ops = Operations.create(manager, stopping=stopping.is_set)
+    except BaseException:
+        if owned:
+            manager.close()
+        raise
+    # The registry keeps each model within its limits and counts its loads and evictions.
+    manager.limits, manager.metrics = ops.limits.for_model, ops.metrics
+    app = App(manager=manager, ops=ops, router=build_router(), loopback=is_loopback(host), extra_origins=origins,
+              max_body=max_body, stopping=stopping)
+    if not app.loopback and not ops.keys.enabled:
+        log.warning("listening on %s without MULLAMA_API_KEY or a keys file: ANYONE ON THE NETWORK CAN USE, CREATE "
+                    "AND DELETE MODELS on this server", host)
+    try:
+        return Server((host, port), app)
+    except BaseException:
+        ops.close()
+        raise
 
 
 def serve(address: str | None = None) -> int:
-    """Run the daemon in the foreground until SIGINT/SIGTERM; a second signal skips the grace period."""
-    logging.basicConfig(level=logging.DEBUG if os.environ.get("MULLAMA_DEBUG") else logging.INFO,
-                        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", stream=sys.stderr)
-    if not os.environ.get("MULLAMA_DEBUG"):
-        logging.getLogger("mullama.native").setLevel(logging.WARNING)
+    """Run the daemon in the foreground until SIGINT/SIGTERM; a second signal skips the grace period.
+
+    Under systemd (``NOTIFY_SOCKET``) it reports ``READY=1`` once it listens
+    and ``STOPPING=1`` on the first stop signal; SIGHUP rereads the limits
+    and keys files without dropping a request.
+    """
     try:
+        configure_logging()
         server = make_server(address)
     except OSError as exc:
         print(f"Error: could not listen: {exc}", file=sys.stderr)
@@ -139,17 +185,32 @@ def serve(address: str | None = None) -> int:
             return
         log.info("received %s, shutting down", signal.Signals(signum).name)
         app.stopping.set()
+        systemd.stopping()
         # shutdown() waits for serve_forever to return, so it cannot run in the thread serving.
         threading.Thread(target=server.shutdown, daemon=True).start()
 
+    def reload() -> None:
+        systemd.reloading()
+        app.ops.reload()
+        systemd.ready(f"listening on {host}:{port}")
+
+    def hangup(_signum: int, _frame: Any) -> None:
+        log.info("received SIGHUP, rereading the limits and keys files")
+        # Off the signal handler: it interrupts the serving thread, which may hold a lock the reload takes.
+        threading.Thread(target=reload, name="mullama-reload", daemon=True).start()
+
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    if hasattr(signal, "SIGHUP"):
+        signal.signal(signal.SIGHUP, hangup)
+    systemd.ready(f"listening on {host}:{port}")
     try:
         server.serve_forever(poll_interval=0.2)
     finally:
         app.stopping.set()
         wind_down(app, SHUTDOWN_GRACE, hurry)
         server.server_close()
+        app.ops.close()
     log.info("stopped")
     return 0
 

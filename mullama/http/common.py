@@ -285,9 +285,11 @@ def send_stream(request: Request, content_type: str, produce: Callable[[Write], 
             reply.cancel()
         raise
     except MullamaError as error:
+        handler.stream_failed(error.status)
         handler.write_chunk(error_chunk(error))
     except Exception:  # noqa: BLE001 - the client gets its API's error event, the log gets the traceback
         log.exception("unexpected error in the stream of %s %s", request.method, request.path)
+        handler.stream_failed(500)
         handler.write_chunk(error_chunk(MullamaError(INTERNAL_ERROR)))
     finally:
         if reply is not None:

@@ -200,6 +200,8 @@ def _unload_reply(request: Request, name: str, duration: Any, key: str) -> bool:
     """An empty prompt with keep_alive 0 unloads the model instead of loading it."""
     if duration is None or parse_keep_alive(duration) != 0:
         return False
+    if request.context is not None:  # operations: unloading is an administrator's act
+        request.context.require("admin")
     find_model(request.handler.app.manager.store, name)
     request.handler.app.manager.unload(name)
     body = {"model": name, "created_at": now(), "done": True, "done_reason": "unload"}
@@ -228,7 +230,7 @@ def generate(request: Request) -> None:
         think=_think(body), keep_alive=keep_alive(body), truncate=_truncate(body),
         logprobs=logprobs, top_logprobs=top_logprobs)
     stream = _stream(body)  # checked before the generation starts: a bad one must not leave it running
-    reply = service.generate(request.handler.app.manager, req)
+    reply = service.generate(request.handler.app.manager, req, context=request.context)
     model = reply.model_name
 
     def shape(delta: service.Delta) -> dict[str, Any]:
@@ -286,7 +288,7 @@ def chat_route(request: Request) -> None:
                            keep_alive=keep_alive(body), truncate=_truncate(body),
                            logprobs=logprobs, top_logprobs=top_logprobs)
     stream = _stream(body)
-    reply = service.chat(request.handler.app.manager, req)
+    reply = service.chat(request.handler.app.manager, req, context=request.context)
     model = reply.model_name
 
     def message_json(content: str, thinking: str, calls: list[ToolCall]) -> dict[str, Any]:
@@ -324,11 +326,14 @@ def embed(request: Request) -> None:
     dimensions = typed(body, "dimensions", int)
     if not inputs:
         # Ollama loads the model and answers with no vectors.
+        if request.context is not None:  # operations: may this request use the model?
+            request.context.admit(find_model(request.handler.app.manager.store, name).name)
         with request.handler.app.manager.use(name, _options(body), keep_alive(body)) as loaded:
             request.handler.send_json(200, {"model": loaded.record.name, "embeddings": []})
         return
     result = service.embed(request.handler.app.manager, name, inputs, truncate=_truncate(body),
-                        dimensions=dimensions, options=_options(body), keep_alive=keep_alive(body))
+                        dimensions=dimensions, options=_options(body), keep_alive=keep_alive(body),
+                        context=request.context)
     request.handler.send_json(200, {"model": result.model, "embeddings": result.vectors,
                                     "total_duration": result.total_duration, "load_duration": result.load_duration,
                                     "prompt_eval_count": result.prompt_tokens})
@@ -342,7 +347,7 @@ def embeddings_legacy(request: Request) -> None:
         request.handler.send_json(200, {"embedding": []})
         return
     result = service.embed(request.handler.app.manager, name, [prompt], options=_options(body),
-                        keep_alive=keep_alive(body))
+                        keep_alive=keep_alive(body), context=request.context)
     request.handler.send_json(200, {"embedding": result.vectors[0]})
 
 
@@ -393,7 +398,8 @@ def ps(request: Request) -> None:
                        "context_length": loaded.context_length, "num_parallel": loaded.num_parallel,
                        "memory": {"weights": loaded.estimate.weights, "kv_cache": loaded.estimate.kv_cache,
                                   "compute": loaded.estimate.compute},
-                       "active": loaded.batcher.active_count, "queued": loaded.batcher.queued_count})
+                       "active": loaded.batcher.active_count, "queued": loaded.batcher.queued_count,
+                       "limits": request.handler.app.ops.limits.for_model(record.name).as_dict()})
     request.handler.send_json(200, {"models": models})
 
 
@@ -601,7 +607,9 @@ def pull_route(request: Request) -> None:
     body = request.json()
     name = model_name(body, "name")
     store = request.handler.app.manager.store
-    _status_stream(request, typed(body, "stream", bool, True), lambda emit: pull(name, store, emit))
+    metrics = request.handler.app.ops.metrics
+    _status_stream(request, typed(body, "stream", bool, True),
+                   lambda emit: metrics.counted_pull(lambda counted: pull(name, store, counted), emit))
 
 
 def push(request: Request) -> None:
@@ -648,4 +656,5 @@ def apply_template(request: Request) -> None:
     body = request.json()
     req = ChatRequest(model=model_name(body, "name"), messages=_messages(body.get("messages")),
                            tools=function_tools(body.get("tools")), think=_think(body), options=_options(body))
-    request.handler.send_json(200, {"prompt": service.apply_template(request.handler.app.manager, req)})
+    request.handler.send_json(200, {"prompt": service.apply_template(request.handler.app.manager, req,
+                                                                     context=request.context)})

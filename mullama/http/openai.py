@@ -314,7 +314,7 @@ def chat_completions(request: Request) -> None:
     parallel = typed(body, "parallel_tool_calls", bool, True)
     stream = typed(body, "stream", bool, False)
     include_usage = _include_usage(body)
-    reply = service.chat(request.handler.app.manager, req)
+    reply = service.chat(request.handler.app.manager, req, context=request.context)
     head = {"id": new_id("chatcmpl-"), "created": int(time.time()), "model": model,
             "system_fingerprint": FINGERPRINT}
 
@@ -400,7 +400,7 @@ def completions(request: Request) -> None:
                                truncate=_truncate(body), logprobs=logprobs is not None, top_logprobs=logprobs or 0)
     stream = typed(body, "stream", bool, False)
     include_usage = _include_usage(body)
-    reply = service.generate(request.handler.app.manager, req)
+    reply = service.generate(request.handler.app.manager, req, context=request.context)
     head = {"id": new_id("cmpl-"), "object": "text_completion", "created": int(time.time()), "model": model,
             "system_fingerprint": FINGERPRINT}
     # Offsets count characters of the choice's text, which starts with the prompt when it is echoed.
@@ -451,7 +451,7 @@ def embeddings(request: Request) -> None:
     if encoding not in ("float", "base64"):
         raise BadRequestError("encoding_format must be float or base64", param="encoding_format")
     result = service.embed(request.handler.app.manager, model, inputs, dimensions=typed(body, "dimensions", int),
-                        options=_options(body, ()), keep_alive=keep_alive(body))
+                        options=_options(body, ()), keep_alive=keep_alive(body), context=request.context)
 
     def encode(vector: list[float]) -> Any:
         return vector if encoding == "float" else base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
@@ -672,7 +672,7 @@ def responses(request: Request) -> None:
             "text": {"format": text.get("format") or {"type": "text"}}, "error": None, "incomplete_details": None,
             "previous_response_id": None, "reasoning": reasoning or None, "store": False, "truncation": "disabled",
             "usage": None}
-    reply = service.chat(request.handler.app.manager, req)
+    reply = service.chat(request.handler.app.manager, req, context=request.context)
     machine = _ResponseEvents(base, parallel)
 
     def events() -> Iterator[dict[str, Any]]:

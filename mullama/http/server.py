@@ -1,16 +1,16 @@
 """The transport: one ``ThreadingHTTPServer`` and the handler of its connections.
 
 A request enters in :class:`Handler`, passes the safety checks (Host header,
-API key, CORS, body size), and is routed by the :class:`Router` to a route
-function that some module registered. This module knows no API family: the
-composition root (:mod:`mullama.http.app`) gives the server its application,
+API key and its scope, CORS, body size), and is routed by the :class:`Router`
+to a route function that some module registered; the application's
+operations (:mod:`mullama.ops`) give it an id, count it and log it. This
+module knows no API family: the composition root (:mod:`mullama.http.app`) gives the server its application,
 whose router holds the routes and the error formatters, so an error raised
 anywhere becomes the error body of the API family its path belongs to.
 """
 
 from __future__ import annotations
 
-import hmac
 import ipaddress
 import json
 import logging
@@ -18,6 +18,7 @@ import re
 import socket
 import sys
 import threading
+import time
 import traceback
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
@@ -34,8 +35,10 @@ from mullama.errors import (
     MullamaError,
     NotFoundError,
     PayloadTooLargeError,
-    UnauthorizedError,
+    TooManyRequestsError,
 )
+from mullama.ops.logs import request_id
+from mullama.ops.operations import Operations, RequestContext, RequestRecord, api_of
 
 log = logging.getLogger("mullama.server")
 
@@ -58,6 +61,8 @@ class Request:
     headers: Any
     handler: "Handler"
     params: dict[str, str] = field(default_factory=dict)
+    #: Who sent the request and what it did, for the layers below (see :mod:`mullama.ops.operations`).
+    context: RequestContext | None = None
     _body: bytes | None = None
 
     def body(self) -> bytes:
@@ -84,8 +89,16 @@ Route = Callable[[Request], None]
 ErrorFormatter = Callable[[MullamaError], dict[str, Any]]
 
 
-Route = Callable[[Request], None]
-ErrorFormatter = Callable[[MullamaError], dict[str, Any]]
+@dataclass(frozen=True)
+class RouteMatch:
+    """What the router found for a request: the route (None when none), its pattern and path parameters."""
+
+    route: Route | None
+    #: The pattern the route was registered with (``/api/blobs/{digest}``), never the raw path; "" when none.
+    pattern: str = ""
+    params: dict[str, str] = field(default_factory=dict)
+    #: Whether the path exists under another method (405 rather than 404).
+    path_known: bool = False
 
 
 @dataclass
@@ -94,7 +107,7 @@ class Router:
 
     #: The error body of a path under no registered prefix.
     default_error: ErrorFormatter
-    routes: list[tuple[str, re.Pattern[str], Route]] = field(default_factory=list)
+    routes: list[tuple[str, str, re.Pattern[str], Route]] = field(default_factory=list)
     #: (path prefix, error formatter), longest prefix wins.
     error_formats: list[tuple[str, ErrorFormatter]] = field(default_factory=list)
 
@@ -102,22 +115,22 @@ class Router:
         """Route ``method`` on ``pattern``: ``{name}`` captures one path segment, ``{name...}`` the rest."""
         regex = re.compile("^" + re.sub(r"\{(\w+)(\.\.\.)?\}",
                                         lambda m: f"(?P<{m[1]}>{'.+' if m[2] else '[^/]+'})", pattern) + "$")
-        self.routes.append((method, regex, route))
+        self.routes.append((method, pattern, regex, route))
 
     def add_error_format(self, prefix: str, formatter: ErrorFormatter) -> None:
         """Report the errors of paths under ``prefix`` with ``formatter``."""
         self.error_formats.append((prefix, formatter))
 
-    def match(self, method: str, path: str) -> tuple[Route | None, dict[str, str], bool]:
-        """(route, path parameters, whether the path exists under another method)."""
+    def match(self, method: str, path: str) -> RouteMatch:
+        """The route of ``method`` on ``path``, with its pattern and path parameters."""
         path_known = False
-        for route_method, regex, route in self.routes:
+        for route_method, pattern, regex, route in self.routes:
             found = regex.match(path)
             if found:
                 path_known = True
                 if route_method == method:
-                    return route, found.groupdict(), True
-        return None, {}, path_known
+                    return RouteMatch(route, pattern, found.groupdict(), True)
+        return RouteMatch(None, path_known=path_known)
 
     def error_body(self, path: str, error: MullamaError) -> dict[str, Any]:
         """``error`` as the body of the API family ``path`` belongs to."""
@@ -136,8 +149,8 @@ class Application(Protocol):
     """
 
     router: Router
-    #: When set, every route but ``/`` needs ``Authorization: Bearer KEY`` or ``x-api-key: KEY``.
-    api_key: str | None
+    #: Keys, metrics, statistics and limits: every request passes through them.
+    ops: Operations
     #: Bound to loopback: Host headers naming another machine are refused.
     loopback: bool
     #: CORS origins allowed beyond Ollama's defaults (``*`` wildcards).
@@ -204,6 +217,9 @@ class Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         log.info("%s %s", self.address_string(), format % args)
 
+    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
+        """Nothing: :meth:`_answer` logs each request once it ends, with its id, duration and model."""
+
     # --- dispatch ----------------------------------------------------------
 
     def _dispatch(self, method: str) -> None:
@@ -217,18 +233,25 @@ class Handler(BaseHTTPRequestHandler):
     def _answer(self, method: str) -> None:
         self._started_response = False
         self._body_read = False
+        self._status = 0
         split = urlsplit(self.path)
         path = split.path.rstrip("/") or "/"
+        # Operations: an id echoed in X-Request-Id, the key and its scope checked before the path is
+        # (no probing which routes exist without a key), the request counted and logged however it ends.
+        self._request_id = request_id(self.headers.get("X-Request-Id"))
+        ops: Operations = self.app.ops
+        record = ops.start(api_of(path), "")
         try:
             self._check_host()
-            route, params, known = self.app.router.match(method, path)
-            if route is None:
-                if known:
+            match = self.app.router.match(method, path)
+            identity = ops.authorize(path, self.headers) if match.route else ops.keys.authenticate(self.headers)
+            record.key, record.route = identity.name, match.pattern
+            if match.route is None:
+                if match.path_known:
                     raise MethodNotAllowed(f"method {method} not allowed for {path}")
                 raise NotFoundError(f"404 page not found: {path}")
-            if path != "/":
-                self._check_api_key()
-            route(Request(method, path, split.query, self.headers, self, params))
+            context = RequestContext(ops, identity, record, self._request_id)
+            match.route(Request(method, path, split.query, self.headers, self, match.params, context))
         except MullamaError as error:
             self._fail(path, error)
         except (BrokenPipeError, ConnectionResetError):
@@ -236,7 +259,20 @@ class Handler(BaseHTTPRequestHandler):
         except Exception:  # noqa: BLE001 - the client gets a clean 500, the log gets the traceback
             log.error("unexpected error on %s %s\n%s", method, path, traceback.format_exc())
             self._fail(path, MullamaError("internal server error"))
+        finally:
+            self._finish(method, path, record)
         self._skip_unread_body()
+
+    def _finish(self, method: str, path: str, record: RequestRecord) -> None:
+        """Count the request and write its log line (499 when the client left before any answer)."""
+        record.status = self._status or 499
+        self.app.ops.finish(record)
+        seconds = time.monotonic() - record.started
+        log.info("%s %s %s %d %.3fs", self.address_string(), method, path, record.status, seconds, extra={"fields": {
+            "request_id": self._request_id, "client": self.address_string(), "method": method, "path": path,
+            "status": record.status, "duration_seconds": round(seconds, 6), "api": record.api, "route": record.route,
+            "model": record.model, "key": record.key, "prompt_tokens": record.prompt_tokens,
+            "generated_tokens": record.generated_tokens}})
 
     def _skip_unread_body(self) -> None:
         """Drain a small body the route did not read, so keep-alive stays in step; close on a big one."""
@@ -259,7 +295,9 @@ class Handler(BaseHTTPRequestHandler):
             # Headers are gone: the streaming route reports errors in-stream; just close.
             self.close_connection = True
             return
-        self.send_json(error.status, self.app.router.error_body(path, error))
+        # Retry-After is read by the OpenAI and Anthropic SDKs (and any HTTP client) to pace retries.
+        retry = {"Retry-After": str(error.retry_after)} if isinstance(error, TooManyRequestsError) else None
+        self.send_json(error.status, self.app.router.error_body(path, error), retry)
 
     # --- safety ------------------------------------------------------------
 
@@ -270,15 +308,6 @@ class Handler(BaseHTTPRequestHandler):
         host = self.headers.get("Host", "")
         if not host_allowed(host):
             raise ForbiddenError(f"forbidden host {host!r}")
-
-    def _check_api_key(self) -> None:
-        key = self.app.api_key
-        if not key:
-            return
-        auth = self.headers.get("Authorization", "")
-        given = auth[7:].strip() if auth.lower().startswith("bearer ") else self.headers.get("x-api-key", "")
-        if not given or not _constant_time_equal(given, key):
-            raise UnauthorizedError("invalid or missing API key")
 
     def _origin_allowed(self, origin: str) -> bool:
         return origin_allowed(origin, self.app.extra_origins)
@@ -340,6 +369,7 @@ class Handler(BaseHTTPRequestHandler):
     # --- responses ---------------------------------------------------------
 
     def _common_headers(self) -> None:
+        self.send_header("X-Request-Id", self._request_id)
         if self.app.stopping.is_set():
             # Keep-alive ends with the server: the client must not send this connection another request.
             self.send_header("Connection", "close")
@@ -351,6 +381,7 @@ class Handler(BaseHTTPRequestHandler):
     def send_bytes(self, status: int, body: bytes, content_type: str, headers: dict[str, str] | None = None) -> None:
         """A complete response with a known length."""
         self._started_response = True
+        self._status = status
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
@@ -369,6 +400,7 @@ class Handler(BaseHTTPRequestHandler):
     def start_stream(self, content_type: str, headers: dict[str, str] | None = None) -> None:
         """Begin a chunked response; follow with :meth:`write_chunk` and :meth:`end_stream`."""
         self._started_response = True
+        self._status = 200
         self.send_response(HTTPStatus.OK)
         self.send_header("Content-Type", content_type)
         self.send_header("Transfer-Encoding", "chunked")
@@ -377,6 +409,10 @@ class Handler(BaseHTTPRequestHandler):
             self.send_header(name, value)
         self._common_headers()
         self.end_headers()
+
+    def stream_failed(self, status: int) -> None:
+        """The stream begun with a 200 ends with an error event: the request is counted and logged with ``status``."""
+        self._status = status
 
     def write_chunk(self, data: bytes) -> None:
         """Send one chunk and flush it (one per token when streaming)."""
@@ -395,10 +431,6 @@ class MethodNotAllowed(MullamaError):
 
     status = 405
     kind = "invalid_request_error"
-
-
-def _constant_time_equal(a: str, b: str) -> bool:
-    return hmac.compare_digest(a.encode(), b.encode())
 
 
 def host_allowed(host: str) -> bool:

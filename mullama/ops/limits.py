@@ -37,13 +37,16 @@ from pathlib import Path
 from typing import Any
 
 from mullama import config
-from mullama.engine.memory import parse_size
-from mullama.errors import MullamaError
+from mullama.engine.memory import describe, parse_size
+from mullama.errors import ModelLoadError, MullamaError
 from mullama.ops.durations import parse_duration
+from mullama.options import Options
 
 log = logging.getLogger("mullama.limits")
 
 _GLOB_CHARS = frozenset("*?[")
+#: Models whose limits are kept worked out (a name is a model of the store or a local file: few).
+_KNOWN_MODELS = 1024
 
 
 class LimitsError(MullamaError):
@@ -70,6 +73,21 @@ class ModelLimits:
     pinned: bool = False
     #: Names of the keys that may use the model; None lets any key in.
     keys: tuple[str, ...] | None = None
+
+    def capped(self, options: Options) -> Options:
+        """``options`` with ``num_parallel`` and ``num_ctx`` held to :attr:`max_parallel` and :attr:`max_context`."""
+        changes = {}
+        if self.max_parallel is not None and options.num_parallel > self.max_parallel:
+            changes["num_parallel"] = self.max_parallel
+        if self.max_context is not None and options.num_ctx > self.max_context:
+            changes["num_ctx"] = self.max_context
+        return replace(options, **changes) if changes else options
+
+    def check_memory(self, model: str, size: int) -> None:
+        """:class:`ModelLoadError` when a load of ``model`` estimated at ``size`` bytes exceeds :attr:`max_memory`."""
+        if self.max_memory is not None and size > self.max_memory:
+            raise ModelLoadError(f"{model} needs {describe(size)} but its max_memory in the limits file is "
+                                 f"{describe(self.max_memory)}; lower num_ctx or num_parallel")
 
     def allows_key(self, name: str) -> bool:
         """Whether the key named ``name`` (``""`` for a request without one) may use the model."""
@@ -241,7 +259,8 @@ class Limits:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._config = load_limits(path)
+        #: The parsed limits and each model's limits worked out from them (a request asks several times).
+        self._state: tuple[LimitsConfig, dict[str, ModelLimits]] = (load_limits(path), {})
         self._lock = threading.Lock()
 
     @classmethod
@@ -251,9 +270,15 @@ class Limits:
 
     def for_model(self, name: str) -> ModelLimits:
         """The limits of the model named ``name`` now."""
-        return self._config.for_model(name)
+        config, known = self._state
+        found = known.get(name)
+        if found is None:
+            found = config.for_model(name)
+            if len(known) < _KNOWN_MODELS:
+                known[name] = found
+        return found
 
     def reload(self) -> None:
         """Reread the file and the environment; raises :class:`LimitsError` and keeps the old limits if invalid."""
         with self._lock:
-            self._config = load_limits(self.path)
+            self._state = (load_limits(self.path), {})

@@ -11,9 +11,11 @@ key's name, never the key.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from mullama import __version__
 from mullama.errors import MullamaError
@@ -22,6 +24,10 @@ from mullama.ops.prometheus import (OPENMETRICS_CONTENT_TYPE, TEXT_CONTENT_TYPE,
                                     info_family, negotiate, render)
 
 log = logging.getLogger("mullama.metrics")
+
+T = TypeVar("T")
+#: A pull's progress callback (the events Ollama's ``/api/pull`` streams).
+Progress = Callable[[dict[str, Any]], None]
 
 #: Seconds: from a few milliseconds (a cached prefix on a GPU) to minutes (a long answer on a CPU).
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
@@ -120,7 +126,7 @@ class Metrics:
         self.loads = r.counter("mullama_model_loads", "Model loads, by outcome (ok or error).", ("model", "outcome"))
         self.load_duration = r.histogram("mullama_model_load_duration_seconds", "Time a model load took.",
                                          ("model",), buckets=LOAD_BUCKETS, unit="seconds")
-        self.evictions = r.counter("mullama_model_evictions", "Models unloaded, by reason (expired, memory, count, "
+        self.evictions = r.counter("mullama_model_evictions", "Models unloaded, by reason (expired, room, reload, "
                                    "unload, shutdown).", ("model", "reason"))
         self.eviction_duration = r.histogram("mullama_model_eviction_duration_seconds",
                                              "Time freeing an unloaded model took.", ("model",),
@@ -167,6 +173,17 @@ class Metrics:
         if ok:
             self.load_duration.labels(model).observe(seconds)
 
+    @contextmanager
+    def loading(self, model: str) -> Iterator[None]:
+        """Time the load of ``model`` the block does: ``ok`` when it returns, ``error`` when it raises."""
+        started = time.monotonic()
+        try:
+            yield
+        except BaseException:
+            self.model_loaded(model, time.monotonic() - started, ok=False)
+            raise
+        self.model_loaded(model, time.monotonic() - started)
+
     def model_evicted(self, model: str, reason: str, seconds: float) -> None:
         """``model`` was unloaded for ``reason``; freeing it took ``seconds``."""
         self.evictions.labels(model, reason).inc()
@@ -179,6 +196,32 @@ class Metrics:
     def pulled(self, size: int) -> None:
         """``size`` more bytes were downloaded."""
         self.pull_bytes.inc(size)
+
+    def counted_pull(self, work: Callable[[Progress], T], emit: Progress) -> T:
+        """Run the pull ``work(emit)``, counting its outcome and the bytes its progress events show downloaded.
+
+        A pull reports ``completed`` bytes per ``digest``; the first report of
+        a digest is what was there before (a resumed download, a blob already
+        held or linked from an Ollama store), each later rise was downloaded.
+        """
+        seen: dict[str, int] = {}
+
+        def counted(event: dict[str, Any]) -> None:
+            digest, completed = event.get("digest"), event.get("completed")
+            if isinstance(digest, str) and isinstance(completed, int):
+                before = seen.get(digest)
+                seen[digest] = completed
+                if before is not None and completed > before:
+                    self.pulled(completed - before)
+            emit(event)
+
+        try:
+            result = work(counted)
+        except BaseException:
+            self.pull_finished(False)
+            raise
+        self.pull_finished(True)
+        return result
 
     # --- read at scrape time ----------------------------------------------------------
 

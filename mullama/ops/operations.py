@@ -1,22 +1,29 @@
 """The daemon's operations in one object: what the request path calls, and the routes it adds.
 
 The composition root makes one :class:`Operations` next to the model
-manager. A request is wrapped as::
+manager. The HTTP handler wraps each request as::
 
+    record = ops.start(api_of(path), "")                  # counted from here, whatever happens
     identity = ops.authorize(path, headers)              # 401 / 403 / 429 before anything runs
-    record = ops.start(api, route_pattern, identity.name)
-    ...  ops.check_model(identity, model)                 # once the body names the model
-    ...  record.model = model; record.add_timings(completion.timings)
-    ...  record.status = status
+    record.key, record.route = identity.name, route_pattern
+    route(request with RequestContext(ops, identity, record, request_id))
+    record.status = status
     ops.finish(record)                                     # metrics, statistics, the key's token rate
 
-and ``/metrics``, ``/api/stats`` and ``/api/status`` are :meth:`metrics_route`,
-:meth:`stats_route` and :meth:`status_route`.
+and the layers below HTTP see only the :class:`RequestContext`: the service
+calls :meth:`RequestContext.admit` once the model's name resolves (403 for
+a model the key may not use), :meth:`RequestContext.check_queue` before it
+queues a generation (429 past the model's ``max_queue``) and hands it each
+generation's timings. ``/metrics``, ``/api/stats`` and ``/api/status`` are
+:meth:`Operations.metrics_route`, :meth:`Operations.stats_route` and
+:meth:`Operations.status_route`.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,7 +31,7 @@ from typing import Any
 from urllib.parse import parse_qs
 
 from mullama import __version__
-from mullama.errors import BadRequestError, ForbiddenError, OverloadedError
+from mullama.errors import BadRequestError, ForbiddenError, OverloadedError, TooManyRequestsError
 from mullama.ops.durations import parse_instant
 from mullama.ops.keys import Identity, Keyring, KeysFileError
 from mullama.ops.limits import Limits, LimitsError
@@ -32,6 +39,19 @@ from mullama.ops.metrics import BuildInfo, Metrics, ModelUse, manager_models
 from mullama.ops.stats import GROUPS, StatsError, StatsRecord, StatsStore, iso_time
 
 log = logging.getLogger("mullama.ops")
+
+#: Path prefixes of each API, longest first: the ``api`` label of a request.
+_API_PREFIXES = (("/v1/messages", "anthropic"), ("/v1/", "openai"), ("/api/", "ollama"))
+#: Seconds a generation is assumed to take for a model none has finished on yet (Retry-After).
+_FIRST_GUESS = 5.0
+
+
+def api_of(path: str) -> str:
+    """The API family of a request path: ``ollama``, ``openai``, ``anthropic``; ``""`` for others (``/metrics``)."""
+    for prefix, api in _API_PREFIXES:
+        if path == prefix.rstrip("/") or path.startswith(prefix):
+            return api
+    return ""
 
 
 @dataclass
@@ -68,15 +88,19 @@ class RequestRecord:
         if self.first_token_at is None:
             self.first_token_at = time.monotonic()
 
-    def add_timings(self, timings: Any) -> None:
+    def add_timings(self, timings: Any, prompt_tokens: int | None = None) -> None:
         """Count one generation from its :class:`~mullama.engine.model.Timings` (durations in nanoseconds).
+
+        ``prompt_tokens`` is the whole prompt's length when known: the timings
+        count only the tokens read, not a prefix reused from the cache.
 
         Its queue wait is what its total leaves after loading, reading the
         prompt and generating; its time to first token is the mark of
         :meth:`first_token` when there is one, else its total before the
         first generated token.
         """
-        prompt, generated = int(timings.prompt_eval_count), int(timings.eval_count)
+        prompt = int(timings.prompt_eval_count if prompt_tokens is None else prompt_tokens)
+        generated = int(timings.eval_count)
         total, load = int(timings.total_duration), int(timings.load_duration)
         prompt_ns, eval_ns = int(timings.prompt_eval_duration), int(timings.eval_duration)
         self.prompt_tokens += prompt
@@ -87,6 +111,52 @@ class RequestRecord:
                     else (total - eval_ns) / 1e9)
         queue_wait = max(0, total - load - prompt_ns - eval_ns) / 1e9 if total else None
         self.generations.append(_Generation(queue_wait, ttft, eval_ns / 1e9, generated))
+
+
+@dataclass
+class RequestContext:
+    """One request as the layers below HTTP see it: who sent it, and the record of what it did.
+
+    The HTTP handler makes one per request and hands it down (``Request.context``,
+    then the ``context`` argument of :mod:`mullama.service`); nothing keeps it
+    after the request ends.
+    """
+
+    ops: "Operations"
+    identity: Identity
+    record: RequestRecord
+    #: The request's id (its ``X-Request-Id``), for log lines.
+    request_id: str = ""
+
+    def require(self, scope: str) -> None:
+        """403 unless the request's key has ``scope`` (an unload through a generate route needs ``admin``)."""
+        self.identity.require(scope)
+
+    def admit(self, model: str) -> None:
+        """403 unless the request may use ``model`` (its resolved name); from now on it is the request's model."""
+        self.ops.check_model(self.identity, model)
+        self.record.model = model
+
+    def check_queue(self, loaded: Any) -> None:
+        """429 with a Retry-After when a generation on ``loaded`` would wait beyond the model's ``max_queue``.
+
+        ``loaded`` is a :class:`~mullama.engine.residency.LoadedModel`: its
+        ``num_parallel`` sequences and its batcher's active and queued counts.
+        """
+        batcher = loaded.batcher
+        self.ops.check_queue(loaded.record.name, loaded.num_parallel, batcher.active_count, batcher.queued_count)
+
+    def first_token(self) -> None:
+        """The first generated text is on its way to the client (later calls change nothing)."""
+        self.record.first_token()
+
+    def generated(self, timings: Any, prompt_tokens: int | None = None) -> None:
+        """Count a finished generation from its :class:`~mullama.engine.model.Timings` and whole prompt's length."""
+        self.record.add_timings(timings, prompt_tokens)
+
+    def embedded(self, prompt_tokens: int) -> None:
+        """Count the tokens an embedding request read."""
+        self.record.prompt_tokens += prompt_tokens
 
 
 class Operations:
@@ -102,6 +172,9 @@ class Operations:
         self._models = models
         self._stopping = stopping
         self._started = time.time()
+        #: Recent seconds per request of each model (a moving average), to tell a refused request when to retry.
+        self._seconds: dict[str, float] = {}
+        self._seconds_lock = threading.Lock()
 
     @classmethod
     def create(cls, manager: Any, stopping: Callable[[], bool] = lambda: False) -> "Operations":
@@ -137,6 +210,23 @@ class Operations:
             who = f'the key "{identity.name}"' if identity.name else "a request without a key"
             raise ForbiddenError(f'{who} may not use the model "{model}"', param="model")
 
+    def check_queue(self, model: str, slots: int, busy: int, queued: int) -> None:
+        """429 when a new generation of ``model`` would wait and ``queued`` already fill its ``max_queue``.
+
+        A request waits when ``busy`` and ``queued`` take all ``slots``; its
+        Retry-After is the model's recent time per request for each request
+        ahead of it, shared among the slots.
+        """
+        limit = self.limits.for_model(model).max_queue
+        if limit is None or busy + queued < slots or queued < limit:
+            return
+        with self._seconds_lock:
+            seconds = self._seconds.get(model, _FIRST_GUESS)
+        wait = seconds * (queued + 1) / max(1, slots)
+        raise TooManyRequestsError(f"{model} is busy: {queued} requests already wait for its {slots} sequences "
+                                   f"(its max_queue is {limit}); retry later",
+                                   retry_after=max(1, math.ceil(wait)))
+
     def start(self, api: str, route: str, key: str = "") -> RequestRecord:
         """Begin counting a request; hand the record to :meth:`finish` however the request ends."""
         self.metrics.request_started(api)
@@ -158,6 +248,10 @@ class Operations:
                                decode_seconds=generation.decode_seconds, generated_tokens=generation.generated_tokens)
         if record.prompt_tokens or record.generated_tokens:
             self.keys.charge(record.key, record.prompt_tokens + record.generated_tokens)
+        if record.generations and record.status < 400:
+            with self._seconds_lock:
+                previous = self._seconds.get(record.model)
+                self._seconds[record.model] = duration if previous is None else 0.8 * previous + 0.2 * duration
         if self.stats is not None and record.model:
             self.stats.record(StatsRecord(time.time(), record.model, record.api, record.key, record.status >= 400,
                                           record.prompt_tokens, record.generated_tokens, duration))
