@@ -18,7 +18,7 @@ from typing import Any
 
 from mullama.errors import BadRequestError, MullamaError
 from mullama.ffi import llama as L
-from mullama.options import Options
+from mullama.options import MAX_NUM_CTX, Options
 
 #: Ollama's defaults, kept in one place (mullama.options).
 _OLLAMA = Options()
@@ -41,6 +41,8 @@ class SamplingParams:
     mirostat_tau: float = _OLLAMA.mirostat_tau
     mirostat_eta: float = _OLLAMA.mirostat_eta
     seed: int = _OLLAMA.seed
+    #: The context the penalty window lives in: ``repeat_last_n`` -1 means all of it, and it holds no more.
+    num_ctx: int = _OLLAMA.num_ctx
 
     @classmethod
     def from_options(cls, options: Any) -> "SamplingParams":
@@ -207,13 +209,22 @@ def _seed(value: int) -> int:
     return L.LLAMA_DEFAULT_SEED if value is None or value < 0 else value & 0xFFFFFFFF
 
 
+def penalty_window(p: SamplingParams) -> int:
+    """How many past tokens the penalties look at: ``repeat_last_n``, -1 for the whole context, at most that.
+
+    libllama keeps the window as a buffer of that many tokens, so one option
+    must not ask for gigabytes (2**31 tokens would be 8 GiB per request).
+    """
+    context = max(1, min(p.num_ctx, MAX_NUM_CTX))
+    return context if p.repeat_last_n < 0 else min(p.repeat_last_n, context)
+
+
 def _stages(lib: ctypes.CDLL, vocab: int, p: SamplingParams) -> list[int]:
     stages = []
     n_vocab = lib.llama_vocab_n_tokens(vocab)
     if p.repeat_last_n != 0 and (p.repeat_penalty != 1.0 or p.presence_penalty or p.frequency_penalty):
-        last_n = n_vocab if p.repeat_last_n < 0 else p.repeat_last_n
         stages.append(lib.llama_sampler_init_penalties(
-            n_vocab, last_n, p.repeat_penalty, p.frequency_penalty, p.presence_penalty))
+            n_vocab, penalty_window(p), p.repeat_penalty, p.frequency_penalty, p.presence_penalty))
     if p.temperature <= 0:
         stages.append(lib.llama_sampler_init_greedy())
         return stages
