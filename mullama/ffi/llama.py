@@ -458,7 +458,7 @@ FUNCTIONS: dict[str, tuple[object, list[object]]] = {
 
 #: From ggml-backend.h (included by llama.h): enough to report devices.
 GGML_FUNCTIONS: dict[str, tuple[object, list[object]]] = {
-    "ggml_backend_load_all": (None, []),
+    "ggml_backend_load_all_from_path": (None, [c_char_p]),
     "ggml_backend_dev_count": (c_size_t, []),
     "ggml_backend_dev_get": (p, [c_size_t]),
     "ggml_backend_dev_name": (c_char_p, [p]),
