@@ -5,7 +5,9 @@ penalties, then the truncation samplers, then temperature, then the final
 random pick. Temperature 0 means greedy; ``mirostat`` 1 or 2 replaces the
 truncation samplers. A grammar, when given, is checked against the chain's
 pick, and applied to all the candidates only when it rejects it, as in
-llama.cpp's common sampler.
+llama.cpp's common sampler. Grammar calls release the GIL (the chain's
+short calls keep it): a grammar can take milliseconds per token, during
+which every other request's Python code must go on running.
 """
 
 from __future__ import annotations
@@ -107,7 +109,7 @@ class Sampler:
     def _pick(self, ctx: int, index: int, constrained: bool) -> int:
         candidates = self._candidates.fill(ctx, index)
         if constrained:
-            self._lib.llama_sampler_apply(self._grammar, candidates)
+            self._lib.llama_sampler_apply_nogil(self._grammar, candidates)
         self._lib.llama_sampler_apply(self._chain, candidates)
         if not 0 <= candidates.selected < candidates.size:
             raise MullamaError("the sampler chain selected no token")
@@ -117,7 +119,7 @@ class Sampler:
         """Whether the grammar accepts ``token`` next: it sets a rejected token's logit to -inf."""
         self._one.id, self._one.logit, self._one.p = token, 0.0, 0.0
         self._single.size, self._single.selected, self._single.sorted = 1, -1, False
-        self._lib.llama_sampler_apply(self._grammar, self._single)
+        self._lib.llama_sampler_apply_nogil(self._grammar, self._single)
         return self._one.logit != -math.inf
 
     def accept(self, token: int) -> None:
@@ -132,7 +134,7 @@ class Sampler:
 
     def _accept(self, token: int) -> None:
         if self._grammar:
-            self._lib.llama_sampler_accept(self._grammar, token)
+            self._lib.llama_sampler_accept_nogil(self._grammar, token)
         self._lib.llama_sampler_accept(self._chain, token)
 
     def close(self) -> None:
