@@ -26,7 +26,7 @@ from mullama import config
 
 from mullama.store import gguf
 
-from mullama.engine import memory
+from mullama.engine import memory, probe
 from mullama.engine.model import LoadOptions, Model
 from mullama.errors import BadRequestError, ModelLoadError, ModelNotFoundError, MullamaError, OverloadedError
 from mullama.engine.memory import Estimate
@@ -415,6 +415,7 @@ class ModelManager:
         capped = " (the MULLAMA_MAX_CONTEXT cap)" if load_options.num_ctx == self.max_context else ""
         log.info("loading %s (%s, num_ctx=%d%s, num_parallel=%d, about %s)", record.name, record.model_path,
                  load_options.num_ctx, capped, load_options.num_parallel, memory.describe(need.total))
+        probe.verify(record.model_paths, record.digest)  # a file that aborts llama.cpp kills a child, not the daemon
         model = Model(record.model_paths, load_options, adapters=record.adapters)
         try:
             batcher = Batcher(model, max_queue=self.max_queue)
