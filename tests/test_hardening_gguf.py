@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from daemon import create_model, running
+
 from mullama.engine import probe
 from mullama.errors import InvalidModelFileError
 from mullama.store.gguf import read_gguf
@@ -110,8 +110,8 @@ HOSTILE = {
                "llama.expert_group_count is 3, but llama.cpp needs a divisor of expert_count"),
     "next-token layers": ({"llama.nextn_predict_layers": u32(31)}, "llama.nextn_predict_layers is 31"),
     "no context": ({"llama.context_length": u32(0)}, "llama.context_length is 0"),
-    "kv heads": ({"llama.attention.head_count_kv": u32(4)}, "llama.attention.head_count_kv is 4, but llama.cpp needs "
-                                                            "a divisor of attention.head_count (9)"),
+    "kv heads": ({"llama.attention.head_count_kv": u32(4)},
+                 "llama.attention.head_count_kv is 4, but llama.cpp needs a divisor of attention.head_count (9)"),
     "rope scaling": ({"llama.rope.scaling.type": text("sideways")}, "llama.rope.scaling.type is 'sideways'"),
     "block count type": ({"llama.block_count": text("30")}, "llama.block_count must be an unsigned 32-bit integer"),
 }

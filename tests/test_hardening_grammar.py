@@ -9,11 +9,11 @@ import time
 from typing import Any
 
 import pytest
+from daemon import create_model, running
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import mullama
-from daemon import create_model, running
 from mullama.engine.sampling import Sampler, SamplingParams
 from mullama.errors import BadRequestError
 from mullama.prompt.grammar import UnsupportedSchemaError, schema_to_gbnf

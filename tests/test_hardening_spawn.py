@@ -10,8 +10,8 @@ import types
 from pathlib import Path
 
 import pytest
-
 from daemon import CLOSED_HUB, REPO, free_port
+
 from mullama.cli import daemon as autostart
 from mullama.spawn import child_environment
 
@@ -41,7 +41,8 @@ def evil_library(tmp_path_factory) -> Path:
 
 def _python(code: str, cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:
     full = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])), **env)
-    return subprocess.run([sys.executable, "-c", code], cwd=cwd, env=full, capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, "-c", code], cwd=cwd, env=full, capture_output=True, text=True, timeout=120,
+                          check=False)
 
 
 def test_backends_in_the_current_directory_are_not_loaded(evil_library, tmp_path):
@@ -75,10 +76,8 @@ def test_a_system_librarys_directory_is_absolute():
     assert directory.resolve() == Path(native.directory).resolve()
 
 
-SHADOWS = {
-    "package": {"mullama/__init__.py": "MARK", "mullama/__main__.py": "MARK"},
-    "module": {"mullama.py": "MARK"},
-}
+#: Files that would be imported as ``mullama`` from the current directory.
+SHADOWS = {"package": ["mullama/__init__.py", "mullama/__main__.py"], "module": ["mullama.py"]}
 
 
 @pytest.mark.parametrize("shadow", sorted(SHADOWS))
@@ -86,7 +85,7 @@ def test_a_shadow_in_the_current_directory_does_not_hijack_the_started_daemon(sh
     cwd = tmp_path / "cwd"
     marker = tmp_path / "hijacked"
     code = f"open({str(marker)!r}, 'w').write('hijacked')\nraise SystemExit(3)\n"
-    for name, _ in SHADOWS[shadow].items():
+    for name in SHADOWS[shadow]:
         (cwd / name).parent.mkdir(parents=True, exist_ok=True)
         (cwd / name).write_text(code)
     port = free_port()
