@@ -33,17 +33,43 @@ IGNORED_OPTIONS = frozenset(
 KV_CACHE_TYPES = ("f16", "q8_0", "q4_0")
 
 _INT64_MAX = 2**63 - 1
-#: Bounds on the sizes a request can ask for: anything beyond is a mistake or an
-#: attack, and would otherwise fail deep in llama.cpp after a huge allocation.
-_RANGES = {
-    "num_ctx": (1, 1 << 21),
+_INT32_MAX = 2**31 - 1
+#: The largest float32: every float option reaches llama.cpp as a C float, where a
+#: larger double becomes infinity.
+_FLOAT32_MAX = 3.4028234663852886e38
+#: The largest context a request may ask for, and so the bound of every count of tokens.
+MAX_NUM_CTX = 1 << 21
+#: Bounds of every numeric option, by what it can mean: anything beyond is a
+#: mistake or an attack, and would otherwise fail (or allocate) deep in
+#: llama.cpp. Counts of tokens cannot exceed the largest context; sizes that
+#: llama.cpp takes as int32 stay in int32; probabilities are probabilities;
+#: temperatures and penalty factors are not negative.
+_RANGES: dict[str, tuple[float | None, float | None]] = {
+    "num_ctx": (1, MAX_NUM_CTX),
     "num_batch": (1, 1 << 16),
     "num_thread": (0, 1024),
     "num_parallel": (1, 256),
     "num_gpu": (-1, 100_000),
     "main_gpu": (0, 1024),
-    "top_k": (-1, 1 << 31),
+    "draft_num_predict": (0, 1024),
+    # -1 keeps the whole prompt, as in Ollama.
+    "num_keep": (-1, MAX_NUM_CTX),
+    # -1 is endless and -2 fills the context, as in Ollama; the context ends a generation anyway.
+    "num_predict": (-2, _INT32_MAX),
+    "top_k": (-1, _INT32_MAX),
+    # -1 is the whole context, as in Ollama: the penalty window is a buffer of this many tokens.
+    "repeat_last_n": (-1, MAX_NUM_CTX),
+    "seed": (-_INT64_MAX, _INT64_MAX),
     "mirostat": (0, 2),
+    "temperature": (0.0, None),
+    "top_p": (0.0, 1.0),
+    "min_p": (0.0, 1.0),
+    "typical_p": (0.0, 1.0),
+    "repeat_penalty": (0.0, None),
+    "presence_penalty": (None, None),
+    "frequency_penalty": (None, None),
+    "mirostat_tau": (0.0, None),
+    "mirostat_eta": (0.0, None),
 }
 # Longer numbers are out of int64's range anyway, and int() refuses very long text.
 _INT_TEXT = re.compile(r"[+-]?[0-9]{1,19}")
@@ -181,9 +207,21 @@ def _typed(name: str, value: Any) -> Any:
         raise BadRequestError(f'option "{name}" is out of range', param=name)
     if kind is float and not math.isfinite(value):
         raise BadRequestError(f'option "{name}" must be a finite number', param=name)
-    low, high = _RANGES.get(name, (None, None))
-    if (low is not None and value < low) or (high is not None and value > high):
-        raise BadRequestError(f'option "{name}" must be between {low} and {high}', param=name)
+    if kind in (int, float):
+        _check_range(name, value)
     if name == "kv_cache_type" and value not in KV_CACHE_TYPES:
         raise BadRequestError(f'option "kv_cache_type" must be one of {", ".join(KV_CACHE_TYPES)}', param=name)
     return value
+
+
+def _check_range(name: str, value: float) -> None:
+    """Refuse a number outside what option ``name`` can mean (see ``_RANGES``)."""
+    low, high = _RANGES[name]
+    if isinstance(value, float):
+        # Whatever the option, a C float must hold it.
+        low = -_FLOAT32_MAX if low is None else low
+        high = _FLOAT32_MAX if high is None else high
+    if low <= value <= high:
+        return
+    shown = (f"{low:g}", f"{high:g}") if isinstance(value, float) else (str(low), str(high))
+    raise BadRequestError(f'option "{name}" must be between {shown[0]} and {shown[1]}', param=name)

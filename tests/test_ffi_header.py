@@ -244,3 +244,14 @@ def test_struct_sizes_and_offsets_match_the_compiler(tmp_path):
         assert int(measured[cls.__name__]) == ctypes.sizeof(cls), cls.__name__
         for name, _ in cls._fields_:
             assert int(measured[f"{cls.__name__}.{name}"]) == getattr(cls, name).offset, f"{cls.__name__}.{name}"
+
+
+def test_grammar_calls_have_bindings_that_release_the_gil():
+    from mullama.ffi import loader
+
+    lib = loader.load().llama
+    assert set(L.RELEASING_GIL.values()) <= L.KEEP_GIL
+    for alias, name in L.RELEASING_GIL.items():
+        assert getattr(lib, name)._flags_ & ctypes._FUNCFLAG_PYTHONAPI  # the per-token binding keeps it
+        assert not getattr(lib, alias)._flags_ & ctypes._FUNCFLAG_PYTHONAPI
+        assert (getattr(lib, alias).restype, getattr(lib, alias).argtypes) == L.FUNCTIONS[name]

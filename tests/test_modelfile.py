@@ -153,7 +153,7 @@ _stop = st.lists(_value, min_size=1, max_size=3)
 _parameters = st.fixed_dictionaries(
     {},
     optional={
-        "temperature": st.floats(allow_nan=False, allow_infinity=False),
+        "temperature": st.floats(0, 3.4028234663852886e38),  # options bound it to what a C float holds
         "num_ctx": st.integers(1, 1 << 21),
         "seed": st.integers(-(2**63) + 1, 2**63 - 1),
         "use_mmap": st.booleans(),

@@ -163,7 +163,7 @@ def test_parse_parameter_raises_only_bad_request(name, text):
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.floats(allow_nan=False, allow_infinity=False), st.integers(-(2**63) + 1, 2**63 - 1))
+@given(st.floats(0, 3.4028234663852886e38), st.integers(-(2**63) + 1, 2**63 - 1))
 def test_parse_parameter_reads_what_python_writes(number, integer):
     assert parse_parameter("temperature", repr(number)) == number
     assert parse_parameter("seed", str(integer)) == integer
@@ -174,3 +174,67 @@ def test_parse_parameter_reads_what_python_writes(number, integer):
 def test_sizes_beyond_sense_are_refused(name, value):
     with pytest.raises(BadRequestError, match=name):
         parse_options({name: value})
+
+
+# Bounds: every accepted value means something, and nothing allocates without bound.
+
+_FLT_MAX = 3.4028234663852886e38
+#: What each numeric option can mean, written out independently of mullama.options.
+_MEANINGFUL = {
+    "num_ctx": (1, 2**21), "num_batch": (1, 2**16), "num_thread": (0, 1024), "num_parallel": (1, 256),
+    "num_gpu": (-1, 100_000), "main_gpu": (0, 1024), "draft_num_predict": (0, 1024), "num_keep": (-1, 2**21),
+    "num_predict": (-2, 2**31 - 1), "top_k": (-1, 2**31 - 1), "repeat_last_n": (-1, 2**21),
+    "seed": (-(2**63) + 1, 2**63 - 1), "mirostat": (0, 2),
+    "temperature": (0.0, _FLT_MAX), "top_p": (0.0, 1.0), "min_p": (0.0, 1.0),
+    "typical_p": (0.0, 1.0), "repeat_penalty": (0.0, _FLT_MAX), "presence_penalty": (-_FLT_MAX, _FLT_MAX),
+    "frequency_penalty": (-_FLT_MAX, _FLT_MAX), "mirostat_tau": (0.0, _FLT_MAX), "mirostat_eta": (0.0, _FLT_MAX),
+}
+
+
+def test_every_numeric_option_is_bounded():
+    numeric = {name for name, kind in PARAMETER_TYPES.items() if kind in (int, float)}
+    assert numeric == set(_MEANINGFUL)
+
+
+@pytest.mark.parametrize(("name", "value"), [
+    ("repeat_last_n", 2**31 - 1), ("repeat_last_n", -2), ("num_keep", 2**40), ("num_predict", 2**40),
+    ("num_predict", -3), ("top_k", 2**31), ("draft_num_predict", 10**9), ("seed", -(2**63)),
+    ("temperature", -0.5), ("temperature", 1e39), ("top_p", 1.5), ("min_p", -0.1), ("typical_p", 2.0),
+    ("repeat_penalty", -1.0), ("frequency_penalty", 1e300), ("presence_penalty", -1e300),
+    ("mirostat_tau", -1.0), ("mirostat_eta", 1e40),
+])
+def test_values_beyond_meaning_are_refused_by_name(name, value):
+    with pytest.raises(BadRequestError) as caught:
+        parse_options({name: value})
+    assert caught.value.param == name and f'"{name}"' in caught.value.message
+    with pytest.raises(BadRequestError, match=name):
+        parse_parameter(name, str(value))
+
+
+_numbers = (st.integers() | st.floats() | st.sampled_from([2**31 - 1, 2**31, 2**63, -(2**63), 2**21 + 1, -2, -3])
+            | st.floats(-4e38, 4e38))
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.dictionaries(st.sampled_from(sorted(PARAMETER_TYPES)), _numbers | _json, max_size=8))
+def test_accepted_options_are_within_their_meaning(values):
+    try:
+        parsed = parse_options(values)
+    except BadRequestError as exc:
+        assert exc.param in values
+        return
+    for name, value in parsed.items():
+        if name in _MEANINGFUL:
+            low, high = _MEANINGFUL[name]
+            assert low <= value <= high and math.isfinite(value), (name, value)
+    assert isinstance(Options().merged(parsed), Options)
+
+
+def test_the_penalty_window_is_bounded_by_the_context():
+    from mullama.engine.sampling import SamplingParams, penalty_window
+
+    assert penalty_window(SamplingParams(repeat_last_n=2**31 - 1, num_ctx=512)) == 512
+    assert penalty_window(SamplingParams(repeat_last_n=-1, num_ctx=512)) == 512  # Ollama's -1: num_ctx
+    assert penalty_window(SamplingParams(repeat_last_n=64, num_ctx=512)) == 64
+    assert penalty_window(SamplingParams(repeat_last_n=-1, num_ctx=2**40)) == 2**21
+    assert penalty_window(SamplingParams.from_options({"repeat_last_n": -1, "num_ctx": 2048})) == 2048

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import time
 
 from mullama import config
 from mullama.client import Client, ConnectError, host_from_env
+from mullama.spawn import child_environment, module_command
 
 #: Seconds to wait for a daemon started in the background to answer.
 SERVER_START_TIMEOUT = 30.0
@@ -18,18 +18,22 @@ def connect(*, start: bool = True) -> Client:
     """A client of the daemon at ``MULLAMA_HOST``; start one in the background if none answers.
 
     Only a local address gets a daemon started; a remote one that does not
-    answer is an error.
+    answer is an error. The daemon runs in the data directory, not the
+    user's, and imports nothing from where the command was run.
     """
     client = Client(host_from_env())
     if not start or client.heartbeat():
         return client
     if not client.host.is_local:
         raise ConnectError(f"could not connect to a Mullama server at {client.host.url}, is it running?")
-    log = config.data_dir() / "logs" / "server.log"
+    home = config.data_dir().expanduser().absolute()
+    log = home / "logs" / "server.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("ab") as output:
         process = subprocess.Popen(
-            [sys.executable, "-m", "mullama", "serve"],
+            module_command("mullama", "serve"),
+            cwd=home,
+            env=child_environment(),
             stdin=subprocess.DEVNULL,
             stdout=output,
             stderr=subprocess.STDOUT,

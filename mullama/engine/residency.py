@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from mullama import config
-from mullama.engine import memory
+from mullama.engine import memory, probe
 from mullama.engine.batching import Batcher
 from mullama.engine.memory import Estimate
 from mullama.engine.model import LoadOptions, Model
@@ -378,6 +378,8 @@ class ModelManager:
         log.info("loading %s (%s, num_ctx=%d%s, num_parallel=%d, about %s)", record.name, record.model_path,
                  load_options.num_ctx, capped, load_options.num_parallel, memory.describe(need.total))
         with self.metrics.loading(record.name):
+            # A file that aborts llama.cpp kills a child, not the daemon.
+            probe.verify(record.model_paths, record.digest)
             model = Model(record.model_paths, load_options, adapters=record.adapters)
             try:
                 batcher = Batcher(model, max_queue=self.max_queue)

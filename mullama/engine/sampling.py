@@ -5,7 +5,9 @@ penalties, then the truncation samplers, then temperature, then the final
 random pick. Temperature 0 means greedy; ``mirostat`` 1 or 2 replaces the
 truncation samplers. A grammar, when given, is checked against the chain's
 pick, and applied to all the candidates only when it rejects it, as in
-llama.cpp's common sampler.
+llama.cpp's common sampler. Grammar calls release the GIL (the chain's
+short calls keep it): a grammar can take milliseconds per token, during
+which every other request's Python code must go on running.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Any
 
 from mullama.errors import BadRequestError, MullamaError
 from mullama.ffi import llama as L
-from mullama.options import Options
+from mullama.options import MAX_NUM_CTX, Options
 
 #: Ollama's defaults, kept in one place (mullama.options).
 _OLLAMA = Options()
@@ -41,6 +43,8 @@ class SamplingParams:
     mirostat_tau: float = _OLLAMA.mirostat_tau
     mirostat_eta: float = _OLLAMA.mirostat_eta
     seed: int = _OLLAMA.seed
+    #: The context the penalty window lives in: ``repeat_last_n`` -1 means all of it, and it holds no more.
+    num_ctx: int = _OLLAMA.num_ctx
 
     @classmethod
     def from_options(cls, options: Any) -> "SamplingParams":
@@ -105,7 +109,7 @@ class Sampler:
     def _pick(self, ctx: int, index: int, constrained: bool) -> int:
         candidates = self._candidates.fill(ctx, index)
         if constrained:
-            self._lib.llama_sampler_apply(self._grammar, candidates)
+            self._lib.llama_sampler_apply_nogil(self._grammar, candidates)
         self._lib.llama_sampler_apply(self._chain, candidates)
         if not 0 <= candidates.selected < candidates.size:
             raise MullamaError("the sampler chain selected no token")
@@ -115,7 +119,7 @@ class Sampler:
         """Whether the grammar accepts ``token`` next: it sets a rejected token's logit to -inf."""
         self._one.id, self._one.logit, self._one.p = token, 0.0, 0.0
         self._single.size, self._single.selected, self._single.sorted = 1, -1, False
-        self._lib.llama_sampler_apply(self._grammar, self._single)
+        self._lib.llama_sampler_apply_nogil(self._grammar, self._single)
         return self._one.logit != -math.inf
 
     def accept(self, token: int) -> None:
@@ -130,7 +134,7 @@ class Sampler:
 
     def _accept(self, token: int) -> None:
         if self._grammar:
-            self._lib.llama_sampler_accept(self._grammar, token)
+            self._lib.llama_sampler_accept_nogil(self._grammar, token)
         self._lib.llama_sampler_accept(self._chain, token)
 
     def close(self) -> None:
@@ -207,13 +211,22 @@ def _seed(value: int) -> int:
     return L.LLAMA_DEFAULT_SEED if value is None or value < 0 else value & 0xFFFFFFFF
 
 
+def penalty_window(p: SamplingParams) -> int:
+    """How many past tokens the penalties look at: ``repeat_last_n``, -1 for the whole context, at most that.
+
+    libllama keeps the window as a buffer of that many tokens, so one option
+    must not ask for gigabytes (2**31 tokens would be 8 GiB per request).
+    """
+    context = max(1, min(p.num_ctx, MAX_NUM_CTX))
+    return context if p.repeat_last_n < 0 else min(p.repeat_last_n, context)
+
+
 def _stages(lib: ctypes.CDLL, vocab: int, p: SamplingParams) -> list[int]:
     stages = []
     n_vocab = lib.llama_vocab_n_tokens(vocab)
     if p.repeat_last_n != 0 and (p.repeat_penalty != 1.0 or p.presence_penalty or p.frequency_penalty):
-        last_n = n_vocab if p.repeat_last_n < 0 else p.repeat_last_n
         stages.append(lib.llama_sampler_init_penalties(
-            n_vocab, last_n, p.repeat_penalty, p.frequency_penalty, p.presence_penalty))
+            n_vocab, penalty_window(p), p.repeat_penalty, p.frequency_penalty, p.presence_penalty))
     if p.temperature <= 0:
         stages.append(lib.llama_sampler_init_greedy())
         return stages

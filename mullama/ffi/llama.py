@@ -458,7 +458,7 @@ FUNCTIONS: dict[str, tuple[object, list[object]]] = {
 
 #: From ggml-backend.h (included by llama.h): enough to report devices.
 GGML_FUNCTIONS: dict[str, tuple[object, list[object]]] = {
-    "ggml_backend_load_all": (None, []),
+    "ggml_backend_load_all_from_path": (None, [c_char_p]),
     "ggml_backend_dev_count": (c_size_t, []),
     "ggml_backend_dev_get": (p, [c_size_t]),
     "ggml_backend_dev_name": (c_char_p, [p]),
@@ -482,12 +482,23 @@ KEEP_GIL = frozenset({
 })
 
 
+#: Second bindings of KEEP_GIL functions that release the GIL, by the name they get on the
+#: library: on a grammar sampler, apply and accept take as long as the grammar makes them
+#: (milliseconds, or far more for a hostile one), and every other request would wait.
+RELEASING_GIL = {
+    "llama_sampler_apply_nogil": "llama_sampler_apply",
+    "llama_sampler_accept_nogil": "llama_sampler_accept",
+}
+
+
 def bind(library: ctypes.CDLL, functions: dict[str, tuple[object, list[object]]]) -> None:
     """Set ``restype``/``argtypes`` on every function of ``functions`` found in ``library``.
 
-    Functions in :data:`KEEP_GIL` are bound so that they hold the GIL. A
-    missing symbol means the library is not the pinned llama.cpp: that is
-    reported once, by name, instead of failing later at the first call.
+    Functions in :data:`KEEP_GIL` are bound so that they hold the GIL, and
+    those of them named in :data:`RELEASING_GIL` are bound a second time,
+    under the alias, releasing it. A missing symbol means the library is not
+    the pinned llama.cpp: that is reported once, by name, instead of failing
+    later at the first call.
     """
     missing = [name for name in functions if not hasattr(library, name)]
     if missing:
@@ -502,4 +513,10 @@ def bind(library: ctypes.CDLL, functions: dict[str, tuple[object, list[object]]]
         function.restype = restype
         function.argtypes = argtypes
         setattr(library, name, function)
+    for alias, name in RELEASING_GIL.items():
+        if name in functions:
+            # A function object of the CDLL's own kind: ctypes releases the GIL around its calls.
+            function = library._FuncPtr((name, library))
+            function.restype, function.argtypes = functions[name]
+            setattr(library, alias, function)
 

@@ -2,8 +2,11 @@
 
 Search order: ``MULLAMA_LIBRARY_PATH`` (a directory or the libllama file),
 then the newest build in the user cache made by ``build_native.py``, then a
-libllama the system linker knows. ggml's backends are loaded and the devices
-they expose are reported, so a user sees at once whether the GPU was found.
+libllama the system linker knows. ggml's backends are loaded from the
+directory libllama came from, never from the current directory (which ggml
+would search by default: a stray ``libggml-*.so`` there would run its code
+in the daemon), and the devices they expose are reported, so a user sees at
+once whether the GPU was found.
 """
 
 from __future__ import annotations
@@ -80,7 +83,8 @@ def candidate_directories() -> list[Path]:
     found: list[Path] = []
     explicit = os.environ.get("MULLAMA_LIBRARY_PATH")
     if explicit:
-        path = Path(explicit).expanduser()
+        # Absolute now: a relative directory must not follow later changes of directory.
+        path = Path(explicit).expanduser().absolute()
         found.append(path.parent if path.is_file() else path)
     builds = config.native_build_dir()
     if builds.is_dir():
@@ -96,6 +100,24 @@ def _find_directory() -> Path | None:
     if os.environ.get("MULLAMA_LIBRARY_PATH"):
         raise NativeLibraryError(f"MULLAMA_LIBRARY_PATH={os.environ['MULLAMA_LIBRARY_PATH']} holds no {_libname('llama')}")
     return None
+
+
+class _DlInfo(ctypes.Structure):
+    _fields_ = [("fname", ctypes.c_char_p), ("fbase", ctypes.c_void_p),
+                ("sname", ctypes.c_char_p), ("saddr", ctypes.c_void_p)]
+
+
+def _directory_of(library: ctypes.CDLL, name: str) -> Path:
+    """The absolute directory of a library the linker found by its bare name (``libllama.so.0``)."""
+    if os.path.isabs(name):
+        return Path(name).parent
+    info = _DlInfo()
+    address = ctypes.cast(library.llama_backend_init, ctypes.c_void_p)
+    if os.name != "nt" and ctypes.CDLL(None).dladdr(address, ctypes.byref(info)) and info.fname:
+        path = Path(os.fsdecode(info.fname))
+        if path.is_absolute():
+            return path.parent
+    raise NativeLibraryError(f"could not tell where the system's {name} lies: set MULLAMA_LIBRARY_PATH")
 
 
 def _read_manifest(directory: Path) -> dict:
@@ -173,7 +195,7 @@ def load() -> Native:
                 raise NativeLibraryError(
                     "libllama not found: run `python build_native.py` (or set MULLAMA_LIBRARY_PATH)")
             llama = ctypes.CDLL(system, mode=mode)
-            directory = Path(system).parent
+            directory = _directory_of(llama, system)
             found_mtmd = ctypes.util.find_library("mtmd")
             mtmd = ctypes.CDLL(found_mtmd, mode=mode) if found_mtmd else None
     except OSError as exc:
@@ -183,7 +205,7 @@ def load() -> Native:
     if mtmd is not None:
         L.bind(mtmd, M.FUNCTIONS)
     log_callback = _route_logs(llama, mtmd)
-    llama.ggml_backend_load_all()
+    llama.ggml_backend_load_all_from_path(str(directory).encode())
     llama.llama_backend_init()
     native = Native(
         llama=llama,

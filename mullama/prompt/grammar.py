@@ -15,7 +15,10 @@ Deliberate narrowings, each of which keeps every output valid:
 * numbers have at most 20 integer and 20 fraction digits, and bounded
   numbers take a fraction only where the whole unit interval is in range;
 * whitespace between tokens is at most one space, or a newline and up to 20
-  indentation characters, so the model cannot loop on blanks.
+  indentation characters, so the model cannot loop on blanks;
+* a ``pattern`` whose grammar would cost the sampler too much per token is
+  refused (:mod:`mullama.prompt.patterncost`), and so is any quantifier over
+  a part that can match nothing, which would make the cost exponential.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from fractions import Fraction
 from typing import Any
 
 from mullama.errors import BadRequestError
+from mullama.prompt.patterncost import PatternTooCostly, live_stacks
 from mullama.types import Tool
 
 __all__ = [
@@ -110,6 +114,18 @@ _MAX_RULES = 20_000      # beyond this the grammar is too slow for the sampler a
 _MAX_REPEAT = 100_000    # longest minLength/maxLength/minItems/maxItems honoured
 _CHUNK = 1000            # llama.cpp refuses {m,n} above 2000, so longer runs are chunked
 _MAX_DIGITS = 20
+# A pattern's cost to the grammar sampler (mullama.prompt.patterncost). The sampler checks every
+# candidate token against every stack alive; on this project's 2-core test machine a stack costs
+# up to about 1.5 ms per token over SmolLM2's 49k-token vocabulary (measured: nested ranges like
+# ((x{1,10}){1,10}) with ~90 stacks took up to 140 ms, three levels with ~970 stacks a second).
+# At most 24 stacks keep a token under about 40 ms; real-world patterns (dates, e-mail, phone
+# numbers, hostnames, IPs, semver, UUIDs) need 1 to 14.
+_PATTERN_STACKS = 24
+# Bounded repetitions are written out, copy by copy, by llama.cpp as here: 4096 positions (a class
+# or character each) cover ``.{0,4000}``; the product of nested bounds is capped by the same count.
+_PATTERN_POSITIONS = 4096
+# Sets of positions explored to find the largest: a pattern this many steps from settling is refused.
+_PATTERN_STATES = 8192
 _SPECIAL = ((0x00, 0x1F), (0x22, 0x22), (0x5C, 0x5C))  # must be escaped inside JSON strings
 _ALL = ((0, 0x10FFFF),)
 _LITERALS = re.compile(r'"(?:\\.|[^"\\])*"|\[(?:\\.|[^\]\\])*\]')
@@ -849,7 +865,7 @@ class _Pattern:
         self.src, self.pos, self.depth = "", 0, 0
 
     def fail(self, detail: str) -> UnsupportedSchemaError:
-        return UnsupportedSchemaError("pattern", self.path, detail)
+        return UnsupportedSchemaError("pattern", self.path, f"{detail} (in {self.src!r})")
 
     def rule(self, pattern: Any) -> str:
         """The rule for a JSON string matching ``pattern`` (searched, as JSON Schema says)."""
@@ -867,10 +883,46 @@ class _Pattern:
             items = items[1:] if start else items
             end = bool(items) and items[-1].kind == "eol"
             items = items[:-1] if end else items
+            items = [self.simplify(item) for item in items]
+            # Where the match may be followed (or preceded) by anything, a repetition at that end
+            # need only reach its minimum: the same strings, without a partial match per count.
+            if not end and items and items[-1].kind == "rep":
+                items[-1] = _exactly(items[-1])
+            if not start and items and items[0].kind == "rep":
+                items[0] = _exactly(items[0])
             branches.append(_Node("seq", children=([] if start else [anything]) + items + ([] if end else [anything])))
+        whole = _Node("alt", children=branches) if len(branches) > 1 else branches[0]
+        try:
+            live_stacks(whole, weight=_stacks_per_class, max_positions=_PATTERN_POSITIONS,
+                        max_stacks=_PATTERN_STACKS, max_states=_PATTERN_STATES)
+        except PatternTooCostly as exc:
+            raise self.fail(f"too costly for the grammar sampler: {exc}") from None
         g = self.conv.g
-        body = self.emit(_Node("alt", children=branches) if len(branches) > 1 else branches[0])
+        body = self.emit(whole)
         return g.define(self.hint, f'"\\"" {body} "\\"" {g.use("ws")}'.replace("  ", " "))
+
+    def simplify(self, node: _Node) -> _Node:
+        """``node`` with repetitions of at most one copy unwrapped; refuses repeating what can match nothing.
+
+        A repetition of a part that can match nothing can match the empty
+        string in ways that multiply with every copy: ``((a?){40}){40}``
+        makes the sampler explore more of them than it could finish.
+        """
+        if node.kind in ("bol", "eol"):
+            raise self.fail("anchors are only supported at the start and end")
+        if node.kind == "set":
+            return node
+        children = [self.simplify(c) for c in node.children]
+        if node.kind != "rep":
+            return _Node(node.kind, children=children)
+        child = children[0]
+        if node.hi == 0:
+            return _Node("seq")
+        if node.hi == 1 and (node.lo == 1 or _nullable(child)):
+            return child
+        if _nullable(child):
+            raise self.fail(f"a quantifier {_quantifier_text(node)} repeats a part that can match nothing")
+        return _Node("rep", children=[child], lo=node.lo, hi=node.hi)
 
     # Parsing: alternation > sequence > quantified atom.
 
@@ -1013,8 +1065,6 @@ class _Pattern:
             return "(" + " | ".join(self.emit(c) for c in node.children) + ")"
         if node.kind == "rep":
             child = node.children[0]
-            if node.hi is None and _nullable(child):
-                raise self.fail("unbounded repetition of a part that can be empty")
             inner = self.emit(child)
             if not inner:
                 return ""
@@ -1029,11 +1079,46 @@ class _Pattern:
         raw = _intersect(ranges, _complement(_SPECIAL))
         if raw:
             parts.append(_class(raw))
-        for lo, hi in _intersect(ranges, _SPECIAL):
-            parts.extend(_lit(_escape_of(cp)) for cp in range(lo, hi + 1))
-        if len(parts) == 1:
+        escapes = [_escape_of(cp) for lo, hi in _intersect(ranges, _SPECIAL) for cp in range(lo, hi + 1)]
+        if escapes:
+            parts.append(_escapes(escapes))
+        if len(parts) == 1 and raw:
             return parts[0]
         return self.conv.g.define(f"{self.hint}-char", " | ".join(parts))
+
+
+def _escapes(escapes: list[str]) -> str:
+    """GBNF for JSON escapes (``\\n``, ``\\u001f``...), behind one backslash.
+
+    One alternative per escape would cost the sampler one stack each
+    wherever the class is expected (34 for ``.``); behind a shared first
+    character they cost one.
+    """
+    short = [e[1] for e in escapes if len(e) == 2]
+    by_digit: dict[str, list[str]] = {}
+    for e in escapes:
+        if len(e) == 6:  # \u00XY
+            by_digit.setdefault(e[4], []).append(e[5])
+    alts = [_class((ord(c), ord(c)) for c in short)] if short else []
+    if by_digit:
+        alts.append('"u00" ' + _alt([f"{_lit(d)} {_class((ord(c), ord(c)) for c in ys)}" for d, ys in by_digit.items()]))
+    return f"{_lit(chr(92))} {_alt(alts)}"
+
+
+def _exactly(node: _Node) -> _Node:
+    """A repetition cut to its minimum count."""
+    return _Node("rep", children=node.children, lo=node.lo, hi=node.lo) if node.lo else _Node("seq")
+
+
+def _quantifier_text(node: _Node) -> str:
+    if node.hi is None:
+        return {0: "*", 1: "+"}.get(node.lo, f"{{{node.lo},}}")
+    return f"{{{node.lo}}}" if node.lo == node.hi else f"{{{node.lo},{node.hi}}}"
+
+
+def _stacks_per_class(ranges: list[tuple[int, int]]) -> int:
+    """Stacks the sampler holds where ``ranges`` is expected: one for the class, one for its JSON escapes."""
+    return bool(_intersect(ranges, _complement(_SPECIAL))) + bool(_intersect(ranges, _SPECIAL))
 
 
 def _nullable(node: _Node) -> bool:

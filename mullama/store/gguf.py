@@ -43,6 +43,11 @@ _MAX_INNER_ARRAYS = 1 << 16
 #: available even when the tokenizer arrays are skipped.
 _SMALL_ARRAY = 1024
 _CHUNK = 1 << 20
+#: llama-hparams.h: LLAMA_MAX_LAYERS, LLAMA_MAX_EXPERTS.
+_MAX_LAYERS = 512
+_MAX_EXPERTS = 1024
+#: llama-model.cpp: LLAMA_ROPE_SCALING_TYPES; any other name fails an assertion.
+_ROPE_SCALING_TYPES = ("none", "linear", "yarn", "longrope")
 
 # GGUF value types (gguf.h, enum gguf_type).
 _UINT8, _INT8, _UINT16, _INT16, _UINT32, _INT32, _FLOAT32, _BOOL = range(8)
@@ -451,6 +456,7 @@ class _Parser:
         if tensors:
             data_offset += -data_offset % alignment
         self.check_extents(tensors, alignment, data_offset)
+        _check_hyperparameters(metadata, r.fail)
         return GGUFInfo(version, metadata, tensors, alignment, data_offset, r.size)
 
     def count(self, what: str, limit: int) -> int:
@@ -576,6 +582,92 @@ class _Parser:
             if end > size:
                 raise self.r.fail(f'tensor {i} "{t.name}" data ends at byte {end} but the file has {size} bytes')
             expected += t.nbytes + -t.nbytes % alignment
+
+
+def _check_hyperparameters(metadata: dict[str, Any], fail: Any) -> None:
+    """Refuse what llama.cpp's ``load_hparams`` asserts on (llama-model.cpp), which would abort the process.
+
+    Only keys present are checked: a missing one llama.cpp reports itself.
+    Whatever is left to an architecture's own code, the daemon's test load
+    in a child process (:mod:`mullama.engine.probe`) catches.
+    """
+    arch = metadata.get("general.architecture")
+    if not isinstance(arch, str) or arch == "clip":  # llama.cpp reads no hyperparameters for CLIP
+        return
+
+    def values(name: str) -> list[int] | None:
+        """The key's value as a list (per layer, or one), or None when absent; a non-integer is refused."""
+        key = f"{arch}.{name}"
+        if key not in metadata:
+            return None
+        value = metadata[key]
+        items = value if isinstance(value, list) else [value]
+        if not items or not all(_is_int(v) and 0 <= v < 2**32 for v in items):
+            raise fail(f"{key} must be an unsigned 32-bit integer (or one per layer), not {_shown(value)}")
+        return items
+
+    def bad(name: str, value: object, need: str) -> InvalidModelFileError:
+        return fail(f"{arch}.{name} is {_shown(value)}, but llama.cpp needs {need}")
+
+    layers = values("block_count")
+    if layers is not None and not 1 <= layers[0] <= _MAX_LAYERS:
+        raise bad("block_count", layers[0], f"1 to {_MAX_LAYERS} layers")
+    n_layer = layers[0] if layers is not None else _MAX_LAYERS
+    for name in ("context_length", "embedding_length"):
+        found = values(name)
+        if found is not None and found[0] == 0:
+            raise bad(name, 0, "a positive value")
+    nextn = values("nextn_predict_layers")
+    if nextn is not None and nextn[0] > n_layer:
+        raise bad("nextn_predict_layers", nextn[0], f"at most block_count ({n_layer})")
+    if arch == "wavtokenizer-dec":
+        for name in ("posnet.block_count", "convnext.block_count"):
+            found = values(name)
+            if found is not None and found[0] > n_layer:
+                raise bad(name, found[0], f"at most block_count ({n_layer})")
+    _check_experts(arch, values, bad)
+    heads, heads_kv = values("attention.head_count"), values("attention.head_count_kv")
+    if heads is not None and heads_kv is not None:
+        # Attention broadcasts each key/value head over a group of query heads (ggml_mul_mat asserts it).
+        for layer, (q, kv) in enumerate(zip(heads * len(heads_kv) if len(heads) == 1 else heads,
+                                            heads_kv * len(heads) if len(heads_kv) == 1 else heads_kv)):
+            if q and kv and q % kv:
+                raise bad("attention.head_count_kv", kv, f"a divisor of attention.head_count ({q}) in layer {layer}")
+    scaling = metadata.get(f"{arch}.rope.scaling.type")
+    if isinstance(scaling, str) and scaling not in _ROPE_SCALING_TYPES:
+        raise bad("rope.scaling.type", scaling, f"one of {', '.join(_ROPE_SCALING_TYPES)}")
+
+
+def _check_experts(arch: str, values: Any, bad: Any) -> None:
+    """Mixture-of-experts counts, as llama.cpp's ``load_hparams`` asserts them."""
+    experts = (values("expert_count") or [0])[0]
+    used = max(values("expert_used_count") or [0])
+    groups = (values("expert_group_count") or [0])[0]
+    groups_used = (values("expert_group_used_count") or [0])[0]
+    if arch in ("hunyuan-dense", "hunyuan_vl") and experts <= 1:
+        return  # llama.cpp reads these as dense models, ignoring both counts
+    if experts > _MAX_EXPERTS:
+        raise bad("expert_count", experts, f"at most {_MAX_EXPERTS} experts")
+    if used > experts:
+        raise bad("expert_used_count", used, f"at most expert_count ({experts})")
+    if experts == 0:
+        if groups:
+            raise bad("expert_group_count", groups, "0 without experts")
+        return
+    if used == 0:
+        raise bad("expert_used_count", used, "at least 1 with experts")
+    if groups >= experts:
+        raise bad("expert_group_count", groups, f"less than expert_count ({experts})")
+    if groups > 1:
+        if experts % groups:
+            raise bad("expert_group_count", groups, f"a divisor of expert_count ({experts})")
+        if not 0 < groups_used < groups:
+            raise bad("expert_group_used_count", groups_used, f"1 to {groups - 1} (expert_group_count - 1)")
+
+
+def _shown(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _is_int(value: object) -> TypeGuard[int]:
