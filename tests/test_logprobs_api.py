@@ -107,7 +107,7 @@ def scripted(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
     """Routes answer with a :class:`ScriptedReply`; the list collects the requests they built."""
     requests: list[Any] = []
 
-    def start(_manager: Any, request: Any) -> ScriptedReply:
+    def start(_manager: Any, request: Any, **_operations: Any) -> ScriptedReply:
         requests.append(request)
         return ScriptedReply()
 
