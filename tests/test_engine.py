@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import math
 import threading
-import time
 
 import pytest
+from gil import counter_rates
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -255,32 +255,13 @@ def test_decoding_lets_other_python_threads_run(model):
     """llama_decode releases the GIL (only short per-token calls keep it: ffi.llama.KEEP_GIL)."""
     ctx = model.context
     prompt = model.tokenize("word " * 300)
-    ticks = 0
-    stop = threading.Event()
-
-    def count() -> None:
-        nonlocal ticks
-        while not stop.is_set():
-            ticks += 1
-
-    def ticks_during(action) -> float:
-        """The counter's ticks per second while ``action`` runs in this thread."""
-        before, started = ticks, time.perf_counter()
-        action()
-        return (ticks - before) / (time.perf_counter() - started)
-
-    counter = threading.Thread(target=count)
-    counter.start()
+    ctx.forget(0)
+    ctx.batch.clear()
+    for pos, token in enumerate(prompt):
+        ctx.batch.add(token, pos, 0, pos == len(prompt) - 1)
     try:
-        free_rate = ticks_during(lambda: time.sleep(0.3))
-        ctx.forget(0)
-        ctx.batch.clear()
-        for pos, token in enumerate(prompt):
-            ctx.batch.add(token, pos, 0, pos == len(prompt) - 1)
-        decode_rate = ticks_during(lambda: ctx.decode(ctx.batch))
+        free_rate, decode_rate = counter_rates(lambda: ctx.decode(ctx.batch))
     finally:
-        stop.set()
-        counter.join()
         ctx.forget(0)
     # Holding the GIL through the decode leaves the counter a few percent (its switch-interval slices).
     assert decode_rate > 0.2 * free_rate

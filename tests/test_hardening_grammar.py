@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import http.client
 import json
-import threading
 import time
 from typing import Any
 
 import pytest
+from gil import counter_rates
 from daemon import create_model, running
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
@@ -100,27 +100,9 @@ def _post(port: int, path: str, body: dict[str, Any]) -> tuple[int, Any]:
 def test_a_grammar_call_lets_other_python_threads_run(model, logits):
     """A slow grammar (written by hand: the converter refuses this one) runs with the GIL released."""
     sampler = Sampler(model.lib, model.vocab, SamplingParams(temperature=0), 'root ::= (("a"?){10}){10}')
-    ticks = 0
-    stop = threading.Event()
-
-    def count() -> None:
-        nonlocal ticks
-        while not stop.is_set():
-            ticks += 1
-
-    def ticks_during(action) -> float:
-        before, started = ticks, time.perf_counter()
-        action()
-        return (ticks - before) / (time.perf_counter() - started)
-
-    counter = threading.Thread(target=count)
-    counter.start()
     try:
-        free_rate = ticks_during(lambda: time.sleep(0.3))
-        grammar_rate = ticks_during(lambda: sampler.sample(model.context.ptr, logits))
+        free_rate, grammar_rate = counter_rates(lambda: sampler.sample(model.context.ptr, logits))
     finally:
-        stop.set()
-        counter.join()
         sampler.close()
     # Holding the GIL through the call leaves the counter a few percent (its switch-interval slices).
     assert grammar_rate > 0.2 * free_rate
