@@ -10,6 +10,8 @@ subprocess (:func:`serve`) gets its own store and home, and none of the
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import http.client
 import json
 import os
@@ -34,7 +36,8 @@ REPO = Path(__file__).resolve().parent.parent
 #: The Hub's address for every in-process daemon: a closed port, so a download fails at once.
 CLOSED_HUB = "http://127.0.0.1:9"
 #: Settings that would change what a daemon accepts, cleared unless a test sets them.
-_CLEARED = ("MULLAMA_API_KEY", "MULLAMA_MAX_BODY", "MULLAMA_ORIGINS", "OLLAMA_ORIGINS")
+_CLEARED = ("MULLAMA_API_KEY", "MULLAMA_MAX_BODY", "MULLAMA_ORIGINS", "OLLAMA_ORIGINS", "MULLAMA_ALLOWED_HOSTS",
+            "MULLAMA_ALLOWED_DIRS", "MULLAMA_MAX_CONNECTIONS", "MULLAMA_HEADER_TIMEOUT", "MULLAMA_BODY_TIMEOUT")
 #: Seconds a ``mullama serve`` gets to answer, and to exit once signalled.
 _START_TIMEOUT, _STOP_TIMEOUT = 30.0, 15.0
 
@@ -69,14 +72,28 @@ def running(tmp: Path, **env: str) -> Iterator[Server]:
 
 
 def create_model(port: int, model_path: Path, name: str = "smol", **fields: Any) -> Any:
-    """Create ``name`` from the GGUF at ``model_path`` through ``/api/create``; return the daemon's answer.
+    """Create ``name`` from the GGUF at ``model_path`` as a remote client does; return the daemon's answer.
 
+    The file is uploaded as a blob (unless the daemon has it), then
+    ``/api/create`` names it: the daemon reads no path of this machine.
     ``fields`` join the request (``parameters``, ``template``...).  Fails
     the test unless the answer is a 200.
     """
-    body = {"model": name, "from": str(model_path), "stream": False, **fields}
+    stat = model_path.stat()
+    digest = file_digest(model_path, stat.st_size, stat.st_mtime_ns)
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=180)
     try:
+        connection.request("HEAD", f"/api/blobs/{digest}")
+        exists = connection.getresponse()
+        exists.read()
+        if exists.status != 200:
+            with model_path.open("rb") as upload:
+                connection.request("POST", f"/api/blobs/{digest}", upload, {
+                    "Content-Type": "application/octet-stream", "Content-Length": str(stat.st_size)})
+                uploaded = connection.getresponse()
+                assert uploaded.status == 201, uploaded.read()
+                uploaded.read()
+        body = {"model": name, "files": {model_path.name: digest}, "stream": False, **fields}
         connection.request("POST", "/api/create", json.dumps(body), {"Content-Type": "application/json"})
         response = connection.getresponse()
         data = response.read()
@@ -84,6 +101,16 @@ def create_model(port: int, model_path: Path, name: str = "smol", **fields: Any)
         connection.close()
     assert response.status == 200, data
     return json.loads(data)
+
+
+@functools.lru_cache(maxsize=16)
+def file_digest(path: Path, size: int, modified_ns: int) -> str:
+    """The ``sha256:`` digest of a file, computed once per version of it (its size and time stand for that)."""
+    hasher = hashlib.sha256()
+    with path.open("rb") as source:
+        while block := source.read(1 << 20):
+            hasher.update(block)
+    return "sha256:" + hasher.hexdigest()
 
 
 def exchange(server: Server, method: str, path: str, body: dict[str, Any] | None = None) -> tuple[int, bytes]:

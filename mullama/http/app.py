@@ -12,21 +12,34 @@ from __future__ import annotations
 
 import importlib
 import logging
+import math
 import os
 import signal
+import socket
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import ModuleType
 from typing import Any, cast
 
 from mullama import __version__, config
-from mullama.engine.residency import ModelManager
-from mullama.errors import MullamaError
-from mullama.http.server import DEFAULT_MAX_BODY, Router, Server, is_loopback, parse_address
+from mullama.engine.residency import ModelManager, parse_keep_alive
+from mullama.errors import BadRequestError, MullamaError
+from mullama.http.server import (
+    DEFAULT_BODY_TIMEOUT,
+    DEFAULT_HEADER_TIMEOUT,
+    DEFAULT_MAX_BODY,
+    DEFAULT_MAX_CONNECTIONS,
+    Router,
+    Server,
+    is_loopback,
+    parse_address,
+)
+from mullama.store.sweep import sweep
 
 log = logging.getLogger("mullama.server")
 
@@ -72,8 +85,15 @@ class App:
     router: Router
     api_key: str | None = None
     loopback: bool = True
+    #: Host names accepted beyond localhost and IP addresses (MULLAMA_ALLOWED_HOSTS and this machine's name).
+    allowed_hosts: tuple[str, ...] = ()
     extra_origins: tuple[str, ...] = ()
+    #: Directories whose GGUF files loopback clients may name as server paths (MULLAMA_ALLOWED_DIRS).
+    allowed_dirs: tuple[Path, ...] = ()
     max_body: int = DEFAULT_MAX_BODY
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
+    header_timeout: float = DEFAULT_HEADER_TIMEOUT
+    body_timeout: float = DEFAULT_BODY_TIMEOUT
     #: Set on shutdown: streams end with an error event, responses close their connection.
     stopping: threading.Event = field(default_factory=threading.Event)
     #: Requests being answered, so shutdown can wait for their last line.
@@ -98,14 +118,52 @@ class App:
             return self._idle.wait_for(lambda: self._active == 0, timeout)
 
 
+def _setting(name: str, default: Any, parse: Callable[[str], Any]) -> Any:
+    """``MULLAMA_<name>`` parsed, ``default`` when unset; a value that does not parse stops startup naming it."""
+    text = config.env(name)
+    if text is None:
+        return default
+    try:
+        return parse(text)
+    except (ValueError, BadRequestError):
+        raise MullamaError(f"MULLAMA_{name}={text!r} is not valid") from None
+
+
+def _positive_count(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError(text)
+    return value
+
+
+def _seconds(text: str) -> float:
+    value = parse_keep_alive(text)
+    if not value > 0 or math.isinf(value):
+        raise ValueError(text)
+    return value
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(item.strip().lower() for item in text.split(",") if item.strip())
+
+
+def _directories(text: str) -> tuple[Path, ...]:
+    return tuple(Path(item).expanduser().resolve() for item in text.split(os.pathsep) if item.strip())
+
+
 def make_server(address: str | None = None, manager: ModelManager | None = None) -> Server:
     """A ready-to-serve server on ``address`` (default MULLAMA_HOST/OLLAMA_HOST or 127.0.0.1:11434)."""
     host, port = parse_address(address if address is not None else config.env("HOST"))
     origins = tuple(o.strip() for o in (config.env("ORIGINS") or "").split(",") if o.strip())
     app = App(manager=manager or ModelManager(), router=build_router(),
               api_key=os.environ.get("MULLAMA_API_KEY") or None, loopback=is_loopback(host),
+              allowed_hosts=(*_setting("ALLOWED_HOSTS", (), _names), socket.gethostname().lower()),
               extra_origins=origins,
-              max_body=int(os.environ.get("MULLAMA_MAX_BODY") or DEFAULT_MAX_BODY))
+              allowed_dirs=_setting("ALLOWED_DIRS", (), _directories),
+              max_body=_setting("MAX_BODY", DEFAULT_MAX_BODY, _positive_count),
+              max_connections=_setting("MAX_CONNECTIONS", DEFAULT_MAX_CONNECTIONS, _positive_count),
+              header_timeout=_setting("HEADER_TIMEOUT", DEFAULT_HEADER_TIMEOUT, _seconds),
+              body_timeout=_setting("BODY_TIMEOUT", DEFAULT_BODY_TIMEOUT, _seconds))
     if not app.loopback and not app.api_key:
         log.warning("listening on %s without MULLAMA_API_KEY: ANYONE ON THE NETWORK CAN USE, CREATE AND DELETE "
                     "MODELS on this server", host)
@@ -127,6 +185,10 @@ def serve(address: str | None = None) -> int:
         print(f"Error: {exc.message}", file=sys.stderr)
         return 1
     app = cast(App, server.app)
+    swept = sweep(app.manager.store)
+    if swept.temporary or swept.unreferenced:
+        log.info("removed %d temporary files and %d unreferenced blobs left in the store", swept.temporary,
+                 swept.unreferenced)
     host, port = server.server_address[:2]
     log.info("Mullama %s listening on %s:%s (models in %s)", __version__, host, port, app.manager.store.root)
     hurry = threading.Event()
