@@ -46,8 +46,8 @@ _START_TIMEOUT, _STOP_TIMEOUT = 30.0, 15.0
 
 
 @contextmanager
-def running(tmp: Path, **env: str) -> Iterator[Server]:
-    """A daemon on a free loopback port with its store under ``tmp``, stopped on leaving the block.
+def running(tmp: Path, address: str = "127.0.0.1:0", **env: str) -> Iterator[Server]:
+    """A daemon on a free port (of ``address``, loopback by default) with its store under ``tmp``, stopped on leaving the block.
 
     ``env`` is set after the isolating variables, before the daemon is
     built, and stays set until the block ends.
@@ -61,7 +61,7 @@ def running(tmp: Path, **env: str) -> Iterator[Server]:
             monkeypatch.delenv(name, raising=False)
         for name, value in env.items():
             monkeypatch.setenv(name, value)
-        server = make_server("127.0.0.1:0")
+        server = make_server(address)
         threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True).start()
         try:
             yield server
