@@ -336,8 +336,11 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             return
         retry_after = getattr(error, "retry_after", None)
-        self.send_json(error.status, self.app.router.error_body(path, error),
-                       {"Retry-After": str(retry_after)} if retry_after else None)
+        try:
+            self.send_json(error.status, self.app.router.error_body(path, error),
+                           {"Retry-After": str(retry_after)} if retry_after else None)
+        except (BrokenPipeError, ConnectionResetError, TimeoutError):
+            self.close_connection = True  # the client left before its answer
 
     # --- safety ------------------------------------------------------------
 
