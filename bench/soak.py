@@ -526,7 +526,7 @@ def references_of(daemon: Daemon) -> dict[str, Any]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=2000)
-    parser.add_argument("--warmup", type=int, default=300, help="unrecorded requests of the same mix first")
+    parser.add_argument("--warmup", type=int, default=600, help="unrecorded requests of the same mix first")
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--max-seconds", type=float, default=900.0, help="stop sending after this long")
     parser.add_argument("--seed", type=int, default=14)
