@@ -126,6 +126,7 @@ def test_kill_during_a_pull(tmp_path: Path, hub: HubServer, model_path: Path) ->
 def test_kill_during_a_create_from_a_file(tmp_path: Path, model_path: Path) -> None:
     allowed = tmp_path / "models-to-import"
     allowed.mkdir()
+    (tmp_path / "daemon").mkdir()
     source = allowed / "smol.gguf"
     shutil.copyfile(model_path, source)
     with source.open("ab") as padded:
