@@ -109,8 +109,8 @@ class Daemon:
 
     def figures(self) -> dict[str, int]:
         status = Path(f"/proc/{self.process.pid}/status").read_text()
-        return {"rss": int(re.search(r"^VmRSS:\s+(\d+) kB", status, re.M)[1]) * 1024,
-                "threads": int(re.search(r"^Threads:\s+(\d+)", status, re.M)[1]),
+        return {"rss": int(re.search(r"^VmRSS:\s+(\d+) kB", status, re.MULTILINE)[1]) * 1024,
+                "threads": int(re.search(r"^Threads:\s+(\d+)", status, re.MULTILINE)[1]),
                 "fds": len(os.listdir(f"/proc/{self.process.pid}/fd"))}
 
 

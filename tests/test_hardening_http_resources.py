@@ -33,7 +33,7 @@ MIB = 1 << 20
 
 def _status(field: str) -> int:
     """A ``/proc/self/status`` size, in bytes."""
-    return int(re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M)[1]) * 1024
+    return int(re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.MULTILINE)[1]) * 1024
 
 
 def peak_growth(action: Callable[[], Any]) -> int:
@@ -161,11 +161,11 @@ def test_headers_sent_one_byte_at_a_time_are_cut_off_at_the_header_deadline(tmp_
 
 
 def test_a_stalled_body_is_cut_off_at_the_body_timeout(tmp_path: Path) -> None:
-    with running(tmp_path, MULLAMA_BODY_TIMEOUT="1") as server:
-        with socket.create_connection(("127.0.0.1", server.server_address[1]), timeout=TIMEOUT) as sock:
-            sock.sendall(b"POST /api/show HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                         b"Content-Length: 100\r\n\r\n{\"model\":")
-            assert _closed_by_server(sock, 60), "a body that stopped arriving held its connection for a minute"
+    with running(tmp_path, MULLAMA_BODY_TIMEOUT="1") as server, \
+            socket.create_connection(("127.0.0.1", server.server_address[1]), timeout=TIMEOUT) as sock:
+        sock.sendall(b"POST /api/show HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 100\r\n\r\n{\"model\":")
+        assert _closed_by_server(sock, 60), "a body that stopped arriving held its connection for a minute"
 
 
 def _partial_request(port: int) -> socket.socket:

@@ -421,13 +421,21 @@ class Handler(BaseHTTPRequestHandler):
     def read_body(self, limit: int | None = None) -> bytes:
         """Read the request body, refusing more than ``limit`` bytes."""
         limit = self.app.max_body if limit is None else limit
-        if not self._chunked and self._length > limit:
-            self.close_connection = True
-            raise PayloadTooLargeError(f"request body of {self._length} bytes exceeds the limit of {limit}")
-        data = bytearray()
+        if not self._chunked:
+            if self._length > limit:
+                self.close_connection = True
+                raise PayloadTooLargeError(f"request body of {self._length} bytes exceeds the limit of {limit}")
+            # One read, into one buffer: the body is in memory once.
+            self._body_started = True
+            data = self.rfile.read(self._length)
+            if len(data) < self._length:
+                self._bad_framing("the body ended early")
+            self._body_read = True
+            return data
+        pieces = bytearray()
         for piece in self.body_chunks(limit):
-            data += piece
-        return bytes(data)
+            pieces += piece
+        return bytes(pieces)
 
     def body_chunks(self, limit: int = sys.maxsize) -> Iterator[bytes]:
         """The body in pieces of at most 1 MiB as they arrive, refusing more than ``limit`` bytes in all."""
