@@ -573,6 +573,8 @@ class _ConnectionReader(io.RawIOBase):
         self.waiting = self._fresh
         try:
             count = self.sock.recv_into(buffer)
+        except ConnectionResetError:
+            count = 0  # the client is gone: to the reader, the end of the stream
         finally:
             self.waiting = False
         if count:
