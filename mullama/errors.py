@@ -14,6 +14,8 @@ class MullamaError(Exception):
     status: int = 500
     #: A short machine-readable kind, used by the OpenAI and Anthropic error bodies.
     kind: str = "server_error"
+    #: Whole seconds a client should wait before trying again (sent as ``Retry-After``); None when retrying won't help.
+    retry_after: int | None = None
 
     def __init__(self, message: str, *, param: str | None = None) -> None:
         super().__init__(message)

@@ -36,6 +36,11 @@ log = logging.getLogger("mullama.service")
 
 #: Used when a model's own template says nothing about tools.
 DEFAULT_TOOL_FORMAT = ToolFormat("hermes")
+#: Characters a prompt may hold per token of context, generously (a token averages about four): past that, no
+#: truncation of it can make sense, and tokenizing it would cost memory in proportion.
+PROMPT_CHARS_PER_TOKEN = 32
+#: The least that limit is, whatever the context.
+MIN_PROMPT_CHARS = 1 << 20
 
 
 @dataclass
@@ -263,6 +268,14 @@ def render_prompt(record: ModelRecord, model: Model, messages: list[Message], to
                         eos_token=model.special_token("eos"), extra=extra)
 
 
+def check_prompt_length(text: str, num_ctx: int) -> None:
+    """Refuse, before tokenizing it, a text far longer than a context of ``num_ctx`` tokens could hold."""
+    limit = max(MIN_PROMPT_CHARS, num_ctx * PROMPT_CHARS_PER_TOKEN)
+    if len(text) > limit:
+        raise BadRequestError(f"the prompt is {len(text)} characters long, more than the {limit} a context of "
+                              f"{num_ctx} tokens can be given; shorten it", param="prompt")
+
+
 def tokenize_prompt(model: Model, prompt: str) -> list[int]:
     """Tokens of a rendered prompt; BOS is added unless the template wrote it already."""
     bos = model.special_token("bos")
@@ -336,6 +349,7 @@ def chat(manager: ModelManager, req: ChatRequest, *, context: RequestContext | N
         prompt = render_prompt(record, model, req.messages, tools, think)
         calls = tool_format(record, model)
         grammar = grammar_for(req.format, tools, req.tool_choice, calls, req.parallel_tool_calls)
+        check_prompt_length(prompt, loaded.context_length)
         tokens = tokenize_prompt(model, prompt)
         if context is not None:  # operations: the model's max_queue
             context.check_queue(loaded)
@@ -377,6 +391,7 @@ def generate(manager: ModelManager, req: GenerateRequest, *, context: RequestCon
             messages = [Message(role="system", content=req.system)] if req.system else []
             prompt = render_prompt(record, model, messages + [Message(role="user", content=req.prompt)], [],
                                    think)
+        check_prompt_length(prompt, loaded.context_length)
         tokens = list(req.context) + (model.tokenize(prompt, add_special=not req.context and model.add_bos,
                                                      parse_special=True) if req.raw else tokenize_prompt(model, prompt))
         grammar = grammar_for(req.format, [], "auto", DEFAULT_TOOL_FORMAT)
@@ -415,6 +430,7 @@ def count_tokens(manager: ModelManager, req: ChatRequest, *, context: RequestCon
         tools = req.tools if req.tool_choice != "none" else []
         think = _resolve_think(resolution, req.think)
         prompt = render_prompt(resolution.record, loaded.model, req.messages, tools, think)
+        check_prompt_length(prompt, loaded.context_length)
         return len(tokenize_prompt(loaded.model, prompt))
 
 
@@ -437,6 +453,8 @@ def embed(manager: ModelManager, model_name: str, inputs: list[str], *, truncate
     stack, resolution, loaded, load_duration = _start(manager, model_name, options or {}, keep_alive, context)
     with stack:
         model = loaded.model
+        for text in inputs:
+            check_prompt_length(text, loaded.context_length)
         vectors = loaded.batcher.embed(inputs, truncate=truncate)
         if dimensions is not None:
             if dimensions < 1 or dimensions > model.n_embd:

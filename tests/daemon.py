@@ -10,6 +10,8 @@ subprocess (:func:`serve`) gets its own store and home, and none of the
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import http.client
 import json
 import os
@@ -36,7 +38,9 @@ CLOSED_HUB = "http://127.0.0.1:9"
 #: Settings that would change what a daemon accepts, cleared unless a test sets them.
 _CLEARED = ("MULLAMA_API_KEY", "MULLAMA_MAX_BODY", "MULLAMA_ORIGINS", "OLLAMA_ORIGINS", "MULLAMA_KEYS",
             "MULLAMA_LIMITS", "MULLAMA_LOG_FORMAT", "MULLAMA_STATS_RETENTION", "MULLAMA_MAX_QUEUE",
-            "OLLAMA_MAX_QUEUE", "MULLAMA_MAX_CONTEXT", "OLLAMA_MAX_CONTEXT", "MULLAMA_KEEP_ALIVE", "OLLAMA_KEEP_ALIVE")
+            "OLLAMA_MAX_QUEUE", "MULLAMA_MAX_CONTEXT", "OLLAMA_MAX_CONTEXT", "MULLAMA_KEEP_ALIVE", "OLLAMA_KEEP_ALIVE",
+            "MULLAMA_ALLOWED_HOSTS", "MULLAMA_ALLOWED_DIRS", "MULLAMA_MAX_CONNECTIONS", "MULLAMA_HEADER_TIMEOUT",
+            "MULLAMA_BODY_TIMEOUT")
 #: Seconds a ``mullama serve`` gets to answer, and to exit once signalled.
 _START_TIMEOUT, _STOP_TIMEOUT = 30.0, 15.0
 
@@ -45,8 +49,8 @@ _START_TIMEOUT, _STOP_TIMEOUT = 30.0, 15.0
 
 
 @contextmanager
-def running(tmp: Path, **env: str) -> Iterator[Server]:
-    """A daemon on a free loopback port with its store under ``tmp``, stopped on leaving the block.
+def running(tmp: Path, address: str = "127.0.0.1:0", **env: str) -> Iterator[Server]:
+    """A daemon on a free port (of ``address``, loopback by default) with its store under ``tmp``, stopped on leaving the block.
 
     ``env`` is set after the isolating variables, before the daemon is
     built, and stays set until the block ends.
@@ -60,7 +64,7 @@ def running(tmp: Path, **env: str) -> Iterator[Server]:
             monkeypatch.delenv(name, raising=False)
         for name, value in env.items():
             monkeypatch.setenv(name, value)
-        server = make_server("127.0.0.1:0")
+        server = make_server(address)
         threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True).start()
         try:
             yield server
@@ -72,14 +76,28 @@ def running(tmp: Path, **env: str) -> Iterator[Server]:
 
 
 def create_model(port: int, model_path: Path, name: str = "smol", **fields: Any) -> Any:
-    """Create ``name`` from the GGUF at ``model_path`` through ``/api/create``; return the daemon's answer.
+    """Create ``name`` from the GGUF at ``model_path`` as a remote client does; return the daemon's answer.
 
+    The file is uploaded as a blob (unless the daemon has it), then
+    ``/api/create`` names it: the daemon reads no path of this machine.
     ``fields`` join the request (``parameters``, ``template``...).  Fails
     the test unless the answer is a 200.
     """
-    body = {"model": name, "from": str(model_path), "stream": False, **fields}
+    stat = model_path.stat()
+    digest = file_digest(model_path, stat.st_size, stat.st_mtime_ns)
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=180)
     try:
+        connection.request("HEAD", f"/api/blobs/{digest}")
+        exists = connection.getresponse()
+        exists.read()
+        if exists.status != 200:
+            with model_path.open("rb") as upload:
+                connection.request("POST", f"/api/blobs/{digest}", upload, {
+                    "Content-Type": "application/octet-stream", "Content-Length": str(stat.st_size)})
+                uploaded = connection.getresponse()
+                assert uploaded.status == 201, uploaded.read()
+                uploaded.read()
+        body = {"model": name, "files": {model_path.name: digest}, "stream": False, **fields}
         connection.request("POST", "/api/create", json.dumps(body), {"Content-Type": "application/json"})
         response = connection.getresponse()
         data = response.read()
@@ -87,6 +105,16 @@ def create_model(port: int, model_path: Path, name: str = "smol", **fields: Any)
         connection.close()
     assert response.status == 200, data
     return json.loads(data)
+
+
+@functools.lru_cache(maxsize=16)
+def file_digest(path: Path, size: int, modified_ns: int) -> str:
+    """The ``sha256:`` digest of a file, computed once per version of it (its size and time stand for that)."""
+    hasher = hashlib.sha256()
+    with path.open("rb") as source:
+        while block := source.read(1 << 20):
+            hasher.update(block)
+    return "sha256:" + hasher.hexdigest()
 
 
 def exchange(server: Server, method: str, path: str, body: dict[str, Any] | None = None) -> tuple[int, bytes]:

@@ -1,9 +1,12 @@
-"""Hostile bodies against every Ollama endpoint: always a clean JSON 4xx (or a 200), never a 500 or a hang."""
+"""Hostile bodies against every route of the three APIs: always a clean JSON 4xx in the API's error shape (or a
+200), never a 500, a traceback or a hang."""
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -35,8 +38,23 @@ ENDPOINTS = [
     ("POST", "/api/pull", ["model", "insecure", "stream"]),
     ("POST", "/api/push", ["model", "insecure", "stream"]),
     ("POST", "/api/apply-template", ["model", "messages", "tools", "think", "options"]),
+    ("POST", "/v1/chat/completions", ["model", "messages", "tools", "tool_choice", "response_format", "stream",
+                                      "stream_options", "max_tokens", "max_completion_tokens", "stop", "temperature",
+                                      "top_p", "seed", "n", "logprobs", "top_logprobs", "frequency_penalty",
+                                      "presence_penalty", "parallel_tool_calls", "reasoning_effort", "functions",
+                                      "function_call"]),
+    ("POST", "/v1/completions", ["model", "prompt", "suffix", "max_tokens", "stop", "stream", "temperature", "echo",
+                                 "logprobs", "seed", "n", "best_of"]),
+    ("POST", "/v1/embeddings", ["model", "input", "dimensions", "encoding_format"]),
+    ("POST", "/v1/responses", ["model", "input", "instructions", "tools", "tool_choice", "stream", "max_output_tokens",
+                               "text", "reasoning", "previous_response_id", "temperature", "top_p", "metadata"]),
+    ("POST", "/v1/messages", ["model", "messages", "system", "max_tokens", "stop_sequences", "stream", "tools",
+                              "tool_choice", "temperature", "top_k", "top_p", "thinking", "metadata"]),
+    ("POST", "/v1/messages/count_tokens", ["model", "messages", "system", "tools", "tool_choice", "thinking"]),
 ]
-GET_PATHS = ["/", "/api/version", "/api/tags", "/api/ps"]
+GET_PATHS = ["/", "/api/version", "/api/tags", "/api/ps", "/v1/models", "/v1/models/smol", "/v1/models/zz-missing"]
+#: The token limits of the OpenAI and Anthropic routes: one token here, whatever the body says.
+LIMITS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
 endpoints = st.sampled_from(ENDPOINTS)
 
 huge_ints = st.sampled_from([2**31, 2**63, -(2**63) - 1, 10**400, -1, 0])
@@ -51,11 +69,21 @@ model_names = (st.sampled_from([MODEL, "smol:latest", "zz-missing", "", " ", "..
 
 
 def capped(body: dict[str, Any]) -> dict[str, Any]:
-    """Keep a valid generation short: whatever the options say, one token on one thread."""
+    """Keep a valid generation short: whatever the options say, one token on one thread, one choice."""
     options = body.get("options")
     if isinstance(options, dict):
         body["options"] = {**options, **CAPS}
+    for name in LIMITS:
+        if _count(body.get(name)) > 1:
+            body[name] = 1
+    for name in ("n", "best_of"):
+        if _count(body.get(name)) > 1:
+            body[name] = 1
     return body
+
+
+def _count(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
 @st.composite
@@ -83,6 +111,13 @@ VALID = {
     "/api/pull": {"model": "zz-missing", "stream": False},
     "/api/push": {"model": MODEL},
     "/api/apply-template": {"model": MODEL, "messages": HI, "tools": [TOOL]},
+    "/v1/chat/completions": {"model": MODEL, "messages": HI, "tools": [TOOL], "max_tokens": 1, "stop": ["x"]},
+    "/v1/completions": {"model": MODEL, "prompt": "hi", "max_tokens": 1, "stop": "x"},
+    "/v1/embeddings": {"model": MODEL, "input": ["hi", "there"]},
+    "/v1/responses": {"model": MODEL, "input": "hi", "max_output_tokens": 1, "instructions": "be brief"},
+    "/v1/messages": {"model": MODEL, "messages": HI, "max_tokens": 1, "system": "be brief",
+                     "tools": [{"name": "f", "input_schema": {"type": "object", "properties": {}}}]},
+    "/v1/messages/count_tokens": {"model": MODEL, "messages": HI, "system": "be brief"},
 }
 #: Paths inside a body, beyond its top-level fields, where validation must also hold.
 INNER = [("messages", 0, "role"), ("messages", 0, "content"), ("messages", 0, "images"),
@@ -152,16 +187,30 @@ def check(port: int, method: str, path: str, body: bytes | None, headers: dict[s
         if method == "HEAD":
             assert data == b""
         else:
-            error = json.loads(data)["error"]
+            error = error_message(path, json.loads(data))
             assert isinstance(error, str) and error
             assert "Error(" not in error and "object has no attribute" not in error, error
     elif content_type.startswith("application/x-ndjson"):
         lines = [json.loads(line) for line in data.splitlines() if line.strip()]
         assert lines and all(isinstance(line, dict) for line in lines)
+    elif content_type.startswith("text/event-stream"):
+        events = [line[5:].strip() for line in data.decode().splitlines() if line.startswith("data:")]
+        assert events and all(event == "[DONE]" or isinstance(json.loads(event), dict) for event in events)
     elif content_type.startswith("application/json") and data:
         json.loads(data)
     still_serving(port)
     return status
+
+
+def error_message(path: str, body: Any) -> Any:
+    """The message of an error body: Ollama's ``{"error": "..."}``, OpenAI's and Anthropic's ``{"error": {...}}``."""
+    error = body["error"]
+    if path.rstrip("/").startswith("/v1/"):  # the server reads "/v1/" as "/v1", under no API's prefix
+        assert isinstance(error, dict) and isinstance(error.get("type"), str), body
+        if path.startswith("/v1/messages"):
+            assert body["type"] == "error", body
+        return error["message"]
+    return error
 
 
 def still_serving(port: int) -> None:
@@ -257,14 +306,15 @@ def test_blob_routes(port: int, digest: str, body: bytes, method: str) -> None:
 
 
 @settings(deadline=None, max_examples=30)
-@given(path=st.one_of(st.sampled_from(GET_PATHS), st.text(max_size=30).map(lambda text: "/api/" + text)),
+@given(path=st.one_of(st.sampled_from(GET_PATHS), st.text(max_size=30).map(lambda text: "/api/" + text),
+                     st.text(max_size=30).map(lambda text: "/v1/" + text)),
        method=st.sampled_from(["GET", "HEAD", "POST", "PUT", "DELETE"]), body=st.binary(max_size=50))
 def test_any_path_and_method(port: int, path: str, method: str, body: bytes) -> None:
     status, response = request(port, method, quote(path, safe="/"), body or None)
     data = response.read()
     assert status < 500 and b"Traceback" not in data
     if status >= 400 and method != "HEAD":
-        assert isinstance(json.loads(data)["error"], str)
+        assert isinstance(error_message(path, json.loads(data)), str)
     still_serving(port)
 
 
@@ -286,4 +336,36 @@ def test_malformed_framing(port: int) -> None:
         assert response.status == 400, (headers, data)
         assert json.loads(data)["error"]
         conn.close()
+    still_serving(port)
+
+
+size_lines = st.one_of(
+    st.text(alphabet="0123456789abcdefABCDEFxX+-_ ;=\t\r\n", max_size=12).map(str.encode),
+    st.sampled_from([b"11", b"011", b"11;a=b", b"0x11", b" 11", b"11 ", b"1_1", b"+11", b"ffffffffffffffffff"]),
+)
+
+
+@settings(deadline=None, max_examples=60)
+@given(size=size_lines, te=st.sampled_from(["chunked", "Chunked", "chunked, chunked", "gzip", "", "chunked "]),
+       length=st.one_of(st.none(), st.sampled_from(["17", "+17", "1_7", "17, 17", "0x11", " 17", "-1"])),
+       path=st.sampled_from(["/api/show", "/v1/chat/completions", "/v1/messages", "/api/blobs/sha256:" + "0" * 64]))
+def test_any_framing(port: int, size: bytes, te: str, length: str | None, path: str) -> None:
+    """Whatever the framing, an answer (or a closed connection) and a daemon still in step."""
+    body = json.dumps({"model": MODEL}).encode()
+    head = f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+    if te:
+        head += f"Transfer-Encoding: {te}\r\n"
+    if length is not None:
+        head += f"Content-Length: {length}\r\n"
+    message = head.encode() + b"\r\n" + (size + b"\r\n" + body + b"\r\n0\r\n\r\n" if te else body)
+    with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as sock:
+        sock.sendall(message + b"GET /api/version HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        sock.shutdown(socket.SHUT_WR)  # a chunk declared longer than what follows then ends early
+        received = b""
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := sock.recv(65536):
+                received += chunk
+    assert b"Traceback" not in received
+    statuses = [int(line.split(b" ")[1]) for line in received.split(b"\r\n") if line.startswith(b"HTTP/1.1 ")]
+    assert all(status < 500 for status in statuses), received[:500]
     still_serving(port)

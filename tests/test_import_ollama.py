@@ -92,7 +92,9 @@ def daemon(tmp_path_factory, model_path) -> Iterator[dict[str, str]]:
     """A ``mullama serve`` that sees a fake Ollama store and no Hub; yields the CLI's environment."""
     tmp = tmp_path_factory.mktemp("import")
     _fake_ollama(tmp / "ollama", model_path)
-    serving = serve(tmp, OLLAMA_MODELS=str(tmp / "ollama"), HF_ENDPOINT=CLOSED_HUB, HF_HUB_OFFLINE="1")
+    # --in-place names a file of this machine: the daemon reads it only under MULLAMA_ALLOWED_DIRS.
+    serving = serve(tmp, OLLAMA_MODELS=str(tmp / "ollama"), HF_ENDPOINT=CLOSED_HUB, HF_HUB_OFFLINE="1",
+                    MULLAMA_ALLOWED_DIRS=str(tmp_path_factory.getbasetemp()))
     yield serving.env
     serving.stop()
 

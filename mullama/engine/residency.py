@@ -27,6 +27,7 @@ from mullama.engine.batching import Batcher
 from mullama.engine.memory import Estimate
 from mullama.engine.model import LoadOptions, Model
 from mullama.errors import BadRequestError, ModelLoadError, ModelNotFoundError, MullamaError, OverloadedError
+from mullama.engine.reloads import busy_reload_refusal
 from mullama.options import Options
 from mullama.store.blobs import Store
 from mullama.store.records import ModelRecord, find_model
@@ -241,12 +242,19 @@ class ModelManager:
             return sorted(self._loaded.values(), key=lambda m: m.last_used, reverse=True)
 
     def close(self) -> None:
-        """Cancel everything and free every model (daemon shutdown)."""
+        """Cancel everything and free every model (daemon shutdown).
+
+        A model a request still holds is freed when that request lets go
+        of it, never under it.
+        """
         self._closed.set()
         with self._lock:
             for loaded in list(self._loaded.values()):
                 loaded.batcher.cancel_all()
-                self._evict(loaded, "shutdown")
+                if loaded.in_use:
+                    loaded.keep_alive = 0
+                else:
+                    self._evict(loaded, "shutdown")
             self._lock.notify_all()
 
     # --- internals -----------------------------------------------------------
@@ -278,6 +286,8 @@ class ModelManager:
                     self._wait(deadline, f"{record.name} is still loading after {self.load_timeout:g}s")
                 elif current is not None:
                     # Other load options or a re-created model: reload once idle.
+                    if current.busy and current.record.digest == record.digest:
+                        raise busy_reload_refusal(record.name, current.load_options, load_options)
                     if current.busy:
                         self._wait(deadline, f"{record.name} is busy serving requests with other options "
                                              f"(num_ctx {current.load_options.num_ctx})")

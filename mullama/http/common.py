@@ -4,10 +4,14 @@ The Ollama, OpenAI and Anthropic modules keep only their wire shapes; the
 rules below hold on every API, so they live once:
 
 - a field of the wrong type is a 400 naming it (a boolean is never a number);
-  the model name is required;
+  the model name is required, and a name that is a server path answers as a
+  missing model whether or not the file exists (no file-existence oracle);
+  only Ollama's routes take paths, from loopback clients, under
+  ``MULLAMA_ALLOWED_DIRS`` (:func:`server_path`);
 - generation options come from Ollama's ``options`` object, then Ollama option
   names at the top level, then the API's own fields: a token limit
-  (``max_tokens``...) must be at least 1, a stop field is a list of strings;
+  (``max_tokens``...) must be at least 1, a stop field is a list of at most
+  :data:`MAX_STOPS` strings of at most :data:`MAX_STOP_CHARS` characters;
 - a history's tool calls, and tools in the function shape OpenAI and Ollama
   share, are read one way; call and response ids come from one generator;
 - a non-streamed reply is drained, a streamed one written event by event;
@@ -22,15 +26,17 @@ import binascii
 import json
 import logging
 import math
+import re
 import secrets
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from mullama import service
 from mullama.engine.residency import parse_keep_alive
 from mullama.engine.sampling import TokenLogprob
-from mullama.errors import BadRequestError, MullamaError, OverloadedError
+from mullama.errors import BadRequestError, ModelNotFoundError, MullamaError, OverloadedError
 from mullama.http.server import Request
 from mullama.options import PARAMETER_TYPES, parse_options
 from mullama.prompt.toolcalls import new_call_id
@@ -44,6 +50,11 @@ TRUNCATED_HEADER = "X-Mullama-Prompt-Truncated"
 INTERNAL_ERROR = "internal server error"
 _TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "a boolean", list: "a list",
                dict: "an object"}
+
+#: A request's stop sequences: at most this many, each at most this long (each is looked for after every token).
+MAX_STOPS = 64
+MAX_STOP_CHARS = 1024
+_WINDOWS_DRIVE = re.compile(r"[A-Za-z]:[\\/]")
 
 #: Writes one chunk of a stream.
 Write = Callable[[bytes], None]
@@ -66,11 +77,57 @@ def typed(body: dict[str, Any], name: str, kind: type | tuple[type, ...], defaul
 
 
 def model_name(body: dict[str, Any], *aliases: str) -> str:
-    """The request's ``model`` (when it has none, the first of ``aliases`` it has); 400 when missing."""
+    """The request's ``model`` (when it has none, the first of ``aliases`` it has); 400 when missing.
+
+    A name that is a path answers as a missing model: over HTTP, a model
+    field never reads the server's files.
+    """
+    name = _named_model(body, aliases)
+    if looks_like_path(name):
+        raise ModelNotFoundError(name)
+    return name
+
+
+def model_or_path(request: Request, body: dict[str, Any], *aliases: str) -> str:
+    """As :func:`model_name`, but a path :func:`server_path` allows is kept (``mullama run ./model.gguf``)."""
+    name = _named_model(body, aliases)
+    if looks_like_path(name) and server_path(request, name) is None:
+        raise ModelNotFoundError(name)
+    return name
+
+
+def _named_model(body: dict[str, Any], aliases: tuple[str, ...]) -> str:
     name = body.get("model") or next((body[alias] for alias in aliases if body.get(alias)), None)
     if not isinstance(name, str) or not name.strip():
         raise BadRequestError("model is required", param="model")
     return name
+
+
+def looks_like_path(text: str) -> bool:
+    """Whether a model reference names a file, judged on the text alone, never by looking at the disk.
+
+    Absolute, relative (``./``, ``../``), home (``~``) and drive paths, and
+    names ending in ``.gguf`` that are not Hub references (those hold ``:``).
+    """
+    text = text.strip()
+    if text.startswith(("/", "./", "../", "~", ".\\", "..\\", "\\")) or _WINDOWS_DRIVE.match(text):
+        return True
+    return text.lower().endswith(".gguf") and ":" not in text
+
+
+def server_path(request: Request, text: str) -> Path | None:
+    """The file a loopback client names under ``MULLAMA_ALLOWED_DIRS`` (symbolic links followed), else None.
+
+    Whether the file exists plays no part, so a refusal tells nothing about it.
+    """
+    directories = request.handler.app.allowed_dirs
+    if not directories or not request.handler.client_is_loopback():
+        return None
+    try:
+        path = Path(text.strip()).expanduser().resolve()
+    except (RuntimeError, OSError, ValueError):
+        return None
+    return path if any(path.is_relative_to(directory) for directory in directories) else None
 
 
 def keep_alive(body: dict[str, Any]) -> Any:
@@ -106,7 +163,21 @@ def generation_options(body: dict[str, Any], *, top_level: bool = True, limits: 
             if not all(isinstance(text, str) for text in stops):
                 raise BadRequestError(f"{stop}: expected a list of strings", param=stop)
             values["stop"] = stops
-    return parse_options(values)
+    options = parse_options(values)
+    check_stops(options.get("stop"), stop or "stop")
+    return options
+
+
+def check_stops(stops: Any, param: str) -> None:
+    """Refuse more than :data:`MAX_STOPS` stop sequences, or one longer than :data:`MAX_STOP_CHARS`."""
+    if not isinstance(stops, list):
+        return
+    if len(stops) > MAX_STOPS:
+        raise BadRequestError(f"{param}: at most {MAX_STOPS} stop sequences are allowed, not {len(stops)}",
+                              param=param)
+    if any(isinstance(text, str) and len(text) > MAX_STOP_CHARS for text in stops):
+        raise BadRequestError(f"{param}: a stop sequence may be at most {MAX_STOP_CHARS} characters long",
+                              param=param)
 
 
 def listed(value: Any, where: str, param: str | None = None) -> list[Any]:
@@ -280,7 +351,7 @@ def send_stream(request: Request, content_type: str, produce: Callable[[Write], 
 
     try:
         produce(write)
-    except (BrokenPipeError, ConnectionResetError):
+    except (BrokenPipeError, ConnectionResetError, TimeoutError):
         if reply is not None:
             reply.cancel()
         raise

@@ -3,10 +3,17 @@
 Each route reads Ollama's JSON, builds a :mod:`mullama.service` request or
 calls the store, and writes Ollama's JSON back; streaming responses are
 NDJSON with one flushed line per token.
+
+Server paths (a ``model`` that is a GGUF file, ``/api/create``'s ``from``
+and ``in_place``) are taken only from loopback clients and only under
+``MULLAMA_ALLOWED_DIRS``; a remote client uploads the file as a blob,
+which is streamed to disk as it arrives, hashed on the way and renamed
+into the store.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -21,7 +28,7 @@ from mullama import __version__, service
 from mullama.engine.model import quantize
 from mullama.engine.residency import parse_keep_alive
 from mullama.engine.sampling import TokenLogprob, check_top_logprobs
-from mullama.errors import BadRequestError, MullamaError, NotFoundError
+from mullama.errors import BadRequestError, ForbiddenError, MullamaError, NotFoundError
 from mullama.http.common import (
     Write,
     call_id,
@@ -34,10 +41,13 @@ from mullama.http.common import (
     keep_alive,
     listed,
     logprob_json,
+    looks_like_path,
     model_name,
+    model_or_path,
     ndjson,
     send_result,
     send_stream,
+    server_path,
     stream_reply,
     typed,
 )
@@ -212,7 +222,7 @@ def _unload_reply(request: Request, name: str, duration: Any, key: str) -> bool:
 
 def generate(request: Request) -> None:
     body = request.json()
-    name = model_name(body, "name")
+    name = model_or_path(request, body, "name")
     prompt = typed(body, "prompt", str, "")
     context = typed(body, "context", list, [])
     if not all(isinstance(t, int) and not isinstance(t, bool) for t in context):
@@ -278,7 +288,7 @@ def tool_call_json(call: ToolCall) -> dict[str, Any]:
 
 def chat_route(request: Request) -> None:
     body = request.json()
-    name = model_name(body, "name")
+    name = model_or_path(request, body, "name")
     messages = _messages(body.get("messages"))
     logprobs, top_logprobs = _logprobs(body)
     if not messages and _unload_reply(request, name, keep_alive(body), "message"):
@@ -316,7 +326,7 @@ def chat_route(request: Request) -> None:
 
 def embed(request: Request) -> None:
     body = request.json()
-    name = model_name(body, "name")
+    name = model_or_path(request, body, "name")
     value = body.get("input")
     inputs = ([value] if value else []) if isinstance(value, str) else [] if value is None else value
     if not isinstance(inputs, list) or not all(isinstance(v, str) for v in inputs):
@@ -341,7 +351,7 @@ def embed(request: Request) -> None:
 
 def embeddings_legacy(request: Request) -> None:
     body = request.json()
-    name = model_name(body, "name")
+    name = model_or_path(request, body, "name")
     prompt = typed(body, "prompt", str, "")
     if not prompt:
         request.handler.send_json(200, {"embedding": []})
@@ -430,7 +440,7 @@ def _parameters_text(parameters: dict[str, Any]) -> str:
 
 def show(request: Request) -> None:
     body = request.json()
-    name = model_name(body, "name")
+    name = model_or_path(request, body, "name")
     manager = request.handler.app.manager
     record = find_model(manager.store, name)
     info = record.info
@@ -490,16 +500,21 @@ def create(request: Request) -> None:
         files = typed(body, "files", dict, {})
         if in_place:
             # Mullama's extension: reference the GGUF where it lies (``mullama create --in-place``).
-            candidate = Path(source if isinstance(source, str) else "")
-            if not candidate.is_absolute() or not candidate.is_file():
+            if not isinstance(source, str) or not os.path.isabs(source):
+                raise BadRequestError(f"in_place needs 'from' to be the absolute path of a GGUF file on the "
+                                      f"server: {source!r}", param="from")
+            candidate = _server_file(request, source)
+            if not candidate.is_file():
                 raise BadRequestError(f"in_place needs 'from' to be the absolute path of a GGUF file on the "
                                       f"server: {source!r}", param="from")
             gguf.read_gguf(candidate)
             emit({"status": "using file in place"})
             layers.append(store.reference_file(candidate))
         elif isinstance(source, str) and source:
-            candidate = Path(source).expanduser()
-            if candidate.suffix == ".gguf" and candidate.is_file():
+            if looks_like_path(source):
+                candidate = _server_file(request, source)
+                if not candidate.is_file():
+                    raise NotFoundError(f"{source}: no such file", param="from")
                 gguf.read_gguf(candidate)
                 emit({"status": "copying file"})
                 digest = store.add_blob_from_file(candidate, link=True)
@@ -558,6 +573,16 @@ def create(request: Request) -> None:
         emit({"status": "success"})
 
     _status_stream(request, typed(body, "stream", bool, True), work)
+
+
+def _server_file(request: Request, source: str) -> Path:
+    """The server file ``from`` names, when :func:`server_path` allows it; refused alike whether it exists or not."""
+    path = server_path(request, source)
+    if path is None:
+        raise ForbiddenError(f"from: {source!r} is a path on the server, which only clients on the server's own "
+                             "machine may give, for files under MULLAMA_ALLOWED_DIRS; upload the file as a blob "
+                             "instead (mullama create does)", param="from")
+    return path
 
 
 def _quantized(store: Any, layers: list[Layer], quantization: str, emit: Any) -> list[Layer]:
@@ -627,34 +652,41 @@ def blob_exists(request: Request) -> None:
 
 
 def blob_upload(request: Request) -> None:
+    """Stream the body to a temporary file beside the blobs, hashing it on the way; rename it in if it matches."""
     digest = canonical_digest(request.params["digest"])
-    store = request.handler.app.manager.store
+    handler = request.handler
+    handler.check_upload_type()
+    store = handler.app.manager.store
     if store.has_blob(digest):
         # Read what the client is sending anyway: answering mid-upload and closing would break its write.
-        for _ in request.handler.body_chunks():
+        for _ in handler.body_chunks():
             pass
-        request.handler.send_bytes(200, b"", "text/plain")
+        handler.send_bytes(200, b"", "text/plain")
         return
-    store.root.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=store.root, prefix=".upload-")
+    blobs = store.blob_path(digest).parent
+    blobs.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=blobs, prefix=".upload-")
+    tmp = Path(name)
     hasher = hashlib.sha256()
     try:
         with os.fdopen(fd, "wb") as out:
-            for block in request.handler.body_chunks():
-                hasher.update(block)
-                out.write(block)
+            for piece in handler.body_chunks():
+                hasher.update(piece)
+                out.write(piece)
+            out.flush()
+            os.fsync(out.fileno())
         if "sha256:" + hasher.hexdigest() != digest:
             raise BadRequestError(f"digest mismatch: the upload has sha256:{hasher.hexdigest()}, expected {digest}")
-        store.add_blob_from_file(tmp, digest)
+        store.admit_verified(tmp, digest)
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    request.handler.send_bytes(201, b"", "text/plain")
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+    handler.send_bytes(201, b"", "text/plain")
 
 
 def apply_template(request: Request) -> None:
     body = request.json()
-    req = ChatRequest(model=model_name(body, "name"), messages=_messages(body.get("messages")),
+    req = ChatRequest(model=model_or_path(request, body, "name"), messages=_messages(body.get("messages")),
                            tools=function_tools(body.get("tools")), think=_think(body), options=_options(body))
     request.handler.send_json(200, {"prompt": service.apply_template(request.handler.app.manager, req,
                                                                      context=request.context)})

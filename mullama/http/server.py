@@ -1,16 +1,20 @@
 """The transport: one ``ThreadingHTTPServer`` and the handler of its connections.
 
-A request enters in :class:`Handler`, passes the safety checks (Host header,
-API key and its scope, CORS, body size), and is routed by the :class:`Router`
-to a route function that some module registered; the application's
-operations (:mod:`mullama.ops`) give it an id, count it and log it. This
-module knows no API family: the composition root (:mod:`mullama.http.app`) gives the server its application,
+A request enters in :class:`Handler`, passes the safety checks (framing,
+Host header, Origin, API key and its scope, content type, body size), and is
+routed by the :class:`Router` to a route function that some module
+registered; the application's operations (:mod:`mullama.ops`) give it an id,
+count it and log it. This module knows no API family: the composition root
+(:mod:`mullama.http.app`) gives the server its application,
 whose router holds the routes and the error formatters, so an error raised
 anywhere becomes the error body of the API family its path belongs to.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fnmatch
+import io
 import ipaddress
 import json
 import logging
@@ -20,7 +24,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from http import HTTPStatus
@@ -35,7 +39,6 @@ from mullama.errors import (
     MullamaError,
     NotFoundError,
     PayloadTooLargeError,
-    TooManyRequestsError,
 )
 from mullama.ops.logs import request_id
 from mullama.ops.operations import Operations, RequestContext, RequestRecord, api_of
@@ -45,8 +48,33 @@ log = logging.getLogger("mullama.server")
 DEFAULT_PORT = 11434
 #: Bodies above this are refused (blob uploads stream to disk and are exempt).
 DEFAULT_MAX_BODY = 64 * 1024 * 1024
+#: Connections served at once; more wait in the kernel's backlog (see :meth:`Server.process_request`).
+DEFAULT_MAX_CONNECTIONS = 512
+#: Seconds a connection has to deliver a request's line and headers, from its opening or its previous answer.
+DEFAULT_HEADER_TIMEOUT = 30.0
+#: Seconds one read of a body, or one write of an answer, may stall.
+DEFAULT_BODY_TIMEOUT = 60.0
+#: The most JSON values (about: commas and opening brackets outside strings) a body may hold. Each costs
+#: Python up to ~70 bytes, so a 16 MiB body of ``{},`` would otherwise become ~400 MiB.
+MAX_JSON_VALUES = 500_000
 #: An unread body up to this size is skipped to keep the connection; a bigger one closes it.
 _DRAIN_LIMIT = 1024 * 1024
+#: A body is read and handed on in pieces of at most this many bytes.
+_PIECE = 1 << 20
+#: The longest chunk-size or trailer line of a chunked body.
+_CHUNK_LINE = 4096
+_MAX_TRAILERS = 64
+#: A chunk-size line: hex digits only (no ``0x``, sign, ``_`` or spaces), an optional extension, CRLF.
+_CHUNK_SIZE_LINE = re.compile(rb"([0-9A-Fa-f]{1,16})(?:;[^\x00-\x08\x0a-\x1f\x7f]*)?\r\n")
+_CONTENT_LENGTH = re.compile(r"[0-9]{1,18}")
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
+#: Content types a web page may send to any server without a CORS preflight (with none at all).
+_CORS_SAFE_TYPES = ("", "application/x-www-form-urlencoded", "multipart/form-data", "text/plain")
+#: What ``curl -d`` (form), urllib (none) and Node's ``fetch`` with a string (text/plain) send: read as
+#: JSON, as Ollama reads any body, but only from clients that are not browsers (no ``Origin`` header).
+_LENIENT_TYPES = ("", "application/x-www-form-urlencoded", "text/plain")
+#: How often the accept loop, waiting for a free connection slot, checks for shutdown.
+_SLOT_POLL = 0.1
 _DEFAULT_ORIGIN_HOSTS = ("localhost", "127.0.0.1", "0.0.0.0", "[::1]")
 _DEFAULT_ORIGIN_SCHEMES = ("app://", "file://", "tauri://", "vscode-webview://", "vscode-file://")
 
@@ -72,10 +100,12 @@ class Request:
         return self._body
 
     def json(self) -> dict[str, Any]:
-        """The body as a JSON object; 400 when it is not one."""
+        """The body as a JSON object; 400 when it is not one, 415 when its content type may not hold one."""
+        self.handler.check_json_type()
         raw = self.body()
         if not raw.strip():
             raise BadRequestError("missing request body")
+        check_json_values(raw)
         try:
             value = json.loads(raw)
         except (ValueError, RecursionError) as exc:
@@ -153,9 +183,14 @@ class Application(Protocol):
     ops: Operations
     #: Bound to loopback: Host headers naming another machine are refused.
     loopback: bool
+    #: Host names accepted beyond localhost and IP addresses (lower case, ``*`` wildcards).
+    allowed_hosts: tuple[str, ...]
     #: CORS origins allowed beyond Ollama's defaults (``*`` wildcards).
     extra_origins: tuple[str, ...]
     max_body: int
+    max_connections: int
+    header_timeout: float
+    body_timeout: float
     #: Set on shutdown: every response closes its connection.
     stopping: threading.Event
 
@@ -171,11 +206,40 @@ class Handler(BaseHTTPRequestHandler):
     #: Streams write one small chunk per token: Nagle's algorithm would hold each
     #: one back until the previous is acknowledged (up to a delayed-ACK timeout).
     disable_nagle_algorithm = True
-    #: Seconds a socket read or write may stall: a client that sends half a body
-    #: (or stops reading a stream) must not hold a thread forever.
-    timeout = 300
     #: Set by socketserver for each connection.
     server: Server
+    # The framing of the request being answered, set by _check_framing.
+    _chunked = False
+    _length = 0
+    #: Whether the route began reading the body (then an unread rest closes the connection).
+    _body_started = False
+    #: Whether the body was read to its end.
+    _body_read = False
+
+    def setup(self) -> None:
+        # Reads and writes that stall longer than the body timeout end the connection.
+        self.timeout = self.server.app.body_timeout
+        super().setup()
+        self.rfile.close()
+        self._reader = _ConnectionReader(self.connection, self.timeout)
+        self.rfile = io.BufferedReader(self._reader)
+        self.server.track(self)
+
+    def finish(self) -> None:
+        try:
+            super().finish()
+        finally:
+            self.server.untrack(self)
+
+    def handle_one_request(self) -> None:
+        # The request line and headers must all arrive before the header deadline (slowloris).
+        self._reader.expect_request(self.server.app.header_timeout)
+        super().handle_one_request()
+
+    def parse_request(self) -> bool:
+        parsed = super().parse_request()
+        self._reader.headers_read()
+        return parsed
 
     @property
     def app(self) -> Any:
@@ -204,9 +268,24 @@ class Handler(BaseHTTPRequestHandler):
         self._dispatch("PUT")
 
     def do_OPTIONS(self) -> None:
+        """A CORS preflight: the transport's checks, then the methods and headers an allowed origin may use."""
+        with self.app.answering():
+            self._started_response = False
+            path = urlsplit(self.path).path.rstrip("/") or "/"
+            try:
+                self._check_framing()
+                self._check_host()
+                self._check_origin()
+            except MullamaError as error:
+                self._fail(path, error)
+            else:
+                self._preflight()
+            self._skip_unread_body()
+
+    def _preflight(self) -> None:
         origin = self.headers.get("Origin")
         self.send_response(HTTPStatus.NO_CONTENT)
-        if origin and self._origin_allowed(origin):
+        if origin:
             self.send_header("Access-Control-Allow-Origin", origin)
             self.send_header("Access-Control-Allow-Methods", "GET, POST, PUT, DELETE, HEAD, OPTIONS")
             self.send_header("Access-Control-Allow-Headers", self.headers.get(
@@ -242,7 +321,9 @@ class Handler(BaseHTTPRequestHandler):
         ops: Operations = self.app.ops
         record = ops.start(api_of(path), "")
         try:
+            self._check_framing()
             self._check_host()
+            self._check_origin()
             match = self.app.router.match(method, path)
             identity = ops.authorize(path, self.headers) if match.route else ops.keys.authenticate(self.headers)
             record.key, record.route = identity.name, match.pattern
@@ -254,7 +335,7 @@ class Handler(BaseHTTPRequestHandler):
             match.route(Request(method, path, split.query, self.headers, self, match.params, context))
         except MullamaError as error:
             self._fail(path, error)
-        except (BrokenPipeError, ConnectionResetError):
+        except (BrokenPipeError, ConnectionResetError, TimeoutError):
             self.close_connection = True
         except Exception:  # noqa: BLE001 - the client gets a clean 500, the log gets the traceback
             log.error("unexpected error on %s %s\n%s", method, path, traceback.format_exc())
@@ -278,15 +359,13 @@ class Handler(BaseHTTPRequestHandler):
         """Drain a small body the route did not read, so keep-alive stays in step; close on a big one."""
         if self._body_read or self.close_connection:
             return
-        try:
-            length = int(self.headers.get("Content-Length") or 0)
-        except ValueError:
-            length = -1
-        chunked = self.headers.get("Transfer-Encoding", "").lower() == "chunked"
-        if chunked or not 0 <= length <= _DRAIN_LIMIT:
+        if self._body_started or self._chunked or self._length > _DRAIN_LIMIT:
             self.close_connection = True
-        elif length:
-            self.rfile.read(length)
+        elif self._length:
+            try:
+                self.rfile.read(self._length)
+            except OSError:
+                self.close_connection = True
 
     def _fail(self, path: str, error: MullamaError) -> None:
         if error.status >= 500:
@@ -296,18 +375,73 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             return
         # Retry-After is read by the OpenAI and Anthropic SDKs (and any HTTP client) to pace retries.
-        retry = {"Retry-After": str(error.retry_after)} if isinstance(error, TooManyRequestsError) else None
-        self.send_json(error.status, self.app.router.error_body(path, error), retry)
+        retry = {"Retry-After": str(error.retry_after)} if error.retry_after else None
+        try:
+            self.send_json(error.status, self.app.router.error_body(path, error), retry)
+        except (BrokenPipeError, ConnectionResetError, TimeoutError):
+            self.close_connection = True  # the client left before its answer
 
     # --- safety ------------------------------------------------------------
 
+    def _check_framing(self) -> None:
+        """Read how the body is framed; refuse what two parsers could read differently (request smuggling)."""
+        self._chunked, self._length, self._body_started, self._body_read = False, 0, False, False
+        encodings = self.headers.get_all("Transfer-Encoding") or []
+        lengths = [value.strip(" \t") for value in self.headers.get_all("Content-Length") or []]
+        if encodings:
+            if lengths:
+                self._bad_framing("a request may not have both Transfer-Encoding and Content-Length")
+            if len(encodings) != 1 or encodings[0].strip(" \t").lower() != "chunked":
+                self._bad_framing(f"unsupported Transfer-Encoding {', '.join(encodings)!r}: only chunked is")
+            self._chunked = True
+        elif lengths:
+            if len(set(lengths)) != 1 or not _CONTENT_LENGTH.fullmatch(lengths[0]):
+                self._bad_framing("invalid Content-Length")
+            self._length = int(lengths[0])
+
+    def _bad_framing(self, message: str) -> None:
+        # Where the body ends is unknown: nothing more can be read from this connection.
+        self.close_connection = True
+        raise BadRequestError(message)
+
     def _check_host(self) -> None:
-        """When bound to loopback, refuse Host headers naming another machine (DNS rebinding)."""
-        if not self.app.loopback:
+        """Refuse Host headers that name no one this server answers to (DNS rebinding)."""
+        hosts = self.headers.get_all("Host") or []
+        if len(hosts) > 1:
+            raise BadRequestError("more than one Host header")
+        host = hosts[0] if hosts else ""
+        if not host_allowed(host, loopback=self.app.loopback, allowed=self.app.allowed_hosts):
+            raise ForbiddenError(f"forbidden host {host!r}: add it to MULLAMA_ALLOWED_HOSTS")
+
+    def _check_origin(self) -> None:
+        """Refuse any request from a web page whose origin is not allowed, as Ollama does (not only its CORS)."""
+        origins = self.headers.get_all("Origin") or []
+        if len(origins) > 1 or origins and not self._origin_allowed(origins[0]):
+            raise ForbiddenError(f"origin {', '.join(origins)!r} is not allowed: add it to MULLAMA_ORIGINS")
+
+    def check_json_type(self) -> None:
+        """Refuse a content type that cannot be a JSON body, or that a web page could send without a preflight."""
+        media = media_type(self.headers.get("Content-Type"))
+        if media == "application/json" or media.endswith("+json"):
             return
-        host = self.headers.get("Host", "")
-        if not host_allowed(host):
-            raise ForbiddenError(f"forbidden host {host!r}")
+        if media in _LENIENT_TYPES and "Origin" not in self.headers:
+            return
+        shown = media or "no content type"
+        raise UnsupportedMediaType(f"{shown} is not accepted here: send the body as application/json")
+
+    def check_upload_type(self) -> None:
+        """Refuse an upload from a web page that needed no preflight to send it."""
+        if "Origin" in self.headers and media_type(self.headers.get("Content-Type")) in _CORS_SAFE_TYPES:
+            raise UnsupportedMediaType("send uploads from a web page as application/octet-stream")
+
+    def client_is_loopback(self) -> bool:
+        """Whether the client connected from this machine (IPv4-mapped IPv6 addresses included)."""
+        try:
+            address = ipaddress.ip_address(self.client_address[0])
+        except ValueError:
+            return False
+        mapped = getattr(address, "ipv4_mapped", None)
+        return (mapped or address).is_loopback
 
     def _origin_allowed(self, origin: str) -> bool:
         return origin_allowed(origin, self.app.extra_origins)
@@ -317,60 +451,72 @@ class Handler(BaseHTTPRequestHandler):
     def read_body(self, limit: int | None = None) -> bytes:
         """Read the request body, refusing more than ``limit`` bytes."""
         limit = self.app.max_body if limit is None else limit
-        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-            return self._read_chunked(limit)
-        try:
-            length = int(self.headers.get("Content-Length") or 0)
-        except ValueError:
-            raise BadRequestError("invalid Content-Length") from None
-        if length < 0:
-            raise BadRequestError("invalid Content-Length")
-        if length > limit:
-            self.close_connection = True
-            raise PayloadTooLargeError(f"request body of {length} bytes exceeds the limit of {limit}")
-        self._body_read = True
-        return self.rfile.read(length)
-
-    def body_chunks(self) -> Iterable[bytes]:
-        """The body in pieces, without a size limit (blob uploads)."""
-        self._body_read = True
-        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-            yield self._read_chunked(sys.maxsize)
-            return
-        remaining = int(self.headers.get("Content-Length") or 0)
-        while remaining > 0:
-            block = self.rfile.read(min(remaining, 1 << 20))
-            if not block:
-                raise BadRequestError("the upload ended early")
-            remaining -= len(block)
-            yield block
-
-    def _read_chunked(self, limit: int) -> bytes:
-        data = bytearray()
-        self._body_read = True
-        while True:
-            line = self.rfile.readline(1024)
-            try:
-                size = int(line.split(b";")[0].strip(), 16)
-            except ValueError:
-                size = -1
-            if size < 0:
+        if not self._chunked:
+            if self._length > limit:
                 self.close_connection = True
-                raise BadRequestError("malformed chunked body")
+                raise PayloadTooLargeError(f"request body of {self._length} bytes exceeds the limit of {limit}")
+            # One read, into one buffer: the body is in memory once.
+            self._body_started = True
+            data = self.rfile.read(self._length)
+            if len(data) < self._length:
+                self._bad_framing("the body ended early")
+            self._body_read = True
+            return data
+        pieces = bytearray()
+        for piece in self.body_chunks(limit):
+            pieces += piece
+        return bytes(pieces)
+
+    def body_chunks(self, limit: int = sys.maxsize) -> Iterator[bytes]:
+        """The body in pieces of at most 1 MiB as they arrive, refusing more than ``limit`` bytes in all."""
+        self._body_started = True
+        if self._chunked:
+            yield from self._chunks(limit)
+        else:
+            remaining = self._length
+            while remaining > 0:
+                piece = self.rfile.read(min(remaining, _PIECE))
+                if not piece:
+                    self._bad_framing("the body ended early")
+                remaining -= len(piece)
+                yield piece
+        self._body_read = True
+
+    def _chunks(self, limit: int) -> Iterator[bytes]:
+        """A chunked body's data, parsed strictly: any deviation closes the connection."""
+        total = 0
+        while True:
+            match = _CHUNK_SIZE_LINE.fullmatch(self.rfile.readline(_CHUNK_LINE))
+            if match is None:
+                self._bad_framing("malformed chunked body: a chunk size must be hex digits ending in CRLF")
+            size = int(match[1], 16)
             if size == 0:
-                self.rfile.readline(1024)
-                return bytes(data)
-            if len(data) + size > limit:
+                break
+            total += size
+            if total > limit:
                 self.close_connection = True
                 raise PayloadTooLargeError(f"request body exceeds the limit of {limit} bytes")
-            data += self.rfile.read(size)
-            self.rfile.readline(1024)
+            while size:
+                piece = self.rfile.read(min(size, _PIECE))
+                if not piece:
+                    self._bad_framing("the chunked body ended early")
+                size -= len(piece)
+                yield piece
+            if self.rfile.read(2) != b"\r\n":
+                self._bad_framing("malformed chunked body: a chunk must end with CRLF")
+        for _ in range(_MAX_TRAILERS):
+            line = self.rfile.readline(_CHUNK_LINE)
+            if line == b"\r\n":
+                return
+            if not line.endswith(b"\r\n") or b":" not in line:
+                self._bad_framing("malformed chunked body: bad trailer")
+        self._bad_framing("malformed chunked body: too many trailers")
 
     # --- responses ---------------------------------------------------------
 
     def _common_headers(self) -> None:
         self.send_header("X-Request-Id", self._request_id)
-        if self.app.stopping.is_set():
+        if self.app.stopping.is_set() or self.close_connection:
             # Keep-alive ends with the server: the client must not send this connection another request.
             self.send_header("Connection", "close")
         origin = self.headers.get("Origin")
@@ -433,8 +579,67 @@ class MethodNotAllowed(MullamaError):
     kind = "invalid_request_error"
 
 
-def host_allowed(host: str) -> bool:
-    """Ollama's rule for the Host header of a loopback-bound server."""
+class UnsupportedMediaType(MullamaError):
+    """A body whose content type the route does not read."""
+
+    status = 415
+    kind = "invalid_request_error"
+
+
+class _ConnectionReader(io.RawIOBase):
+    """A connection's reads: each may stall ``idle`` seconds, and none may end past a deadline while one is set."""
+
+    def __init__(self, sock: socket.socket, idle: float) -> None:
+        self.sock = sock
+        self.idle = idle
+        self.deadline: float | None = None
+        #: True while blocked for the first byte of a request: closing the connection then loses nothing.
+        self.waiting = False
+        self._fresh = False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        timeout = self.idle
+        if self.deadline is not None:
+            timeout = min(timeout, self.deadline - time.monotonic())
+            if timeout <= 0:
+                raise TimeoutError("the request line and headers did not arrive in time")
+        self.sock.settimeout(timeout)
+        self.waiting = self._fresh
+        try:
+            count = self.sock.recv_into(buffer)
+        except ConnectionResetError:
+            count = 0  # the client is gone: to the reader, the end of the stream
+        finally:
+            self.waiting = False
+        if count:
+            self._fresh = False
+        return count
+
+    def expect_request(self, timeout: float) -> None:
+        """The next request's line and headers must arrive within ``timeout`` seconds."""
+        self.deadline = time.monotonic() + timeout
+        self._fresh = True
+
+    def headers_read(self) -> None:
+        """The headers are in: back to the idle timeout for the body and the answer."""
+        self.deadline = None
+        self._fresh = False
+        self.sock.settimeout(self.idle)
+
+
+def host_allowed(host: str, *, loopback: bool, allowed: tuple[str, ...] = ()) -> bool:
+    """Whether a server answers a request with this Host header (DNS rebinding).
+
+    ``localhost`` and the names in ``allowed`` (``*`` wildcards) always;
+    an IP address on a server bound beyond loopback, and on a loopback one
+    a loopback, private, link-local or unspecified address (Ollama's rule).
+    No other name: a web page whose own name was made to resolve to this
+    machine must not reach it. ``.local``/``.internal`` names too only when
+    ``allowed`` names them.
+    """
     if not host:
         return True
     name = host
@@ -443,13 +648,40 @@ def host_allowed(host: str) -> bool:
     elif name.count(":") == 1:
         name = name.split(":", 1)[0]
     name = name.lower().rstrip(".")
-    if name in ("localhost", socket.gethostname().lower()) or name.endswith((".localhost", ".local", ".internal")):
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    if any(fnmatch.fnmatchcase(name, pattern) for pattern in allowed):
         return True
     try:
         address = ipaddress.ip_address(name)
     except ValueError:
         return False
+    if not loopback:
+        return True
     return address.is_loopback or address.is_private or address.is_unspecified or address.is_link_local
+
+
+def media_type(value: str | None) -> str:
+    """The media type of a Content-Type header, lower case, without its parameters."""
+    return (value or "").split(";", 1)[0].strip().lower()
+
+
+def check_json_values(raw: bytes) -> None:
+    """Refuse a JSON body that would become more than :data:`MAX_JSON_VALUES` Python objects.
+
+    Counted before parsing, cheaply: commas and opening brackets, first in
+    the whole body and, only when that is too many, outside its strings.
+    Nesting needs no count of its own: the JSON decoder refuses what
+    passes Python's recursion limit.
+    """
+    if _structure(raw) <= MAX_JSON_VALUES:
+        return
+    if _structure(_JSON_STRING.sub(b'""', raw)) > MAX_JSON_VALUES:
+        raise PayloadTooLargeError(f"the JSON body holds more than {MAX_JSON_VALUES} values")
+
+
+def _structure(data: bytes) -> int:
+    return data.count(b",") + data.count(b"[") + data.count(b"{")
 
 
 def origin_allowed(origin: str, extra: tuple[str, ...]) -> bool:
@@ -502,7 +734,16 @@ def is_loopback(host: str) -> bool:
 
 
 class Server(ThreadingHTTPServer):
-    """The HTTP server; request threads are daemons so shutdown never waits on a stuck client."""
+    """The HTTP server; request threads are daemons so shutdown never waits on a stuck client.
+
+    At most ``app.max_connections`` connections are served at once, each by
+    a thread. Past that, the accept loop waits for a slot and new
+    connections wait in the kernel's backlog, where they cost no thread and
+    no memory, rather than being refused: a burst is served late instead of
+    failed. To make room, connections idle between requests (a client's
+    keep-alive pool) are closed while a connection waits; a slow sender
+    holds its slot no longer than the header or body timeout.
+    """
 
     daemon_threads = True
     allow_reuse_address = True
@@ -514,4 +755,57 @@ class Server(ThreadingHTTPServer):
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         #: What every handler reaches as ``self.server.app``.
         self.app = app
+        self._slots = threading.Semaphore(app.max_connections)
+        self._closing = threading.Event()
+        self._open: set[Handler] = set()
+        self._open_lock = threading.Lock()
         super().__init__(address, Handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """Serve a connection in a thread of its own once a connection slot is free."""
+        if not self._slots.acquire(blocking=False):
+            self._close_waiting()
+            while not self._slots.acquire(timeout=_SLOT_POLL):
+                if self._closing.is_set():
+                    self.shutdown_request(request)
+                    return
+                self._close_waiting()
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def shutdown(self) -> None:
+        """Stop the accept loop, a wait for a connection slot included."""
+        self._closing.set()
+        super().shutdown()
+
+    def track(self, handler: Handler) -> None:
+        """Count ``handler``'s connection as open."""
+        with self._open_lock:
+            self._open.add(handler)
+
+    def untrack(self, handler: Handler) -> None:
+        """Forget a closed connection."""
+        with self._open_lock:
+            self._open.discard(handler)
+
+    def open_connections(self) -> int:
+        """How many connections are being served."""
+        with self._open_lock:
+            return len(self._open)
+
+    def _close_waiting(self) -> None:
+        """Close the connections idle between requests, so waiting ones get their slots."""
+        with self._open_lock:
+            idle = [handler for handler in self._open if handler._reader.waiting]
+        for handler in idle:
+            with contextlib.suppress(OSError):
+                handler.connection.shutdown(socket.SHUT_RDWR)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import functools
 import json
-import re
 import time
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -40,8 +39,8 @@ MAX_ARGUMENT = 100_000
 #: The largest integer (in bits) that arithmetic may produce.
 MAX_INT_BITS = 4096
 
-# A width or precision of six digits or more in a ``%`` or ``{}`` format.
-_HUGE_FORMAT_WIDTH = re.compile(r"%[^a-zA-Z%]*[0-9]{6}|\{[^{}]*[0-9]{6}[^{}]*\}")
+#: The most digits a width or precision may have before its value is looked at (int() of more is slow).
+_WIDTH_DIGITS = 7
 _PADDING_METHODS = frozenset({"center", "ljust", "rjust", "zfill", "expandtabs"})
 # Filters whose integer arguments are widths or counts, not values.
 _SIZED_FILTERS = frozenset({"center", "indent", "wordwrap", "truncate", "slice", "batch", "tojson"})
@@ -204,9 +203,65 @@ def _check_arguments(args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             raise _LimitError(f"an argument larger than {MAX_ARGUMENT}")
 
 
-def _check_format(text: Any) -> None:
-    if isinstance(text, str) and _HUGE_FORMAT_WIDTH.search(text):
-        raise _LimitError("a format width larger than 99999")
+def _check_width(digits: str) -> None:
+    if len(digits) > _WIDTH_DIGITS or digits and int(digits) > MAX_ARGUMENT:
+        raise _LimitError(f"a format width or precision larger than {MAX_ARGUMENT}")
+
+
+def _check_percent_format(text: Any, values: Any) -> None:
+    """Bound every width and precision of ``text % values``, those taken from ``values`` (``%*d``) included.
+
+    The format is read as Python reads it: ``%``, an optional ``(key)``
+    with nested parentheses, flags, a width (digits or ``*``), a precision
+    (``.`` then digits or ``*``), a length modifier and the conversion.
+    """
+    if not isinstance(text, str):
+        return
+    positional = list(values) if isinstance(values, tuple) else [values]
+    taken = 0
+    at = text.find("%")
+    while at >= 0:
+        at += 1
+        if text.startswith("(", at):
+            depth = 0
+            while at < len(text):
+                depth += {"(": 1, ")": -1}.get(text[at], 0)
+                at += 1
+                if depth == 0:
+                    break
+        while at < len(text) and text[at] in "#0- +":
+            at += 1
+        for part in ("width", "precision"):
+            if part == "precision":
+                if not text.startswith(".", at):
+                    break
+                at += 1
+            if text.startswith("*", at):
+                star = positional[taken] if taken < len(positional) else 0
+                taken += 1
+                at += 1
+                _check_arguments((star,), {})
+            else:
+                start = at
+                while at < len(text) and "0" <= text[at] <= "9":
+                    at += 1
+                _check_width(text[start:at])
+        while at < len(text) and text[at] in "hlL":
+            at += 1
+        if at < len(text) and text[at] != "%":
+            taken += 1
+        at = text.find("%", at + 1)
+
+
+def _check_format_spec(format_spec: str) -> None:
+    """Bound the numbers of one ``{}`` field's format spec (its fill may be a digit: that is one digit)."""
+    digits = ""
+    for char in format_spec + " ":
+        if "0" <= char <= "9":
+            digits += char
+        else:
+            _check_width(digits)
+            digits = ""
 
 
 @functools.cache
@@ -215,7 +270,7 @@ def _sandbox() -> Any:
     from jinja2 import nodes
     from jinja2.exceptions import SecurityError
     from jinja2.ext import Extension, loopcontrols
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
+    from jinja2.sandbox import ImmutableSandboxedEnvironment, SandboxedFormatter
     from jinja2.visitor import NodeTransformer
 
     class GenerationTag(Extension):
@@ -239,6 +294,13 @@ def _sandbox() -> Any:
             node = self.generic_visit(node)
             parts = nodes.Tuple(node.nodes, "load")
             return nodes.Call(nodes.EnvironmentAttribute("mullama_concat"), [parts], [], None, None)
+
+    class WidthCheck(SandboxedFormatter):
+        """Checks each field's format spec once its nested fields (``{:{}}``) are filled in, before formatting it."""
+
+        def format_field(self, value: Any, format_spec: str) -> Any:
+            _check_format_spec(format_spec)
+            return super().format_field(value, format_spec)
 
     class Sandbox(ImmutableSandboxedEnvironment):
         """The immutable sandbox, with the budget checked at every step."""
@@ -271,16 +333,27 @@ def _sandbox() -> Any:
             return budget.produced(super().call(context, obj, *args, **kwargs))
 
         def wrap_str_format(self, value: Any) -> Any:
-            # ``str.format`` is wrapped when looked up, so its width is checked there.
-            if getattr(value, "__name__", "") in ("format", "format_map"):
-                _check_format(getattr(value, "__self__", None))
-            return super().wrap_str_format(value)
+            # ``str.format`` is wrapped when looked up; its widths are known only when it is called.
+            wrapped = super().wrap_str_format(value)
+            if wrapped is None:
+                return None
+            text, is_map = value.__self__, value.__name__ == "format_map"
+
+            @functools.wraps(wrapped)
+            def checked(*args: Any, **kwargs: Any) -> Any:
+                if is_map and len(args) == 1:
+                    WidthCheck(self).vformat(text, (), args[0])
+                else:
+                    WidthCheck(self).vformat(text, args, kwargs)
+                return wrapped(*args, **kwargs)
+
+            return checked
 
         def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
             budget = _BUDGET.get()
             budget.step()
             if operator == "%":
-                _check_format(left)
+                _check_percent_format(left, right)
             elif operator == "*":
                 _check_product(left, right)
             elif operator == "**" and _power_too_large(left, right):
@@ -309,7 +382,7 @@ def _sandbox() -> Any:
                 if name in _SIZED_FILTERS:
                     _check_arguments(args[skip:], kwargs)
                 elif name == "format" and args:
-                    _check_format(args[0])
+                    _check_percent_format(args[0], kwargs or tuple(args[1:]))
                 elif name == "replace" and len(args) > skip and args[skip] == "":
                     raise _LimitError("replacing the empty string")
                 return budget.produced(function(*args, **kwargs))
