@@ -415,7 +415,7 @@ class ModelManager:
         capped = " (the MULLAMA_MAX_CONTEXT cap)" if load_options.num_ctx == self.max_context else ""
         log.info("loading %s (%s, num_ctx=%d%s, num_parallel=%d, about %s)", record.name, record.model_path,
                  load_options.num_ctx, capped, load_options.num_parallel, memory.describe(need.total))
-        model = Model(record.model_paths, load_options, adapters=record.adapters)
+        model = Model(record.model_paths, load_options, adapters=record.adapters, projector=record.projector_path)
         try:
             batcher = Batcher(model, max_queue=self.max_queue)
         except BaseException:
