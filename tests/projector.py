@@ -11,6 +11,11 @@ steer greedy decoding differently. The projector's weights are large
 (standard deviation 1 for ``mm.0``, 0.5 for ``mm.2``) so that the image is
 not drowned out by the text.
 
+``tiny_projector_path("gemma3")`` is the same tower with Gemma 3's projector
+(``gemma3``: patches average-pooled 2x2, an RMS norm and one projection) on
+112x112 images: its images are read with non-causal attention, all of an
+image in one decode, as Gemma 3's are.
+
 The file is written with a few lines of GGUF writing rather than the
 ``gguf`` package, which would bring numpy into the test dependencies for
 one file; ``clip.cpp`` loading it is the check that it is right.
@@ -32,7 +37,7 @@ VERSION = 1
 TEXT_WIDTH = 576
 #: The vision tower: width, heads, feed-forward width, patch and image size.
 WIDTH, HEADS, FFN, PATCH, IMAGE = 32, 2, 64, 14, 56
-#: Image tokens per image: one per patch.
+#: Image tokens per image: one per patch (for both kinds: Gemma 3's pools 2x2 patches of an image twice as wide).
 IMAGE_TOKENS = (IMAGE // PATCH) ** 2
 
 _F32 = 0
@@ -40,20 +45,25 @@ _UINT32, _FLOAT32, _BOOL, _STRING, _ARRAY = 4, 6, 7, 8, 9
 _ALIGNMENT = 32
 
 
-def tiny_projector_path() -> Path:
-    """The projector GGUF, generated into the user cache on first use."""
-    path = config.user_cache_dir() / "fixtures" / f"tiny-mmproj-smollm2-v{VERSION}.gguf"
+def tiny_projector_path(kind: str = "mlp") -> Path:
+    """The projector GGUF of ``kind`` (``mlp`` or ``gemma3``), generated into the user cache on first use."""
+    suffix = "" if kind == "mlp" else f"-{kind}"
+    path = config.user_cache_dir() / "fixtures" / f"tiny-mmproj{suffix}-smollm2-v{VERSION}.gguf"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
-        partial.write_bytes(projector_bytes())
+        partial.write_bytes(projector_bytes(kind=kind))
         partial.replace(path)
     return path
 
 
-def projector_bytes(seed: int = 12) -> bytes:
-    """The whole projector file; the same bytes for the same seed."""
+def projector_bytes(seed: int = 12, kind: str = "mlp") -> bytes:
+    """The whole projector file; the same bytes for the same seed and kind."""
+    if kind not in ("mlp", "gemma3"):
+        raise ValueError(f"no tiny projector of kind {kind!r}")
     rng = random.Random(seed)
+    image = IMAGE if kind == "mlp" else 2 * IMAGE
+    patches = (image // PATCH) ** 2
 
     def normal(shape: tuple[int, ...], std: float) -> tuple[tuple[int, ...], array.array]:
         count = 1
@@ -68,13 +78,14 @@ def projector_bytes(seed: int = 12) -> bytes:
         return shape, array.array("f", [value]) * count
 
     # Shapes are ggml's: the innermost dimension first.
-    tensors = {
-        "v.patch_embd.weight": normal((PATCH, PATCH, 3, WIDTH), 0.1),
-        "v.class_embd": normal((WIDTH,), 0.1),
-        "v.position_embd.weight": normal((WIDTH, IMAGE_TOKENS + 1), 0.1),
-        "v.pre_ln.weight": const((WIDTH,), 1.0),
-        "v.pre_ln.bias": const((WIDTH,), 0.0),
-    }
+    tensors = {"v.patch_embd.weight": normal((PATCH, PATCH, 3, WIDTH), 0.1)}
+    if kind == "mlp":
+        tensors["v.class_embd"] = normal((WIDTH,), 0.1)
+        tensors["v.position_embd.weight"] = normal((WIDTH, patches + 1), 0.1)
+    else:
+        tensors["v.position_embd.weight"] = normal((WIDTH, patches), 0.1)
+    tensors["v.pre_ln.weight"] = const((WIDTH,), 1.0)
+    tensors["v.pre_ln.bias"] = const((WIDTH,), 0.0)
     for name in ("attn_q", "attn_k", "attn_v", "attn_out"):
         tensors[f"v.blk.0.{name}.weight"] = normal((WIDTH, WIDTH), 0.1)
         tensors[f"v.blk.0.{name}.bias"] = const((WIDTH,), 0.0)
@@ -85,18 +96,22 @@ def projector_bytes(seed: int = 12) -> bytes:
     tensors["v.blk.0.ffn_up.bias"] = const((FFN,), 0.0)
     tensors["v.blk.0.ffn_down.weight"] = normal((FFN, WIDTH), 0.1)
     tensors["v.blk.0.ffn_down.bias"] = const((WIDTH,), 0.0)
-    tensors["mm.0.weight"] = normal((WIDTH, TEXT_WIDTH), 1.0)
-    tensors["mm.0.bias"] = const((TEXT_WIDTH,), 0.0)
-    tensors["mm.2.weight"] = normal((TEXT_WIDTH, TEXT_WIDTH), 0.5)
-    tensors["mm.2.bias"] = const((TEXT_WIDTH,), 0.0)
+    if kind == "mlp":
+        tensors["mm.0.weight"] = normal((WIDTH, TEXT_WIDTH), 1.0)
+        tensors["mm.0.bias"] = const((TEXT_WIDTH,), 0.0)
+        tensors["mm.2.weight"] = normal((TEXT_WIDTH, TEXT_WIDTH), 0.5)
+        tensors["mm.2.bias"] = const((TEXT_WIDTH,), 0.0)
+    else:
+        tensors["mm.soft_emb_norm.weight"] = const((WIDTH,), 1.0)
+        tensors["mm.input_projection.weight"] = normal((TEXT_WIDTH, WIDTH), 1.0)
 
     metadata: list[tuple[str, int, object]] = [
         ("general.architecture", _STRING, "clip"),
-        ("general.name", _STRING, "mullama tiny test projector"),
+        ("general.name", _STRING, f"mullama tiny test projector ({kind})"),
         ("clip.has_vision_encoder", _BOOL, True),
-        ("clip.projector_type", _STRING, "mlp"),
+        ("clip.projector_type", _STRING, kind),
         ("clip.use_gelu", _BOOL, True),
-        ("clip.vision.image_size", _UINT32, IMAGE),
+        ("clip.vision.image_size", _UINT32, image),
         ("clip.vision.patch_size", _UINT32, PATCH),
         ("clip.vision.embedding_length", _UINT32, WIDTH),
         ("clip.vision.feed_forward_length", _UINT32, FFN),
@@ -107,6 +122,8 @@ def projector_bytes(seed: int = 12) -> bytes:
         ("clip.vision.image_mean", _ARRAY, [0.5, 0.5, 0.5]),
         ("clip.vision.image_std", _ARRAY, [0.5, 0.5, 0.5]),
     ]
+    if kind == "gemma3":
+        metadata.append(("clip.vision.projector.scale_factor", _UINT32, 2))
     return _write_gguf(metadata, tensors)
 
 

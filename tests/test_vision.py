@@ -84,7 +84,7 @@ def test_image_tokens_are_counted_and_placed_where_the_prompt_says(single, pictu
     text = "<|im_start|>user\nCompare [img] with [img] please.<|im_end|>\n<|im_start|>assistant\n"
     vision = single.tokenize_with_images(text, [pictures["red"], pictures["blue"]], marked=False)
     first, middle, last = text.split("[img]")
-    runs = [single.tokenize(first), single.tokenize(middle, add_special=False), single.tokenize(last, add_special=False)]
+    runs = [single.tokenize(first)] + [single.tokenize(run, add_special=False) for run in (middle, last)]
     assert [image.start for image in vision.images] == [len(runs[0]), len(runs[0]) + IMAGE_TOKENS + len(runs[1])]
     assert [image.n_tokens for image in vision.images] == [IMAGE_TOKENS, IMAGE_TOKENS]
     assert len(vision.tokens) == sum(map(len, runs)) + 2 * IMAGE_TOKENS
@@ -235,3 +235,26 @@ def test_concurrent_requests_with_one_image_encode_it_once(model, pictures):
         thread.join(120)
     assert len(results) == 4
     assert model.projector.encode_count == before + 1
+
+
+def test_a_projector_that_needs_non_causal_attention_reads_each_image_in_one_decode(model_path, pictures):
+    """Gemma 3's kind of projector: an image's embeddings attend to each other both ways."""
+    gemma = tiny_projector_path("gemma3")
+    prompt = CHAT.format("[img]What is in this picture?")
+    with mullama.Model(model_path, num_ctx=512, num_thread=1, projector=gemma) as alone:
+        assert alone.projector.non_causal
+        answers = [alone.complete(prompt, GREEDY, images=[pictures[name]]) for name in ("jpeg", "png", "jpeg")]
+        texts = [CHAT.format(q) for q in QUESTIONS[:3]]
+        references = [alone.complete(text, GREEDY) for text in texts]
+    assert answers[0].tokens == answers[2].tokens != answers[1].tokens
+    with mullama.Model(model_path, num_ctx=512, num_parallel=4, num_thread=1, projector=gemma) as shared, \
+            Batcher(shared) as batcher:
+        vision = shared.tokenize_with_images(prompt, [pictures["png"]], marked=False)
+        requests = [batcher.submit(shared.tokenize(text), GREEDY) for text in texts[:2]]
+        requests.insert(1, batcher.submit(vision.tokens, GREEDY, images=vision.images))
+        requests.append(batcher.submit(shared.tokenize(texts[2]), GREEDY))
+        results = [request.wait(120) for request in requests]
+    assert [r.tokens for r in results] == [references[0].tokens, answers[1].tokens, *[r.tokens for r in references[1:]]]
+    with mullama.Model(model_path, num_ctx=256, num_batch=8, num_thread=1, projector=gemma) as narrow, \
+            pytest.raises(BadRequestError, match="raise num_batch"):
+        narrow.complete(prompt, GREEDY, images=[pictures["png"]])

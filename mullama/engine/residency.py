@@ -30,6 +30,7 @@ from mullama.engine import memory
 from mullama.engine.model import LoadOptions, Model
 from mullama.errors import BadRequestError, ModelLoadError, ModelNotFoundError, MullamaError, OverloadedError
 from mullama.engine.memory import Estimate
+from mullama.engine.vision import projector_problem
 from mullama.options import Options, parse_options
 from mullama.store.registry import resolve
 from mullama.engine.batching import Batcher
@@ -251,6 +252,16 @@ class ModelManager:
                       self.max_context)
             options = replace(options, num_ctx=self.max_context)
         return options
+
+    def sees_images(self, record: ModelRecord) -> bool:
+        """Whether images work with ``record``: its projector loaded, or (while not loaded) looks loadable."""
+        if record.projector_path is None:
+            return False
+        with self._lock:
+            loaded = self._loaded.get(record.name)
+        if loaded is not None and loaded.record.digest == record.digest:
+            return loaded.model.projector is not None
+        return not projector_problem(record.projector_path, gguf.read_gguf(record.model_path))
 
     def unload(self, name: str) -> bool:
         """Unload ``name`` as soon as it is idle; True if it was loaded."""

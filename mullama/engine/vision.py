@@ -30,12 +30,14 @@ import threading
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from mullama import config
 from mullama.engine.memory import parse_size
 from mullama.errors import BadRequestError, ModelLoadError, MullamaError
 from mullama.ffi import llama as L
 from mullama.ffi import mtmd as M
+from mullama.store.gguf import GGUFInfo, read_gguf
 
 log = logging.getLogger("mullama.engine.vision")
 
@@ -167,6 +169,25 @@ def check_image(data: bytes, limits: ImageLimits) -> str:
         raise BadRequestError(f"the {fmt} image is {width}x{height} pixels, above the limit of "
                               f"{limits.max_pixels} (MULLAMA_MAX_IMAGE_PIXELS)", param="images")
     return fmt
+
+
+def projector_problem(projector: Path, text: GGUFInfo) -> str:
+    """Why ``projector`` cannot give the model of ``text`` images, read from the files alone ("" when it can).
+
+    What libmtmd checks only when it loads the projector for the model (the
+    widths, the projector type's tensors) shows in :attr:`Model.projector_error`.
+    """
+    try:
+        info = read_gguf(projector)
+    except MullamaError as exc:
+        return f"the projector is not a valid GGUF: {exc.message}"
+    if info.architecture != "clip":
+        return f"the projector's architecture is {info.architecture!r}, not clip"
+    if info.metadata.get("clip.has_vision_encoder") is not True:
+        return "the projector has no vision encoder"
+    if text.architecture and f"{text.architecture}.rope.dimension_sections" in text.metadata:
+        return "the model needs M-RoPE positions for images (the Qwen2-VL family), which Mullama does not support yet"
+    return ""
 
 
 def placeholder(image_hash: int, index: int) -> int:
