@@ -258,3 +258,14 @@ def test_a_projector_that_needs_non_causal_attention_reads_each_image_in_one_dec
     with mullama.Model(model_path, num_ctx=256, num_batch=8, num_thread=1, projector=gemma) as narrow, \
             pytest.raises(BadRequestError, match="raise num_batch"):
         narrow.complete(prompt, GREEDY, images=[pictures["png"]])
+
+
+def test_the_memory_estimate_counts_the_projector(model_path):
+    from mullama.engine.model import LoadOptions
+    from mullama.engine.residency import ModelRecord, estimate_record
+    from mullama.store.gguf import read_gguf
+
+    plain = estimate_record(ModelRecord("smol", "", model_path), LoadOptions())
+    seeing = estimate_record(ModelRecord("smol", "", model_path, projector_path=tiny_projector_path()), LoadOptions())
+    assert seeing.weights - plain.weights == sum(t.nbytes for t in read_gguf(tiny_projector_path()).tensors) > 0
+    assert (seeing.kv_cache, seeing.compute) == (plain.kv_cache, plain.compute)

@@ -460,9 +460,13 @@ class ModelManager:
 
 
 def estimate_record(record: ModelRecord, load_options: LoadOptions) -> Estimate:
-    """The memory ``record``'s GGUF (all its parts) takes with ``load_options``."""
+    """The memory ``record``'s GGUF (all its parts) takes with ``load_options``, its projector's weights included."""
     first, *rest = (gguf.read_gguf(path) for path in record.model_paths)
-    return memory.estimate(first, load_options, parts=rest)
+    need = memory.estimate(first, load_options, parts=rest)
+    if record.projector_path is None:
+        return need
+    projector = sum(t.nbytes for t in gguf.read_gguf(record.projector_path).tensors)
+    return replace(need, weights=need.weights + projector)
 
 
 def _env_value(name: str, default: Any, parse: Any) -> Any:
