@@ -18,7 +18,8 @@ from projector import IMAGE_TOKENS, tiny_projector_path
 
 import mullama
 from mullama.engine.batching import Batcher
-from mullama.engine.model import Completion
+from mullama.engine.model import Completion, LoadOptions
+from mullama.engine.residency import ModelRecord, estimate_record
 from mullama.engine.vision import (
     NO_VISION,
     ImageLimits,
@@ -27,6 +28,7 @@ from mullama.engine.vision import (
     image_format,
 )
 from mullama.errors import BadRequestError
+from mullama.store.gguf import read_gguf
 
 CHAT = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
 GREEDY = {"temperature": 0, "num_predict": 12}
@@ -261,10 +263,6 @@ def test_a_projector_that_needs_non_causal_attention_reads_each_image_in_one_dec
 
 
 def test_the_memory_estimate_counts_the_projector(model_path):
-    from mullama.engine.model import LoadOptions
-    from mullama.engine.residency import ModelRecord, estimate_record
-    from mullama.store.gguf import read_gguf
-
     plain = estimate_record(ModelRecord("smol", "", model_path), LoadOptions())
     seeing = estimate_record(ModelRecord("smol", "", model_path, projector_path=tiny_projector_path()), LoadOptions())
     assert seeing.weights - plain.weights == sum(t.nbytes for t in read_gguf(tiny_projector_path()).tensors) > 0
