@@ -7,6 +7,8 @@ embeddings into the model's KV cache beside text requests.
 
 from __future__ import annotations
 
+import ctypes
+import math
 import struct
 import threading
 import zlib
@@ -14,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from conftest import llama_cpp_source
-from projector import IMAGE_TOKENS, tiny_projector_path
+from projector import IMAGE_TOKENS, tiny_mrope_model_path, tiny_projector_path
 
 import mullama
 from mullama.engine.batching import Batcher
@@ -28,6 +30,8 @@ from mullama.engine.vision import (
     image_format,
 )
 from mullama.errors import BadRequestError
+from mullama.ffi import llama as L
+from mullama.ffi import mtmd as M
 from mullama.store.gguf import read_gguf
 
 CHAT = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
@@ -267,3 +271,81 @@ def test_the_memory_estimate_counts_the_projector(model_path):
     seeing = estimate_record(ModelRecord("smol", "", model_path, projector_path=tiny_projector_path()), LoadOptions())
     assert seeing.weights - plain.weights == sum(t.nbytes for t in read_gguf(tiny_projector_path()).tensors) > 0
     assert (seeing.kv_cache, seeing.compute) == (plain.kv_cache, plain.compute)
+
+
+def helper_reading(model: mullama.Model, text: str, images: list[bytes]) -> tuple[list[float], int]:
+    """llama.cpp's own reading of a prompt with images (``mtmd_helper_eval_chunks``) into sequence 0 of ``model``.
+
+    Returns the log-probabilities of the next token and the position after the prompt.
+    """
+    projector, ctx = model.projector, model.context
+    lib = projector.lib
+    ctx.forget(0, 0)
+    bitmaps = [projector._bitmap(data, i) for i, data in enumerate(images)]
+    chunks = lib.mtmd_input_chunks_init()
+    try:
+        encoded = text.encode()
+        spec = M.mtmd_input_text(encoded, len(encoded), model.add_bos, True)
+        assert lib.mtmd_tokenize(projector.ctx, chunks, ctypes.byref(spec),
+                                 (ctypes.c_void_p * len(bitmaps))(*bitmaps), len(bitmaps)) == 0
+        after = L.llama_pos()
+        assert lib.mtmd_helper_eval_chunks(projector.ctx, ctx.ptr, chunks, 0, 0, ctx.n_batch, True,
+                                           ctypes.byref(after)) == 0
+        logits = model.lib.llama_get_logits_ith(ctx.ptr, -1)[:model.n_vocab]
+    finally:
+        lib.mtmd_input_chunks_free(chunks)
+        for bitmap in bitmaps:
+            lib.mtmd_bitmap_free(bitmap)
+        ctx.forget(0, 0)
+    top = max(logits)
+    norm = top + math.log(sum(math.exp(x - top) for x in logits))
+    return [x - norm for x in logits], after.value
+
+
+@pytest.mark.parametrize("kind", ["mlp", "gemma3", "qwen2vl"])
+def test_images_are_read_as_llama_cpps_own_helper_reads_them(model_path, pictures, kind):
+    """Causal (LLaVA), non-causal (Gemma 3) and M-RoPE (Qwen2-VL) images: the same next-token distribution."""
+    text_model = tiny_mrope_model_path(model_path) if kind == "qwen2vl" else model_path
+    prompt = CHAT.format("[img]What is this? [img]And this?")
+    images = [pictures["jpeg"], pictures["blue"]]
+    with mullama.Model(text_model, num_ctx=1024, num_thread=1, projector=tiny_projector_path(kind)) as model:
+        assert model.projector.mrope == (kind == "qwen2vl") and model.projector.non_causal == (kind == "gemma3")
+        reference, after = helper_reading(model, prompt.replace("[img]", model.image_marker), images)
+        vision = model.tokenize_with_images(prompt, images, marked=False)
+        result = model.complete(prompt, {"temperature": 0, "num_predict": 1, "logprobs": True, "top_logprobs": 5},
+                                images=images)
+        first = result.logprobs[0]
+        for alternative in [first, *first.top_logprobs]:
+            assert alternative.logprob == pytest.approx(reference[alternative.id], abs=2e-3)
+        assert first.id == max(range(model.n_vocab), key=reference.__getitem__)
+        assert model.context.position(0, len(vision.tokens)) == after
+        if kind == "qwen2vl":
+            assert after < len(vision.tokens)  # the images advanced the position by less than their embeddings
+        vision.release()
+
+
+def test_m_rope_images_keep_their_positions_through_the_cache_and_batching(model_path, pictures):
+    """A Qwen2-VL-style model: prefixes reused, copied between sequences and batched keep M-RoPE positions."""
+    text_model, projector = tiny_mrope_model_path(model_path), tiny_projector_path("qwen2vl")
+    first = CHAT.format("[img]What is this?")
+    follow_up = first + "Something.<|im_end|>\n" + CHAT.format("Tell me more.")
+    with mullama.Model(text_model, num_ctx=1024, num_thread=1, projector=projector) as fresh:
+        clean = fresh.complete(first, GREEDY, images=[pictures["png"]])
+        reference = fresh.complete(follow_up, GREEDY, images=[pictures["jpeg"]])
+        opening = fresh.complete(first, GREEDY, images=[pictures["jpeg"]])
+        # The cache is cut back to before the image, then another image is read where it was.
+        assert fresh.complete(first, GREEDY, images=[pictures["png"]]).tokens == clean.tokens
+        texts = [fresh.complete(CHAT.format(q), GREEDY) for q in QUESTIONS[:2]]
+    with mullama.Model(text_model, num_ctx=1024, num_parallel=4, num_thread=1, projector=projector) as shared, \
+            Batcher(shared) as batcher:
+        def submit(text: str, images: list[bytes]):
+            vision = shared.tokenize_with_images(text, images, marked=False)
+            return batcher.submit(vision.tokens, GREEDY, images=vision.images), len(vision.tokens)
+
+        together = [submit(first, [pictures["jpeg"]])[0]] + [submit(CHAT.format(q), [])[0] for q in QUESTIONS[:2]]
+        assert [r.wait(120).tokens for r in together] == [opening.tokens, *[t.tokens for t in texts]]
+        # Two follow-ups at once: one continues the cached conversation, the other copies its prefix.
+        (again, length), (other, _) = submit(follow_up, [pictures["jpeg"]]), submit(follow_up, [pictures["jpeg"]])
+        results = [again.wait(120), other.wait(120)]
+    assert [r.tokens for r in results] == [reference.tokens, reference.tokens]
+    assert all(r.timings.prompt_eval_count < length - 300 for r in results)

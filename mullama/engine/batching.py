@@ -701,7 +701,8 @@ class Batcher:
         # ubatches (one compute each): in sequence order the step is ~40% faster.
         for request in sorted(running, key=_seq_of):
             if request._pending >= 0:
-                request._out = batch.add(request._pending, len(request._cached), request._seq, True)
+                request._out = batch.add(request._pending, ctx.position(request._seq, len(request._cached)),
+                                         request._seq, True)
             else:
                 request._out = -1
         generating = batch.n
@@ -713,8 +714,9 @@ class Batcher:
                 prompt = request.tokens
                 start, seq, last = request._fed, request._seq, len(prompt) - 1
                 end = min(request._text_end(start) if request.images else len(prompt), start + room)
-                for pos in range(start, end):
-                    batch.add(prompt[pos], pos, seq, pos == last)
+                saved = start - ctx.position(seq, start)
+                for i in range(start, end):
+                    batch.add(prompt[i], i - saved, seq, i == last)
                 if end == len(prompt):
                     request._out = batch.n - 1
                 request._chunk_end = end
@@ -789,10 +791,11 @@ class Batcher:
 
     def _decode_image(self, request: Request, image: ImageChunk) -> None:
         """Decode the next chunk of ``image``'s embeddings into ``request``'s sequence; sample if it ends the prompt."""
-        assert self._projector is not None and image.embeddings is not None
-        ctx, fed = self._ctx, request._fed
-        batch = ctx.embedding_batch(self._projector.n_embd)
-        causal = not self._projector.non_causal
+        projector = self._projector
+        assert projector is not None and image.embeddings is not None
+        ctx, fed, seq = self._ctx, request._fed, request._seq
+        batch = ctx.embedding_batch(projector.n_embd, mrope=projector.mrope)
+        causal = not projector.non_causal
         first = fed - image.start
         n = image.n_tokens - first
         if causal:
@@ -800,14 +803,19 @@ class Batcher:
         end = fed + n
         last = end == len(request.tokens)
         try:
-            batch.fill(image.embeddings, first, n, fed, request._seq, last)
+            pos = ctx.position(seq, image.start)
+            positions = image.positions(pos, first, n) if projector.mrope else range(pos + first, pos + first + n)
+            batch.fill(image.embeddings, first, n, positions, seq, last)
             ctx.decode(batch, causal=causal)
         except Exception as exc:  # noqa: BLE001 - fail this request only
-            ctx.forget(request._seq, 0)
+            ctx.forget(seq, 0)
             self._fail([request], exc)
             return
         request._cached.extend(request.tokens[fed:end])
         request._fed = request._chunk_end = end
+        if end == image.end and image.n_pos != image.n_tokens:
+            # Text after an M-RoPE image goes on from its n_pos positions on (as libmtmd's helper counts).
+            ctx.skip_positions(seq, end, image.n_tokens - image.n_pos)
         if not last:
             return
         request._out = n - 1

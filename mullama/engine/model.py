@@ -204,25 +204,42 @@ class Batch:
 
 
 class EmbeddingBatch:
-    """A reusable ``llama_batch`` of input embeddings (an image's) for one sequence at a time."""
+    """A reusable ``llama_batch`` of input embeddings (an image's) for one sequence at a time.
 
-    def __init__(self, lib: ctypes.CDLL, capacity: int, n_embd: int) -> None:
+    With M-RoPE each embedding has four positions, which ``llama_batch.pos``
+    then holds section by section: a buffer of its own replaces the one
+    ``llama_batch_init`` made (one per row), and is put back before freeing.
+    """
+
+    def __init__(self, lib: ctypes.CDLL, capacity: int, n_embd: int, *, mrope: bool = False) -> None:
         self._lib = lib
         self.capacity = capacity
         self.n_embd = n_embd
         self.raw = lib.llama_batch_init(capacity, n_embd, 1)
+        self._own_pos = self._pos_of_init = None
+        if mrope:
+            self._own_pos = (L.llama_pos * (4 * capacity))()
+            # The address, not the field: a pointer read from a struct field is a view of that field.
+            self._pos_of_init = ctypes.cast(self.raw.pos, ctypes.c_void_p).value
+            self.raw.pos = ctypes.cast(self._own_pos, ctypes.POINTER(L.llama_pos))
         self.n = 0
 
-    def fill(self, embeddings: ctypes.Array[ctypes.c_float], first: int, n: int, pos: int, seq_id: int,
-             logits: bool) -> None:
-        """Rows ``first`` to ``first + n`` of ``embeddings`` at positions from ``pos``; logits for the last if asked."""
+    def fill(self, embeddings: ctypes.Array[ctypes.c_float], first: int, n: int, positions: Sequence[int],
+             seq_id: int, logits: bool) -> None:
+        """Rows ``first`` to ``first + n`` of ``embeddings`` at ``positions`` (``n``, or ``4 * n`` with M-RoPE).
+
+        Logits come out for the last row if ``logits``.
+        """
         if not 0 < n <= self.capacity:
             raise MullamaError(f"an embedding batch holds 1 to {self.capacity} rows, not {n}")
+        if len(positions) != (4 * n if self._own_pos is not None else n):
+            raise MullamaError(f"{len(positions)} positions for {n} embeddings")
         row = self.n_embd * ctypes.sizeof(ctypes.c_float)
         ctypes.memmove(self.raw.embd, ctypes.addressof(embeddings) + first * row, n * row)
         raw = self.raw
+        for i, pos in enumerate(positions):
+            raw.pos[i] = pos
         for i in range(n):
-            raw.pos[i] = pos + i
             raw.n_seq_id[i] = 1
             raw.seq_id[i][0] = seq_id
             raw.logits[i] = 0
@@ -231,6 +248,8 @@ class EmbeddingBatch:
 
     def close(self) -> None:
         if self.raw is not None:
+            if self._pos_of_init is not None:
+                self.raw.pos = ctypes.cast(self._pos_of_init, ctypes.POINTER(L.llama_pos))
             self.raw.n_tokens = self.capacity
             self._lib.llama_batch_free(self.raw)
             self.raw = None
@@ -287,15 +306,38 @@ class Context:
         self.batch = Batch(lib, self.n_batch, self.n_seq)
         #: Tokens currently held in the KV cache of each sequence, for prefix reuse.
         self.cached: list[list[int]] = [[] for _ in range(self.n_seq)]
+        #: Per sequence, where M-RoPE images end in ``cached`` and how many positions all images so far saved.
+        self.shifts: list[list[tuple[int, int]]] = [[] for _ in range(self.n_seq)]
         #: ``llama_decode`` calls made so far (what batching saves is counted in these).
         self.decode_count = 0
         self._embedding_batch: EmbeddingBatch | None = None
 
-    def embedding_batch(self, n_embd: int) -> EmbeddingBatch:
+    def embedding_batch(self, n_embd: int, *, mrope: bool = False) -> EmbeddingBatch:
         """The batch image embeddings are read with (``n_batch`` rows of ``n_embd``), made on first use."""
         if self._embedding_batch is None:
-            self._embedding_batch = EmbeddingBatch(self._lib, self.n_batch, n_embd)
+            self._embedding_batch = EmbeddingBatch(self._lib, self.n_batch, n_embd, mrope=mrope)
         return self._embedding_batch
+
+    def position(self, seq: int, index: int) -> int:
+        """The position of the ``index``-th cached token of ``seq``: its index, less what M-RoPE images saved.
+
+        An image of the Qwen2-VL family holds more embeddings than the
+        positions it advances by (see :meth:`skip_positions`).
+        """
+        shifts = self.shifts[seq]
+        if not shifts:
+            return index
+        saved = 0
+        for end, total in shifts:
+            if end > index:
+                break
+            saved = total
+        return index - saved
+
+    def skip_positions(self, seq: int, end: int, saved: int) -> None:
+        """Note that the tokens of ``seq`` from index ``end`` on sit ``saved`` positions further back than before."""
+        shifts = self.shifts[seq]
+        shifts.append((end, saved + (shifts[-1][1] if shifts else 0)))
 
     def decode(self, batch: Batch | EmbeddingBatch, *, abortable: bool = False, causal: bool = True) -> None:
         """Run the model on ``batch``; raise on failure, or :class:`CancelledError` when aborted.
@@ -343,10 +385,11 @@ class Context:
         llama.cpp refuses, and then the whole sequence is dropped (0 stay),
         since a state that went past ``keep`` would give wrong answers.
         """
-        if not self._lib.llama_memory_seq_rm(self.memory, seq, keep, -1):
+        if not self._lib.llama_memory_seq_rm(self.memory, seq, self.position(seq, keep), -1):
             self._lib.llama_memory_seq_rm(self.memory, seq, 0, -1)
             keep = 0
         del self.cached[seq][keep:]
+        self.shifts[seq][:] = [shift for shift in self.shifts[seq] if shift[0] <= keep]
         return keep
 
     def reuse_prefix(self, seq: int, tokens: Sequence[int]) -> int:
@@ -370,6 +413,7 @@ class Context:
         self._lib.llama_memory_seq_cp(self.memory, src, dst, -1, -1)
         # In place: a running request holds this very list as its cache record.
         self.cached[dst][:] = self.cached[src]
+        self.shifts[dst][:] = self.shifts[src]
         return self.forget(dst, n)
 
     def close(self) -> None:

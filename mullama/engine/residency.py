@@ -261,7 +261,7 @@ class ModelManager:
             loaded = self._loaded.get(record.name)
         if loaded is not None and loaded.record.digest == record.digest:
             return loaded.model.projector is not None
-        return not projector_problem(record.projector_path, gguf.read_gguf(record.model_path))
+        return not projector_problem(record.projector_path)
 
     def unload(self, name: str) -> bool:
         """Unload ``name`` as soon as it is idle; True if it was loaded."""

@@ -37,7 +37,7 @@ from mullama.engine.memory import parse_size
 from mullama.errors import BadRequestError, ModelLoadError, MullamaError
 from mullama.ffi import llama as L
 from mullama.ffi import mtmd as M
-from mullama.store.gguf import GGUFInfo, read_gguf
+from mullama.store.gguf import read_gguf
 
 log = logging.getLogger("mullama.engine.vision")
 
@@ -171,8 +171,8 @@ def check_image(data: bytes, limits: ImageLimits) -> str:
     return fmt
 
 
-def projector_problem(projector: Path, text: GGUFInfo) -> str:
-    """Why ``projector`` cannot give the model of ``text`` images, read from the files alone ("" when it can).
+def projector_problem(projector: Path) -> str:
+    """Why ``projector`` cannot give its model images, as far as the file alone tells ("" when it can).
 
     What libmtmd checks only when it loads the projector for the model (the
     widths, the projector type's tensors) shows in :attr:`Model.projector_error`.
@@ -185,8 +185,6 @@ def projector_problem(projector: Path, text: GGUFInfo) -> str:
         return f"the projector's architecture is {info.architecture!r}, not clip"
     if info.metadata.get("clip.has_vision_encoder") is not True:
         return "the projector has no vision encoder"
-    if text.architecture and f"{text.architecture}.rope.dimension_sections" in text.metadata:
-        return "the model needs M-RoPE positions for images (the Qwen2-VL family), which Mullama does not support yet"
     return ""
 
 
@@ -226,6 +224,17 @@ class ImageChunk:
         """Index just past its last embedding."""
         return self.start + self.n_tokens
 
+    def positions(self, pos: int, first: int, n: int) -> list[int]:
+        """M-RoPE positions of embeddings ``first`` to ``first + n`` of an image placed at position ``pos``.
+
+        Section-major, as ``llama_batch.pos`` takes them: ``n`` times, rows,
+        columns, spares (libmtmd's helper lays them out so).
+        """
+        lib = self.projector.lib
+        tokens = lib.mtmd_input_chunk_get_tokens_image(self._handle)
+        places = [lib.mtmd_image_tokens_get_decoder_pos(tokens, pos, first + i) for i in range(n)]
+        return [p.t for p in places] + [p.y for p in places] + [p.x for p in places] + [p.z for p in places]
+
     def encode(self) -> None:
         """Have the projector's thread encode it, unless that is done or under way; returns at once."""
         self.projector.schedule(self)
@@ -252,7 +261,7 @@ class Projector:
     """A vision projector loaded for one text model: tokenizes prompts with images and encodes them.
 
     Raises :class:`ModelLoadError` when libmtmd cannot load the file for
-    this model, or when the projector is one Mullama cannot drive yet.
+    this model, or when it has no vision encoder.
     """
 
     def __init__(self, native: object, model_ptr: int, path: str, *, threads: int, use_gpu: bool,
@@ -265,6 +274,15 @@ class Projector:
         #: A marker no client can type by accident or on purpose: it is where images go in a prompt.
         self.marker = f"<__mullama_image_{uuid.uuid4().hex}__>"
         self._marker_bytes = self.marker.encode()
+        #: Images encoded so far (cache hits not counted).
+        self.encode_count = 0
+        self._cache: collections.OrderedDict[str, ctypes.Array[ctypes.c_float]] = collections.OrderedDict()
+        self._cache_bytes = 0
+        self._state = threading.Lock()
+        self._wakeup = threading.Condition(self._state)
+        self._queue: collections.deque[ImageChunk] = collections.deque()
+        self._closing = False
+        self._thread: threading.Thread | None = None
         params = lib.mtmd_context_params_default()
         params.use_gpu = use_gpu
         params.print_timings = False
@@ -279,25 +297,14 @@ class Projector:
         if not lib.mtmd_support_vision(self.ctx):
             self.close()
             raise ModelLoadError(f"the projector {path} has no vision encoder")
-        if lib.mtmd_decode_use_mrope(self.ctx):
-            # Positions would have to advance by an image's n_pos rather than its token count.
-            self.close()
-            raise ModelLoadError(f"the projector {path} needs M-RoPE positions (the Qwen2-VL family), "
-                                 "which Mullama does not support yet")
+        #: Whether images take M-RoPE positions (the Qwen2-VL family): four per embedding (time, row, column and
+        #: a spare), and an image advances the position by its n_pos, not by its count of embeddings.
+        self.mrope: bool = bool(lib.mtmd_decode_use_mrope(self.ctx))
         #: Whether an image's embeddings must be read with non-causal attention, all in one decode (Gemma 3).
         self.non_causal: bool = bool(lib.mtmd_decode_use_non_causal(self.ctx, None))
         #: Width of one embedding, as the text model reads it.
         self.n_embd: int = native.llama.llama_model_n_embd_inp(model_ptr)  # type: ignore[attr-defined]
         self.limits = ImageLimits.from_environment()
-        #: Images encoded so far (cache hits not counted).
-        self.encode_count = 0
-        self._cache: collections.OrderedDict[str, ctypes.Array[ctypes.c_float]] = collections.OrderedDict()
-        self._cache_bytes = 0
-        self._state = threading.Lock()
-        self._wakeup = threading.Condition(self._state)
-        self._queue: collections.deque[ImageChunk] = collections.deque()
-        self._closing = False
-        self._thread: threading.Thread | None = None
 
     # --- prompts -------------------------------------------------------------
 

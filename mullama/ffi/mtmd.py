@@ -12,7 +12,7 @@ from __future__ import annotations
 from ctypes import (CFUNCTYPE, POINTER, Structure, c_bool, c_char_p, c_float, c_int, c_int32, c_int64, c_size_t,
                     c_uint32, c_ubyte, c_void_p)
 
-from mullama.ffi.llama import c_enum, ggml_backend_sched_eval_callback, llama_pos, llama_token
+from mullama.ffi.llama import c_enum, ggml_backend_sched_eval_callback, llama_pos, llama_seq_id, llama_token
 
 MTMD_INPUT_CHUNK_TYPE_TEXT = 0
 MTMD_INPUT_CHUNK_TYPE_IMAGE = 1
@@ -125,6 +125,8 @@ HELPER_FUNCTIONS: dict[str, tuple[object, list[object]]] = {
     "mtmd_helper_bitmap_init_from_buf": (mtmd_helper_bitmap_wrapper, [p, POINTER(c_ubyte), c_size_t, c_bool,
                                                                       mtmd_helper_init_opt]),
     "mtmd_helper_video_free": (None, [p]),
+    # llama.cpp's own way of reading a prompt's chunks into a context: the reference the tests hold Mullama to.
+    "mtmd_helper_eval_chunks": (c_int32, [p, p, p, llama_pos, llama_seq_id, c_int32, c_bool, POINTER(llama_pos)]),
 }
 
 #: Everything bound on libmtmd.
