@@ -27,6 +27,7 @@ from mullama.ops.operations import RequestContext
 from mullama.prompt.templates import render_chat, render_generate
 from mullama.store.records import ModelRecord
 from mullama.engine.sampling import TokenLogprob
+from mullama.engine.vision import ImageChunk, place_images
 from mullama.prompt.thinking import ThinkingSplitter, prompt_opens_thinking
 from mullama.prompt.harmony import HarmonyParser, ThinkingDelta, render_harmony, renamed_tools
 from mullama.prompt.toolcalls import HARMONY, TextDelta, ToolCallEvent, ToolCallParser, ToolFormat, detect_format
@@ -326,13 +327,36 @@ def _start(manager: ModelManager, model_name: str, options: dict[str, Any], keep
     return stack, resolution, loaded, time.perf_counter_ns() - started
 
 
-def _check_images(record: ModelRecord, has_images: bool) -> None:
-    """Images are refused out loud rather than silently dropped."""
-    if not has_images:
-        return
-    if record.projector_path is None:
-        raise BadRequestError(f"{record.name} does not support images: it has no vision projector", param="images")
-    raise BadRequestError("image input is not supported by this Mullama version yet", param="images")
+def _mark_images(model: Model, messages: list[Message]) -> list[Message]:
+    """Messages with the model's image marker in their text where each of their images goes.
+
+    As in Ollama, a message's images replace its ``[img]`` tags in order,
+    and go before its text otherwise. A model without a working projector
+    refuses images with Ollama's error.
+    """
+    if not any(m.images for m in messages):
+        return messages
+    marker = model.image_marker
+    return [dataclasses.replace(m, content=place_images(m.content, len(m.images), marker)) if m.images else m
+            for m in messages]
+
+
+def _tokens_of(model: Model, prompt: str, images: list[bytes], context: list[int] | None = None,
+                   add_special: bool | None = None) -> tuple[list[int], list[ImageChunk]]:
+    """The tokens of a rendered prompt, with its images where their markers are; ``context`` (Ollama's) goes first.
+
+    BOS is added (``add_special`` None) unless the template wrote it already.
+    """
+    context = list(context or [])
+    if add_special is None:
+        bos = model.special_token("bos")
+        add_special = model.add_bos and not (bos and prompt.startswith(bos))
+    if not images:
+        return context + model.tokenize(prompt, add_special=add_special, parse_special=True), []
+    vision = model.tokenize_with_images(prompt, images, add_special=add_special)
+    for image in vision.images:
+        image.start += len(context)
+    return context + vision.tokens, vision.images
 
 
 def chat(manager: ModelManager, req: ChatRequest, *, context: RequestContext | None = None) -> Reply:
@@ -343,19 +367,20 @@ def chat(manager: ModelManager, req: ChatRequest, *, context: RequestContext | N
         record, model = resolution.record, loaded.model
         if not req.messages:
             return Reply(record.name, stack, None, None, None, started, load_duration, 0)
-        _check_images(record, any(m.images for m in req.messages))
+        messages = _mark_images(model, req.messages)
         tools = req.tools if req.tool_choice != "none" else []
         think = _resolve_think(resolution, req.think)
-        prompt = render_prompt(record, model, req.messages, tools, think)
+        prompt = render_prompt(record, model, messages, tools, think)
         calls = tool_format(record, model)
         grammar = grammar_for(req.format, tools, req.tool_choice, calls, req.parallel_tool_calls)
         check_prompt_length(prompt, loaded.context_length)
-        tokens = tokenize_prompt(model, prompt)
+        images = [image for m in messages for image in m.images]
+        tokens, chunks = _tokens_of(model, prompt, images)
         if context is not None:  # operations: the model's max_queue
             context.check_queue(loaded)
         request = loaded.batcher.submit(tokens, resolution.options, grammar=grammar,
                                           truncate=req.truncate, logprobs=req.logprobs,
-                                          top_logprobs=req.top_logprobs)
+                                          top_logprobs=req.top_logprobs, images=chunks)
         splitter = None
         parser: ToolCallParser | HarmonyParser | None = None
         if calls.name == HARMONY:
@@ -379,27 +404,26 @@ def generate(manager: ModelManager, req: GenerateRequest, *, context: RequestCon
         record, model = resolution.record, loaded.model
         if not req.prompt and not req.context:
             return Reply(record.name, stack, None, None, None, started, load_duration, 0)
-        _check_images(record, bool(req.images))
+        user = place_images(req.prompt, len(req.images), model.image_marker) if req.images else req.prompt
         think = _resolve_think(resolution, req.think)
         if req.raw:
-            prompt = req.prompt
+            prompt = user
         elif req.template is not None or record.template is not None:
             system = req.system if req.system is not None else record.system
-            prompt = render_generate(req.template if req.template is not None else record.template, req.prompt,
+            prompt = render_generate(req.template if req.template is not None else record.template, user,
                                      system=system, suffix=req.suffix, think=think)
         else:
             messages = [Message(role="system", content=req.system)] if req.system else []
-            prompt = render_prompt(record, model, messages + [Message(role="user", content=req.prompt)], [],
-                                   think)
+            prompt = render_prompt(record, model, messages + [Message(role="user", content=user)], [], think)
         check_prompt_length(prompt, loaded.context_length)
-        tokens = list(req.context) + (model.tokenize(prompt, add_special=not req.context and model.add_bos,
-                                                     parse_special=True) if req.raw else tokenize_prompt(model, prompt))
         grammar = grammar_for(req.format, [], "auto", DEFAULT_TOOL_FORMAT)
+        add_special = not req.context and model.add_bos if req.raw else None
+        tokens, chunks = _tokens_of(model, prompt, req.images, req.context, add_special)
         if context is not None:  # operations: the model's max_queue
             context.check_queue(loaded)
         request = loaded.batcher.submit(tokens, resolution.options, grammar=grammar,
                                           truncate=req.truncate, logprobs=req.logprobs,
-                                          top_logprobs=req.top_logprobs)
+                                          top_logprobs=req.top_logprobs, images=chunks)
         splitter, parser = None, None
         if not req.raw and tool_format(record, model).name == HARMONY:
             parser = HarmonyParser([], prompt)
@@ -429,9 +453,14 @@ def count_tokens(manager: ModelManager, req: ChatRequest, *, context: RequestCon
     with manager.hold(resolution, req.keep_alive) as loaded:
         tools = req.tools if req.tool_choice != "none" else []
         think = _resolve_think(resolution, req.think)
-        prompt = render_prompt(resolution.record, loaded.model, req.messages, tools, think)
+        messages = _mark_images(loaded.model, req.messages)
+        prompt = render_prompt(resolution.record, loaded.model, messages, tools, think)
         check_prompt_length(prompt, loaded.context_length)
-        return len(tokenize_prompt(loaded.model, prompt))
+        images = [image for m in messages for image in m.images]
+        tokens, chunks = _tokens_of(loaded.model, prompt, images)
+        for chunk in chunks:
+            chunk.release()
+        return len(tokens)
 
 
 @dataclass

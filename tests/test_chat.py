@@ -65,10 +65,12 @@ def test_invalid_format_is_a_bad_request():
         service.grammar_for({"type": "object", "patternProperties": {"a": {}}}, [], "auto", service.DEFAULT_TOOL_FORMAT)
 
 
-def test_images_are_refused_not_dropped(model_path):
-    with pytest.raises(BadRequestError, match="no vision projector"):
-        service._check_images(record(model_path), True)
-    service._check_images(record(model_path), False)
+def test_images_are_refused_not_dropped(model):
+    """A model without a projector refuses images with Ollama's words (tests/test_vision*.py: with one)."""
+    with pytest.raises(BadRequestError, match="this model is missing data required for image input"):
+        service._mark_images(model, [Message(role="user", content="What is this?", images=[b"\x89PNG"])])
+    plain = [Message(role="user", content="Hi")]
+    assert service._mark_images(model, plain) is plain
 
 
 # --- gpt-oss (harmony) through the service --------------------------------------

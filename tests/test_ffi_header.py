@@ -199,13 +199,17 @@ def test_functions_that_keep_the_gil_are_declared_and_short():
 
 
 def test_mtmd_functions_match_header():
-    problems = _check_functions(_source_root() / "tools" / "mtmd" / "mtmd.h", "MTMD_API", M.FUNCTIONS)
+    mtmd = _source_root() / "tools" / "mtmd"
+    problems = _check_functions(mtmd / "mtmd.h", "MTMD_API", M.MTMD_FUNCTIONS)
+    problems += _check_functions(mtmd / "mtmd-helper.h", "MTMD_API", M.HELPER_FUNCTIONS)
     assert problems == []
+    assert M.FUNCTIONS == {**M.MTMD_FUNCTIONS, **M.HELPER_FUNCTIONS}
 
 
 def test_structs_match_header():
     root = _source_root()
-    headers = [root / "include" / "llama.h", root / "tools" / "mtmd" / "mtmd.h"]
+    mtmd = root / "tools" / "mtmd"
+    headers = [root / "include" / "llama.h", mtmd / "mtmd.h", mtmd / "mtmd-helper.h"]
     assert _check_structs(headers, L.STRUCTS + M.STRUCTS) == []
 
 
@@ -226,7 +230,8 @@ def test_the_checker_catches_a_wrong_declaration():
 @pytest.mark.skipif(not shutil.which("cc"), reason="no C compiler to measure the C layout with")
 def test_struct_sizes_and_offsets_match_the_compiler(tmp_path):
     root = _source_root()
-    lines = ['#include "llama.h"', '#include "mtmd.h"', "#include <stdio.h>", "#include <stddef.h>",
+    lines = ['#include "llama.h"', '#include "mtmd.h"', '#include "mtmd-helper.h"', "#include <stdio.h>",
+             "#include <stddef.h>",
              "int main(void) {"]
     for cls in L.STRUCTS + M.STRUCTS:
         lines.append(f'printf("{cls.__name__} %zu\\n", sizeof(struct {cls.__name__}));')

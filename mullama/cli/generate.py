@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 from mullama.cli.format import char_width, terminal_width, text_width, timing_summary
+from mullama.cli.images import attach_images
 from mullama.client import Client
 
 _GREY, _BOLD, _RESET = "\x1b[90m", "\x1b[1m", "\x1b[0m"
@@ -99,6 +100,8 @@ class RunOptions:
     #: The model's own MESSAGE history, kept apart so ``/save`` can write both.
     loaded_messages: list[dict[str, Any]] = field(default_factory=list)
     parent_model: str = ""
+    #: Whether the model sees images: then image paths in a prompt are sent as images (mullama.cli.images).
+    vision: bool = False
 
     def common(self) -> dict[str, Any]:
         """The request fields shared by ``/api/generate`` and ``/api/chat``."""
@@ -118,7 +121,8 @@ def _display(opts: RunOptions, out: TextIO, *, color: bool) -> Display:
 
 def generate_once(client: Client, opts: RunOptions, out: TextIO, err: TextIO) -> None:
     """A one-shot prompt through ``/api/generate``, streamed to ``out``."""
-    body = opts.common() | {"prompt": opts.prompt}
+    prompt, images = attach_images(opts.prompt, err) if opts.vision else (opts.prompt, [])
+    body = opts.common() | {"prompt": prompt} | ({"images": images} if images else {})
     if opts.system:
         body["system"] = opts.system
     display = _display(opts, out, color=out.isatty())

@@ -16,6 +16,7 @@ from typing import Any, TextIO
 from mullama import config
 from mullama.cli.format import go_value, list_table, show_info
 from mullama.cli.generate import RunOptions, chat_turn, load_model
+from mullama.cli.images import attach_images
 from mullama.client import APIError, Client
 from mullama.errors import BadRequestError
 from mullama.store.names import ModelName
@@ -273,7 +274,12 @@ class Session:
         """Carry out one entry; ``False`` ends the session."""
         if not command.name:
             if command.text:
-                self.opts.messages.append({"role": "user", "content": command.text})
+                try:
+                    text, images = attach_images(command.text, self.err) if self.opts.vision else (command.text, [])
+                except BadRequestError as exc:
+                    self._say(f"Error: {exc.message}")
+                    return True
+                self.opts.messages.append({"role": "user", "content": text} | ({"images": images} if images else {}))
                 answer = chat_turn(self.client, self.opts, self.out, self.err)
                 if answer is not None:
                     self.opts.messages.append(answer)
@@ -452,5 +458,6 @@ def apply_show(opts: RunOptions, info: dict[str, Any], *, think_set: bool) -> No
     details = info.get("details") or {}
     opts.parent_model = str(details.get("parent_model") or "")
     opts.loaded_messages = [dict(m) for m in info.get("messages") or [] if isinstance(m, dict)]
+    opts.vision = "vision" in (info.get("capabilities") or [])
     if not think_set:
         opts.think = True if "thinking" in (info.get("capabilities") or []) else None

@@ -30,6 +30,17 @@ conversation that goes on only pays for its new tokens. A longer prefix held
 by any other sequence (a shared system prompt), even one still generating or
 still reading it, is copied from its KV cache rather than read again.
 
+A prompt may hold images (``submit(..., images=...)``, see
+:mod:`mullama.engine.vision`): their embeddings stand in the prompt as
+placeholder ids, so prefix reuse and sharing treat an image like the tokens
+around it (a prefix is never cut inside an image). The projector's thread
+encodes an image once a request needs it; meanwhile the request waits and
+the others go on. Encoded, an image is read into the request's sequence in
+decodes of its own, at most ``num_batch`` embeddings each, one per turn of
+the loop, as llama.cpp's server reads them, so text and image requests
+share the model's sequences and no image holds the others up longer than a
+chunk of text prompt would.
+
 A model has one batcher at a time (:attr:`Model.batcher`), the only user of
 ``model.context``. Embeddings use their own context and run alongside:
 :meth:`Batcher.embed` packs the inputs of concurrent calls into shared
@@ -45,12 +56,15 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mullama.engine.model import Batch, Completion, Context, Model, Timings, common_prefix, l2_normalize
 from mullama.errors import BadRequestError, CancelledError, MullamaError, OverloadedError
 from mullama.engine.sampling import LogprobReader, Sampler, SamplingParams, TokenLogprob, check_top_logprobs
 from mullama.engine.textstream import TextStream
+
+if TYPE_CHECKING:
+    from mullama.engine.vision import ImageChunk
 
 log = logging.getLogger("mullama.engine.batching")
 
@@ -90,18 +104,54 @@ def fit_prompt(tokens: list[int], n_ctx: int, num_keep: int = DEFAULT_NUM_KEEP, 
     runners do with ``shift: false``. ``Model.generate`` and the daemon
     both submit to a :class:`Batcher`, so this one rule serves both.
     """
-    if len(tokens) < n_ctx:
+    cut = _cut(len(tokens), n_ctx, num_keep, add_bos, truncate)
+    if cut is None:
         return tokens, 0
+    keep, dropped = cut
+    return tokens[:keep] + tokens[keep + dropped:], dropped
+
+
+def fit_prompt_with_images(tokens: list[int], images: list[ImageChunk], n_ctx: int,
+                           num_keep: int = DEFAULT_NUM_KEEP, *, add_bos: bool = False,
+                           truncate: bool = True) -> tuple[list[int], int, list[ImageChunk]]:
+    """:func:`fit_prompt` for a prompt with images: an image is dropped whole or kept whole.
+
+    Returns the prompt, the count of tokens dropped, and the images left
+    (with their new places); the images dropped are released.
+    """
+    cut = _cut(len(tokens), n_ctx, num_keep, add_bos, truncate)
+    if cut is None:
+        return tokens, 0, images
+    start, end = cut[0], cut[0] + cut[1]
+    for image in images:
+        if image.start < start < image.end:
+            start = image.start
+        if image.start < end < image.end:
+            end = image.end
+    kept = []
+    for image in images:
+        if start <= image.start and image.end <= end:
+            image.release()
+            continue
+        if image.start >= end:
+            image.start -= end - start
+        kept.append(image)
+    return tokens[:start] + tokens[end:], end - start, kept
+
+
+def _cut(n_tokens: int, n_ctx: int, num_keep: int, add_bos: bool, truncate: bool) -> tuple[int, int] | None:
+    """Where :func:`fit_prompt` cuts a prompt of ``n_tokens``: (tokens kept at the front, tokens dropped after them)."""
+    if n_tokens < n_ctx:
+        return None
     if not truncate:
-        raise BadRequestError(f"the prompt has {len(tokens)} tokens but the context holds {n_ctx} "
+        raise BadRequestError(f"the prompt has {n_tokens} tokens but the context holds {n_ctx} "
                               f"(at most {n_ctx - 1} for the prompt); shorten it or raise num_ctx")
-    keep = len(tokens) if num_keep < 0 else num_keep
+    keep = n_tokens if num_keep < 0 else num_keep
     keep = max(0, min(keep + add_bos, n_ctx - 1))
     limit = n_ctx - max((n_ctx - keep) // 2, 1)
-    dropped = len(tokens) - limit
     log.warning("prompt of %d tokens truncated to %d to fit a context of %d tokens (num_keep=%d)",
-                len(tokens), limit, n_ctx, num_keep)
-    return tokens[:keep] + tokens[keep + dropped:], dropped
+                n_tokens, limit, n_ctx, num_keep)
+    return keep, n_tokens - limit
 
 
 class Request:
@@ -114,9 +164,12 @@ class Request:
     """
 
     def __init__(self, batcher: Batcher, tokens: list[int], truncated: int, sampler: Sampler,
-                 stream: TextStream, num_predict: int, logprobs: bool = False, top_logprobs: int = 0) -> None:
-        #: The prompt as the model reads it (after any truncation).
+                 stream: TextStream, num_predict: int, logprobs: bool = False, top_logprobs: int = 0,
+                 images: Sequence[ImageChunk] = ()) -> None:
+        #: The prompt as the model reads it (after any truncation); placeholder ids where images go.
         self.tokens = tokens
+        #: The prompt's images, in order.
+        self.images = list(images)
         #: Prompt tokens dropped to fit the context.
         self.truncated = truncated
         #: The completion, set once the request is done (None while it runs or if it failed).
@@ -221,6 +274,29 @@ class Request:
         """True once the request finished, failed or was cancelled."""
         return self._done.is_set()
 
+    def _image_at(self, index: int) -> ImageChunk | None:
+        """The image whose embeddings include prompt position ``index``, if any."""
+        for image in self.images:
+            if image.start <= index < image.end:
+                return image
+        return None
+
+    def _text_end(self, index: int) -> int:
+        """Where the text run of the prompt from ``index`` ends: the next image, else the prompt's end."""
+        for image in self.images:
+            if image.end > index:
+                return max(index, image.start)
+        return len(self.tokens)
+
+    def _snap(self, n: int) -> int:
+        """``n`` prompt tokens, or fewer so as not to end inside an image: images are read whole or not at all."""
+        image = self._image_at(n)
+        return image.start if image is not None and image.start < n else n
+
+    def _release_images(self) -> None:
+        for image in self.images:
+            image.release()
+
     def _drive(self) -> Any:
         """The next output item, running turns of the decode loop in this thread until there is one."""
         output, turn = self._output, self._scheduler._turn
@@ -272,6 +348,7 @@ class Batcher:
         self._closing = False
         self._logprobs = LogprobReader(model.lib, model.token_bytes)
         self._embedder = EmbeddingBatcher(model)
+        self._projector = model.projector
         self._thread: threading.Thread | None = None
         model._batcher = self
         if thread:
@@ -287,25 +364,36 @@ class Batcher:
         self.close()
 
     def submit(self, tokens: Sequence[int], options: Any = None, *, grammar: str | None = None,
-               truncate: bool = True, logprobs: bool = False, top_logprobs: int = 0) -> Request:
+               truncate: bool = True, logprobs: bool = False, top_logprobs: int = 0,
+               images: Sequence[ImageChunk] = ()) -> Request:
         """Queue a generation from prompt ``tokens``; options use Ollama's names.
 
         ``logprobs`` asks for each generated token's log probability and
         ``top_logprobs`` (0 to 20) for that many likeliest alternatives too;
         as in Ollama, ``top_logprobs`` means nothing without ``logprobs``.
+        ``images`` are the prompt's images, as the model's projector
+        tokenized them with ``tokens`` (``Model.tokenize_with_images``); the
+        request owns them from here on and releases them when it ends.
 
         Raises :class:`BadRequestError` for an empty or invalid prompt, a bad
         grammar, a ``top_logprobs`` out of range, or (with ``truncate=False``)
         a prompt longer than the context; :class:`OverloadedError` when the
         queue is full or the batcher closed.
         """
+        images = sorted(images, key=lambda image: image.start)
+        try:
+            return self._submit(list(tokens), options, grammar, truncate, logprobs, top_logprobs, images)
+        except BaseException:
+            for image in images:
+                image.release()
+            raise
+
+    def _submit(self, tokens: list[int], options: Any, grammar: str | None, truncate: bool, logprobs: bool,
+                top_logprobs: int, images: list[ImageChunk]) -> Request:
         get = _getter(options)
-        tokens = list(tokens)
         if not tokens:
             raise BadRequestError("the prompt is empty")
-        n_vocab = self.model.n_vocab
-        if any(not 0 <= t < n_vocab for t in tokens):
-            raise BadRequestError(f"the prompt holds a token id outside the vocabulary (0..{n_vocab - 1})")
+        self._check_prompt(tokens, images)
         try:
             num_predict = int(_value(get, "num_predict", -1))
             num_keep = int(_value(get, "num_keep", DEFAULT_NUM_KEEP))
@@ -313,11 +401,17 @@ class Batcher:
         except (TypeError, ValueError) as exc:
             raise BadRequestError(f"invalid option: {exc}") from None
         top_logprobs = check_top_logprobs(top_logprobs)
-        tokens, truncated = fit_prompt(tokens, self._ctx.n_ctx_seq, num_keep, add_bos=self._add_bos, truncate=truncate)
+        if images:
+            tokens, truncated, images = fit_prompt_with_images(tokens, images, self._ctx.n_ctx_seq, num_keep,
+                                                               add_bos=self._add_bos, truncate=truncate)
+        else:
+            tokens, truncated = fit_prompt(tokens, self._ctx.n_ctx_seq, num_keep, add_bos=self._add_bos,
+                                           truncate=truncate)
         stop = _value(get, "stop", [])
         stream = TextStream(stop=[stop] if isinstance(stop, str) else list(stop))
         sampler = Sampler(self.model.lib, self.model.vocab, params, grammar)
-        request = Request(self, tokens, truncated, sampler, stream, num_predict, bool(logprobs), top_logprobs)
+        request = Request(self, tokens, truncated, sampler, stream, num_predict, bool(logprobs), top_logprobs,
+                          images)
         with self._wakeup:
             if self._closing:
                 sampler.close()
@@ -329,6 +423,26 @@ class Batcher:
             self._waiting.append(request)
             self._wakeup.notify()
         return request
+
+    def _check_prompt(self, tokens: list[int], images: list[ImageChunk]) -> None:
+        """Every id a token of the vocabulary, except exactly the images' placeholders where they go."""
+        n_vocab = self.model.n_vocab
+        start = 0
+        for image in images:
+            if image.projector is not self._projector:
+                raise BadRequestError("the images were not tokenized by this model's projector", param="images")
+            if image.start < start or tokens[image.start:image.end] != image.placeholders:
+                raise BadRequestError("the prompt's image placeholders do not match its images", param="images")
+            if self._projector.non_causal and image.n_tokens > self._ctx.n_batch:
+                raise BadRequestError(f"an image takes {image.n_tokens} tokens, which this model reads in one batch, "
+                                      f"but num_batch is {self._ctx.n_batch}: raise num_batch", param="images")
+            if any(not 0 <= t < n_vocab for t in tokens[start:image.start]):
+                break
+            start = image.end
+        else:
+            if all(0 <= t < n_vocab for t in tokens[start:]):
+                return
+        raise BadRequestError(f"the prompt holds a token id outside the vocabulary (0..{n_vocab - 1})")
 
     def embed(self, texts: str | Sequence[str], *, truncate: bool = True, normalize: bool = True) -> list[list[float]]:
         """Pooled embeddings, as :meth:`Model.embed` gives them; concurrent calls share decodes.
@@ -411,6 +525,7 @@ class Batcher:
         request._completion.done_reason = "cancel"
         request._completion.timings.total_duration = time.perf_counter_ns() - request._submitted
         request._sampler.close()
+        request._release_images()
         request.result = request._completion
         request._output.put(_END)
         request._done.set()
@@ -445,8 +560,8 @@ class Batcher:
                 self._start(request)
             for request in [r for r in self._running if r._cancelled]:
                 self._finish(request, "cancel")
-            if self._running:
-                self._step()
+            if self._running and not self._step():
+                self._wait_for_an_image()
         except Exception as exc:  # the loop must outlive any request's failure
             log.exception("generation step failed")
             self._fail(list(self._running), exc)
@@ -499,13 +614,21 @@ class Batcher:
         ctx, seq, tokens = self._ctx, request._seq, request.tokens
         request._cached = ctx.cached[seq]
         request._fed = ctx.reuse_prefix(seq, tokens)
+        if request.images and request._snap(request._fed) < request._fed:
+            request._fed = ctx.forget(seq, request._snap(request._fed))
         donor, shared = self._donor(seq, tokens)
+        shared = request._snap(shared)
         if shared > request._fed and self._worth_copying(shared - request._fed):
             request._fed = ctx.share_prefix(donor, seq, shared)
         reader, coming = self._reader(request)
+        coming = request._snap(coming)
         if coming > request._fed and self._worth_copying(coming - request._fed):
             request._awaits, request._awaited = reader, coming
         request._completion.timings.prompt_eval_count = len(tokens) - request._fed
+        # Start encoding what this request will read itself, so it is ready by the time the text before it is read.
+        for image in request.images:
+            if image.start >= max(request._fed, request._awaited if request._awaits else 0):
+                image.encode()
 
     def _donor(self, seq: int, tokens: list[int]) -> tuple[int, int]:
         """The other sequence whose cache shares most of ``tokens`` (busy or not), and how much.
@@ -561,18 +684,25 @@ class Batcher:
         """
         return tokens >= _MIN_SHARED_TOKENS and tokens * self.model.n_params >= 5 * self._ctx.seq_bytes
 
-    def _step(self) -> None:
-        """One decode: a token for each generating sequence, then prompt chunks in the room left."""
+    def _step(self) -> bool:
+        """One decode: a token for each generating sequence, then prompt chunks in the room left.
+
+        Before it, a chunk of image embeddings may be read in a decode of its
+        own. Returns False when there was nothing to decode (every request
+        waits for an image to be encoded).
+        """
         ctx = self._ctx
-        batch = ctx.batch
-        batch.clear()
         running = self._running
         self._take_awaited_prefixes()
+        read_image = self._projector is not None and self._read_image()
+        batch = ctx.batch
+        batch.clear()
         # llama.cpp splits a batch whose sequences are out of order into several
         # ubatches (one compute each): in sequence order the step is ~40% faster.
         for request in sorted(running, key=_seq_of):
             if request._pending >= 0:
-                request._out = batch.add(request._pending, len(request._cached), request._seq, True)
+                request._out = batch.add(request._pending, ctx.position(request._seq, len(request._cached)),
+                                         request._seq, True)
             else:
                 request._out = -1
         generating = batch.n
@@ -583,13 +713,16 @@ class Batcher:
             if request._pending < 0 and request._awaits is None:
                 prompt = request.tokens
                 start, seq, last = request._fed, request._seq, len(prompt) - 1
-                end = min(len(prompt), start + room)
-                for pos in range(start, end):
-                    batch.add(prompt[pos], pos, seq, pos == last)
+                end = min(request._text_end(start) if request.images else len(prompt), start + room)
+                saved = start - ctx.position(seq, start)
+                for i in range(start, end):
+                    batch.add(prompt[i], i - saved, seq, i == last)
                 if end == len(prompt):
                     request._out = batch.n - 1
                 request._chunk_end = end
                 room -= end - start
+        if batch.n == 0:
+            return read_image
         try:
             if batch.n > generating:
                 self._decode_abortable(batch)
@@ -600,14 +733,14 @@ class Batcher:
             for request in running:
                 if request._pending >= 0 or request._chunk_end > request._fed:
                     ctx.forget(request._seq, len(request._cached))
-            return
+            return True
         except Exception as exc:  # noqa: BLE001 - fail the requests in this batch only
             # What a failed decode left in the KV cache is unknown: forget the sequences it touched.
             touched = [r for r in running if r._pending >= 0 or r._chunk_end > r._fed]
             for request in touched:
                 ctx.forget(request._seq, 0)
             self._fail(touched, exc)
-            return
+            return True
         for request in running:
             if request._pending >= 0:
                 request._cached.append(request._pending)
@@ -630,6 +763,77 @@ class Batcher:
                 self._finish(request, outcome)
             else:
                 self._fail([request], outcome)
+        return True
+
+    def _read_image(self) -> bool:
+        """Read a chunk of image embeddings for the first request whose prompt is at an encoded image.
+
+        A request at an image not yet encoded has it encoded and waits. The
+        chunk is at most ``num_batch`` embeddings, or the whole image when
+        the projector needs non-causal attention (it is then read in one
+        decode, as llama.cpp's server reads it). Returns whether it decoded.
+        """
+        for request in list(self._running):
+            if request._pending >= 0 or request._awaits is not None or request._cancelled:
+                continue
+            image = request._image_at(request._fed)
+            if image is None:
+                continue
+            if not image.ready.is_set():
+                image.encode()
+                continue
+            if image.error is not None:
+                self._fail([request], image.error)
+                continue
+            self._decode_image(request, image)
+            return True
+        return False
+
+    def _decode_image(self, request: Request, image: ImageChunk) -> None:
+        """Decode the next chunk of ``image``'s embeddings into ``request``'s sequence; sample if it ends the prompt."""
+        projector = self._projector
+        assert projector is not None and image.embeddings is not None
+        ctx, fed, seq = self._ctx, request._fed, request._seq
+        batch = ctx.embedding_batch(projector.n_embd, mrope=projector.mrope)
+        causal = not projector.non_causal
+        first = fed - image.start
+        n = image.n_tokens - first
+        if causal:
+            n = min(n, batch.capacity)
+        end = fed + n
+        last = end == len(request.tokens)
+        try:
+            pos = ctx.position(seq, image.start)
+            positions = image.positions(pos, first, n) if projector.mrope else range(pos + first, pos + first + n)
+            batch.fill(image.embeddings, first, n, positions, seq, last)
+            ctx.decode(batch, causal=causal)
+        except Exception as exc:  # noqa: BLE001 - fail this request only
+            ctx.forget(seq, 0)
+            self._fail([request], exc)
+            return
+        request._cached.extend(request.tokens[fed:end])
+        request._fed = request._chunk_end = end
+        if end == image.end and image.n_pos != image.n_tokens:
+            # Text after an M-RoPE image goes on from its n_pos positions on (as libmtmd's helper counts).
+            ctx.skip_positions(seq, end, image.n_tokens - image.n_pos)
+        if not last:
+            return
+        request._out = n - 1
+        try:
+            reason = self._advance(request)
+        except Exception as exc:  # noqa: BLE001 - fail this request only
+            self._fail([request], exc)
+            return
+        if reason:
+            self._finish(request, reason)
+
+    def _wait_for_an_image(self) -> None:
+        """Wait (briefly, so cancels and new requests are seen) for an image a request waits for to be encoded."""
+        for request in self._running:
+            image = request._image_at(request._fed) if request._pending < 0 else None
+            if image is not None and not image.ready.is_set():
+                image.ready.wait(0.05)
+                return
 
     def _decode_abortable(self, batch: Batch) -> None:
         """Decode a batch that reads prompt chunks, abortable while it runs: such a decode takes long.
@@ -711,6 +915,7 @@ class Batcher:
 
     def _release(self, request: Request) -> None:
         request._sampler.close()
+        request._release_images()
         request._pending = -1
         with self._lock:
             self._slots[request._seq] = None

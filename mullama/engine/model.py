@@ -12,12 +12,16 @@ One llama context holds ``num_parallel`` sequences, each with its own
 ``num_ctx`` tokens of KV cache. Every generation, in-process or in the
 daemon, runs on the model's one batcher (:mod:`mullama.engine.batching`),
 which drives all of them at once with :class:`Batch` and
-:meth:`Context.decode`.
+:meth:`Context.decode`. A model loaded with a vision projector
+(``projector=``, an ``mmproj`` GGUF) also reads images
+(:mod:`mullama.engine.vision`): ``model.generate("What is this? [img]",
+images=[png_bytes])``.
 """
 
 from __future__ import annotations
 
 import ctypes
+import logging
 import math
 import os
 import threading
@@ -36,6 +40,9 @@ from mullama.engine.sampling import TokenLogprob
 
 if TYPE_CHECKING:
     from mullama.engine.batching import Batcher, Request
+    from mullama.engine.vision import Projector
+
+log = logging.getLogger("mullama.engine.model")
 
 #: Ollama's defaults, kept in one place (mullama.options).
 _OLLAMA = Options()
@@ -196,6 +203,58 @@ class Batch:
             self.raw = None
 
 
+class EmbeddingBatch:
+    """A reusable ``llama_batch`` of input embeddings (an image's) for one sequence at a time.
+
+    With M-RoPE each embedding has four positions, which ``llama_batch.pos``
+    then holds section by section: a buffer of its own replaces the one
+    ``llama_batch_init`` made (one per row), and is put back before freeing.
+    """
+
+    def __init__(self, lib: ctypes.CDLL, capacity: int, n_embd: int, *, mrope: bool = False) -> None:
+        self._lib = lib
+        self.capacity = capacity
+        self.n_embd = n_embd
+        self.raw = lib.llama_batch_init(capacity, n_embd, 1)
+        self._own_pos = self._pos_of_init = None
+        if mrope:
+            self._own_pos = (L.llama_pos * (4 * capacity))()
+            # The address, not the field: a pointer read from a struct field is a view of that field.
+            self._pos_of_init = ctypes.cast(self.raw.pos, ctypes.c_void_p).value
+            self.raw.pos = ctypes.cast(self._own_pos, ctypes.POINTER(L.llama_pos))
+        self.n = 0
+
+    def fill(self, embeddings: ctypes.Array[ctypes.c_float], first: int, n: int, positions: Sequence[int],
+             seq_id: int, logits: bool) -> None:
+        """Rows ``first`` to ``first + n`` of ``embeddings`` at ``positions`` (``n``, or ``4 * n`` with M-RoPE).
+
+        Logits come out for the last row if ``logits``.
+        """
+        if not 0 < n <= self.capacity:
+            raise MullamaError(f"an embedding batch holds 1 to {self.capacity} rows, not {n}")
+        if len(positions) != (4 * n if self._own_pos is not None else n):
+            raise MullamaError(f"{len(positions)} positions for {n} embeddings")
+        row = self.n_embd * ctypes.sizeof(ctypes.c_float)
+        ctypes.memmove(self.raw.embd, ctypes.addressof(embeddings) + first * row, n * row)
+        raw = self.raw
+        for i, pos in enumerate(positions):
+            raw.pos[i] = pos
+        for i in range(n):
+            raw.n_seq_id[i] = 1
+            raw.seq_id[i][0] = seq_id
+            raw.logits[i] = 0
+        raw.logits[n - 1] = logits
+        self.n = n
+
+    def close(self) -> None:
+        if self.raw is not None:
+            if self._pos_of_init is not None:
+                self.raw.pos = ctypes.cast(self._pos_of_init, ctypes.POINTER(L.llama_pos))
+            self.raw.n_tokens = self.capacity
+            self._lib.llama_batch_free(self.raw)
+            self.raw = None
+
+
 class Context:
     """A llama context: ``n_seq`` sequences sharing one KV cache and one decode call."""
 
@@ -247,27 +306,63 @@ class Context:
         self.batch = Batch(lib, self.n_batch, self.n_seq)
         #: Tokens currently held in the KV cache of each sequence, for prefix reuse.
         self.cached: list[list[int]] = [[] for _ in range(self.n_seq)]
+        #: Per sequence, where M-RoPE images end in ``cached`` and how many positions all images so far saved.
+        self.shifts: list[list[tuple[int, int]]] = [[] for _ in range(self.n_seq)]
         #: ``llama_decode`` calls made so far (what batching saves is counted in these).
         self.decode_count = 0
+        self._embedding_batch: EmbeddingBatch | None = None
 
-    def decode(self, batch: Batch, *, abortable: bool = False) -> None:
+    def embedding_batch(self, n_embd: int, *, mrope: bool = False) -> EmbeddingBatch:
+        """The batch image embeddings are read with (``n_batch`` rows of ``n_embd``), made on first use."""
+        if self._embedding_batch is None:
+            self._embedding_batch = EmbeddingBatch(self._lib, self.n_batch, n_embd, mrope=mrope)
+        return self._embedding_batch
+
+    def position(self, seq: int, index: int) -> int:
+        """The position of the ``index``-th cached token of ``seq``: its index, less what M-RoPE images saved.
+
+        An image of the Qwen2-VL family holds more embeddings than the
+        positions it advances by (see :meth:`skip_positions`).
+        """
+        shifts = self.shifts[seq]
+        if not shifts:
+            return index
+        saved = 0
+        for end, total in shifts:
+            if end > index:
+                break
+            saved = total
+        return index - saved
+
+    def skip_positions(self, seq: int, end: int, saved: int) -> None:
+        """Note that the tokens of ``seq`` from index ``end`` on sit ``saved`` positions further back than before."""
+        shifts = self.shifts[seq]
+        shifts.append((end, saved + (shifts[-1][1] if shifts else 0)))
+
+    def decode(self, batch: Batch | EmbeddingBatch, *, abortable: bool = False, causal: bool = True) -> None:
         """Run the model on ``batch``; raise on failure, or :class:`CancelledError` when aborted.
 
         ``abortable`` installs the abort callback for this call only: ggml asks
         it between graph nodes, which is worth it for a long prompt chunk and
         not for a one-token step. It stops at an :meth:`abort` made since the
-        last :meth:`clear_abort`, before or during the call.
+        last :meth:`clear_abort`, before or during the call. ``causal=False``
+        lets the batch's tokens attend to each other both ways, as some
+        projectors' image embeddings need (Gemma 3), for this call only.
         """
         lib = self._lib
         batch.raw.n_tokens = batch.n
         if abortable:
             lib.llama_set_abort_callback(self.ptr, self._abort_cb, None)
+        if not causal:
+            lib.llama_set_causal_attn(self.ptr, False)
         self.decode_count += 1
         try:
             code = lib.llama_decode(self.ptr, batch.raw)
         finally:
             if abortable:
                 lib.llama_set_abort_callback(self.ptr, L.ggml_abort_callback(), None)
+            if not causal:
+                lib.llama_set_causal_attn(self.ptr, True)
         if code == 2:
             raise CancelledError("generation cancelled")
         if code == 1:
@@ -290,10 +385,11 @@ class Context:
         llama.cpp refuses, and then the whole sequence is dropped (0 stay),
         since a state that went past ``keep`` would give wrong answers.
         """
-        if not self._lib.llama_memory_seq_rm(self.memory, seq, keep, -1):
+        if not self._lib.llama_memory_seq_rm(self.memory, seq, self.position(seq, keep), -1):
             self._lib.llama_memory_seq_rm(self.memory, seq, 0, -1)
             keep = 0
         del self.cached[seq][keep:]
+        self.shifts[seq][:] = [shift for shift in self.shifts[seq] if shift[0] <= keep]
         return keep
 
     def reuse_prefix(self, seq: int, tokens: Sequence[int]) -> int:
@@ -317,11 +413,14 @@ class Context:
         self._lib.llama_memory_seq_cp(self.memory, src, dst, -1, -1)
         # In place: a running request holds this very list as its cache record.
         self.cached[dst][:] = self.cached[src]
+        self.shifts[dst][:] = self.shifts[src]
         return self.forget(dst, n)
 
     def close(self) -> None:
         if self.ptr:
             self.batch.close()
+            if self._embedding_batch is not None:
+                self._embedding_batch.close()
             self._lib.llama_free(self.ptr)
             self.ptr = None
 
@@ -333,12 +432,16 @@ class Model:
     a list of paths is a split GGUF, in order. ``adapters`` are LoRA GGUFs
     applied to every context at scale 1.0. Options use Ollama's names:
     ``num_ctx``, ``num_batch``, ``num_gpu``, ``num_thread``, ``use_mmap``,
-    ``flash_attention``, ``kv_cache_type``, ``num_parallel``. Use it as a
-    context manager or call :meth:`close`.
+    ``flash_attention``, ``kv_cache_type``, ``num_parallel``. ``projector``
+    is a vision projector (``mmproj``) GGUF: when it loads, :attr:`projector`
+    reads images; when it does not, the model loads without it and
+    :attr:`projector_error` says why. Use it as a context manager or call
+    :meth:`close`.
     """
 
     def __init__(self, path: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], options: Any = None, *,
-                 adapters: Sequence[str | os.PathLike[str]] = (), **overrides: Any) -> None:
+                 adapters: Sequence[str | os.PathLike[str]] = (), projector: str | os.PathLike[str] | None = None,
+                 **overrides: Any) -> None:
         started = time.perf_counter_ns()
         parts = [Path(p) for p in path] if isinstance(path, (list, tuple)) else [Path(path)]
         if not parts:
@@ -385,12 +488,32 @@ class Model:
         self._embed_context: Context | None = None
         #: The batcher driving the generation context (see :attr:`batcher`); it sets and clears this itself.
         self._batcher: Batcher | None = None
+        #: The vision projector when one was given and loaded (images are read through it).
+        self.projector: Projector | None = None
+        #: Why the projector given did not load ("" when it did, or none was given).
+        self.projector_error = ""
         try:
             self._context = Context(self, self.options)
+            if projector is not None:
+                self._load_projector(Path(projector))
         except BaseException:
             self.close()
             raise
         self.load_duration = time.perf_counter_ns() - started
+
+    def _load_projector(self, path: Path) -> None:
+        """Load the vision projector; a projector that does not load leaves the model text-only."""
+        from mullama.engine.vision import Projector  # vision builds on this module's types
+
+        try:
+            gguf.read_gguf(path)
+            self.projector = Projector(self.native, self.ptr, str(path),
+                                       threads=self.options.num_thread or default_threads(),
+                                       use_gpu=self.options.num_gpu != 0,
+                                       flash_attention=self.options.flash_attention)
+        except MullamaError as exc:
+            self.projector_error = exc.message
+            log.warning("%s loads without images: %s", self.path.name, exc.message)
 
     # --- lifecycle -----------------------------------------------------------
 
@@ -404,6 +527,9 @@ class Model:
         """End its generations, free the contexts and the weights; the model is unusable afterwards."""
         if self._batcher is not None:
             self._batcher.close()
+        if getattr(self, "projector", None) is not None:
+            self.projector.close()
+            self.projector = None
         for ctx in (self._context, self._embed_context):
             if ctx is not None:
                 ctx.close()
@@ -527,8 +653,12 @@ class Model:
     # --- generation ----------------------------------------------------------
 
     def generate(self, prompt: str | Sequence[int], options: Any = None, *, grammar: str | None = None,
-                 **overrides: Any) -> Generation:
+                 images: Sequence[bytes] = (), **overrides: Any) -> Generation:
         """Start generating from ``prompt`` (text, or token ids); iterate for text pieces.
+
+        ``images`` (encoded JPEG, PNG, GIF or BMP files) need a model loaded
+        with a projector and a text prompt; each goes where the prompt says
+        ``[img-N]`` or ``[img]``, else before the text, as in Ollama.
 
         Sampling options use Ollama's names (``temperature``, ``top_k``,
         ``num_predict``, ``num_keep``, ``stop``, ``seed``, ...);
@@ -551,10 +681,49 @@ class Model:
         truncate = merged.pop("truncate", None)
         logprobs = merged.pop("logprobs", False)
         top_logprobs = merged.pop("top_logprobs", None) or 0
-        tokens = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
+        chunks: list[Any] = []
+        if images:
+            if not isinstance(prompt, str):
+                raise BadRequestError("images go with a text prompt, not token ids", param="images")
+            vision = self.tokenize_with_images(prompt, images, marked=False)
+            tokens, chunks = vision.tokens, vision.images
+        else:
+            tokens = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
         request = self.batcher.submit(tokens, merged, grammar=grammar, truncate=truncate is None or bool(truncate),
-                                      logprobs=bool(logprobs), top_logprobs=top_logprobs)
+                                      logprobs=bool(logprobs), top_logprobs=top_logprobs, images=chunks)
         return Generation(request)
+
+    def tokenize_with_images(self, text: str, images: Sequence[bytes], *, marked: bool = True,
+                             add_special: bool | None = None) -> Any:
+        """Tokenize ``text`` with ``images`` into a :class:`~mullama.engine.vision.VisionPrompt`.
+
+        With ``marked``, ``text`` holds :attr:`image_marker` once per image;
+        otherwise images go where Ollama would put them (see
+        :func:`~mullama.engine.vision.place_images`). Raises
+        :class:`BadRequestError` with Ollama's wording when the model has no
+        projector, and for an image that cannot be read.
+        """
+        from mullama.engine.vision import place_images
+
+        marker = self.image_marker
+        assert self.projector is not None
+        if not marked:
+            text = place_images(text, len(images), marker)
+        return self.projector.tokenize(text, images, add_special=self.add_bos if add_special is None else add_special)
+
+    @property
+    def image_marker(self) -> str:
+        """Where an image goes in a prompt for :meth:`tokenize_with_images`.
+
+        Raises :class:`BadRequestError` with Ollama's wording (and the reason
+        the projector did not load, if it did not) for a model without one.
+        """
+        if self.projector is None:
+            from mullama.engine.vision import NO_VISION
+
+            reason = f" ({self.projector_error})" if self.projector_error else ""
+            raise BadRequestError(NO_VISION + reason, param="images")
+        return self.projector.marker
 
     def complete(self, prompt: str | Sequence[int], options: Any = None, **overrides: Any) -> Completion:
         """Generate to the end and return the :class:`Completion`."""

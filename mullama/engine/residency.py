@@ -28,6 +28,7 @@ from mullama.engine.memory import Estimate
 from mullama.engine.model import LoadOptions, Model
 from mullama.errors import BadRequestError, ModelLoadError, ModelNotFoundError, MullamaError, OverloadedError
 from mullama.engine.reloads import busy_reload_refusal
+from mullama.engine.vision import projector_problem
 from mullama.options import Options
 from mullama.store.blobs import Store
 from mullama.store.records import ModelRecord, find_model
@@ -213,6 +214,16 @@ class ModelManager:
         """:meth:`resolve` then :meth:`hold`, for a caller that needs only the loaded model."""
         return self.hold(self.resolve(name, options), keep_alive)
 
+    def sees_images(self, record: ModelRecord) -> bool:
+        """Whether images work with ``record``: its projector loaded, or (while not loaded) looks loadable."""
+        if record.projector_path is None:
+            return False
+        with self._lock:
+            loaded = self._loaded.get(record.name)
+        if loaded is not None and loaded.record.digest == record.digest:
+            return loaded.model.projector is not None
+        return not projector_problem(record.projector_path)
+
     def unload(self, name: str) -> bool:
         """Unload ``name`` as soon as it is idle; True if it was loaded."""
         key = self._key(name)
@@ -390,7 +401,8 @@ class ModelManager:
         with self.metrics.loading(record.name):
             # A file that aborts llama.cpp kills a child, not the daemon.
             probe.verify(record.model_paths, record.digest)
-            model = Model(record.model_paths, load_options, adapters=record.adapters)
+            model = Model(record.model_paths, load_options, adapters=record.adapters,
+                          projector=record.projector_path)
             try:
                 batcher = Batcher(model, max_queue=self.max_queue)
             except BaseException:
@@ -431,9 +443,13 @@ def _no_limits(name: str) -> ModelLimits:
 
 
 def estimate_record(record: ModelRecord, load_options: LoadOptions) -> Estimate:
-    """The memory ``record``'s GGUF (all its parts) takes with ``load_options``."""
+    """The memory ``record``'s GGUF (all its parts) takes with ``load_options``, its projector's weights included."""
     first, *rest = record.headers()
-    return memory.estimate(first, load_options, parts=rest)
+    need = memory.estimate(first, load_options, parts=rest)
+    if record.projector_path is None:
+        return need
+    projector = sum(t.nbytes for t in record.read_header(record.projector_path).tensors)
+    return replace(need, weights=need.weights + projector)
 
 
 def _env_value(name: str, default: Any, parse: Any) -> Any:

@@ -319,6 +319,7 @@ FUNCTIONS: dict[str, tuple[object, list[object]]] = {
     "llama_model_get_vocab": (p, [p]),
     "llama_model_n_ctx_train": (c_int32, [p]),
     "llama_model_n_embd": (c_int32, [p]),
+    "llama_model_n_embd_inp": (c_int32, [p]),
     "llama_model_n_embd_out": (c_int32, [p]),
     "llama_model_n_layer": (c_int32, [p]),
     "llama_model_n_head": (c_int32, [p]),

@@ -413,7 +413,7 @@ def ps(request: Request) -> None:
     request.handler.send_json(200, {"models": models})
 
 
-def _capabilities(record: ModelRecord, info: gguf.GGUFInfo) -> list[str]:
+def _capabilities(record: ModelRecord, info: gguf.GGUFInfo, vision: bool) -> list[str]:
     template = (record.template or "") + (info.chat_template or "")
     caps = ["completion"]
     if info.pooling_type not in (None, 0) or "bert" in (info.architecture or ""):
@@ -422,7 +422,7 @@ def _capabilities(record: ModelRecord, info: gguf.GGUFInfo) -> list[str]:
         caps.append("tools")
     if "<think>" in template:
         caps.append("thinking")
-    if record.projector_path is not None:
+    if vision:
         caps.append("vision")
     if "suffix" in template.lower() or "fim" in template.lower():
         caps.append("insert")
@@ -454,9 +454,11 @@ def show(request: Request) -> None:
         "template": template,
         "details": _details(record),
         "model_info": info.model_info(verbose=bool(body.get("verbose"))),
-        "capabilities": _capabilities(record, info),
+        "capabilities": _capabilities(record, info, manager.sees_images(record)),
         "modified_at": _iso(record.modified or time.time()),
     }
+    if record.projector_path is not None:
+        out["projector_info"] = gguf.read_gguf(record.projector_path).model_info(verbose=bool(body.get("verbose")))
     if record.system:
         out["system"] = record.system
     if record.license or info.license:
@@ -530,8 +532,9 @@ def create(request: Request) -> None:
             if not store.has_blob(digest):
                 raise BadRequestError(f"blob {digest} for {filename} was not uploaded", param="files")
             emit({"status": f"using existing layer {digest}"})
-            gguf.read_gguf(store.blob_path(digest))
-            media = MEDIA_TYPES["projector"] if "mmproj" in filename.lower() else MEDIA_TYPES["model"]
+            # A projector is known by its architecture, as Ollama knows it (its name may say nothing).
+            clip = gguf.read_gguf(store.blob_path(digest)).architecture == "clip"
+            media = MEDIA_TYPES["projector"] if clip else MEDIA_TYPES["model"]
             layers.append(Layer(media, digest, store.blob_path(digest).stat().st_size))
         for filename, digest in typed(body, "adapters", dict, {}).items():
             digest = canonical_digest(digest)

@@ -271,6 +271,7 @@ class Handler(BaseHTTPRequestHandler):
         """A CORS preflight: the transport's checks, then the methods and headers an allowed origin may use."""
         with self.app.answering():
             self._started_response = False
+            self._request_id = request_id(self.headers.get("X-Request-Id"))
             path = urlsplit(self.path).path.rstrip("/") or "/"
             try:
                 self._check_framing()
