@@ -63,6 +63,8 @@ class Transcript:
     text: str
     #: The spoken language's code (``en``), detected when not given.
     language: str
+    #: Its name as OpenAI's verbose_json reports it (``english``).
+    language_name: str
     #: Length of the input in seconds.
     duration: float
     segments: list[Segment]
@@ -300,7 +302,8 @@ class SpeechModel:
         if request.vad:
             speech = self._detector().segments(samples, request.vad_options)
             if not speech:
-                return Transcript("", language or "en", duration, [], request.task, speech)
+                language = language or "en"
+                return Transcript("", language, self._language_name(language), duration, [], request.task, speech)
             samples, time_map = _speech_only(samples, speech)
         params, keep = self._params(request, language)
         state = self._acquire_state()
@@ -322,7 +325,10 @@ class SpeechModel:
         finally:
             self._release_state(state)
         text = "".join(s.text for s in segments).strip()
-        return Transcript(text, language, duration, segments, request.task, speech)
+        return Transcript(text, language, self._language_name(language), duration, segments, request.task, speech)
+
+    def _language_name(self, code: str) -> str:
+        return self._lib.whisper_lang_str_full(self._lib.whisper_lang_id(code.encode())).decode()
 
     def _emit(self, state: int, n_new: int, time_map: _TimeMap, request: _Request) -> None:
         count = self._lib.whisper_full_n_segments_from_state(state)
