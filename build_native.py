@@ -673,11 +673,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="ggml backend to build (repeatable; default: cpu)")
     parser.add_argument("--source", metavar="PATH", help="a llama.cpp checkout or tarball instead of the pinned archive")
     parser.add_argument("--with-tools", action="store_true",
-                        help="also build llama-bench and llama-server (and whisper-cli with --with-whisper), for bench/")
+                        help="also build llama-bench and llama-server (with --with-whisper, whisper-cli), for bench/")
     parser.add_argument("--with-whisper", action="store_true",
                         help="also build whisper.cpp's libwhisper (speech) on the same ggml")
     parser.add_argument("--whisper-source", metavar="PATH",
-                        help="a whisper.cpp checkout or tarball instead of the pinned archive (implies --with-whisper)")
+                        help="a whisper.cpp checkout or tarball instead of the pinned one (implies --with-whisper)")
     parser.add_argument("--cmake-option", action="append", default=[], metavar="-DNAME=VALUE",
                         help="an extra CMake option (repeatable)")
     parser.add_argument("--jobs", "-j", type=int, default=os.cpu_count() or 2)

@@ -62,9 +62,10 @@ def default_model() -> Path:
     return whisper_tiny_en_path()
 
 
-def cli_round(exe: Path, model: Path, audio: Path, threads: int, beam: int, vad_model: Path | None) -> tuple[float, str]:
+def cli_round(exe: Path, model: Path, audio: Path, threads: int, beam: int,
+              vad_model: Path | None) -> tuple[float, str]:
     """(seconds of processing, text) from one whisper-cli run."""
-    command = [str(exe), "-m", str(model), "-f", str(audio), "-t", str(threads), "-bs", str(beam), "-nt",
+    command = [str(exe), "-m", str(model), "-f", str(audio), "-t", str(threads), "-bs", str(beam),
                "--suppress-nst", "-fa"]
     if vad_model is not None:
         command += ["--vad", "--vad-model", str(vad_model)]
@@ -73,13 +74,15 @@ def cli_round(exe: Path, model: Path, audio: Path, threads: int, beam: int, vad_
         raise SystemExit(f"whisper-cli failed: {result.stderr.strip().splitlines()[-1:]}")
     load = float(re.search(r"load time =\s*([\d.]+) ms", result.stderr).group(1))
     total = float(re.search(r"total time =\s*([\d.]+) ms", result.stderr).group(1))
-    return (total - load) / 1000, " ".join(result.stdout.split())
+    # Each line is "[start --> end]   text"; the text alone is compared.
+    text = " ".join(re.sub(r"^\[[^\]]*\]", "", line).strip() for line in result.stdout.splitlines() if line.strip())
+    return (total - load) / 1000, text
 
 
 def mullama_round(model: SpeechModel, audio: Path, beam: int, vad: bool) -> tuple[float, str]:
     started = time.perf_counter()
-    text = model.transcribe(load_audio(audio), beam_size=beam, vad=vad).text
-    return time.perf_counter() - started, text
+    segments = model.transcribe(load_audio(audio), beam_size=beam, vad=vad).segments
+    return time.perf_counter() - started, " ".join(s.text.strip() for s in segments)
 
 
 def main() -> None:

@@ -1,8 +1,7 @@
 """Speech test data made here: espeak-ng speaks known sentences, sox places them in silence and noise.
 
-Also the pinned whisper.cpp source (for its header and its own sample), the
-converted Whisper tiny.en model, and word error rate. Fixtures defined here
-are imported by the speech test modules.
+Also the pinned whisper.cpp source (for its header and its test stubs), and
+word error rate. The model itself comes from ``whisper_weights``.
 """
 
 from __future__ import annotations
@@ -14,7 +13,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from whisper_weights import whisper_tiny_en_path
 
 from mullama import config
 
@@ -132,18 +130,3 @@ def word_errors(reference: str, hypothesis: str) -> tuple[int, int]:
         for j, h in enumerate(hyp, 1):
             previous, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, previous + (r != h))
     return row[-1], len(ref)
-
-
-@pytest.fixture(scope="session")
-def whisper_model_path() -> Path:
-    """Whisper tiny.en in whisper.cpp's format, converted once from the package index's copy."""
-    return whisper_tiny_en_path()
-
-
-@pytest.fixture(scope="module")
-def speech_model(whisper_model_path):
-    """A loaded :class:`SpeechModel` on the test model, two threads."""
-    from mullama.speech import SpeechModel
-
-    with SpeechModel(whisper_model_path, num_thread=2) as model:
-        yield model

@@ -16,12 +16,20 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from speech_helpers import SENTENCES, speech_model, spoken_sentence, whisper_model_path, word_errors  # noqa: F401
+from speech_helpers import SENTENCES, spoken_sentence, word_errors
+from whisper_weights import whisper_tiny_en_path
 
 import mullama
 from mullama.speech import SpeechModel, load_audio
 
 CHAT = [("user", "Name three colours of the rainbow.")]
+
+
+@pytest.fixture(scope="module")
+def speech_model():
+    """Whisper tiny.en loaded with two threads."""
+    with SpeechModel(whisper_tiny_en_path(), num_thread=2) as model:
+        yield model
 
 
 @pytest.fixture(scope="module")
@@ -75,9 +83,9 @@ def test_a_chat_and_a_transcription_at_once_each_give_what_they_give_alone(text_
         assert chat_texts.result() and set(chat_texts.result()) == {alone_chat}
 
 
-def test_whisper_logs_go_to_mullamas_logger_not_stderr(whisper_model_path, capfd, caplog):
+def test_whisper_logs_go_to_mullamas_logger_not_stderr(capfd, caplog):
     caplog.set_level(logging.DEBUG, logger="mullama.native")
-    with SpeechModel(whisper_model_path, num_thread=1):
+    with SpeechModel(whisper_tiny_en_path(), num_thread=1):
         pass
     assert any("whisper_init_from_file_with_params_no_state" in r.getMessage() for r in caplog.records)
     assert "whisper_" not in capfd.readouterr().err

@@ -8,13 +8,24 @@ from array import array
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from speech_helpers import (SENTENCES, harvard_recording, sox, speech_model, spoken_sentence,  # noqa: F401
-                            whisper_cpp_source, whisper_model_path, word_errors, words)
-from whisper_weights import mel_filters
+from speech_helpers import SENTENCES, harvard_recording, sox, spoken_sentence, whisper_cpp_source, word_errors, words
+from whisper_weights import mel_filters, whisper_tiny_en_path
 
 from mullama.errors import BadRequestError, CancelledError, InvalidModelFileError, ModelLoadError
 from mullama.speech import Audio, SpeechModel, load_audio
 from mullama.speech.model_file import read_whisper_file
+
+
+@pytest.fixture(scope="module")
+def speech_model():
+    """Whisper tiny.en loaded with two threads."""
+    with SpeechModel(whisper_tiny_en_path(), num_thread=2) as model:
+        yield model
+
+
+@pytest.fixture(scope="module")
+def whisper_model_path():
+    return whisper_tiny_en_path()
 
 @pytest.fixture(scope="module")
 def harvard(speech_model):

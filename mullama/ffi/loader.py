@@ -211,7 +211,7 @@ class Whisper:
 
 @functools.lru_cache(maxsize=1)
 def load_whisper() -> Whisper:
-    """Load libwhisper from the directory libllama came from; later calls return the same :class:`Whisper`."""
+    """Load libwhisper from libllama's directory, once; later calls return the same :class:`Whisper`."""
     native = load()
     path = native.directory / _libname("whisper")
     if not path.exists():
