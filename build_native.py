@@ -612,21 +612,26 @@ def write_whisper_manifest(plan: WhisperPlan, files: list[str], vad_model: str |
     os.replace(tmp, plan.manifest_path)
 
 
-def build_whisper(llama: BuildPlan, llama_source_arg: str | None, source_arg: str | None, with_tools: bool) -> None:
-    """Build libwhisper (and whisper-cli with tools) on the ggml of an up-to-date llama.cpp build."""
+def whisper_source(source_arg: str | None) -> Source:
+    """The whisper.cpp to build: a local tree or tarball, checked now; else the pin (fetched only if needed)."""
     if os.name == "nt":
         raise BuildError("--with-whisper is not supported on Windows yet")
     if source_arg is None:
         pin = json.loads(WHISPER_PINNED.read_text())
-        source = Source(Path(), pin["sha256"], pin[WHISPER.revision], f"{pin['package']}=={pin['version']}")
-    else:
-        source = local_source(Path(source_arg), WHISPER)
-        say(f"found whisper.cpp at {source.path} (content sha256 {source.digest[:16]}...)")
+        return Source(Path(), pin["sha256"], pin[WHISPER.revision], f"{pin['package']}=={pin['version']}")
+    source = local_source(Path(source_arg), WHISPER)
+    say(f"found whisper.cpp at {source.path} (content sha256 {source.digest[:16]}...)")
+    return source
+
+
+def build_whisper(llama: BuildPlan, llama_source_arg: str | None, source: Source, pinned: bool,
+                  with_tools: bool) -> None:
+    """Build libwhisper (and whisper-cli with tools) on the ggml of an up-to-date llama.cpp build."""
     plan = make_whisper_plan(source, llama, with_tools)
     if whisper_is_up_to_date(plan):
         say(f"whisper up to date: {llama.lib_dir}")
         return
-    if source_arg is None:
+    if pinned:
         plan.source = pinned_source(WHISPER)
     if llama_source_arg is None and not (llama.source.path / "ggml" / "include").is_dir():
         llama.source = pinned_source(LLAMA)
@@ -640,9 +645,11 @@ def build_whisper(llama: BuildPlan, llama_source_arg: str | None, source_arg: st
 
 
 def build(source_arg: str | None, backends: list[str], with_tools: bool, extra_options: list[str], jobs: int,
-          with_whisper: bool = False, whisper_source: str | None = None) -> BuildPlan:
+          with_whisper: bool = False, whisper_source_arg: str | None = None) -> BuildPlan:
     """Build (or find already built) the libraries; return the plan describing them."""
     check_toolchain(backends)
+    # A local whisper.cpp is checked before llama.cpp's build, which may take minutes.
+    whisper = whisper_source(whisper_source_arg) if with_whisper or whisper_source_arg else None
     pin = json.loads(PINNED.read_text())
     if source_arg is None:
         # The key of the pinned source is known without downloading it.
@@ -662,8 +669,8 @@ def build(source_arg: str | None, backends: list[str], with_tools: bool, extra_o
             plan.targets = sorted(set(plan.targets) | set(previous["targets"]))
         write_manifest(plan, install_outputs(plan))
         say(f"built: {plan.lib_dir}")
-    if with_whisper or whisper_source:
-        build_whisper(plan, source_arg, whisper_source, with_tools)
+    if whisper is not None:
+        build_whisper(plan, source_arg, whisper, whisper_source_arg is None, with_tools)
     return plan
 
 
