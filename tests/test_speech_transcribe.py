@@ -98,6 +98,19 @@ def test_segments_stream_as_whisper_finishes_them(speech_model):
     assert seen == result.segments and seen
 
 
+def test_an_error_in_the_segment_callback_stops_the_run_and_is_raised(speech_model):
+    class Stop(Exception):
+        pass
+
+    def refuse(_segment):
+        raise Stop("the client went away")
+
+    audio = load_audio(harvard_recording())
+    with pytest.raises(Stop, match="went away"):
+        speech_model.transcribe(audio, on_segment=refuse)
+    assert speech_model.transcribe(load_audio(spoken_sentence(7))).text
+
+
 def test_two_transcriptions_at_once_on_one_model(speech_model):
     audios = [load_audio(spoken_sentence(i)) for i in (7, 8)]
     alone = [speech_model.transcribe(a).text for a in audios]

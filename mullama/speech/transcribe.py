@@ -266,7 +266,8 @@ class SpeechModel:
             self._active -= 1
             self._cond.notify_all()
 
-    def _params(self, request: _Request, language: str | None) -> tuple[W.whisper_full_params, dict]:
+    def _params(self, request: _Request, language: str | None,
+                should_stop: Callable[[], bool]) -> tuple[W.whisper_full_params, dict]:
         """whisper.cpp's parameters for ``request``, and the objects they point into (keep them alive)."""
         strategy = W.WHISPER_SAMPLING_BEAM_SEARCH if request.beam_size > 1 else W.WHISPER_SAMPLING_GREEDY
         params = self._lib.whisper_full_default_params(strategy)
@@ -284,9 +285,8 @@ class SpeechModel:
         if request.prompt:
             keep["prompt"] = request.prompt.encode()
             params.initial_prompt = keep["prompt"]
-        if request.cancel is not None:
-            cancel = request.cancel
-            keep["abort"] = W.ggml_abort_callback(lambda _data: cancel.is_set())
+        if request.cancel is not None or request.on_segment is not None:
+            keep["abort"] = W.ggml_abort_callback(lambda _data: should_stop())
             params.abort_callback = keep["abort"]
         return params, keep
 
@@ -305,15 +305,23 @@ class SpeechModel:
                 language = language or "en"
                 return Transcript("", language, self._language_name(language), duration, [], request.task, speech)
             samples, time_map = _speech_only(samples, speech)
-        params, keep = self._params(request, language)
+        # An exception in on_segment cannot cross the C callback: it is kept, stops the run, and is raised here.
+        failures: list[BaseException] = []
+
+        def should_stop() -> bool:
+            return bool(failures) or (request.cancel is not None and request.cancel.is_set())
+
+        params, keep = self._params(request, language, should_stop)
         state = self._acquire_state()
         try:
             if request.on_segment is not None:
                 keep["segment"] = W.whisper_new_segment_callback(
-                    lambda _ctx, st, n_new, _data: self._emit(st, n_new, time_map, request))
+                    lambda _ctx, st, n_new, _data: self._emit(st, n_new, time_map, request, failures))
                 params.new_segment_callback = keep["segment"]
             buffer = (ctypes.c_float * len(samples)).from_buffer(samples) if len(samples) else None
             code = self._lib.whisper_full_with_state(self._ctx, state, params, buffer, len(samples))
+            if failures:
+                raise failures[0]
             if request.cancel is not None and request.cancel.is_set():
                 raise CancelledError("the transcription was cancelled")
             if code != 0:
@@ -330,10 +338,16 @@ class SpeechModel:
     def _language_name(self, code: str) -> str:
         return self._lib.whisper_lang_str_full(self._lib.whisper_lang_id(code.encode())).decode()
 
-    def _emit(self, state: int, n_new: int, time_map: _TimeMap, request: _Request) -> None:
+    def _emit(self, state: int, n_new: int, time_map: _TimeMap, request: _Request,
+              failures: list[BaseException]) -> None:
+        if failures:
+            return
         count = self._lib.whisper_full_n_segments_from_state(state)
-        for i in range(max(0, count - n_new), count):
-            request.on_segment(self._segment(state, i, time_map, request))
+        try:
+            for i in range(max(0, count - n_new), count):
+                request.on_segment(self._segment(state, i, time_map, request))
+        except BaseException as exc:  # noqa: BLE001 - re-raised by _run once whisper.cpp has stopped
+            failures.append(exc)
 
     def _segment(self, state: int, i: int, time_map: _TimeMap, request: _Request) -> Segment:
         lib = self._lib
