@@ -56,7 +56,8 @@ def test_segments_are_ordered_inside_the_recording_and_match_the_text(harvard):
 def test_a_real_voice_from_whisper_cpps_own_sample(speech_model):
     """President Kennedy's inaugural line, the recording whisper.cpp ships; its own VAD test expects 4 segments."""
     result = speech_model.transcribe(load_audio(whisper_cpp_source() / "samples" / "jfk.wav"))
-    reference = "And so my fellow Americans, ask not what your country can do for you, ask what you can do for your country."
+    reference = ("And so my fellow Americans, ask not what your country can do for you, "
+                 "ask what you can do for your country.")
     assert word_errors(reference, result.text) == (0, 22)
     assert len(result.speech) == 4
 
