@@ -79,8 +79,8 @@ def speak(text: str, dest: Path, voice: str = "en-us", words_per_minute: int = 1
 
 
 def sox(*args: str | Path) -> None:
-    """Run sox (quietly); a failure raises with sox's message."""
-    subprocess.run([require("sox"), "-q", *map(str, args)], check=True, capture_output=True)
+    """Run sox quietly, with its fixed random sequence (-R: the same noise and dither every run)."""
+    subprocess.run([require("sox"), "-q", "-R", *map(str, args)], check=True, capture_output=True)
 
 
 def spoken_sentence(index: int, rate: int = 16000) -> Path:
