@@ -5,6 +5,7 @@
     python build_native.py --backend cuda        # CUDA (repeatable: --backend cuda --backend rpc)
     python build_native.py --source ~/llama.cpp  # a local checkout or tarball (air-gapped machines)
     python build_native.py --with-tools          # also llama-bench and llama-server, for bench/
+    python build_native.py --with-whisper        # also libwhisper (speech), on the same ggml
 
 The pinned source is described in ``native/source.json``: an archive on the
 Python package index whose sha256 is checked before anything is extracted.
@@ -12,6 +13,11 @@ Builds go to the user cache directory, one folder per key (source hash,
 backends, options, CPU), each with a ``manifest.json``; a second run with
 nothing changed returns at once. Only the standard library is used, so this
 runs before Mullama itself is installed.
+
+whisper.cpp (``native/whisper.json``, pinned the same way) is built against
+the ggml that llama.cpp's build produced, headers and shared libraries both,
+so one process holds one ggml for text and speech. Its build lives inside
+the llama.cpp build folder, keyed by its own ``whisper.json`` manifest.
 """
 
 from __future__ import annotations
@@ -39,6 +45,50 @@ BUILDER_VERSION = 1
 
 LIBRARY_TARGETS = ["llama", "mtmd"]
 TOOL_TARGETS = ["llama-bench", "llama-server"]
+
+WHISPER_PINNED = HERE / "native" / "whisper.json"
+#: Bump when the way libwhisper is built changes, so old whisper builds are not reused.
+WHISPER_BUILDER_VERSION = 1
+WHISPER_LIBRARY_TARGETS = ["whisper"]
+WHISPER_TOOL_TARGETS = ["whisper-cli"]
+#: whisper.cpp's options: its library and the CLI (for bench/), nothing that downloads or needs SDL.
+WHISPER_OPTIONS = [
+    "-DCMAKE_BUILD_TYPE=Release",
+    "-DBUILD_SHARED_LIBS=ON",
+    "-DWHISPER_BUILD_TESTS=OFF",
+    "-DWHISPER_BUILD_EXAMPLES=ON",
+    "-DWHISPER_BUILD_SERVER=OFF",
+    "-DWHISPER_CURL=OFF",
+    "-DWHISPER_SDL2=OFF",
+    "-DWHISPER_ALL_WARNINGS=OFF",
+]
+#: The definitions ggml's own CMake makes public per backend; whisper.cpp reads some (KV padding on CUDA, Metal).
+GGML_BACKEND_DEFINITIONS = {"cpu": "GGML_USE_CPU", "cuda": "GGML_USE_CUDA", "vulkan": "GGML_USE_VULKAN",
+                            "rocm": "GGML_USE_HIP", "sycl": "GGML_USE_SYCL", "opencl": "GGML_USE_OPENCL",
+                            "metal": "GGML_USE_METAL", "rpc": "GGML_USE_RPC"}
+#: whisper.cpp adds its own ggml only when no target named ggml exists; this wrapper defines that
+#: target over llama.cpp's built ggml, so libwhisper links the very libraries libllama does.
+WHISPER_WRAPPER = """\
+cmake_minimum_required(VERSION 3.14)
+project(mullama_whisper C CXX)
+set(CMAKE_RUNTIME_OUTPUT_DIRECTORY ${CMAKE_BINARY_DIR}/bin)
+set(CMAKE_LIBRARY_OUTPUT_DIRECTORY ${CMAKE_BINARY_DIR}/bin)
+set(CMAKE_BUILD_WITH_INSTALL_RPATH ON)
+if(APPLE)
+  set(CMAKE_INSTALL_RPATH "@loader_path;@loader_path/../lib")
+else()
+  set(CMAKE_INSTALL_RPATH "$ORIGIN;$ORIGIN/../lib")
+endif()
+file(GLOB MULLAMA_GGML_LIBS "${MULLAMA_GGML_LIB_DIR}/${CMAKE_SHARED_LIBRARY_PREFIX}ggml*${CMAKE_SHARED_LIBRARY_SUFFIX}")
+if(NOT MULLAMA_GGML_LIBS)
+  message(FATAL_ERROR "no ggml libraries in ${MULLAMA_GGML_LIB_DIR}")
+endif()
+add_library(ggml INTERFACE)
+target_include_directories(ggml INTERFACE "${MULLAMA_GGML_INCLUDE_DIR}")
+target_link_libraries(ggml INTERFACE ${MULLAMA_GGML_LIBS})
+target_compile_definitions(ggml INTERFACE ${MULLAMA_GGML_DEFINITIONS})
+add_subdirectory("${MULLAMA_WHISPER_SOURCE}" whisper)
+"""
 
 #: Options every build shares: shared libraries, no network access at build
 #: time (no OpenSSL, no prebuilt web UI download), nothing Mullama does not load.
@@ -128,6 +178,24 @@ class BuildPlan:
         return self.root / "bin"
 
 
+@dataclass
+class WhisperPlan:
+    """How whisper.cpp is built inside a llama.cpp build folder, and its key."""
+
+    source: Source
+    llama: BuildPlan
+    targets: list[str]
+    key: str
+
+    @property
+    def root(self) -> Path:
+        return self.llama.root / "whisper"
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.llama.root / "whisper.json"
+
+
 def cache_root() -> Path:
     """The user cache directory, as ``mullama.config.user_cache_dir`` computes it."""
     explicit = os.environ.get("MULLAMA_CACHE_DIR")
@@ -186,33 +254,54 @@ def _header_exists(header: str) -> bool:
 # --- sources ---------------------------------------------------------------
 
 
-def pinned_source() -> Source:
-    """Fetch (once) and verify the pinned archive, then extract its llama.cpp."""
-    pin = json.loads(PINNED.read_text())
+@dataclass(frozen=True)
+class Project:
+    """A native project built here: its pin, how its tree is recognised, what its content hash covers."""
+
+    name: str
+    header: str
+    #: The option that names a local tree or tarball instead of the pin.
+    flag: str
+    pin: Path
+    #: The pin's key naming the revision the archive carries.
+    revision: str
+    tree: tuple[str, ...]
+
+
+LLAMA = Project("llama.cpp", "llama.h", "--source", PINNED, "llama_cpp_commit",
+                ("CMakeLists.txt", "cmake", "include", "src", "ggml", "common", "tools", "vendor"))
+WHISPER = Project("whisper.cpp", "whisper.h", "--whisper-source", WHISPER_PINNED, "whisper_cpp_version",
+                  ("CMakeLists.txt", "cmake", "include", "src", "examples", "models"))
+
+
+def pinned_source(project: Project = LLAMA) -> Source:
+    """Fetch (once) and verify the pinned archive, then extract the project's tree from it."""
+    pin = json.loads(project.pin.read_text())
     sources = cache_root() / "sources"
-    tree = sources / f"llama.cpp-{pin['sha256'][:16]}"
-    if (tree / "include" / "llama.h").exists():
-        return Source(tree, pin["sha256"], pin["llama_cpp_commit"], f"{pin['package']}=={pin['version']} (cached)")
+    tree = sources / f"{project.name}-{pin['sha256'][:16]}"
+    if (tree / "include" / project.header).exists():
+        return Source(tree, pin["sha256"], pin[project.revision], f"{pin['package']}=={pin['version']} (cached)")
     archive = sources / pin["archive"]
     if not archive.exists() or sha256_file(archive) != pin["sha256"]:
-        _download_pinned(pin, sources)
+        _download_pinned(pin, sources, project)
     actual = sha256_file(archive)
     if actual != pin["sha256"]:
         raise BuildError(f"{archive} has sha256 {actual}, expected {pin['sha256']}: refusing to build it")
     say(f"verified {archive.name} (sha256 {actual[:16]}...)")
     _extract_subdir(archive, pin["subdir"], tree)
-    return Source(tree, pin["sha256"], pin["llama_cpp_commit"], f"{pin['package']}=={pin['version']}")
+    return Source(tree, pin["sha256"], pin[project.revision], f"{pin['package']}=={pin['version']}")
 
 
-def _download_pinned(pin: dict, sources: Path) -> None:
+def _download_pinned(pin: dict, sources: Path, project: Project) -> None:
     sources.mkdir(parents=True, exist_ok=True)
     say(f"downloading {pin['package']}=={pin['version']} from the package index")
     with tempfile.TemporaryDirectory(dir=sources) as tmp:
-        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+        # ":all:" also builds pip's build dependencies from source; a pin may name its own package only.
+        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", pin.get("no_binary", ":all:"),
                    "--disable-pip-version-check", "-q", "-d", tmp, f"{pin['package']}=={pin['version']}"]
         if subprocess.run(command).returncode != 0:
-            raise BuildError(f"could not download {pin['package']}=={pin['version']}; "
-                             "on an air-gapped machine pass --source PATH to a llama.cpp checkout or tarball")
+            raise BuildError(f"could not download {pin['package']}=={pin['version']}; on an air-gapped machine "
+                             f"pass {project.flag} PATH to a {project.name} checkout or tarball")
         os.replace(Path(tmp) / pin["archive"], sources / pin["archive"])
 
 
@@ -234,11 +323,11 @@ def _extract_subdir(archive: Path, subdir: str, dest: Path) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def local_source(path: Path) -> Source:
-    """A llama.cpp checkout, a tree that vendors one, or a tarball/zip of either."""
+def local_source(path: Path, project: Project = LLAMA) -> Source:
+    """A checkout of the project, a tree that vendors one, or a tarball/zip of either."""
     path = path.expanduser().resolve()
     if not path.exists():
-        raise BuildError(f"--source {path}: no such file or directory")
+        raise BuildError(f"{project.flag} {path}: no such file or directory")
     if path.is_file():
         digest = sha256_file(path)
         tree = cache_root() / "sources" / f"local-{digest[:16]}"
@@ -246,19 +335,19 @@ def local_source(path: Path) -> Source:
             tree.parent.mkdir(parents=True, exist_ok=True)
             staging = Path(tempfile.mkdtemp(dir=tree.parent, prefix=".extract-"))
             try:
-                _extract_any(path, staging)
+                _extract_any(path, staging, project)
                 os.replace(staging, tree)
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
-        root = _find_llama_root(tree)
-        pin = json.loads(PINNED.read_text())
-        commit = pin["llama_cpp_commit"] if digest == pin["sha256"] else _commit_of(root)
+        root = _find_root(tree, project)
+        pin = json.loads(project.pin.read_text())
+        commit = pin[project.revision] if digest == pin["sha256"] else _commit_of(root)
         return Source(root, digest, commit, f"archive {path}")
-    root = _find_llama_root(path)
-    return Source(root, _tree_digest(root), _commit_of(root), f"directory {root}")
+    root = _find_root(path, project)
+    return Source(root, _tree_digest(root, project.tree), _commit_of(root), f"directory {root}")
 
 
-def _extract_any(archive: Path, dest: Path) -> None:
+def _extract_any(archive: Path, dest: Path, project: Project) -> None:
     if zipfile.is_zipfile(archive):
         with zipfile.ZipFile(archive) as zf:
             for name in zf.namelist():
@@ -271,17 +360,19 @@ def _extract_any(archive: Path, dest: Path) -> None:
         with tarfile.open(archive) as tar:
             tar.extractall(dest, filter="data")
     except (tarfile.TarError, OSError) as exc:
-        raise BuildError(f"--source {archive}: not a readable tarball or zip ({exc})") from exc
+        raise BuildError(f"{project.flag} {archive}: not a readable tarball or zip ({exc})") from exc
 
 
-def _find_llama_root(base: Path) -> Path:
-    """The directory holding ``include/llama.h``, at most three levels down."""
+def _find_root(base: Path, project: Project) -> Path:
+    """The directory holding ``include/<header>``, at most three levels down."""
     for depth in range(4):
-        for candidate in sorted(base.glob("/".join(["*"] * depth) + "/include/llama.h" if depth else "include/llama.h")):
+        pattern = "/".join(["*"] * depth + ["include", project.header])
+        for candidate in sorted(base.glob(pattern)):
             root = candidate.parent.parent
             if (root / "CMakeLists.txt").exists():
                 return root
-    raise BuildError(f"--source {base}: no llama.cpp tree found (looked for include/llama.h and CMakeLists.txt)")
+    raise BuildError(f"{project.flag} {base}: no {project.name} tree found "
+                     f"(looked for include/{project.header} and CMakeLists.txt)")
 
 
 def _commit_of(root: Path) -> str:
@@ -292,10 +383,10 @@ def _commit_of(root: Path) -> str:
     return result.stdout.strip() if result.returncode == 0 else "unknown"
 
 
-def _tree_digest(root: Path) -> str:
+def _tree_digest(root: Path, tops: tuple[str, ...]) -> str:
     """Hash of the files that go into the build, so edits give a new cache key."""
     digest = hashlib.sha256()
-    for top in ("CMakeLists.txt", "cmake", "include", "src", "ggml", "common", "tools", "vendor"):
+    for top in tops:
         base = root / top
         files = [base] if base.is_file() else sorted(p for p in base.rglob("*") if p.is_file())
         for file in files:
@@ -421,9 +512,144 @@ def write_manifest(plan: BuildPlan, files: list[str]) -> None:
     os.replace(tmp, plan.root / "manifest.json")
 
 
-def build(source_arg: str | None, backends: list[str], with_tools: bool, extra_options: list[str], jobs: int) -> BuildPlan:
+# --- whisper.cpp, on llama.cpp's ggml ----------------------------------------
+
+
+def make_whisper_plan(source: Source, llama: BuildPlan, with_tools: bool) -> WhisperPlan:
+    """The whisper build inside ``llama``'s folder; its key covers the source, options and wrapper."""
+    identity = {"source": source.digest, "options": WHISPER_OPTIONS, "builder": WHISPER_BUILDER_VERSION,
+                "wrapper": hashlib.sha256(WHISPER_WRAPPER.encode()).hexdigest(), "ggml": llama.root.name}
+    key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+    targets = WHISPER_LIBRARY_TARGETS + (WHISPER_TOOL_TARGETS if with_tools else [])
+    return WhisperPlan(source, llama, targets, key)
+
+
+def read_whisper_manifest(plan: WhisperPlan) -> dict | None:
+    try:
+        return json.loads(plan.manifest_path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def whisper_is_up_to_date(plan: WhisperPlan) -> bool:
+    manifest = read_whisper_manifest(plan)
+    if not manifest or manifest.get("key") != plan.key or not set(plan.targets) <= set(manifest.get("targets", [])):
+        return False
+    return all((plan.llama.root / rel).exists() for rel in manifest.get("files", []))
+
+
+def run_whisper_build(plan: WhisperPlan, ggml_include: Path) -> None:
+    """Configure the wrapper (once per key) and build the targets against the llama build's ggml."""
+    plan.root.mkdir(parents=True, exist_ok=True)
+    (plan.root / "CMakeLists.txt").write_text(WHISPER_WRAPPER)
+    build = plan.root / "build"
+    build.mkdir(exist_ok=True)
+    configured = build / f".configured-{plan.key}"
+    if not configured.exists():
+        say(f"configuring whisper.cpp on {plan.llama.lib_dir}'s ggml in {build}")
+        (build / "CMakeCache.txt").unlink(missing_ok=True)
+        definitions = ";".join(GGML_BACKEND_DEFINITIONS[b] for b in plan.llama.backends)
+        _run_logged(["cmake", "-S", str(plan.root), "-B", str(build), *WHISPER_OPTIONS,
+                     f"-DMULLAMA_GGML_LIB_DIR={plan.llama.lib_dir}", f"-DMULLAMA_GGML_INCLUDE_DIR={ggml_include}",
+                     f"-DMULLAMA_GGML_DEFINITIONS={definitions}", f"-DMULLAMA_WHISPER_SOURCE={plan.source.path}"],
+                    build / "configure.log")
+        configured.touch()
+    say(f"compiling {', '.join(plan.targets)} with {plan.llama.jobs} jobs (log: {build / 'build.log'})")
+    _run_logged(["cmake", "--build", str(build), "--config", "Release", "-j", str(plan.llama.jobs),
+                 "--target", *plan.targets], build / "build.log", progress=True)
+
+
+def install_whisper_outputs(plan: WhisperPlan) -> tuple[list[str], str | None]:
+    """Copy libwhisper beside libllama, the CLI beside llama-bench, and the pinned Silero VAD model.
+
+    Returns the copied files and the VAD model's path (relative to the build folder) when the source has one.
+    """
+    outputs = plan.root / "build" / "bin"
+    root = plan.llama.root
+    copied = []
+    for item in sorted(outputs.iterdir()):
+        if re.match(r"(lib)?whisper\.(so(\.\d+)*|dylib|dll)$|libwhisper\.\d.*\.dylib$", item.name):
+            target = plan.llama.lib_dir / item.name
+            if target.is_symlink() or target.exists():
+                target.unlink()
+            if item.is_symlink():
+                os.symlink(os.readlink(item), target)
+            else:
+                shutil.copy2(item, target)
+            copied.append(str(target.relative_to(root)))
+    for tool in WHISPER_TOOL_TARGETS:
+        if tool in plan.targets:
+            plan.llama.bin_dir.mkdir(exist_ok=True)
+            exe = outputs / (tool + (".exe" if os.name == "nt" else ""))
+            shutil.copy2(exe, plan.llama.bin_dir / exe.name)
+            copied.append(str((plan.llama.bin_dir / exe.name).relative_to(root)))
+    pin = json.loads(WHISPER_PINNED.read_text())
+    vad_source = plan.source.path / pin["vad_model"]
+    if not vad_source.exists():
+        return copied, None
+    # The file whisper.cpp's tests run on is Silero VAD v6.2.0 whole; named as its download script names it.
+    vad = root / "models" / "ggml-silero-v6.2.0.bin"
+    vad.parent.mkdir(exist_ok=True)
+    shutil.copy2(vad_source, vad)
+    copied.append(str(vad.relative_to(root)))
+    return copied, str(vad.relative_to(root))
+
+
+def write_whisper_manifest(plan: WhisperPlan, files: list[str], vad_model: str | None) -> None:
+    manifest = {
+        "key": plan.key,
+        "whisper_cpp_version": plan.source.commit,
+        "source": plan.source.origin,
+        "source_sha256": plan.source.digest,
+        "source_path": str(plan.source.path),
+        "targets": plan.targets,
+        "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "files": files,
+        "vad_model": vad_model,
+    }
+    tmp = plan.manifest_path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    os.replace(tmp, plan.manifest_path)
+
+
+def whisper_source(source_arg: str | None) -> Source:
+    """The whisper.cpp to build: a local tree or tarball, checked now; else the pin (fetched only if needed)."""
+    if os.name == "nt":
+        raise BuildError("--with-whisper is not supported on Windows yet")
+    if source_arg is None:
+        pin = json.loads(WHISPER_PINNED.read_text())
+        return Source(Path(), pin["sha256"], pin[WHISPER.revision], f"{pin['package']}=={pin['version']}")
+    source = local_source(Path(source_arg), WHISPER)
+    say(f"found whisper.cpp at {source.path} (content sha256 {source.digest[:16]}...)")
+    return source
+
+
+def build_whisper(llama: BuildPlan, llama_source_arg: str | None, source: Source, pinned: bool,
+                  with_tools: bool) -> None:
+    """Build libwhisper (and whisper-cli with tools) on the ggml of an up-to-date llama.cpp build."""
+    plan = make_whisper_plan(source, llama, with_tools)
+    if whisper_is_up_to_date(plan):
+        say(f"whisper up to date: {llama.lib_dir}")
+        return
+    if pinned:
+        plan.source = pinned_source(WHISPER)
+    if llama_source_arg is None and not (llama.source.path / "ggml" / "include").is_dir():
+        llama.source = pinned_source(LLAMA)
+    run_whisper_build(plan, llama.source.path / "ggml" / "include")
+    previous = read_whisper_manifest(plan) or {}
+    if previous.get("key") == plan.key:
+        plan.targets = sorted(set(plan.targets) | set(previous.get("targets", [])))
+    files, vad_model = install_whisper_outputs(plan)
+    write_whisper_manifest(plan, files, vad_model)
+    say(f"built whisper: {llama.lib_dir}")
+
+
+def build(source_arg: str | None, backends: list[str], with_tools: bool, extra_options: list[str], jobs: int,
+          with_whisper: bool = False, whisper_source_arg: str | None = None) -> BuildPlan:
     """Build (or find already built) the libraries; return the plan describing them."""
     check_toolchain(backends)
+    # A local whisper.cpp is checked before llama.cpp's build, which may take minutes.
+    whisper = whisper_source(whisper_source_arg) if with_whisper or whisper_source_arg else None
     pin = json.loads(PINNED.read_text())
     if source_arg is None:
         # The key of the pinned source is known without downloading it.
@@ -434,15 +660,17 @@ def build(source_arg: str | None, backends: list[str], with_tools: bool, extra_o
     plan = make_plan(source, backends, with_tools, extra_options, jobs)
     if is_up_to_date(plan):
         say(f"up to date: {plan.lib_dir}")
-        return plan
-    if source_arg is None:
-        plan.source = pinned_source()
-    run_build(plan)
-    previous = read_manifest(plan) or {}
-    if previous.get("targets"):
-        plan.targets = sorted(set(plan.targets) | set(previous["targets"]))
-    write_manifest(plan, install_outputs(plan))
-    say(f"built: {plan.lib_dir}")
+    else:
+        if source_arg is None:
+            plan.source = pinned_source()
+        run_build(plan)
+        previous = read_manifest(plan) or {}
+        if previous.get("targets"):
+            plan.targets = sorted(set(plan.targets) | set(previous["targets"]))
+        write_manifest(plan, install_outputs(plan))
+        say(f"built: {plan.lib_dir}")
+    if whisper is not None:
+        build_whisper(plan, source_arg, whisper, whisper_source_arg is None, with_tools)
     return plan
 
 
@@ -451,7 +679,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--backend", action="append", choices=sorted(BACKENDS), default=None,
                         help="ggml backend to build (repeatable; default: cpu)")
     parser.add_argument("--source", metavar="PATH", help="a llama.cpp checkout or tarball instead of the pinned archive")
-    parser.add_argument("--with-tools", action="store_true", help="also build llama-bench and llama-server (benchmarks)")
+    parser.add_argument("--with-tools", action="store_true",
+                        help="also build llama-bench and llama-server (with --with-whisper, whisper-cli), for bench/")
+    parser.add_argument("--with-whisper", action="store_true",
+                        help="also build whisper.cpp's libwhisper (speech) on the same ggml")
+    parser.add_argument("--whisper-source", metavar="PATH",
+                        help="a whisper.cpp checkout or tarball instead of the pinned one (implies --with-whisper)")
     parser.add_argument("--cmake-option", action="append", default=[], metavar="-DNAME=VALUE",
                         help="an extra CMake option (repeatable)")
     parser.add_argument("--jobs", "-j", type=int, default=os.cpu_count() or 2)
@@ -466,7 +699,8 @@ def main(argv: list[str] | None = None) -> int:
         # ggml always builds its CPU backend; naming it keeps the cache key honest.
         backends = ["cpu", *backends]
     try:
-        plan = build(args.source, backends, args.with_tools, args.cmake_option, max(1, args.jobs))
+        plan = build(args.source, backends, args.with_tools, args.cmake_option, max(1, args.jobs),
+                     args.with_whisper, args.whisper_source)
     except BuildError as exc:
         print(f"build_native: error: {exc}", file=sys.stderr)
         return 1

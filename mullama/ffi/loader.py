@@ -1,4 +1,4 @@
-"""Find and load libllama (and libmtmd), once per process.
+"""Find and load libllama (and libmtmd, and libwhisper when asked), once per process.
 
 Search order: ``MULLAMA_LIBRARY_PATH`` (a directory or the libllama file),
 then the newest build in the user cache made by ``build_native.py``, then a
@@ -26,6 +26,7 @@ from mullama import config
 from mullama.errors import NativeLibraryError
 from mullama.ffi import llama as L
 from mullama.ffi import mtmd as M
+from mullama.ffi import whisper as W
 
 log = logging.getLogger("mullama.native")
 
@@ -218,3 +219,41 @@ def load() -> Native:
     )
     log.info("%s", native.describe())
     return native
+
+
+@dataclass
+class Whisper:
+    """libwhisper, loaded beside libllama on the same ggml, and what its build recorded."""
+
+    lib: ctypes.CDLL
+    manifest: dict
+    #: The Silero VAD model ``build_native.py --with-whisper`` installed from the pinned source, if any.
+    vad_model: Path | None
+
+
+@functools.lru_cache(maxsize=1)
+def load_whisper() -> Whisper:
+    """Load libwhisper from libllama's directory, once; later calls return the same :class:`Whisper`."""
+    native = load()
+    path = native.directory / _libname("whisper")
+    if not path.exists():
+        raise NativeLibraryError(f"{_libname('whisper')} not found in {native.directory}: "
+                                 "run `python build_native.py --with-whisper`")
+    try:
+        lib = ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
+    except OSError as exc:
+        raise NativeLibraryError(f"could not load libwhisper from {native.directory}: {exc}") from exc
+    missing = [name for name in W.FUNCTIONS if not hasattr(lib, name)]
+    if missing:
+        raise NativeLibraryError(f"{path} lacks {', '.join(missing[:5])}: it is not the whisper.cpp version "
+                                 "Mullama is built for (run `python build_native.py --with-whisper`)")
+    L.bind(lib, W.FUNCTIONS)
+    # whisper.cpp's log setter also sets ggml's, which libllama shares: give it the same callback.
+    lib.whisper_log_set(native.log_callback, None)
+    try:
+        manifest = json.loads((native.directory.parent / "whisper.json").read_text())
+    except (OSError, ValueError):
+        manifest = {}
+    vad = native.directory.parent / manifest["vad_model"] if manifest.get("vad_model") else None
+    log.info("whisper.cpp %s from %s", lib.whisper_version().decode(), native.directory)
+    return Whisper(lib=lib, manifest=manifest, vad_model=vad if vad and vad.exists() else None)
