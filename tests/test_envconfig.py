@@ -8,25 +8,32 @@ kept as data; the README's table must name every variable in it, say
 
 from __future__ import annotations
 
+import http.client
 import json
 import logging
 import re
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from daemon import REPO, create_model, environment, exchange, free_port, running
+from daemon import REPO, cli, create_model, environment, exchange, free_port, running, serve
+from hub_server import HubServer
 from mullama import config
 from mullama.client import parse_host
 from mullama.config import SettingError
+from mullama.errors import ModelLoadError
 from mullama.engine import memory
+from mullama.engine.model import Model
 from mullama.engine.residency import MODELS_PER_GPU, automatic_context, default_options
 from mullama.http.app import make_server, pin_models
 from mullama.http.server import parse_address
@@ -278,3 +285,77 @@ def wait_for_ps(port: int, process: subprocess.Popen[bytes], log: Path) -> list[
         except OSError:
             time.sleep(0.1)
     pytest.fail(f"mullama serve did not answer: {log.read_text()[-2000:]}")
+
+
+def test_a_load_that_stalls_longer_than_the_load_timeout_is_given_up(tmp_path: Path, model_path: Path) -> None:
+    # Any pause between llama.cpp's progress reports is longer than a nanosecond: the load stalls at once.
+    with pytest.raises(ModelLoadError, match="made no progress for 1e-09s"):
+        Model(model_path, num_ctx=256, stall_timeout=1e-9)
+    with Model(model_path, num_ctx=256, stall_timeout=300) as model:
+        assert model.n_vocab > 0
+    with running(tmp_path, OLLAMA_LOAD_TIMEOUT="1ns") as server:
+        port = server.server_address[1]
+        create_model(port, model_path, "smol")
+        status, body = exchange(server, "POST", "/api/chat", {"model": "smol", "stream": False,
+                                                              "messages": [{"role": "user", "content": "Hi"}]})
+        assert status == 500 and "made no progress" in json.loads(body)["error"]
+        assert running_models(port) == []
+
+
+class _Proxy(BaseHTTPRequestHandler):
+    """An HTTP proxy that forwards every request to one server and records the URLs it was asked for."""
+
+    protocol_version = "HTTP/1.1"
+    upstream: tuple[str, int]
+    seen: list[str]
+
+    def log_message(self, format: str, *args: object) -> None:
+        """Quiet."""
+
+    def do_HEAD(self) -> None:
+        self._forward()
+
+    def do_GET(self) -> None:
+        self._forward()
+
+    def _forward(self) -> None:
+        self.seen.append(self.path)
+        target = urlsplit(self.path)
+        connection = http.client.HTTPConnection(*self.upstream, timeout=60)
+        headers = {key: value for key, value in self.headers.items() if key.lower() not in ("proxy-connection",)}
+        connection.request(self.command, target.path + (f"?{target.query}" if target.query else ""), headers=headers)
+        answer = connection.getresponse()
+        body = answer.read()
+        self.send_response(answer.status)
+        for key, value in answer.getheaders():
+            if key.lower() not in ("transfer-encoding", "connection", "content-length"):
+                self.send_header(key, value)
+        self.send_header("Content-Length", str(len(body) if self.command != "HEAD" else
+                                               answer.getheader("Content-Length") or 0))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+        connection.close()
+
+
+def test_pulls_go_through_the_proxy_the_environment_names(tmp_path: Path, model_path: Path) -> None:
+    with HubServer() as hub:
+        hub.add("someone/SmolLM2-135M-GGUF", "SmolLM2-135M-Instruct.Q4_1.gguf", model_path)
+        host, port = urlsplit(hub.endpoint).hostname, urlsplit(hub.endpoint).port
+        handler = type("Proxy", (_Proxy,), {"upstream": (host, port), "seen": []})
+        proxy = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        threading.Thread(target=proxy.serve_forever, daemon=True).start()
+        try:
+            # hub.invalid resolves nowhere: only a pull through the proxy reaches the Hub.
+            daemon = serve(tmp_path, HF_ENDPOINT="http://hub.invalid", HF_HUB_OFFLINE="0",
+                           HTTP_PROXY=f"http://127.0.0.1:{proxy.server_address[1]}", NO_PROXY="127.0.0.1,localhost")
+            try:
+                pulled = cli(daemon.env, "pull", "hf.co/someone/SmolLM2-135M-GGUF:q4_1")
+            finally:
+                daemon.stop()
+        finally:
+            proxy.shutdown()
+            proxy.server_close()
+    assert pulled.returncode == 0, pulled.stderr
+    assert any(url.startswith("http://hub.invalid/someone/SmolLM2-135M-GGUF/resolve/") for url in handler.seen), \
+        handler.seen

@@ -421,7 +421,7 @@ class ModelManager:
             # A file that aborts llama.cpp kills a child, not the daemon.
             probe.verify(record.model_paths, record.digest)
             model = Model(record.model_paths, load_options, adapters=record.adapters,
-                          projector=record.projector_path)
+                          projector=record.projector_path, stall_timeout=self.load_timeout)
             try:
                 batcher = Batcher(model, max_queue=self.max_queue)
             except BaseException:
