@@ -168,9 +168,10 @@ class ModelManager:
         self.max_queue = max_queue or config.setting("MAX_QUEUE", 0, _count) or 512
         #: Largest num_ctx any request may ask for; 0 for no cap.
         self.max_context = config.setting("MAX_CONTEXT", 0, _count)
-        #: Seconds a load may stall, or wait for busy models to make room, before it is given up.
-        self.load_timeout = load_timeout if load_timeout is not None else \
-            config.setting("LOAD_TIMEOUT", DEFAULT_LOAD_TIMEOUT, _load_timeout)
+        #: Seconds a load may stall (llama.cpp reporting no progress) before it is given up: Ollama's meaning.
+        self.stall_timeout = config.setting("LOAD_TIMEOUT", DEFAULT_LOAD_TIMEOUT, _load_timeout)
+        #: Seconds a load waits for busy models to make room before answering 503 (the same setting by default).
+        self.load_timeout = load_timeout if load_timeout is not None else self.stall_timeout
         # Read here so that a bad value stops the daemon at startup, not every request that names no keep_alive.
         config.setting("KEEP_ALIVE", DEFAULT_KEEP_ALIVE, parse_keep_alive)
         #: The options every model starts from, before its Modelfile's and a request's.
@@ -421,7 +422,7 @@ class ModelManager:
             # A file that aborts llama.cpp kills a child, not the daemon.
             probe.verify(record.model_paths, record.digest)
             model = Model(record.model_paths, load_options, adapters=record.adapters,
-                          projector=record.projector_path, stall_timeout=self.load_timeout)
+                          projector=record.projector_path, stall_timeout=self.stall_timeout)
             try:
                 batcher = Batcher(model, max_queue=self.max_queue)
             except BaseException:
