@@ -90,7 +90,7 @@ def setting(name: str, default: T, parse: Callable[[str], T]) -> T:
 
 
 def flag(name: str, default: bool = False) -> bool:
-    """A boolean ``env(name)`` read as Ollama reads its flags: Go's false spellings are false, anything else set true."""
+    """A boolean ``env(name)`` as Ollama reads its flags: Go's false spellings are false, anything else set true."""
     text = env(name)
     if text is None:
         return default

@@ -11,6 +11,7 @@ from __future__ import annotations
 import http.client
 import json
 import logging
+import os
 import re
 import subprocess
 import sys
@@ -32,7 +33,7 @@ from mullama import config
 from mullama.client import parse_host
 from mullama.config import SettingError
 from mullama.errors import ModelLoadError
-from mullama.engine import memory
+from mullama.engine import memory, probe
 from mullama.engine.model import Model
 from mullama.engine.residency import MODELS_PER_GPU, automatic_context, default_options
 from mullama.http.app import make_server, pin_models
@@ -155,8 +156,9 @@ def test_a_bad_value_is_one_line_from_mullama_serve(tmp_path: Path) -> None:
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.sampled_from(["", "http://", "https://", "HTTP://"]), st.sampled_from(["", "127.0.0.1", "0.0.0.0", "[::1]",
-       "example.com", "localhost"]), st.sampled_from(["", ":0", ":80", ":11435", ":65535"]), st.sampled_from(["", "/x"]))
+@given(st.sampled_from(["", "http://", "https://", "HTTP://"]),
+       st.sampled_from(["", "127.0.0.1", "0.0.0.0", "[::1]", "example.com", "localhost"]),
+       st.sampled_from(["", ":0", ":80", ":11435", ":65535"]), st.sampled_from(["", "/x"]))
 def test_the_daemon_listens_where_the_cli_connects(scheme: str, host: str, port: str, path: str) -> None:
     text = f"{scheme}{host}{port}{path}"
     listen_host, listen_port = parse_address(text)
@@ -287,13 +289,34 @@ def wait_for_ps(port: int, process: subprocess.Popen[bytes], log: Path) -> list[
     pytest.fail(f"mullama serve did not answer: {log.read_text()[-2000:]}")
 
 
+#: Stops the process it starts in when that is a probe child (a model's first load), so its load makes no progress.
+STOP_THE_PROBE = """
+import os, signal, sys
+if "mullama.engine.probe" in sys.orig_argv:
+    os.kill(os.getpid(), signal.SIGSTOP)
+"""
+
+
+def test_a_first_load_whose_child_stalls_is_killed(tmp_path: Path, model_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    assert probe._probe([model_path], 300) == (True, "")
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(STOP_THE_PROBE)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", "")]))
+    # The child is stopped, so it never reports progress: after the timeout it is killed, whatever the machine's speed.
+    ok, message = probe._probe([model_path], 1.0)
+    assert ok is None and message.endswith("made no progress for 1s, so it was given up "
+                                           "(MULLAMA_LOAD_TIMEOUT/OLLAMA_LOAD_TIMEOUT)"), message
+
+
 def test_a_load_that_stalls_longer_than_the_load_timeout_is_given_up(tmp_path: Path, model_path: Path) -> None:
     # Any pause between llama.cpp's progress reports is longer than a nanosecond: the load stalls at once.
     with pytest.raises(ModelLoadError, match="made no progress for 1e-09s"):
         Model(model_path, num_ctx=256, stall_timeout=1e-9)
     with Model(model_path, num_ctx=256, stall_timeout=300) as model:
         assert model.n_vocab > 0
-    with running(tmp_path, OLLAMA_LOAD_TIMEOUT="1ns") as server:
+    with running(tmp_path / "daemon", OLLAMA_LOAD_TIMEOUT="1ns") as server:
         port = server.server_address[1]
         create_model(port, model_path, "smol")
         status, body = exchange(server, "POST", "/api/chat", {"model": "smol", "stream": False,

@@ -420,7 +420,7 @@ class ModelManager:
                  load_options.num_ctx, capped, load_options.num_parallel, memory.describe(need.total))
         with self.metrics.loading(record.name):
             # A file that aborts llama.cpp kills a child, not the daemon.
-            probe.verify(record.model_paths, record.digest)
+            probe.verify(record.model_paths, record.digest, self.stall_timeout)
             model = Model(record.model_paths, load_options, adapters=record.adapters,
                           projector=record.projector_path, stall_timeout=self.stall_timeout)
             try:
@@ -493,7 +493,7 @@ def automatic_context(gpu_bytes: int) -> int:
 
 
 def _fitting(record: ModelRecord, options: Options) -> Options:
-    """``options`` with an automatic ``num_ctx`` lowered a tier at a time while the model would not fit, as Ollama does."""
+    """``options`` with an automatic ``num_ctx`` lowered a tier at a time while the model does not fit, as in Ollama."""
     lower = [num_ctx for _, num_ctx in CONTEXT_TIERS if num_ctx < options.num_ctx]
     for num_ctx in lower:
         load_options = LoadOptions.from_options(options)
