@@ -1,7 +1,11 @@
-"""Where Mullama keeps things, read from the environment each time it is asked.
+"""Settings from the environment, read each time they are asked for, and where Mullama keeps things.
 
 Functions rather than module constants, so tests (and a daemon started with a
 new environment) see the current values, and nothing here is mutable state.
+Each ``MULLAMA_X`` falls back to Ollama's ``OLLAMA_X`` with Ollama's meaning,
+read as Ollama reads it (:func:`env`, :func:`flag`); a value that does not
+parse is a :class:`SettingError` naming the variable (:func:`setting`).
+Ollama's variables that mean nothing here are :data:`NOT_APPLICABLE`.
 """
 
 from __future__ import annotations
@@ -48,14 +52,14 @@ class SettingError(MullamaError):
     """An environment variable holds a value Mullama cannot use; the daemon does not start with one."""
 
 
-def _value(name: str) -> str:
+def variable(name: str) -> str:
     """An environment variable as Ollama's ``envconfig.Var`` reads it: spaces, then quotes, trimmed."""
     return os.environ.get(name, "").strip().strip("\"'")
 
 
 def source(name: str) -> str:
     """The variable that sets ``name``: ``MULLAMA_<name>`` unless only ``OLLAMA_<name>`` is set."""
-    return f"MULLAMA_{name}" if _value(f"MULLAMA_{name}") or not _value(f"OLLAMA_{name}") else f"OLLAMA_{name}"
+    return f"MULLAMA_{name}" if variable(f"MULLAMA_{name}") or not variable(f"OLLAMA_{name}") else f"OLLAMA_{name}"
 
 
 def env(name: str, default: str | None = None) -> str | None:
@@ -66,7 +70,7 @@ def env(name: str, default: str | None = None) -> str | None:
     spaces and quotes as Ollama trims them.
     """
     for prefix in ("MULLAMA_", "OLLAMA_"):
-        value = _value(prefix + name)
+        value = variable(prefix + name)
         if value:
             return value
     return default
@@ -114,7 +118,7 @@ def go_bool(text: str) -> bool:
 def ignored_settings() -> list[str]:
     """One line for each of Ollama's variables that is set but means nothing to Mullama (see :data:`NOT_APPLICABLE`)."""
     return [f"{name} is set but has no effect on Mullama: {reason}"
-            for name, reason in NOT_APPLICABLE.items() if _value(name)]
+            for name, reason in NOT_APPLICABLE.items() if variable(name)]
 
 
 def user_cache_dir() -> Path:

@@ -32,19 +32,17 @@ from hub_server import HubServer
 from mullama import config
 from mullama.client import parse_host
 from mullama.config import SettingError
-from mullama.errors import ModelLoadError
 from mullama.engine import memory, probe
 from mullama.engine.model import Model
 from mullama.engine.residency import MODELS_PER_GPU, automatic_context, default_options
-from mullama.http.app import make_server, pin_models
+from mullama.errors import ModelLoadError
+from mullama.http.app import pin_models
 from mullama.http.server import parse_address
 from mullama.ops.logs import TRACE, log_level
 from mullama.store.blobs import Store
 from mullama.store.sweep import sweep
 
 OLLAMA_LIST = Path(__file__).parent / "data" / "ollama_envconfig.txt"
-#: Ollama's variables Mullama reads as MULLAMA_X first (the others are read as they are, by Mullama or a library).
-PREFIXED = ("OLLAMA_",)
 SHORT = {"num_predict": 1, "temperature": 0}
 
 
@@ -52,7 +50,7 @@ def ollama_variables() -> dict[str, str]:
     """Ollama's variables and their meaning, from the data file."""
     rows = [line.split("\t") for line in OLLAMA_LIST.read_text().splitlines() if line and not line.startswith("#")]
     assert all(len(row) == 2 and row[1] for row in rows), "each line: NAME<TAB>meaning"
-    return dict((name, meaning) for name, meaning in rows)
+    return {name: meaning for name, meaning in rows}
 
 
 def readme_rows() -> dict[str, str]:
@@ -142,9 +140,8 @@ def test_a_value_that_does_not_parse_stops_the_daemon_naming_the_variable(
         tmp_path: Path, name: str, value: str) -> None:
     # The daemon's own address only where the host is the setting tested (it stops before listening).
     address = None if name == "OLLAMA_HOST" else "127.0.0.1:0"
-    with pytest.raises(SettingError) as refused:
-        with running(tmp_path, address, **{name: value}):  # type: ignore[arg-type]
-            pass
+    with pytest.raises(SettingError) as refused, running(tmp_path, address, **{name: value}):  # type: ignore[arg-type]
+        pass
     assert refused.value.message.startswith(f"{name}={value!r} is not valid"), refused.value.message
 
 
@@ -183,9 +180,9 @@ def test_noprune_keeps_unreferenced_blobs_and_false_does_not(tmp_path: Path, mon
 
 
 def chat(port: int, model: str, **fields: Any) -> dict[str, Any]:
-    server_port = port
+    """One short, non-streamed /api/chat to the daemon on ``port``."""
     request = urllib.request.Request(
-        f"http://127.0.0.1:{server_port}/api/chat", method="POST", headers={"Content-Type": "application/json"},
+        f"http://127.0.0.1:{port}/api/chat", method="POST", headers={"Content-Type": "application/json"},
         data=json.dumps({"model": model, "messages": [{"role": "user", "content": "Hi"}], "stream": False,
                          "options": SHORT, **fields}).encode())
     with urllib.request.urlopen(request, timeout=180) as answer:
@@ -193,6 +190,7 @@ def chat(port: int, model: str, **fields: Any) -> dict[str, Any]:
 
 
 def running_models(port: int) -> list[dict[str, Any]]:
+    """What /api/ps lists."""
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/ps", timeout=60) as answer:
         return json.loads(answer.read())["models"]
 
