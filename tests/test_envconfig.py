@@ -135,7 +135,7 @@ def test_defaults_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     ("OLLAMA_CONTEXT_LENGTH", "4k"), ("OLLAMA_NUM_PARALLEL", "-1"), ("OLLAMA_KV_CACHE_TYPE", "q5_1"),
     ("OLLAMA_MAX_LOADED_MODELS", "three"), ("OLLAMA_MAX_QUEUE", "1.5"), ("OLLAMA_KEEP_ALIVE", "forever"),
     ("OLLAMA_LOAD_TIMEOUT", "soon"), ("OLLAMA_GPU_OVERHEAD", "lots"), ("OLLAMA_HOST", "127.0.0.1:port"),
-    ("MULLAMA_MAX_CONTEXT", "big")])
+    ("MULLAMA_MAX_CONTEXT", "big"), ("MULLAMA_MAX_MEMORY", "lots")])
 def test_a_value_that_does_not_parse_stops_the_daemon_naming_the_variable(
         tmp_path: Path, name: str, value: str) -> None:
     # The daemon's own address only where the host is the setting tested (it stops before listening).
@@ -236,6 +236,7 @@ def test_pinned_models_stay_loaded_whatever_requests_say(tmp_path: Path, model_p
         pin_models(server.app.manager, ["smol"])
         [loaded] = running_models(port)
         assert loaded["name"] == "smol:latest" and loaded["expires_at"].startswith("2318")
+        assert loaded["limits"] == {"pinned": True}
         chat(port, "smol", keep_alive=0)
         chat(port, "smol", keep_alive="1s")
         assert [m["name"] for m in running_models(port)] == ["smol:latest"]

@@ -172,8 +172,9 @@ class ModelManager:
         self.stall_timeout = config.setting("LOAD_TIMEOUT", DEFAULT_LOAD_TIMEOUT, _load_timeout)
         #: Seconds a load waits for busy models to make room before answering 503 (the same setting by default).
         self.load_timeout = load_timeout if load_timeout is not None else self.stall_timeout
-        # Read here so that a bad value stops the daemon at startup, not every request that names no keep_alive.
+        # Read here so that a bad value stops the daemon at startup, not every request or load that reads it.
         config.setting("KEEP_ALIVE", DEFAULT_KEEP_ALIVE, parse_keep_alive)
+        memory.max_memory()
         #: The options every model starts from, before its Modelfile's and a request's.
         self.defaults = default_options()
         #: True when num_ctx is Ollama's automatic default (no MULLAMA_/OLLAMA_CONTEXT_LENGTH).
