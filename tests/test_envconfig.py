@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 import urllib.request
+from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -381,3 +382,50 @@ def test_pulls_go_through_the_proxy_the_environment_names(tmp_path: Path, model_
     assert pulled.returncode == 0, pulled.stderr
     assert any(url.startswith("http://hub.invalid/someone/SmolLM2-135M-GGUF/resolve/") for url in handler.seen), \
         handler.seen
+
+
+def origin_status(port: int, origin: str) -> int:
+    """The status of a GET /api/tags sent from a page at ``origin``."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    try:
+        connection.request("GET", "/api/tags", headers={"Origin": origin})
+        answer = connection.getresponse()
+        answer.read()
+        return answer.status
+    finally:
+        connection.close()
+
+
+def test_keep_alive_num_parallel_and_origins_from_ollamas_variables(tmp_path: Path, model_path: Path) -> None:
+    with running(tmp_path / "plain") as server:
+        port = server.server_address[1]
+        assert origin_status(port, "https://app.example.com") == 403
+    with running(tmp_path / "set", OLLAMA_KEEP_ALIVE="-1", OLLAMA_NUM_PARALLEL="2",
+                 OLLAMA_ORIGINS="https://*.example.com") as server:
+        port = server.server_address[1]
+        assert origin_status(port, "https://app.example.com") == 200
+        create_model(port, model_path, "smol")
+        chat(port, "smol")
+        [loaded] = running_models(port)
+        assert (loaded["num_parallel"], loaded["expires_at"][:4]) == (2, "2318")
+
+
+def test_an_automatic_context_steps_down_until_the_model_fits(tmp_path: Path, model_path: Path) -> None:
+    # The test model (two layers) is estimated at 136 MiB with 4096 tokens of context and 142 MiB with 8192.
+    with running(tmp_path, MULLAMA_MAX_MEMORY="139MiB") as server:
+        port = server.server_address[1]
+        create_model(port, model_path, "smol")
+        create_model(port, model_path, "wide", parameters={"num_ctx": 8192})
+        manager = server.app.manager
+        # As on a machine with 47 GiB of GPU memory: 262144 tokens, cut to the 8192 SmolLM2 was trained with,
+        # which does not fit in 139 MiB, and so 4096.
+        manager.defaults = replace(manager.defaults, num_ctx=automatic_context(47 << 30))
+        assert manager.resolve("smol").options.num_ctx == 4096
+        # A context the Modelfile or the request sets is not automatic: it is kept (and refused if it cannot fit).
+        assert manager.resolve("wide").options.num_ctx == 8192
+        assert manager.resolve("smol", {"num_ctx": 8192}).options.num_ctx == 8192
+    with running(tmp_path / "roomy", MULLAMA_MAX_MEMORY="8GiB") as server:
+        manager = server.app.manager
+        create_model(server.server_address[1], model_path, "smol")
+        manager.defaults = replace(manager.defaults, num_ctx=automatic_context(47 << 30))
+        assert manager.resolve("smol").options.num_ctx == 8192

@@ -201,13 +201,13 @@ class ModelManager:
         record = find_model(self.store, name)
         request_options = request_options or {}
         options = self.defaults.merged(record.parameters, request_options)
-        if self.automatic_context and "num_ctx" not in record.parameters and "num_ctx" not in request_options:
-            options = _fitting(record, options)
         trained = _trained_context(record)
         if trained and options.num_ctx > trained:
             # As Ollama: a context longer than the model was trained for is cut to that length.
             log.debug("num_ctx %d for %s cut to its training context %d", options.num_ctx, record.name, trained)
             options = replace(options, num_ctx=trained)
+        if self.automatic_context and "num_ctx" not in record.parameters and "num_ctx" not in request_options:
+            options = _fitting(record, options)
         if self.max_context and options.num_ctx > self.max_context:
             log.debug("num_ctx %d for %s capped to %d by MULLAMA_MAX_CONTEXT", options.num_ctx, record.name,
                       self.max_context)
