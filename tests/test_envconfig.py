@@ -262,7 +262,9 @@ def test_serve_model_loads_and_pins_before_answering(tmp_path: Path, model_path:
             ("other:latest", 1024, "2318"), ("smol:latest", 1024, "2318")]
         chat(port, "smol", keep_alive=0)
         assert len(running_models(port)) == 2
-        assert "OLLAMA_SCHED_SPREAD is set but has no effect on Mullama" in log.read_text()
+        text = log.read_text()
+        assert "OLLAMA_SCHED_SPREAD is set but has no effect on Mullama" in text
+        assert "settings: num_ctx 1024, num_parallel 1," in text and "keep_alive 300s, load timeout 300s" in text
     finally:
         process.terminate()
         process.wait(30)

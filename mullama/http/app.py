@@ -48,6 +48,7 @@ from mullama.ops import systemd
 from mullama.ops.limits import ModelLimits
 from mullama.ops.logs import configure_logging
 from mullama.ops.operations import Operations
+from mullama.store import ollama_store
 from mullama.store.pull import pull
 from mullama.store.sweep import sweep
 
@@ -232,6 +233,18 @@ def limit_malloc_arenas() -> None:
         pass  # not glibc (musl has no arenas to limit)
 
 
+def describe_settings(manager: ModelManager) -> str:
+    """The settings models load with, in one line for the log (as Ollama logs its server config at start)."""
+    defaults = manager.defaults
+    flash = {None: "auto", True: "on", False: "off"}[defaults.flash_attention]
+    ollama = ollama_store.ollama_root()
+    return (f"settings: num_ctx {defaults.num_ctx}{' (automatic)' if manager.automatic_context else ''}, "
+            f"num_parallel {defaults.num_parallel}, max loaded models {manager.max_loaded}, max queue "
+            f"{manager.max_queue}, keep_alive {parse_keep_alive(None):g}s, load timeout {manager.stall_timeout:g}s, "
+            f"KV cache {defaults.kv_cache_type}, flash attention {flash}; Ollama's store "
+            f"{ollama if ollama is not None else 'not found'}")
+
+
 def pin_models(manager: ModelManager, names: Sequence[str]) -> None:
     """Load each of ``names`` now (pulling one the store lacks) and keep it loaded whatever requests say.
 
@@ -300,6 +313,7 @@ def serve(address: str | None = None, models: Sequence[str] = ()) -> int:
         return 1
     host, port = server.server_address[:2]
     log.info("Mullama %s listening on %s:%s (models in %s)", __version__, host, port, app.manager.store.root)
+    log.info("%s", describe_settings(app.manager))
     hurry = threading.Event()
 
     def stop(signum: int, _frame: Any) -> None:
