@@ -519,7 +519,7 @@ def create(request: Request) -> None:
                     raise NotFoundError(f"{source}: no such file", param="from")
                 gguf.read_gguf(candidate)
                 emit({"status": "copying file"})
-                digest = store.add_blob_from_file(candidate, link=True)
+                digest = store.add_blob_from_file(candidate, sharing="clone")
                 layers.append(Layer(MEDIA_TYPES["model"], digest, candidate.stat().st_size))
             else:
                 base_name = ModelName.parse(source)

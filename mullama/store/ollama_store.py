@@ -73,7 +73,7 @@ def import_model(name: ModelName, store: Store, progress: Callable[[dict[str, An
     ollama = Store(root)
     for layer in (manifest.config, *manifest.layers):
         try:
-            store.add_blob_from_file(ollama.blob_path(layer.digest), layer.digest, link=True)
+            store.add_blob_from_file(ollama.blob_path(layer.digest), layer.digest, sharing="link")
         except InvalidModelFileError:
             return False
         progress({"status": f"pulling {layer.digest[7:19]}", "digest": layer.digest,

