@@ -235,7 +235,9 @@ DANGEROUS_NODES = """() => [...document.querySelectorAll('main *')].filter((e) =
 def test_hostile_model_output_and_metadata_run_no_script(ui: Page, model_path: Path) -> None:
     conversation = {"id": "hostile", "title": "<img src=x onerror=window.__xss=20>", "model": "smol:latest",
                     "system": "", "options": {}, "think": False, "updated": 0, "messages": [
-                        {"role": "user", "content": "<script>window.__xss = 21</script>"},
+                        {"role": "user", "content": "<script>window.__xss = 21</script>",
+                         "images": ['" onerror="window.__xss=25', "javascript:window.__xss=26",
+                                    "iVBORw0KGgo\" onerror=\"window.__xss=27", {"src": "x"}]},
                         {"role": "assistant", "content": HOSTILE_MARKDOWN,
                          "thinking": "<img src=x onerror=window.__xss=22>",
                          "tool_calls": [{"function": {"name": "<img src=x onerror=window.__xss=23>",

@@ -4,6 +4,7 @@ import { canChat, modelsWithInfo, stream } from "./api.js";
 import * as store from "./conversations.js";
 import { field, h, replace } from "./dom.js";
 import { rate } from "./format.js";
+import { canSee, dataUrl, imageFiles, readImage } from "./images.js";
 import { renderMarkdown } from "./markdown.js";
 import { ask } from "./ui.js";
 
@@ -15,6 +16,8 @@ export function chatPage(root) {
     models: [],
     // The generation under way: its conversation, message and AbortController.
     running: null,
+    // Images waiting to go with the next message: [{ name, data }] (data: base64).
+    attachments: [],
   };
   const view = buildView();
   replace(root, view.element);
@@ -40,23 +43,31 @@ export function chatPage(root) {
       thinkField);
     const messages = h("ol", { class: "messages", "aria-label": "Messages" });
     const input = h("textarea", { id: "prompt", rows: "3", "aria-label": "Message",
-      placeholder: "Send a message (Enter sends, Shift+Enter for a new line)", on: { keydown: onPromptKey } });
+      placeholder: "Send a message (Enter sends, Shift+Enter for a new line)",
+      on: { keydown: onPromptKey, paste: onPaste } });
+    const files = h("input", { type: "file", id: "attach-input", accept: "image/*", multiple: true, hidden: true,
+      on: { change: () => { attach(files.files); files.value = ""; } } });
+    const attachButton = h("button", { type: "button", id: "attach", text: "Add image", hidden: true,
+      "aria-label": "Attach images", title: "Attach images (or paste or drop them here)",
+      on: { click: () => files.click() } });
+    const attachments = h("ul", { class: "attachments", id: "attachments", "aria-label": "Images to send", hidden: true });
     const send = h("button", { type: "submit", class: "primary", id: "send", text: "Send" });
     const stop = h("button", { type: "button", id: "stop", class: "danger", text: "Stop", hidden: true,
       on: { click: stopGeneration } });
-    const composer = h("form", { class: "composer", on: { submit: onSubmit } }, input, h("div", { class: "buttons" },
-      send, stop));
+    const composer = h("form", { class: "composer", on: { submit: onSubmit } }, attachments,
+      h("div", { class: "compose-row" }, input, h("div", { class: "buttons" }, attachButton, send, stop)), files);
     const notice = h("p", { class: "notice", role: "status" });
     const element = h("div", { class: "chat" },
       h("aside", { class: "sidebar", "aria-label": "Conversations" },
         h("button", { type: "button", class: "primary wide", id: "new-chat", text: "New chat",
           on: { click: () => selectConversation(null) } }),
         list),
-      h("section", { class: "thread", "aria-label": "Conversation" },
+      h("section", { class: "thread", "aria-label": "Conversation",
+        on: { dragover: onDragOver, dragleave: onDragLeave, drop: onDrop } },
         h("div", { class: "toolbar" }, field("Model", picker), settingsButton),
         settings, notice, messages, composer));
     return { element, composer, list, picker, settingsButton, settings, system, think, thinkField, optionInputs, messages,
-      input, send, stop, notice };
+      input, send, stop, notice, attachButton, attachments };
   }
 
   // --- models -----------------------------------------------------------
@@ -89,6 +100,7 @@ export function chatPage(root) {
   function onModelChange() {
     const conversation = ensureConversation();
     conversation.model = view.picker.value;
+    view.notice.textContent = "";
     renderSettings();
     persist();
   }
@@ -156,6 +168,7 @@ export function chatPage(root) {
     view.optionInputs.forEach((input) => { input.value = conversation.options[input.name] ?? ""; });
     const info = modelInfo(conversation.model);
     view.thinkField.hidden = !(info?.capabilities || []).includes("thinking");
+    view.attachButton.hidden = !canSee(info);
   }
 
   function onSettingsInput() {
@@ -192,6 +205,7 @@ export function chatPage(root) {
     const body = h("div", { class: "content" });
     if (message.role === "assistant") body.append(renderMarkdown(message.content));
     else body.textContent = message.content;
+    const images = (Array.isArray(message.images) ? message.images : []).map(dataUrl);
     const actions = h("div", { class: "actions" });
     if (message.role === "user" && !busy) {
       actions.append(h("button", { type: "button", class: "small", text: "Edit",
@@ -205,6 +219,8 @@ export function chatPage(root) {
       h("div", { class: "role", text: message.role === "user" ? "You" : conversation.model || "Assistant" }),
       message.thinking ? h("details", { class: "thinking" }, h("summary", { text: "Thinking" }),
         h("div", { class: "thinking-text", text: message.thinking })) : null,
+      images.some(Boolean) ? h("div", { class: "images" }, images.map((url, number) => (url
+        ? h("img", { src: url, class: "thumb", alt: `Image ${number + 1}` }) : null))) : null,
       body,
       (message.tool_calls || []).map((call) => h("div", { class: "tool-call" },
         h("span", { class: "label", text: `Tool call: ${call.function?.name ?? "?"}` }),
@@ -238,7 +254,7 @@ export function chatPage(root) {
       event.preventDefault();
       if (!editor.value.trim()) return;
       conversation.messages.splice(index);
-      sendMessage(conversation, editor.value);
+      sendMessage(conversation, editor.value, message.images);
     } } }, editor, h("div", { class: "buttons" }, save, cancel));
     replace(item, form);
     editor.focus();
@@ -264,18 +280,93 @@ export function chatPage(root) {
     event.preventDefault();
     const text = view.input.value;
     if (!text.trim() || state.running) return;
-    view.input.value = "";
-    sendMessage(ensureConversation(), text);
+    const images = state.attachments.map((image) => image.data);
+    if (sendMessage(ensureConversation(), text, images)) {
+      view.input.value = "";
+      state.attachments = [];
+      renderAttachments();
+    }
   }
 
-  function sendMessage(conversation, text) {
+  /** Send a question (with base64 images); false when it cannot go (no model, images for a model without sight). */
+  function sendMessage(conversation, text, images = []) {
     if (!conversation.model) {
       view.notice.textContent = "Choose a model first.";
-      return;
+      return false;
     }
-    conversation.messages.push({ role: "user", content: text });
+    if (images?.length && !canSee(modelInfo(conversation.model))) {
+      view.notice.textContent = `${conversation.model} cannot read images: choose a model with the vision `
+        + "capability, or remove the images.";
+      return false;
+    }
+    const message = { role: "user", content: text };
+    if (images?.length) message.images = images;
+    conversation.messages.push(message);
     conversation.title = store.titleOf(conversation);
     generate(conversation);
+    return true;
+  }
+
+  // --- images -------------------------------------------------------------------
+
+  async function attach(files) {
+    const images = imageFiles(files);
+    if (!images.length) return;
+    const model = ensureConversation().model;
+    if (!canSee(modelInfo(model))) {
+      view.notice.textContent = `${model || "This model"} cannot read images: choose a model with the vision capability.`;
+      return;
+    }
+    for (const file of images) {
+      try {
+        state.attachments.push(await readImage(file));
+      } catch (error) {
+        view.notice.textContent = `Not attached: ${error.message}.`;
+      }
+    }
+    renderAttachments();
+  }
+
+  function renderAttachments() {
+    replace(view.attachments, state.attachments.map((image, index) => h("li", {},
+      h("img", { src: dataUrl(image.data), alt: image.name, class: "thumb" }),
+      h("button", { type: "button", class: "icon", text: "×", "aria-label": `Remove image ${image.name}`,
+        on: { click: () => {
+          state.attachments.splice(index, 1);
+          renderAttachments();
+          view.input.focus();
+        } } }))));
+    view.attachments.hidden = !state.attachments.length;
+  }
+
+  function onPaste(event) {
+    const images = imageFiles(event.clipboardData?.files);
+    if (!images.length) return;
+    // Pasted text still goes into the message; only a bare image is taken over entirely.
+    if (!event.clipboardData.getData("text/plain")) event.preventDefault();
+    attach(images);
+  }
+
+  function carriesFiles(event) {
+    return [...(event.dataTransfer?.types || [])].includes("Files");
+  }
+
+  function onDragOver(event) {
+    if (!carriesFiles(event)) return;
+    event.preventDefault();
+    event.dataTransfer.dropEffect = "copy";
+    view.element.classList.add("dropping");
+  }
+
+  function onDragLeave(event) {
+    if (!event.currentTarget.contains(event.relatedTarget)) view.element.classList.remove("dropping");
+  }
+
+  function onDrop(event) {
+    view.element.classList.remove("dropping");
+    if (!carriesFiles(event)) return;
+    event.preventDefault();
+    attach(event.dataTransfer.files);
   }
 
   async function generate(conversation) {
