@@ -104,10 +104,23 @@ def test_the_page_shows_the_daemons_statistics_and_follows_new_requests(ui: Page
     page.set_viewport_size({"width": 1200, "height": 1100})
     ui.screenshot("stats")
 
+    # A week, one model: the same requests, now among 7 days of hours labelled by day.
+    page.select_option("#stats-period", "7d")
+    page.select_option("#stats-model", "smol:latest")
+    page.wait_for_function("() => document.querySelectorAll('#chart-requests .labels text').length >= 7")
+    assert "in the last 7 days" in page.locator("#chart-requests desc").text_content()
+    assert chart_sum(ui, "#chart-requests rect") == after["requests"]
+    assert number(shown_totals(ui)["requests"]) == after["requests"]
+
     # Dark mode repaints the charts from the dark palette.
     light = page.eval_on_selector("#chart-requests rect.series-0", "r => getComputedStyle(r).fill")
     page.emulate_media(color_scheme="dark")
     dark = page.eval_on_selector("#chart-requests rect.series-0", "r => getComputedStyle(r).fill")
     assert light != dark
     ui.screenshot("stats-dark")
+
+    # A phone's width: the charts shrink, nothing overflows sideways.
+    page.set_viewport_size({"width": 380, "height": 800})
+    assert page.evaluate("document.documentElement.scrollWidth") <= 380
+    assert page.locator("#chart-requests svg").bounding_box()["width"] <= 380
 
