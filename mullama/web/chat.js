@@ -4,7 +4,8 @@ import { canChat, modelsWithInfo, stream } from "./api.js";
 import * as store from "./conversations.js";
 import { field, h, replace } from "./dom.js";
 import { rate } from "./format.js";
-import { canSee, dataUrl, imageFiles, readImage } from "./images.js";
+import { attachmentTray } from "./attachments.js";
+import { canSee, dataUrl } from "./images.js";
 import { renderMarkdown } from "./markdown.js";
 import { ask } from "./ui.js";
 
@@ -16,8 +17,6 @@ export function chatPage(root) {
     models: [],
     // The generation under way: its conversation, message and AbortController.
     running: null,
-    // Images waiting to go with the next message: [{ name, data }] (data: base64).
-    attachments: [],
   };
   const view = buildView();
   replace(root, view.element);
@@ -44,18 +43,14 @@ export function chatPage(root) {
     const messages = h("ol", { class: "messages", "aria-label": "Messages" });
     const input = h("textarea", { id: "prompt", rows: "3", "aria-label": "Message",
       placeholder: "Send a message (Enter sends, Shift+Enter for a new line)",
-      on: { keydown: onPromptKey, paste: onPaste } });
-    const files = h("input", { type: "file", id: "attach-input", accept: "image/*", multiple: true, hidden: true,
-      on: { change: () => { attach(files.files); files.value = ""; } } });
-    const attachButton = h("button", { type: "button", id: "attach", text: "Add image", hidden: true,
-      "aria-label": "Attach images", title: "Attach images (or paste or drop them here)",
-      on: { click: () => files.click() } });
-    const attachments = h("ul", { class: "attachments", id: "attachments", "aria-label": "Images to send", hidden: true });
+      on: { keydown: onPromptKey, paste: (event) => tray.onPaste(event) } });
+    const tray = attachmentTray({ refusal: attachRefusal, notice: (text) => { view.notice.textContent = text; },
+      focus: () => input.focus() });
     const send = h("button", { type: "submit", class: "primary", id: "send", text: "Send" });
     const stop = h("button", { type: "button", id: "stop", class: "danger", text: "Stop", hidden: true,
       on: { click: stopGeneration } });
-    const composer = h("form", { class: "composer", on: { submit: onSubmit } }, attachments,
-      h("div", { class: "compose-row" }, input, h("div", { class: "buttons" }, attachButton, send, stop)), files);
+    const composer = h("form", { class: "composer", on: { submit: onSubmit } }, tray.list,
+      h("div", { class: "compose-row" }, input, h("div", { class: "buttons" }, tray.button, send, stop)), tray.input);
     const notice = h("p", { class: "notice", role: "status" });
     const element = h("div", { class: "chat" },
       h("aside", { class: "sidebar", "aria-label": "Conversations" },
@@ -63,11 +58,11 @@ export function chatPage(root) {
           on: { click: () => selectConversation(null) } }),
         list),
       h("section", { class: "thread", "aria-label": "Conversation",
-        on: { dragover: onDragOver, dragleave: onDragLeave, drop: onDrop } },
+        on: tray.dropHandlers(() => element) },
         h("div", { class: "toolbar" }, field("Model", picker), settingsButton),
         settings, notice, messages, composer));
     return { element, composer, list, picker, settingsButton, settings, system, think, thinkField, optionInputs, messages,
-      input, send, stop, notice, attachButton, attachments };
+      input, send, stop, notice, tray };
   }
 
   // --- models -----------------------------------------------------------
@@ -168,7 +163,7 @@ export function chatPage(root) {
     view.optionInputs.forEach((input) => { input.value = conversation.options[input.name] ?? ""; });
     const info = modelInfo(conversation.model);
     view.thinkField.hidden = !(info?.capabilities || []).includes("thinking");
-    view.attachButton.hidden = !canSee(info);
+    view.tray.setVisible(canSee(info));
   }
 
   function onSettingsInput() {
@@ -280,11 +275,9 @@ export function chatPage(root) {
     event.preventDefault();
     const text = view.input.value;
     if (!text.trim() || state.running) return;
-    const images = state.attachments.map((image) => image.data);
-    if (sendMessage(ensureConversation(), text, images)) {
+    if (sendMessage(ensureConversation(), text, view.tray.take())) {
       view.input.value = "";
-      state.attachments = [];
-      renderAttachments();
+      view.tray.clear();
     }
   }
 
@@ -309,64 +302,10 @@ export function chatPage(root) {
 
   // --- images -------------------------------------------------------------------
 
-  async function attach(files) {
-    const images = imageFiles(files);
-    if (!images.length) return;
+  function attachRefusal() {
     const model = ensureConversation().model;
-    if (!canSee(modelInfo(model))) {
-      view.notice.textContent = `${model || "This model"} cannot read images: choose a model with the vision capability.`;
-      return;
-    }
-    for (const file of images) {
-      try {
-        state.attachments.push(await readImage(file));
-      } catch (error) {
-        view.notice.textContent = `Not attached: ${error.message}.`;
-      }
-    }
-    renderAttachments();
-  }
-
-  function renderAttachments() {
-    replace(view.attachments, state.attachments.map((image, index) => h("li", {},
-      h("img", { src: dataUrl(image.data), alt: image.name, class: "thumb" }),
-      h("button", { type: "button", class: "icon", text: "×", "aria-label": `Remove image ${image.name}`,
-        on: { click: () => {
-          state.attachments.splice(index, 1);
-          renderAttachments();
-          view.input.focus();
-        } } }))));
-    view.attachments.hidden = !state.attachments.length;
-  }
-
-  function onPaste(event) {
-    const images = imageFiles(event.clipboardData?.files);
-    if (!images.length) return;
-    // Pasted text still goes into the message; only a bare image is taken over entirely.
-    if (!event.clipboardData.getData("text/plain")) event.preventDefault();
-    attach(images);
-  }
-
-  function carriesFiles(event) {
-    return [...(event.dataTransfer?.types || [])].includes("Files");
-  }
-
-  function onDragOver(event) {
-    if (!carriesFiles(event)) return;
-    event.preventDefault();
-    event.dataTransfer.dropEffect = "copy";
-    view.element.classList.add("dropping");
-  }
-
-  function onDragLeave(event) {
-    if (!event.currentTarget.contains(event.relatedTarget)) view.element.classList.remove("dropping");
-  }
-
-  function onDrop(event) {
-    view.element.classList.remove("dropping");
-    if (!carriesFiles(event)) return;
-    event.preventDefault();
-    attach(event.dataTransfer.files);
+    return canSee(modelInfo(model)) ? null
+      : `${model || "This model"} cannot read images: choose a model with the vision capability.`;
   }
 
   async function generate(conversation) {
