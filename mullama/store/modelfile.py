@@ -134,6 +134,42 @@ def render(modelfile: Modelfile, *, name: str = "") -> str:
     return "\n".join(lines) + "\n"
 
 
+def version_key(version: str) -> tuple[Any, ...]:
+    """A sort key for a semantic version (``0.14``, ``v1.2.3-rc.1+build``) that orders as Go's ``semver.Compare``.
+
+    Missing minor and patch numbers are 0; a pre-release sorts before its
+    release, its dot-separated parts numerically when numeric, numbers before
+    words; build metadata is ignored.  Raises ``ValueError`` for a non-version.
+    """
+    if not _SEMVER.fullmatch(version):
+        raise ValueError(f"not a version: {version!r}")
+    core, _, pre = version.removeprefix("v").split("+", 1)[0].partition("-")
+    numbers = [int(part) for part in core.split(".")]
+    numbers += [0] * (3 - len(numbers))
+    if not pre:
+        return (*numbers, 1, ())
+    parts = tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in pre.split("."))
+    return (*numbers, 0, parts)
+
+
+def check_requires(requires: str, version: str) -> None:
+    """Refuse a model whose REQUIRES asks for a newer Ollama than ``version``, the one Mullama answers as.
+
+    REQUIRES names the oldest Ollama that can run the model; Ollama's registry
+    refuses such a model to an older Ollama, and Mullama refuses to create it.
+    """
+    if not requires:
+        return
+    try:
+        wanted = version_key(requires)
+    except ValueError:
+        raise BadRequestError(f'requires must be a valid semver (e.g. 0.14.0), not "{requires}"',
+                              param="requires") from None
+    if wanted > version_key(version):
+        raise BadRequestError(f"this model requires Ollama {requires.removeprefix('v')} or later; Mullama answers "
+                              f"as Ollama {version}, so it may lack what the model needs", param="requires")
+
+
 def _set(result: Modelfile, instruction: str, value: str, line: int) -> None:
     if instruction == "from":
         if not value.strip():
