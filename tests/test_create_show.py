@@ -281,6 +281,26 @@ def test_vision_in_tags_only_with_a_projector_that_loads(daemon: Daemon, model_p
     assert daemon.client.show("seeing").capabilities == ["completion", "vision"]
 
 
+def test_a_vision_models_modelfile_from_show_creates_it_again(daemon: Daemon, model_path: Path,
+                                                              tmp_path: Path) -> None:
+    model = daemon.client.create_blob(model_path)
+    projector = daemon.client.create_blob(tiny_projector_path())
+    daemon.client.create(model="seen", files={"model.gguf": model, "mmproj.gguf": projector}, system="Look.")
+    env = environment(tmp_path, daemon.port)
+    shown = cli(env, "show", "seen", "--modelfile")
+    assert shown.returncode == 0, shown.stderr
+    # As Ollama prints it: the projector is a second FROM line.
+    assert [line for line in shown.stdout.splitlines() if line.startswith("FROM ")] == [
+        f"FROM {daemon.server.app.manager.store.blob_path(model)}",
+        f"FROM {daemon.server.app.manager.store.blob_path(projector)}"]
+    (tmp_path / "Modelfile").write_text(shown.stdout)
+    done = cli(env, "create", "seen-again", "-f", str(tmp_path / "Modelfile"))
+    assert done.returncode == 0, done.stderr
+    again = daemon.show("seen-again")
+    assert again["capabilities"] == ["completion", "vision"] and again["system"] == "Look."
+    assert again["projector_info"]["general.architecture"] == "clip"
+
+
 # --- routes ---------------------------------------------------------------------------
 
 

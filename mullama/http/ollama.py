@@ -453,7 +453,8 @@ def show(request: Request) -> None:
     modelfile = Modelfile(from_=str(record.model_path), parameters=dict(record.parameters), template=template,
                           system=record.system, adapters=[str(a) for a in record.adapters],
                           licenses=list(record.license), messages=list(record.messages),
-                          draft=str(record.draft_path or ""), renderer=record.renderer, parser=record.parser)
+                          draft=str(record.draft_path or ""), renderer=record.renderer, parser=record.parser,
+                          more_from=[str(record.projector_path)] if record.projector_path is not None else [])
     out: dict[str, Any] = {
         "modelfile": render_modelfile(modelfile, name=record.name),
         "parameters": _parameters_text(record.parameters),

@@ -68,7 +68,11 @@ def create(store: Store, spec: CreateSpec, emit: Progress, *, pull: Pull, quanti
     check_requires(spec.requires, ollama_version)
     config: dict[str, Any] = {}
     layers = _base_layers(store, spec, emit, config, pull)
-    layers += _blob_layers(store, spec.files, emit)
+    uploaded = _blob_layers(store, spec.files, emit)
+    if layers and any(layer.media_type == MEDIA_TYPES["model"] for layer in uploaded):
+        raise BadRequestError("'from' names a model and 'files' holds another: give one (a file beside 'from' may "
+                              "only be a projector)", param="files")
+    layers += uploaded
     layers += [_uploaded(store, digest, f"adapter {filename}", "adapter", "adapters") for filename, digest in spec.adapters.items()]
     if spec.draft_files:
         layers = [layer for layer in layers if layer.media_type != MEDIA_TYPES["draft"]]
