@@ -204,18 +204,21 @@ HARMONY_TEMPLATE = ("{{ range .Messages }}<|start|>{{ .Role }}<|channel|>final<|
 def test_a_renderer_or_parser_mullama_lacks_is_refused(daemon: Daemon, kind: str) -> None:
     status, body = daemon.create(model="coder", **{kind: "qwen3-coder", "from": BASE})
     assert status == 400
-    assert f'{kind.upper()} "qwen3-coder" is not supported' in body["error"]
-    status, body = daemon.create(model="coder", **{kind: "harmony", "from": BASE})
+    assert f'{kind.upper()} "qwen3-coder" is not supported' in body["error"] and "TEMPLATE" in body["error"]
+    assert "coder:latest" not in [m.model for m in daemon.client.list().models]
+
+
+def test_the_harmony_parser_is_honoured_only_for_a_harmony_model(daemon: Daemon) -> None:
+    status, body = daemon.create(model="harmonious", parser="harmony", **{"from": BASE})
     assert status == 400 and "harmony format" in body["error"]
-
-
-def test_harmony_renderer_and_parser_are_honoured_for_a_harmony_model(daemon: Daemon) -> None:
-    status, body = daemon.create(model="harmonious", template=HARMONY_TEMPLATE, renderer="harmony", parser="harmony",
-                                 **{"from": BASE})
+    # Ollama has a harmony parser but no harmony renderer.
+    status, body = daemon.create(model="harmonious", template=HARMONY_TEMPLATE, renderer="harmony", **{"from": BASE})
+    assert status == 400 and 'RENDERER "harmony" is not supported' in body["error"]
+    status, body = daemon.create(model="harmonious", template=HARMONY_TEMPLATE, parser="harmony", **{"from": BASE})
     assert status == 200, body
     shown = daemon.show("harmonious")
-    assert "\nRENDERER harmony\n" in shown["modelfile"] and "\nPARSER harmony\n" in shown["modelfile"]
-    assert {"tools", "thinking"} <= set(shown["capabilities"])
+    assert "\nPARSER harmony\n" in shown["modelfile"]
+    assert shown["capabilities"] == ["completion", "tools", "thinking"]
     assert daemon.config("harmonious")["parser"] == "harmony"
 
 

@@ -32,8 +32,9 @@ Pull = Callable[[str, Progress], ModelName]
 #: ``quantize(source, destination, level)``: write a GGUF re-quantized.
 Quantize = Callable[[Path, Path, str], None]
 
-#: The renderers and parsers of Ollama Mullama has, by name: gpt-oss's harmony format.
-_HONOURED = {"harmony": HARMONY}
+#: Ollama's built-in renderers and parsers that Mullama has, by kind and name, with the output format each is for:
+#: the harmony parser of gpt-oss (Ollama has no harmony renderer: it renders gpt-oss with its template).
+_HONOURED: dict[str, dict[str, str]] = {"renderer": {}, "parser": {"harmony": HARMONY}}
 
 
 @dataclass
@@ -200,11 +201,12 @@ def _check_honoured(kind: str, value: str, info: gguf.GGUFInfo, template: str, n
 
     Mullama renders prompts with the model's template (TEMPLATE, else the
     GGUF's chat template) and reads tool calls and thinking by the format
-    that template shows; of Ollama's built-in renderers and parsers it has
-    gpt-oss's harmony, used for the models that speak it.  An inherited
-    value Mullama does not use is left out, as the base itself runs without it.
+    that template shows; of Ollama's built-in parsers it has gpt-oss's
+    harmony, used for the models that speak it, and of its renderers none.
+    An inherited value Mullama does not use is left out, as the base itself
+    runs without it.
     """
-    wanted = _HONOURED.get(value)
+    wanted = _HONOURED[kind].get(value)
     used = detect_format(template + (info.chat_template or ""), name, info.architecture or "").name
     if wanted is not None and wanted == used:
         return value
@@ -213,9 +215,10 @@ def _check_honoured(kind: str, value: str, info: gguf.GGUFInfo, template: str, n
     if wanted is not None:
         raise BadRequestError(f'{kind.upper()} "{value}" is for models that speak the harmony format (gpt-oss); '
                               f"this model's template does not", param=kind)
-    raise BadRequestError(f'{kind.upper()} "{value}" is not supported: Mullama has no built-in {kind}s besides '
-                          f'"harmony"; it renders prompts with the model\'s template (TEMPLATE, else the GGUF\'s '
-                          f"chat template) and reads tool calls and thinking by that template's format. Remove the "
+    known = ", ".join(f'"{name}"' for name in _HONOURED[kind]) or "none"
+    raise BadRequestError(f'{kind.upper()} "{value}" is not supported: of Ollama\'s built-in {kind}s Mullama has '
+                          f"{known}; it renders prompts with the model's template (TEMPLATE, else the GGUF's chat "
+                          f"template) and reads tool calls and thinking by that template's format. Remove the "
                           f"{kind.upper()} line, and give a TEMPLATE if the prompt format must change", param=kind)
 
 
