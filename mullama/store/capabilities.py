@@ -17,6 +17,8 @@ model has one, else the GGUF's own chat template.
 
 from __future__ import annotations
 
+import functools
+
 from mullama.errors import BadRequestError
 from mullama.prompt.gotemplate import ActionNode, BranchNode, CommandNode, FieldNode, ListNode, Node, PipeNode
 from mullama.prompt.gotemplate import RangeNode, TemplateNode, TextNode
@@ -61,18 +63,22 @@ def chat_template_capabilities(template: str) -> list[str]:
     return found
 
 
-def go_template_capabilities(text: str) -> list[str]:
-    """What a Go template shows (Ollama's ``goTemplateCapabilities``); nothing when it does not parse."""
+@functools.lru_cache(maxsize=256)
+def go_template_capabilities(text: str) -> tuple[str, ...]:
+    """What a Go template shows (Ollama's ``goTemplateCapabilities``); nothing when it does not parse.
+
+    Kept per template text: ``/api/tags`` asks for every model at each listing.
+    """
     try:
         template = parse_template(text)
         names = template_vars(template)
     except BadRequestError:
-        return []
+        return ()
     found = [capability for var, capability in (("tools", "tools"), ("suffix", "insert")) if var in names]
     opening, closing = thinking_tags(template.root)
     if opening and closing:
         found.append("thinking")
-    return found
+    return tuple(found)
 
 
 def thinking_tags(root: ListNode) -> tuple[str, str]:
