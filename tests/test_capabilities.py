@@ -13,8 +13,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mullama.store.capabilities import capabilities, chat_template_capabilities, thinking_tags
 from mullama.prompt.templates import parse_template
+from mullama.store.capabilities import (
+    capabilities,
+    chat_template_capabilities,
+    thinking_tags,
+)
 from mullama.store.gguf import GGUFInfo
 from mullama.store.records import ModelRecord
 
@@ -68,10 +72,12 @@ def test_vision_is_what_the_caller_says() -> None:
 
 
 @pytest.mark.parametrize(("template", "tags"), [
-    ("{{ range .Messages }}{{ if .Thinking }}<think>{{ .Thinking }}</think>{{ end }}{{ end }}", ("<think>", "</think>")),
+    ("{{ range .Messages }}{{ if .Thinking }}<think>{{ .Thinking }}</think>{{ end }}{{ end }}",
+     ("<think>", "</think>")),
     # Outside a range over .Messages, .Thinking shows no tags.
     ("{{ if .Thinking }}<think>{{ .Thinking }}</think>{{ end }}", ("", "")),
-    ("{{ range $i, $m := .Messages }}{{ if $m.Thinking }} <x> {{ .Thinking }} </x> {{ end }}{{ end }}", ("<x>", "</x>")),
+    ("{{ range $i, $m := .Messages }}{{ if $m.Thinking }} <x> {{ .Thinking }} </x> {{ end }}{{ end }}",
+     ("<x>", "</x>")),
     # The nearest list must start and end with text.
     ("{{ range .Messages }}{{ if .Thinking }}{{ .Thinking }}{{ end }}{{ end }}", ("", "")),
 ])

@@ -20,8 +20,18 @@ from __future__ import annotations
 import functools
 
 from mullama.errors import BadRequestError
-from mullama.prompt.gotemplate import ActionNode, BranchNode, CommandNode, FieldNode, ListNode, Node, PipeNode
-from mullama.prompt.gotemplate import RangeNode, TemplateNode, TextNode
+from mullama.prompt.gotemplate import (
+    ActionNode,
+    BranchNode,
+    CommandNode,
+    FieldNode,
+    ListNode,
+    Node,
+    PipeNode,
+    RangeNode,
+    TemplateNode,
+    TextNode,
+)
 from mullama.prompt.templates import parse_template, template_vars
 from mullama.store.gguf import GGUFInfo
 from mullama.store.records import ModelRecord

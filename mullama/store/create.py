@@ -74,7 +74,8 @@ def create(store: Store, spec: CreateSpec, emit: Progress, *, pull: Pull, quanti
         raise BadRequestError("'from' names a model and 'files' holds another: give one (a file beside 'from' may "
                               "only be a projector)", param="files")
     layers += uploaded
-    layers += [_uploaded(store, digest, f"adapter {filename}", "adapter", "adapters") for filename, digest in spec.adapters.items()]
+    layers += [_uploaded(store, digest, f"adapter {filename}", "adapter", "adapters")
+               for filename, digest in spec.adapters.items()]
     if spec.draft_files:
         layers = [layer for layer in layers if layer.media_type != MEDIA_TYPES["draft"]]
         layers += _draft_layers(store, spec.draft_files, emit, config)
@@ -132,7 +133,9 @@ def _base_config(store: Store, config: Layer) -> dict[str, Any]:
         data = json.loads(store.layer_path(config).read_bytes())
     except (OSError, ValueError, MullamaError):
         return {}
-    return {key: data[key] for key in ("renderer", "parser") if isinstance(data, dict) and isinstance(data.get(key), str)}
+    if not isinstance(data, dict):
+        return {}
+    return {key: data[key] for key in ("renderer", "parser") if isinstance(data.get(key), str)}
 
 
 def _uploaded(store: Store, digest: str, what: str, kind: str, param: str) -> Layer:
