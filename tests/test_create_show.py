@@ -322,7 +322,7 @@ OLLAMA_ROUTES = [
     ("GET", "/api/version", None, 200, '"version"'),
     ("HEAD", "/api/version", None, 200, ""),
     ("GET", "/api/status", None, 200, '"cloud": {"disabled": true'),
-    ("POST", "/api/pull", {"model": "no-such-model:1b", "stream": False}, 404, "not in Mullama's registry"),
+    ("POST", "/api/pull", {"model": "no-such-model:1b", "stream": False}, 404, "no-such-model"),
     ("POST", "/api/push", {"model": "smol"}, 400, "push is not supported"),
     ("GET", "/api/tags", None, 200, '"models"'),
     ("HEAD", "/api/tags", None, 200, ""),
