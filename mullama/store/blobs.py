@@ -49,7 +49,7 @@ if TYPE_CHECKING:
 MANIFEST_MEDIA_TYPE = "application/vnd.docker.distribution.manifest.v2+json"
 CONFIG_MEDIA_TYPE = "application/vnd.docker.container.image.v1+json"
 MEDIA_TYPES = {kind: f"application/vnd.ollama.image.{kind}" for kind in (
-    "model", "adapter", "projector", "template", "system", "params", "messages", "license")}
+    "model", "adapter", "projector", "draft", "template", "system", "params", "messages", "license")}
 
 _CHUNK = 1 << 20
 #: How long after a file changed a stat may miss a further change: a change within the same tick of the
@@ -69,7 +69,8 @@ class Layer:
     media_type: str
     digest: str
     size: int
-    #: Absolute path of a file referenced in place instead of a blob.
+    #: The manifest's ``from``: an absolute path, of a file referenced in place instead of a blob; else, as
+    #: in Ollama, the name of the model the layer was taken from (``details.parent_model``).
     from_path: str | None = None
 
     def to_json(self) -> dict[str, Any]:
