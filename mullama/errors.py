@@ -107,6 +107,13 @@ class ModelLoadError(MullamaError):
     kind = "model_load_error"
 
 
+class StorageFullError(MullamaError):
+    """The disk that holds the store has no room for what was asked; nothing half-written was kept."""
+
+    status = 507
+    kind = "storage_full"
+
+
 class DownloadError(MullamaError):
     """A pull failed: network, authentication, or bytes that do not match their hash."""
 

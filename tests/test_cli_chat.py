@@ -334,7 +334,7 @@ def _with_pooling(source: Path, target: Path) -> None:
 def embedder(daemon, model_path, tmp_path_factory) -> str:
     directory = tmp_path_factory.mktemp("embedder")
     _with_pooling(model_path, directory / "embedder.gguf")
-    _create(daemon, "embedder", f"FROM {directory / 'embedder.gguf'}\nPARAMETER num_ctx 64\n", directory, "--in-place")
+    _create(daemon, "embedder", f"FROM {directory / 'embedder.gguf'}\nPARAMETER num_ctx 64\n", directory)
     return "embedder"
 
 

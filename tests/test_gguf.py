@@ -396,8 +396,8 @@ def test_load_arrays_threshold(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "data, match",
     [
-        (b"GGML" + bytes(20), r"not a GGUF file \(starts with b'GGML'"),
-        (b"GG", r"not a GGUF file \(starts with b'GG'"),
+        (b"GGML" + bytes(20), r"not a GGUF file \(it does not start with the GGUF magic number\)$"),
+        (b"GG", r"not a GGUF file \(it does not start with the GGUF magic number\)$"),
         (b"", "not a GGUF file"),
         (b"GGUF\x01\x00", "version at byte 4 needs 4 bytes but the file ends at byte 6"),
         (build_gguf(ARCH, version=1), "version 1 is not supported"),

@@ -22,7 +22,7 @@ from mullama.store.blobs import CONFIG_MEDIA_TYPE, MEDIA_TYPES, Layer, Manifest,
 def _fake_ollama(root: Path, model_path: Path) -> Store:
     """An Ollama store: one complete model, one in a namespace, one whose model blob is missing."""
     ollama = Store(root)
-    digest = ollama.add_blob_from_file(model_path, link=True)
+    digest = ollama.add_blob_from_file(model_path, sharing="link")
     config = ollama.add_blob_bytes(b'{"model_format":"gguf"}')
     complete = Manifest(Layer(CONFIG_MEDIA_TYPE, config, 23),
                         (Layer(MEDIA_TYPES["model"], digest, model_path.stat().st_size),))

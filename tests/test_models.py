@@ -33,7 +33,7 @@ SMALL = {"num_ctx": 512, "num_thread": 1, "temperature": 0, "seed": 1}
 def store(model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Store:
     """A store where every name of NAMES is the same GGUF."""
     store = Store(tmp_path_factory.mktemp("store") / "models")
-    digest = store.add_blob_from_file(model_path, link=True)
+    digest = store.add_blob_from_file(model_path, sharing="link")
     config_data = b'{"model_format": "gguf"}'
     config = Layer(CONFIG_MEDIA_TYPE, store.add_blob_bytes(config_data), len(config_data))
     layer = Layer(MEDIA_TYPES["model"], digest, model_path.stat().st_size)

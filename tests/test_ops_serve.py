@@ -33,7 +33,7 @@ def notify_socket(tmp_path: Path) -> Iterator[tuple[socket.socket, str]]:
 
 
 def create(daemon: Serving, model_path: Path, *, key: str | None = None) -> None:
-    """Create ``smol`` from the test GGUF where it lies (no copy)."""
+    """Create ``smol`` from the test GGUF where it lies (no copy: the daemon needs its MULLAMA_ALLOWED_DIRS)."""
     status, _, body = call(daemon.port, "POST", "/api/create",
                            {"model": "smol", "from": str(model_path), "in_place": True, "stream": False,
                             "parameters": {"num_thread": 1}}, **(bearer(key) if key else {}))
@@ -58,7 +58,8 @@ def test_readiness_reload_and_stopping_under_a_notify_socket(model_path: Path, t
     keys = tmp_path / "home" / "keys.json"
     admin = create_key(keys, "admin", ["admin"])
     user = create_key(keys, "user", ["inference"])
-    daemon = serve(tmp_path, NOTIFY_SOCKET=address, MULLAMA_LOG_FORMAT="json")
+    daemon = serve(tmp_path, NOTIFY_SOCKET=address, MULLAMA_LOG_FORMAT="json",
+                   MULLAMA_ALLOWED_DIRS=str(model_path.parent))
     try:
         # serve() returned once the daemon answered: it said it was ready before that.
         assert sock.recv(4096) == f"READY=1\nSTATUS=listening on 127.0.0.1:{daemon.port}".encode()
@@ -99,7 +100,7 @@ def test_readiness_reload_and_stopping_under_a_notify_socket(model_path: Path, t
 
 
 def test_statistics_survive_kill_9_and_restarts(model_path: Path, tmp_path: Path) -> None:
-    first = serve(tmp_path)
+    first = serve(tmp_path, MULLAMA_ALLOWED_DIRS=str(model_path.parent))
     try:
         create(first, model_path)
         with_ollama = client(first)

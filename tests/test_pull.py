@@ -228,7 +228,7 @@ def test_split_model_is_whole_or_absent(hub, tmp_path):
 
 def _fake_ollama(root, model_path, name="smollm2:135m"):
     ollama = Store(root)
-    digest = ollama.add_blob_from_file(model_path, link=True)
+    digest = ollama.add_blob_from_file(model_path, sharing="link")
     config = ollama.add_blob_bytes(b'{"model_format":"gguf"}')
     manifest = Manifest(Layer(CONFIG_MEDIA_TYPE, config, 23),
                         (Layer(MEDIA_TYPES["model"], digest, model_path.stat().st_size, "smollm2:latest"),))

@@ -5,6 +5,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import subprocess
+import sys
+import threading
 
 import pytest
 from hypothesis import given, settings
@@ -58,16 +61,26 @@ def test_add_blob_from_file_copies_and_verifies(store, tmp_path):
 def test_add_blob_from_file_links_when_asked(store, tmp_path):
     source = tmp_path / "m.gguf"
     source.write_bytes(b"GGUF" * 1000)
-    digest = store.add_blob_from_file(source, link=True)
+    digest = store.add_blob_from_file(source, sharing="link")
     assert os.stat(store.blob_path(digest)).st_ino == os.stat(source).st_ino
 
 
-@pytest.mark.parametrize("link", [False, True])
-def test_wrong_digest_admits_nothing(store, tmp_path, link):
+def test_a_users_file_is_never_hard_linked_so_editing_it_cannot_corrupt_the_blob(store, tmp_path):
+    source = tmp_path / "m.gguf"
+    source.write_bytes(b"GGUF" * 1000)
+    digest = store.add_blob_from_file(source, sharing="clone")
+    assert os.stat(store.blob_path(digest)).st_ino != os.stat(source).st_ino
+    with open(source, "r+b") as edited:  # an edit in place, as a quantizer rewriting its output would
+        edited.write(b"EDIT")
+    assert store.blob_path(digest).read_bytes() == b"GGUF" * 1000
+
+
+@pytest.mark.parametrize("sharing", ["copy", "clone", "link"])
+def test_wrong_digest_admits_nothing(store, tmp_path, sharing):
     source = tmp_path / "m.gguf"
     source.write_bytes(b"not what you expected")
     with pytest.raises(InvalidModelFileError):
-        store.add_blob_from_file(source, "sha256:" + "0" * 64, link=link)
+        store.add_blob_from_file(source, "sha256:" + "0" * 64, sharing=sharing)
     assert not any(path.is_file() for path in (store.root / "blobs").glob("*"))
 
 
@@ -125,6 +138,30 @@ def test_delete_keeps_blobs_used_elsewhere(store):
     assert not store.has_blob(first.layers[0].digest)
     assert store.has_blob(first.config.digest)  # the config blob is shared by both
     assert [entry.name.display for entry in store.list_models()] == ["second:latest"]
+
+
+def test_writers_of_two_processes_take_turns_so_a_delete_cannot_prune_a_blob_being_referenced(store):
+    """Another process (a CLI command) holding the writers' lock keeps a delete, and its pruning, waiting."""
+    manifest = _model(store, b"shared", "a")
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys; from mullama.store.blobs import Store\n"
+        f"with Store({str(store.root)!r}).writing():\n"
+        "    print('held', flush=True); sys.stdin.readline()")],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        deleting = threading.Thread(target=store.delete, args=(ModelName.parse("a"),))
+        deleting.start()
+        deleting.join(0.5)
+        # Meanwhile the other process may write a manifest naming the blob: it is still there.
+        assert deleting.is_alive() and store.has_blob(manifest.layers[0].digest)
+        holder.stdin.write("\n")
+        holder.stdin.flush()
+        deleting.join(30)
+        assert not deleting.is_alive() and not store.has_blob(manifest.layers[0].digest)
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 def test_referenced_file_is_used_in_place(store, tmp_path):

@@ -1,7 +1,7 @@
 """The web UI at ``/ui``: its files as the daemon serves them, and the pages driven in a real browser.
 
 The browser is Debian's ``chromium`` driven by Playwright (``.ci/run``
-installs it when missing); the daemon is a real in-process one with the
+installs it when missing; see tests/webui_browser.py); the daemon is a real in-process one with the
 real test model, and pulls come from the local test Hub.  Every page is
 checked for console errors when its test ends.  Screenshots of the pages
 go to ``MULLAMA_SCREENSHOTS`` (default: the test's temporary directory).
@@ -10,50 +10,24 @@ go to ``MULLAMA_SCREENSHOTS`` (default: the test's temporary directory).
 from __future__ import annotations
 
 import hashlib
-import http.client
 import json
-import os
 import re
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import pytest
 from daemon import create_model, serve
 from ui_daemon import MODEL, PULL_NAME, UIDaemon, ui_daemon
+from webui_browser import Page, api, browser, request, ui  # noqa: F401 (browser, ui: fixtures)
 
 from mullama.http import webui
-
-CHROMIUM = Path("/usr/bin/chromium")
-#: Milliseconds a browser wait may take: generations on a shared two-core machine are slow.
-WAIT = 120_000
 
 
 @pytest.fixture(scope="module")
 def daemon(model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[UIDaemon]:
     with ui_daemon(model_path, tmp_path_factory.mktemp("webui")) as started:
         yield started
-
-
-def request(port: int, method: str, path: str, body: Any = None,
-            headers: dict[str, str] | None = None) -> tuple[int, http.client.HTTPMessage, bytes]:
-    """One raw request: (status, headers, body); the path is sent exactly as given."""
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
-    try:
-        connection.request(method, path, body=None if body is None else json.dumps(body), headers=headers or {})
-        response = connection.getresponse()
-        return response.status, response.headers, response.read()
-    finally:
-        connection.close()
-
-
-def api(daemon: UIDaemon, method: str, path: str, body: Any = None) -> Any:
-    """A JSON call that must succeed."""
-    status, _, data = request(daemon.port, method, path, body)
-    assert status == 200, data
-    return json.loads(data) if data.strip() else None
 
 
 # --- the files ---------------------------------------------------------------
@@ -139,50 +113,6 @@ def test_vendored_files_match_their_recorded_sha256() -> None:
 # --- in the browser -------------------------------------------------------------
 
 
-@dataclass
-class Page:
-    """A browser page on the daemon's UI, and what its console reported."""
-
-    page: Any
-    daemon: UIDaemon
-    errors: list[str] = field(default_factory=list)
-    #: Console errors the test expects (substrings), ignored by the final check.
-    expected: list[str] = field(default_factory=list)
-
-    def open(self, route: str) -> None:
-        self.page.goto(f"{self.daemon.url}/ui#/{route}")
-
-    def screenshot(self, name: str) -> None:
-        self.page.screenshot(path=str(Path(os.environ["MULLAMA_SCREENSHOTS"]) / f"webui-{name}.png"), full_page=True)
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    sync_api = pytest.importorskip("playwright.sync_api")
-    if not CHROMIUM.exists():
-        pytest.skip(f"{CHROMIUM} is missing: apt-get install chromium (.ci/run does)")
-    with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM))
-        yield browser
-        browser.close()
-
-
-@pytest.fixture
-def ui(browser: Any, daemon: UIDaemon, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Page]:
-    """A fresh browser context (empty storage) whose page must log no unexpected console error."""
-    if not os.environ.get("MULLAMA_SCREENSHOTS"):
-        monkeypatch.setenv("MULLAMA_SCREENSHOTS", str(tmp_path))
-    context = browser.new_context(viewport={"width": 1200, "height": 800})
-    context.set_default_timeout(WAIT)
-    page = Page(context.new_page(), daemon)
-    page.page.on("console", lambda message: page.errors.append(message.text) if message.type == "error" else None)
-    page.page.on("pageerror", lambda error: page.errors.append(f"uncaught: {error}"))
-    yield page
-    context.close()
-    unexpected = [text for text in page.errors if not any(part in text for part in page.expected)]
-    assert not unexpected, unexpected
-
-
 def assistant_text(ui: Page) -> str:
     return ui.page.locator(".message.assistant .content").last.inner_text()
 
@@ -195,8 +125,7 @@ def test_every_page_loads(ui: Page) -> None:
         ui.open(route)
         ui.page.get_by_role("heading", name=heading, exact=True).wait_for()
         assert ui.page.locator('nav a[aria-current="page"]').get_attribute("data-page") == route
-    assert "not yet available" in ui.page.locator("#stats-not-yet").inner_text().lower()
-    assert not ui.page.locator("#stats-not-yet").get_by_text(re.compile(r"\d+ (requests|tokens/s)")).count()
+    ui.page.get_by_role("img", name="Requests per hour").wait_for()
 
 
 def test_chat_streams_answers_regenerates_edits_and_keeps_them(ui: Page) -> None:
@@ -306,7 +235,9 @@ DANGEROUS_NODES = """() => [...document.querySelectorAll('main *')].filter((e) =
 def test_hostile_model_output_and_metadata_run_no_script(ui: Page, model_path: Path) -> None:
     conversation = {"id": "hostile", "title": "<img src=x onerror=window.__xss=20>", "model": "smol:latest",
                     "system": "", "options": {}, "think": False, "updated": 0, "messages": [
-                        {"role": "user", "content": "<script>window.__xss = 21</script>"},
+                        {"role": "user", "content": "<script>window.__xss = 21</script>",
+                         "images": ['" onerror="window.__xss=25', "javascript:window.__xss=26",
+                                    "iVBORw0KGgo\" onerror=\"window.__xss=27", {"src": "x"}]},
                         {"role": "assistant", "content": HOSTILE_MARKDOWN,
                          "thinking": "<img src=x onerror=window.__xss=22>",
                          "tool_calls": [{"function": {"name": "<img src=x onerror=window.__xss=23>",

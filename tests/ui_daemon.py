@@ -23,11 +23,11 @@ PULL_NAME = f"hf.co/{HUB_REPO}:q4_1"
 
 @dataclass
 class UIDaemon:
-    """The daemon under test, its port, and the local Hub its pulls use."""
+    """The daemon under test, its port, and the local Hub its pulls use (None for a daemon without one)."""
 
     server: Server
     port: int
-    hub: HubServer
+    hub: HubServer | None = None
 
     @property
     def url(self) -> str:

@@ -23,9 +23,11 @@ class CreatePlan:
 def create_request(recipe: modelfile.Modelfile, base_dir: Path, *, in_place: bool = False) -> CreatePlan:
     """Turn a parsed Modelfile into what current Ollama's ``create`` sends.
 
-    ``FROM`` and ``ADAPTER`` paths (absolute, ``~``, or relative to the
-    Modelfile's directory) that exist become ``files``/``adapters`` maps of
-    file name to digest; a ``FROM`` that is not a local path is a model name.
+    ``FROM``, ``ADAPTER`` and ``DRAFT`` paths (absolute, ``~``, or relative to
+    the Modelfile's directory) that exist become ``files``/``adapters``/
+    ``draft_files`` maps of file name to digest (every ``FROM`` file joins
+    ``files``, as a model and its projector); a ``FROM`` that is not a local
+    path is a model name, which the daemon pulls when it lacks it.
     With ``in_place``, ``FROM`` must be a GGUF file, sent as its absolute
     path with Mullama's ``in_place`` flag so the daemon references it
     instead of storing a copy.
@@ -37,10 +39,15 @@ def create_request(recipe: modelfile.Modelfile, base_dir: Path, *, in_place: boo
         if not source.is_file():
             raise BadRequestError(f"--in-place needs FROM to name a GGUF file: {recipe.from_}")
         request["from"], request["in_place"] = str(source.resolve()), True
-    elif source.exists():
-        request["files"] = _digests(source, plan)
-    else:
-        request["from"] = recipe.from_
+    sources = [] if in_place else [recipe.from_]
+    for text in sources + recipe.more_from:
+        path = _expand_path(text, base_dir)
+        if path.exists():
+            request.setdefault("files", {}).update(_digests(path, plan))
+        elif "from" in request:
+            raise BadRequestError(f"FROM {text}: no such file, and only one FROM may name a model")
+        else:
+            request["from"] = text
     if recipe.adapters:
         request["adapters"] = {}
         for adapter in recipe.adapters:
@@ -49,6 +56,8 @@ def create_request(recipe: modelfile.Modelfile, base_dir: Path, *, in_place: boo
         draft = _expand_path(recipe.draft, base_dir)
         if not draft.exists():
             raise BadRequestError(f"DRAFT must be a local path: {recipe.draft}")
+        if draft.resolve() in {_expand_path(text, base_dir).resolve() for text in [recipe.from_, *recipe.more_from]}:
+            raise BadRequestError(f"DRAFT must not reference the same local path as FROM: {draft}")
         request["draft_files"] = _digests(draft, plan)
     for key in ("template", "system", "renderer", "parser", "requires"):
         if getattr(recipe, key):

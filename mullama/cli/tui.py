@@ -20,6 +20,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from mullama.cli.format import human_bytes, human_time, parse_time, text_width
+from mullama.cli.stats import human_latency
 from mullama.client import Client
 from mullama.errors import MullamaError
 
@@ -44,7 +45,8 @@ Models    Up/Down select; Enter chat with it; p pull; x cancel
           the pull; c copy; d delete; r refresh
 Running   Up/Down select; u unload; r refresh
 Stats     loaded models, slots, queue and memory; speed of the
-          last answer"""
+          last answer; requests, tokens and latency per hour
+          over the last 24 hours (the daemon's /api/stats)"""
 
 
 @dataclass
@@ -129,6 +131,9 @@ class Tui:
         self.job: Job | None = None
         self.transfer: Transfer | None = None
         self.last_speed = ""
+        #: The last ``/api/stats?since=24h&by=hour`` answer, or why it could not be read.
+        self.hourly: dict[str, Any] = {}
+        self.hourly_error = ""
         self.quit = False
         self._updates: queue.Queue[Callable[[], None]] = queue.Queue()
 
@@ -147,6 +152,8 @@ class Tui:
             self._apply_updates()
             if VIEWS[self.view] in ("Running", "Stats") and time.monotonic() - self.running_at > REFRESH_SECONDS:
                 self.refresh_running()
+                if VIEWS[self.view] == "Stats":
+                    self.refresh_hourly()
             self.draw(screen)
             try:
                 key = screen.get_wch()
@@ -231,6 +238,14 @@ class Tui:
         if answer is not None:
             self.running = answer.get("models") or []
             self.running_selected = min(self.running_selected, max(len(self.running) - 1, 0))
+
+    def refresh_hourly(self) -> None:
+        """Read the last 24 hours of statistics, per hour; a refusal (no scope, statistics off) is shown in the view."""
+        try:
+            self.hourly = self.client.get("/api/stats?since=24h&by=hour") or {}
+            self.hourly_error = ""
+        except MullamaError as error:
+            self.hourly, self.hourly_error = {}, error.message
 
     # --- keys ---------------------------------------------------------------
 
@@ -530,12 +545,32 @@ class Tui:
             (f"  queued          {sum(int(m.get('queued') or 0) for m in self.running)}", 0),
             (f"  last answer     {self.last_speed or '-'}", 0),
             ("", 0),
-            ("Over time: not yet available", curses.A_BOLD),
-            ("  Requests, tokens and latency over time need the daemon's", 0),
-            ("  statistics, which it does not publish yet (issue #15).", 0),
+            *self._hourly_lines(),
         ]
         for row, (text, attribute) in enumerate(lines[:rows]):
             _put(screen, row + 1, 0, text, width - 1, attribute)
+
+    def _hourly_lines(self) -> list[tuple[str, int]]:
+        """The last 24 hours: totals, then one line per hour that had requests, newest first."""
+        if self.hourly_error:
+            return [("Last 24 hours", curses.A_BOLD), (f"  {self.hourly_error}", 0)]
+        total = self.hourly.get("total") or {}
+        latency = total.get("latency_seconds") or {}
+        requests = int(total.get("requests") or 0)
+        lines = [(f"Last 24 hours: {requests} request{'' if requests == 1 else 's'}, {total.get('errors', 0)} failed, "
+                  f"p50 {human_latency(latency.get('p50'))}", curses.A_BOLD),
+                 (f"  {'HOUR':<12} {'REQUESTS':>8} {'FAILED':>6} {'PROMPT':>7} {'GENERATED':>9} {'P50':>6} {'P99':>6}",
+                  curses.A_DIM)]
+        for row in reversed(self.hourly.get("stats") or []):
+            when = parse_time(row.get("hour"))
+            hour = when.astimezone().strftime("%b %d %H:00") if when else "?"
+            latency = row.get("latency_seconds") or {}
+            lines.append((f"  {hour:<12} {row.get('requests', 0):>8} {row.get('errors', 0):>6} "
+                          f"{row.get('prompt_tokens', 0):>7} {row.get('generated_tokens', 0):>9} "
+                          f"{human_latency(latency.get('p50')):>6} {human_latency(latency.get('p99')):>6}", 0))
+        if len(lines) == 2:
+            lines.append(("  No requests yet.", 0))
+        return lines
 
 
 def _put(screen: Any, row: int, column: int, text: str, room: int, attribute: int = 0) -> None:

@@ -27,6 +27,7 @@ from mullama.cli.generate import RunOptions, generate_once, load_model
 from mullama.cli.interactive import History, Session, apply_show, last_model, remember_model, use_readline
 from mullama.cli.keys import add_keys_verb
 from mullama.cli.stats import add_stats_verb
+from mullama.cli.unsupported import add_refused_flags, check_verb
 from mullama.cli.progress import Progress, follow
 from mullama.client import APIError, Client, ConnectError
 from mullama.errors import BadRequestError, MullamaError, NotFoundError
@@ -318,9 +319,14 @@ def cmd_stop(args: argparse.Namespace) -> int:
 
 def cmd_tui(args: argparse.Namespace) -> int:
     """The terminal UI: chat, models, running models, statistics."""
+    return run_tui(connect(), args.model or "")
+
+
+def run_tui(client: Client, model: str) -> int:
+    """Open the terminal UI (curses is imported only then)."""
     from mullama.cli.tui import run
 
-    return run(connect(), args.model or "")
+    return run(client, model)
 
 
 def print_version() -> int:
@@ -358,6 +364,9 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every verb."""
     parser = _Parser(prog="mullama", description="Large language model runner (an Ollama drop-in).")
     parser.add_argument("-v", "--version", action="store_true", help="show version information")
+    # As Ollama's: with no command, a terminal opens the TUI, whose answers show their timings anyway.
+    parser.add_argument("--verbose", action="store_true", help="show timings for responses")
+    parser.add_argument("--nowordwrap", action="store_true", help="don't wrap words to the next line")
     verbs = parser.add_subparsers(dest="verb", metavar="COMMAND", parser_class=_Parser)
 
     def verb(name: str, handler: Callable[[argparse.Namespace], int], help: str, aliases: Iterable[str] = ()) -> argparse.ArgumentParser:
@@ -374,6 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("-q", "--quantize", help="quantize the model to this level (e.g. q4_K_M)")
     sub.add_argument("--in-place", action="store_true",
                      help="use the GGUF file named by FROM where it lies instead of copying it into the store")
+    add_refused_flags("create", sub)
     sub = verb("show", cmd_show, "Show information for a model")
     sub.add_argument("model", metavar="MODEL")
     for flag in ("license", "modelfile", "parameters", "template", "system"):
@@ -440,7 +450,9 @@ def main(argv: list[str] | None = None) -> int:
     """Run the command line; return the exit status."""
     parser = build_parser()
     try:
-        args, extra = parser.parse_known_args(_normalise_argv(list(sys.argv[1:] if argv is None else argv)))
+        words = list(sys.argv[1:] if argv is None else argv)
+        check_verb(words)
+        args, extra = parser.parse_known_args(_normalise_argv(words))
         if extra and getattr(args, "prompt", None) is not None and not any(word.startswith("-") for word in extra):
             # Flags may come between prompt words, as with Ollama's ``run MODEL --verbose why is the sky blue``.
             args.prompt += extra
@@ -449,6 +461,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.version:
             return print_version()
         if args.verb is None:
+            if sys.stdin.isatty() and sys.stdout.isatty():
+                return run_tui(connect(), "")
             parser.print_help()
             return 0
         return args.handler(args)

@@ -28,7 +28,7 @@ from mullama import __version__, service
 from mullama.engine.model import quantize
 from mullama.engine.residency import parse_keep_alive
 from mullama.engine.sampling import TokenLogprob, check_top_logprobs
-from mullama.errors import BadRequestError, ForbiddenError, MullamaError, NotFoundError
+from mullama.errors import BadRequestError, ForbiddenError, MullamaError, NotFoundError, UnauthorizedError
 from mullama.http.common import (
     Write,
     call_id,
@@ -54,9 +54,11 @@ from mullama.http.common import (
 from mullama.http.server import Request, Router
 from mullama.options import parse_options
 from mullama.store import gguf
-from mullama.store.blobs import MEDIA_TYPES, Layer, Manifest
+from mullama.store.create import CreateSpec
+from mullama.store.create import create as create_model
 from mullama.store.modelfile import Modelfile
 from mullama.store.modelfile import render as render_modelfile
+from mullama.store.capabilities import capabilities
 from mullama.store.records import ModelRecord, find_model
 from mullama.store.names import ModelName, canonical_digest
 from mullama.store.pull import pull
@@ -78,6 +80,7 @@ def register(router: Router) -> None:
     router.add("POST", "/api/embed", embed)
     router.add("POST", "/api/embeddings", embeddings_legacy)
     router.add("GET", "/api/tags", tags)
+    router.add("HEAD", "/api/tags", tags)
     router.add("GET", "/api/ps", ps)
     router.add("POST", "/api/show", show)
     router.add("POST", "/api/create", create)
@@ -88,6 +91,13 @@ def register(router: Router) -> None:
     router.add("HEAD", "/api/blobs/{digest}", blob_exists)
     router.add("POST", "/api/blobs/{digest}", blob_upload)
     router.add("POST", "/api/apply-template", apply_template)
+    # ollama.com's account and cloud routes: answered as an Ollama that is signed out, with its cloud off.
+    router.add("POST", "/api/me", whoami)
+    router.add("POST", "/api/signout", signout)
+    router.add("DELETE", "/api/user/keys/{key}", signout)
+    router.add("POST", "/api/experimental/web_search", lambda request: _cloud_off(request, "web search"))
+    router.add("POST", "/api/experimental/web_fetch", lambda request: _cloud_off(request, "web fetch"))
+    router.add("GET", "/api/experimental/model-recommendations", model_recommendations)
 
 
 def error_body(error: MullamaError) -> dict[str, Any]:
@@ -361,15 +371,21 @@ def embeddings_legacy(request: Request) -> None:
     request.handler.send_json(200, {"embedding": result.vectors[0]})
 
 
-def _details(record: ModelRecord) -> dict[str, Any]:
+def _details(record: ModelRecord, *, lengths: bool = False) -> dict[str, Any]:
+    """Ollama's ``details``; with ``lengths``, also the context and embedding lengths ``/api/tags`` gives."""
+    out: dict[str, Any] = {"parent_model": record.parent_model, "format": "gguf", "family": "", "families": None,
+                           "parameter_size": "", "quantization_level": ""}
     try:
         info = record.info
     except (MullamaError, OSError):
-        return {"parent_model": "", "format": "gguf", "family": "", "families": None,
-                "parameter_size": "", "quantization_level": ""}
+        return out
     family = info.architecture or ""
-    return {"parent_model": "", "format": "gguf", "family": family, "families": [family] if family else None,
-            "parameter_size": _parameter_size(info.parameter_count), "quantization_level": info.quantization}
+    out.update(family=family, families=[family] if family else None,
+               parameter_size=_parameter_size(info.parameter_count), quantization_level=info.quantization)
+    if lengths:
+        out.update({key: value for key, value in (("context_length", info.context_length),
+                                                  ("embedding_length", info.embedding_length)) if value})
+    return out
 
 
 def _parameter_size(count: int) -> str:
@@ -387,8 +403,11 @@ def tags(request: Request) -> None:
             record = find_model(manager.store, entry.name.display)
         except MullamaError:
             continue
-        models.append({"name": entry.name.display, "model": entry.name.display, "modified_at": _iso(entry.modified),
-                       "size": entry.size, "digest": entry.digest, "details": _details(record)})
+        item = {"name": entry.name.display, "model": entry.name.display, "modified_at": _iso(entry.modified),
+                "size": entry.size, "digest": entry.digest, "details": _details(record, lengths=True)}
+        with contextlib.suppress(MullamaError, OSError):
+            item["capabilities"] = capabilities(record, record.info, vision=manager.sees_images(record))
+        models.append(item)
     request.handler.send_json(200, {"models": models})
 
 
@@ -413,22 +432,6 @@ def ps(request: Request) -> None:
     request.handler.send_json(200, {"models": models})
 
 
-def _capabilities(record: ModelRecord, info: gguf.GGUFInfo, vision: bool) -> list[str]:
-    template = (record.template or "") + (info.chat_template or "")
-    caps = ["completion"]
-    if info.pooling_type not in (None, 0) or "bert" in (info.architecture or ""):
-        caps = ["embedding"]
-    if "tools" in template or "tool_call" in template:
-        caps.append("tools")
-    if "<think>" in template:
-        caps.append("thinking")
-    if vision:
-        caps.append("vision")
-    if "suffix" in template.lower() or "fim" in template.lower():
-        caps.append("insert")
-    return caps
-
-
 def _parameters_text(parameters: dict[str, Any]) -> str:
     lines = []
     for name, value in parameters.items():
@@ -441,30 +444,38 @@ def _parameters_text(parameters: dict[str, Any]) -> str:
 def show(request: Request) -> None:
     body = request.json()
     name = model_or_path(request, body, "name")
+    verbose = typed(body, "verbose", bool, False)
     manager = request.handler.app.manager
     record = find_model(manager.store, name)
-    info = record.info
+    # Verbose shows every array whole, so it reads the header again with them; the record's copy skips long ones.
+    info = gguf.read_gguf(record.model_path, load_arrays=True) if verbose else record.info
     template = record.template if record.template is not None else (info.chat_template or "")
     modelfile = Modelfile(from_=str(record.model_path), parameters=dict(record.parameters), template=template,
                           system=record.system, adapters=[str(a) for a in record.adapters],
-                          licenses=list(record.license), messages=list(record.messages))
+                          licenses=list(record.license), messages=list(record.messages),
+                          draft=str(record.draft_path or ""), renderer=record.renderer, parser=record.parser,
+                          more_from=[str(record.projector_path)] if record.projector_path is not None else [])
     out: dict[str, Any] = {
         "modelfile": render_modelfile(modelfile, name=record.name),
         "parameters": _parameters_text(record.parameters),
         "template": template,
         "details": _details(record),
-        "model_info": info.model_info(verbose=bool(body.get("verbose"))),
-        "capabilities": _capabilities(record, info, manager.sees_images(record)),
+        "model_info": info.model_info(verbose=verbose),
+        "tensors": [{"name": t.name, "type": t.type_name, "shape": list(t.shape)} for t in info.tensors],
+        "capabilities": capabilities(record, info, vision=manager.sees_images(record)),
         "modified_at": _iso(record.modified or time.time()),
     }
     if record.projector_path is not None:
-        out["projector_info"] = gguf.read_gguf(record.projector_path).model_info(verbose=bool(body.get("verbose")))
+        projector = gguf.read_gguf(record.projector_path, load_arrays=verbose)
+        out["projector_info"] = projector.model_info(verbose=verbose)
     if record.system:
         out["system"] = record.system
     if record.license or info.license:
         out["license"] = "\n".join(record.license) if record.license else info.license
     if record.messages:
         out["messages"] = [{"role": m.role, "content": m.content} for m in record.messages]
+    if record.requires:
+        out["requires"] = record.requires
     request.handler.send_json(200, out)
 
 
@@ -483,97 +494,44 @@ def _status_stream(request: Request, stream: bool, work: Any) -> None:
 
 def create(request: Request) -> None:
     body = request.json()
-    name = ModelName.parse(model_name(body, "name"))
     manager = request.handler.app.manager
-    store = manager.store
-    quantization = typed(body, "quantize", str)
-    in_place = typed(body, "in_place", bool, False)
-    parameters = parse_options(typed(body, "parameters", dict, {}))
+    metrics = request.handler.app.ops.metrics
     licenses = body.get("license")
     licenses = [licenses] if isinstance(licenses, str) else licenses or []
     if not isinstance(licenses, list) or not all(isinstance(text, str) for text in licenses):
         raise BadRequestError("license must be a string or a list of strings", param="license")
-    messages = _messages(body.get("messages"))
+    if body.get("draft_quantize"):
+        raise BadRequestError("draft_quantize is not supported: quantize the DRAFT model's GGUF before creating",
+                              param="draft_quantize")
+    spec = CreateSpec(
+        name=ModelName.parse(model_name(body, "name")), quantize=typed(body, "quantize", str, ""),
+        in_place=typed(body, "in_place", bool, False), files=typed(body, "files", dict, {}),
+        adapters=typed(body, "adapters", dict, {}), draft_files=typed(body, "draft_files", dict, {}),
+        template=typed(body, "template", str), system=typed(body, "system", str),
+        parameters=parse_options(typed(body, "parameters", dict, {})),
+        messages=[{"role": m.role, "content": m.content} for m in _messages(body.get("messages"))],
+        licenses=licenses, renderer=typed(body, "renderer", str, ""), parser=typed(body, "parser", str, ""),
+        requires=typed(body, "requires", str, ""))
+    source = body.get("from")
+    if spec.in_place:
+        # Mullama's extension: reference the GGUF where it lies (``mullama create --in-place``).
+        if not isinstance(source, str) or not os.path.isabs(source) or not _server_file(request, source).is_file():
+            raise BadRequestError(f"in_place needs 'from' to be the absolute path of a GGUF file on the "
+                                  f"server: {source!r}", param="from")
+        spec.source_file = _server_file(request, source)
+    elif isinstance(source, str) and source and looks_like_path(source):
+        spec.source_file = _server_file(request, source)
+        if not spec.source_file.is_file():
+            raise NotFoundError(f"{source}: no such file", param="from")
+    elif isinstance(source, str):
+        spec.base = source
+
+    def pull_base(name: str, emit: Any) -> ModelName:
+        return metrics.counted_pull(lambda counted: pull(name, manager.store, counted), emit)
 
     def work(emit: Any) -> None:
-        layers: list[Layer] = []
-        base: Manifest | None = None
-        source = body.get("from")
-        files = typed(body, "files", dict, {})
-        if in_place:
-            # Mullama's extension: reference the GGUF where it lies (``mullama create --in-place``).
-            if not isinstance(source, str) or not os.path.isabs(source):
-                raise BadRequestError(f"in_place needs 'from' to be the absolute path of a GGUF file on the "
-                                      f"server: {source!r}", param="from")
-            candidate = _server_file(request, source)
-            if not candidate.is_file():
-                raise BadRequestError(f"in_place needs 'from' to be the absolute path of a GGUF file on the "
-                                      f"server: {source!r}", param="from")
-            gguf.read_gguf(candidate)
-            emit({"status": "using file in place"})
-            layers.append(store.reference_file(candidate))
-        elif isinstance(source, str) and source:
-            if looks_like_path(source):
-                candidate = _server_file(request, source)
-                if not candidate.is_file():
-                    raise NotFoundError(f"{source}: no such file", param="from")
-                gguf.read_gguf(candidate)
-                emit({"status": "copying file"})
-                digest = store.add_blob_from_file(candidate, link=True)
-                layers.append(Layer(MEDIA_TYPES["model"], digest, candidate.stat().st_size))
-            else:
-                base_name = ModelName.parse(source)
-                if not store.has_model(base_name):
-                    raise NotFoundError(f'model "{source}" not found, try pulling it first')
-                base = store.read_manifest(base_name)
-                layers.extend(base.layers)
-        for filename, digest in files.items():
-            digest = canonical_digest(digest)
-            if not store.has_blob(digest):
-                raise BadRequestError(f"blob {digest} for {filename} was not uploaded", param="files")
-            emit({"status": f"using existing layer {digest}"})
-            # A projector is known by its architecture, as Ollama knows it (its name may say nothing).
-            clip = gguf.read_gguf(store.blob_path(digest)).architecture == "clip"
-            media = MEDIA_TYPES["projector"] if clip else MEDIA_TYPES["model"]
-            layers.append(Layer(media, digest, store.blob_path(digest).stat().st_size))
-        for filename, digest in typed(body, "adapters", dict, {}).items():
-            digest = canonical_digest(digest)
-            if not store.has_blob(digest):
-                raise BadRequestError(f"blob {digest} for adapter {filename} was not uploaded", param="adapters")
-            layers.append(Layer(MEDIA_TYPES["adapter"], digest, store.blob_path(digest).stat().st_size))
-        if not any(layer.media_type == MEDIA_TYPES["model"] for layer in layers):
-            raise BadRequestError("neither 'from' nor 'files' was specified", param="from")
-        if quantization:
-            layers = _quantized(store, layers, quantization, emit)
-
-        def replace(kind: str, data: bytes | None) -> None:
-            nonlocal layers
-            if data is None:
-                return
-            layers = [layer for layer in layers if layer.media_type != MEDIA_TYPES[kind]]
-            digest = store.add_blob_bytes(data)
-            layers.append(Layer(MEDIA_TYPES[kind], digest, len(data)))
-
-        template, system = typed(body, "template", str), typed(body, "system", str)
-        replace("template", template.encode() if template is not None else None)
-        replace("system", system.encode() if system is not None else None)
-        if parameters:
-            inherited = {}
-            for layer in layers:
-                if layer.media_type == MEDIA_TYPES["params"]:
-                    inherited = json.loads(store.blob_path(layer.digest).read_text())
-            replace("params", json.dumps({**inherited, **parameters}).encode())
-        if messages:
-            replace("messages", json.dumps([{"role": m.role, "content": m.content} for m in messages]).encode())
-        for text in licenses:
-            digest = store.add_blob_bytes(str(text).encode())
-            layers.append(Layer(MEDIA_TYPES["license"], digest, len(str(text).encode())))
-        emit({"status": "writing manifest"})
-        config_data = json.dumps({"model_format": "gguf", "model_family": "", "file_type": ""}).encode()
-        config_layer = Layer("application/vnd.docker.container.image.v1+json", store.add_blob_bytes(config_data),
-                             len(config_data))
-        store.write_manifest(name, Manifest(config_layer, tuple(layers)))
-        emit({"status": "success"})
+        create_model(manager.store, spec, emit, pull=pull_base, quantize=quantize,
+                     ollama_version=OLLAMA_COMPATIBLE_VERSION)
 
     _status_stream(request, typed(body, "stream", bool, True), work)
 
@@ -586,25 +544,6 @@ def _server_file(request: Request, source: str) -> Path:
                              "machine may give, for files under MULLAMA_ALLOWED_DIRS; upload the file as a blob "
                              "instead (mullama create does)", param="from")
     return path
-
-
-def _quantized(store: Any, layers: list[Layer], quantization: str, emit: Any) -> list[Layer]:
-    """The layers with the (single-file) model re-quantized into a new blob."""
-    models = [layer for layer in layers if layer.media_type == MEDIA_TYPES["model"]]
-    if len(models) != 1:
-        raise BadRequestError("quantize works on single-file models only", param="quantize")
-    source = store.layer_path(models[0])
-    emit({"status": f"quantizing {gguf.read_gguf(source).quantization} model to {quantization.upper()}"})
-    store.root.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=store.root, prefix=".quantize-", suffix=".gguf")
-    os.close(fd)
-    try:
-        quantize(source, tmp, quantization)
-        digest = store.add_blob_from_file(tmp)
-        size = Path(tmp).stat().st_size
-    finally:
-        os.unlink(tmp)
-    return [Layer(MEDIA_TYPES["model"], digest, size) if layer is models[0] else layer for layer in layers]
 
 
 def copy(request: Request) -> None:
@@ -685,6 +624,27 @@ def blob_upload(request: Request) -> None:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
     handler.send_bytes(201, b"", "text/plain")
+
+
+def whoami(request: Request) -> None:
+    """Ollama's answer when no one is signed in to ollama.com, which Mullama never is."""
+    raise UnauthorizedError("unauthorized: Mullama does not sign in to ollama.com; it pulls models from Hugging "
+                            "Face (HF_TOKEN for private repositories)")
+
+
+def signout(request: Request) -> None:
+    raise UnauthorizedError("you are not currently signed in: Mullama does not sign in to ollama.com")
+
+
+def _cloud_off(request: Request, operation: str) -> None:
+    """Ollama's answer to a cloud route with its cloud disabled: Mullama has no cloud."""
+    raise ForbiddenError(f"ollama cloud is disabled: {operation} is unavailable (Mullama runs models locally "
+                         "and has no cloud service)")
+
+
+def model_recommendations(request: Request) -> None:
+    """Ollama's list of suggested models; Mullama suggests none (Ollama's are mostly its cloud models)."""
+    request.handler.send_json(200, {"recommendations": []})
 
 
 def apply_template(request: Request) -> None:

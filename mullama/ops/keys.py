@@ -30,8 +30,7 @@ import os
 import re
 import secrets
 import threading
-from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -39,6 +38,7 @@ from typing import Any
 
 from mullama import config
 from mullama.errors import ForbiddenError, MullamaError, TooManyRequestsError, UnauthorizedError
+from mullama.filelock import exclusive
 from mullama.ops.ratelimit import TokenBucket, retry_after
 
 log = logging.getLogger("mullama.keys")
@@ -65,6 +65,8 @@ _ROUTE_SCOPES: tuple[tuple[str, str], ...] = (
     ("/v1/chat/completions", "inference"), ("/v1/completions", "inference"), ("/v1/embeddings", "inference"),
     ("/v1/responses", "inference"), ("/v1/messages", "inference"), ("/v1/messages/count_tokens", "inference"),
     ("/metrics", "metrics"), ("/api/stats", "metrics"),
+    # Ollama's account and cloud routes: Mullama only answers them as a signed-out Ollama without a cloud.
+    ("/api/me", "read"), ("/api/signout", "read"), ("/api/user/keys/*", "read"), ("/api/experimental/*", "read"),
 )
 
 
@@ -205,23 +207,6 @@ def write_keys(path: Path, entries: Iterable[KeyEntry]) -> None:
             os.close(directory)
 
 
-@contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """Hold ``.<name>.lock`` beside the file so two ``mullama keys`` commands do not lose each other's change."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        import fcntl
-    except ImportError:  # Windows: one administrator at a time is assumed
-        yield
-        return
-    descriptor = os.open(path.with_name(f".{path.name}.lock"), os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(descriptor, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(descriptor)
-
-
 def create_key(path: Path, name: str, scopes: Iterable[str], *, models: Iterable[str] = (), rpm: int | None = None,
                tpm: int | None = None) -> str:
     """Add a key named ``name`` to the file and return it: the only time it exists in clear."""
@@ -235,7 +220,7 @@ def create_key(path: Path, name: str, scopes: Iterable[str], *, models: Iterable
     key = _KEY_PREFIX + secrets.token_urlsafe(32)
     entry = KeyEntry(name, digest_of(key), scopes, tuple(models), rpm, tpm, key[-4:],
                      datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"))
-    with _locked(path):
+    with exclusive(path.with_name(f".{path.name}.lock")):
         entries = read_keys(path)
         if any(existing.name == name for existing in entries):
             raise KeysFileError(f"a key named {name!r} exists; revoke it first")
@@ -245,7 +230,7 @@ def create_key(path: Path, name: str, scopes: Iterable[str], *, models: Iterable
 
 def revoke_key(path: Path, name: str) -> None:
     """Remove the key named ``name``; :class:`KeysFileError` when there is none."""
-    with _locked(path):
+    with exclusive(path.with_name(f".{path.name}.lock")):
         entries = read_keys(path)
         kept = [entry for entry in entries if entry.name != name]
         if len(kept) == len(entries):

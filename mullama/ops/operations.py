@@ -313,6 +313,8 @@ class Operations:
         request.handler.send_json(503 if stopping else 200, {
             "status": "stopping" if stopping else "ok",
             "version": __version__,
+            # Ollama's /api/status body is only this: its cloud, which Mullama does not have.
+            "cloud": {"disabled": True, "source": "config"},
             "uptime_seconds": round(time.time() - self._started, 3),
             "queued": sum(m.queued for m in models),
             "models": [{"name": m.name, "memory_bytes": m.memory_bytes, "slots": m.slots, "busy_slots": m.busy_slots,

@@ -34,10 +34,11 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO, Literal
 
 from mullama import config
 from mullama.errors import BadRequestError, InvalidModelFileError, ModelNotFoundError, NotFoundError
+from mullama.filelock import exclusive
 from mullama.store import gguf
 from mullama.store.names import ModelName, blob_path, canonical_digest, parse_digest
 from mullama.store.pypi import sha256_file
@@ -48,7 +49,7 @@ if TYPE_CHECKING:
 MANIFEST_MEDIA_TYPE = "application/vnd.docker.distribution.manifest.v2+json"
 CONFIG_MEDIA_TYPE = "application/vnd.docker.container.image.v1+json"
 MEDIA_TYPES = {kind: f"application/vnd.ollama.image.{kind}" for kind in (
-    "model", "adapter", "projector", "template", "system", "params", "messages", "license")}
+    "model", "adapter", "projector", "draft", "template", "system", "params", "messages", "license")}
 
 _CHUNK = 1 << 20
 #: How long after a file changed a stat may miss a further change: a change within the same tick of the
@@ -68,7 +69,8 @@ class Layer:
     media_type: str
     digest: str
     size: int
-    #: Absolute path of a file referenced in place instead of a blob.
+    #: The manifest's ``from``: an absolute path, of a file referenced in place instead of a blob; else, as
+    #: in Ollama, the name of the model the layer was taken from (``details.parent_model``).
     from_path: str | None = None
 
     def to_json(self) -> dict[str, Any]:
@@ -182,6 +184,10 @@ class IndexedManifest:
         return not is_racy(self.stamp[2], self.checked_ns)
 
 
+#: How a blob admitted from a file may share its storage (see :meth:`Store.add_blob_from_file`).
+Sharing = Literal["copy", "clone", "link"]
+
+
 class Store:
     """A model store rooted at ``root`` (default :func:`config.models_dir`).
 
@@ -223,13 +229,17 @@ class Store:
             _atomic_write(target, lambda out: out.write(data))
         return digest
 
-    def add_blob_from_file(self, path: Path | str, expected_digest: str | None = None, link: bool = False) -> str:
+    def add_blob_from_file(self, path: Path | str, expected_digest: str | None = None,
+                           sharing: Sharing = "copy") -> str:
         """Admit a file as a blob and return its digest.
 
         With ``expected_digest`` the file must hash to it, else
         :class:`InvalidModelFileError` is raised and nothing is admitted.
-        With ``link`` the blob shares the file's storage (a hard link, else a
-        reflink) when the file system allows; otherwise the bytes are copied
+        ``sharing`` says whether the blob may share the file's storage when
+        the file system allows: ``"clone"`` a reflink (copy-on-write, so
+        later edits of the file do not reach the blob), ``"link"`` a hard
+        link or else a reflink, only for files no one edits (another
+        content-addressed store's blobs). Otherwise the bytes are copied
         and hashed in the same pass.
         """
         path = Path(path)
@@ -237,12 +247,21 @@ class Store:
             raise NotFoundError(f"{path}: no such file")
         if expected_digest is not None and self.has_blob(expected_digest):
             return canonical_digest(expected_digest)
-        if link:
+        if sharing != "copy":
             digest = "sha256:" + sha256_file(path)
             _check_digest(path, digest, expected_digest)
-            if self.has_blob(digest) or _link_or_clone(path, self.blob_path(digest)):
+            if self.has_blob(digest) or _share(path, self.blob_path(digest), hard=sharing == "link"):
                 return digest
         return self._copy_in(path, expected_digest)
+
+    def writing(self) -> contextlib.AbstractContextManager[None]:
+        """The store's one writers' lock: manifests written, models deleted and blobs pruned under it.
+
+        So a blob is never pruned between a writer checking that it exists
+        and the manifest that names it being written, whether the writers
+        are threads of the daemon or another process (a CLI command).
+        """
+        return exclusive(self.root / ".writers.lock")
 
     def _copy_in(self, path: Path, expected_digest: str | None) -> str:
         blobs = self.root / "blobs"
@@ -294,13 +313,14 @@ class Store:
 
     def write_manifest(self, name: ModelName, manifest: Manifest) -> None:
         """Write (or replace) a model's manifest; every blob it names must already be present."""
-        for layer in (manifest.config, *manifest.layers):
-            self.layer_path(layer)
-        existing = self.lookup(name)
-        target = existing.path if existing is not None else name.manifest_path(self.root)
-        data = manifest.to_bytes()
-        checked = time.time_ns()
-        _atomic_write(target, lambda out: out.write(data))
+        with self.writing():
+            for layer in (manifest.config, *manifest.layers):
+                self.layer_path(layer)
+            existing = self.lookup(name)
+            target = existing.path if existing is not None else name.manifest_path(self.root)
+            data = manifest.to_bytes()
+            checked = time.time_ns()
+            _atomic_write(target, lambda out: out.write(data))
         with self._lock, contextlib.suppress(OSError):
             indexed = _parse(existing.name if existing is not None else name, target, data, os.stat(target),
                              checked)
@@ -363,18 +383,19 @@ class Store:
 
     def delete(self, name: ModelName) -> None:
         """Remove a model, and the blobs no other manifest uses."""
-        found = self.lookup(name)
-        if found is None:
-            raise ModelNotFoundError(name.display)
-        with contextlib.suppress(FileNotFoundError):
-            found.path.unlink()
-        _prune_empty_dirs(found.path.parent, self.root / "manifests")
-        with self._lock:
-            self._scan()
-            in_use = set().union(*(indexed.manifest.digests() for indexed in self._by_path.values()))
-        for digest in found.manifest.digests() - in_use:
+        with self.writing():
+            found = self.lookup(name)
+            if found is None:
+                raise ModelNotFoundError(name.display)
             with contextlib.suppress(FileNotFoundError):
-                self.blob_path(digest).unlink()
+                found.path.unlink()
+            _prune_empty_dirs(found.path.parent, self.root / "manifests")
+            with self._lock:
+                self._scan()
+                in_use = set().union(*(indexed.manifest.digests() for indexed in self._by_path.values()))
+            for digest in found.manifest.digests() - in_use:
+                with contextlib.suppress(FileNotFoundError):
+                    self.blob_path(digest).unlink()
 
     # --- the index (called with the lock held) -------------------------------
 
@@ -517,17 +538,22 @@ def _fsync_dir(directory: Path) -> None:
             os.close(fd)
 
 
-def _link_or_clone(source: Path, target: Path) -> bool:
-    """Make ``target`` share ``source``'s bytes; False when the file system cannot."""
+def _share(source: Path, target: Path, *, hard: bool) -> bool:
+    """Make ``target`` share ``source``'s bytes (a hard link only if ``hard``); False when the file system cannot."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.parent / f".tmp-link-{os.getpid()}-{time.monotonic_ns()}"
-    try:
-        os.link(source, tmp)
-    except OSError:
-        if not _clone(source, tmp):
-            return False
+    if not (hard and _hard_link(source, tmp)) and not _clone(source, tmp):
+        return False
     os.replace(tmp, target)
     _fsync_dir(target.parent)
+    return True
+
+
+def _hard_link(source: Path, target: Path) -> bool:
+    try:
+        os.link(source, target)
+    except OSError:
+        return False
     return True
 
 

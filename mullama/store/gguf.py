@@ -432,7 +432,8 @@ class _Parser:
         r.ensure(min(4, r.size), "magic")
         magic = r.buf[r.pos : r.pos + 4]
         if magic != _MAGIC:
-            raise r.fail(f"not a GGUF file (starts with {magic!r}, expected b'GGUF')")
+            # The file's own bytes are never quoted: an error may reach a client that named a file it cannot read.
+            raise r.fail("not a GGUF file (it does not start with the GGUF magic number)")
         r.pos += 4
         version = r.u32("version")
         if version & 0xFFFF == 0 and version:

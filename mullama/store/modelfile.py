@@ -51,6 +51,8 @@ class Modelfile:
     """The content of a Modelfile; empty strings mean "not given"."""
 
     from_: str = ""
+    #: The FROM lines after the first: files joined to it, as Ollama joins them (a model and its projector).
+    more_from: list[str] = field(default_factory=list)
     #: Typed values by option name; ``stop`` is a list accumulated over its lines.
     parameters: dict[str, Any] = field(default_factory=dict)
     template: str = ""
@@ -101,10 +103,8 @@ def parse(text: str) -> Modelfile:
             result.messages.append(Message(role=role, content=value))
         else:
             value, pos = _scan_value(text, pos, line)
-            if instruction == "from" and has_from:
-                raise ModelfileError(line, "only one FROM is supported")
+            _set(result, instruction, value, line, first_from=not has_from)
             has_from = has_from or instruction == "from"
-            _set(result, instruction, value, line)
     if not has_from:
         raise ModelfileError(0, "no FROM line")
     return result
@@ -122,7 +122,10 @@ def render(modelfile: Modelfile, *, name: str = "") -> str:
         lines += ["# To build a new Modelfile based on this, replace FROM with:", f"# FROM {name}", ""]
     lines.append(f"FROM {_quote(modelfile.from_)}")
     lines += [f"ADAPTER {_quote(adapter)}" for adapter in modelfile.adapters]
-    for instruction in ("draft", "template", "system", "renderer", "parser", "requires"):
+    if modelfile.draft:
+        lines.append(f"DRAFT {_quote(modelfile.draft)}")
+    lines += [f"FROM {_quote(source)}" for source in modelfile.more_from]
+    for instruction in ("template", "system", "renderer", "parser", "requires"):
         value = getattr(modelfile, instruction)
         if value:
             lines.append(f"{instruction.upper()} {_quote(value)}")
@@ -134,11 +137,50 @@ def render(modelfile: Modelfile, *, name: str = "") -> str:
     return "\n".join(lines) + "\n"
 
 
-def _set(result: Modelfile, instruction: str, value: str, line: int) -> None:
+def version_key(version: str) -> tuple[Any, ...]:
+    """A sort key for a semantic version (``0.14``, ``v1.2.3-rc.1+build``) that orders as Go's ``semver.Compare``.
+
+    Missing minor and patch numbers are 0; a pre-release sorts before its
+    release, its dot-separated parts numerically when numeric, numbers before
+    words; build metadata is ignored.  Raises ``ValueError`` for a non-version.
+    """
+    if not _SEMVER.fullmatch(version):
+        raise ValueError(f"not a version: {version!r}")
+    core, _, pre = version.removeprefix("v").split("+", 1)[0].partition("-")
+    numbers = [int(part) for part in core.split(".")]
+    numbers += [0] * (3 - len(numbers))
+    if not pre:
+        return (*numbers, 1, ())
+    parts = tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in pre.split("."))
+    return (*numbers, 0, parts)
+
+
+def check_requires(requires: str, version: str) -> None:
+    """Refuse a model whose REQUIRES asks for a newer Ollama than ``version``, the one Mullama answers as.
+
+    REQUIRES names the oldest Ollama that can run the model; Ollama's registry
+    refuses such a model to an older Ollama, and Mullama refuses to create it.
+    """
+    if not requires:
+        return
+    try:
+        wanted = version_key(requires)
+    except ValueError:
+        raise BadRequestError(f'requires must be a valid semver (e.g. 0.14.0), not "{requires}"',
+                              param="requires") from None
+    if wanted > version_key(version):
+        raise BadRequestError(f"this model requires Ollama {requires.removeprefix('v')} or later; Mullama answers "
+                              f"as Ollama {version}, so it may lack what the model needs", param="requires")
+
+
+def _set(result: Modelfile, instruction: str, value: str, line: int, *, first_from: bool) -> None:
     if instruction == "from":
         if not value.strip():
             raise ModelfileError(line, "FROM needs a model name or a path")
-        result.from_ = value
+        if first_from:
+            result.from_ = value
+        else:
+            result.more_from.append(value)
     elif instruction == "adapter":
         result.adapters.append(value)
     elif instruction == "license":

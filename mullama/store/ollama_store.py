@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from mullama import config
-from mullama.errors import InvalidModelFileError, MullamaError
+from mullama.errors import BadRequestError, InvalidModelFileError, MullamaError
 from mullama.store.names import ModelName
 from mullama.store.blobs import Manifest, ModelEntry, Store
 
@@ -74,16 +74,28 @@ def import_model(name: ModelName, store: Store, progress: Callable[[dict[str, An
     ollama = Store(root)
     for layer in (manifest.config, *manifest.layers):
         try:
-            store.add_blob_from_file(ollama.blob_path(layer.digest), layer.digest, link=True)
+            store.add_blob_from_file(ollama.blob_path(layer.digest), layer.digest, sharing="link")
         except InvalidModelFileError:
             return False
         progress({"status": f"pulling {layer.digest[7:19]}", "digest": layer.digest,
                   "total": layer.size, "completed": layer.size})
-    # The blobs are now Mullama's own, so a "from" left by Ollama means nothing here.
+    # The blobs are now Mullama's own, so a path left in "from" by Ollama means nothing here; a model name
+    # there (the parent model) still does.
     imported = Manifest(replace(manifest.config, from_path=None),
-                        tuple(replace(layer, from_path=None) for layer in manifest.layers))
+                        tuple(replace(layer, from_path=_parent(layer.from_path)) for layer in manifest.layers))
     progress({"status": "verifying sha256 digest"})
     progress({"status": "writing manifest"})
     store.write_manifest(name, imported)
     progress({"status": "success"})
     return True
+
+
+def _parent(source: str | None) -> str | None:
+    """``source`` when it names a parent model rather than a file (Ollama writes both in a layer's "from")."""
+    if not source:
+        return None
+    try:
+        ModelName.parse(source)
+    except BadRequestError:
+        return None
+    return source

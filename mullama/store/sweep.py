@@ -59,14 +59,16 @@ def sweep(store: Store) -> SweepReport:
     if config.flag("NOPRUNE"):
         report.kept_blobs = f"{config.source('NOPRUNE')} is set"
         return report
-    referenced = _referenced(store, manifests)
-    if referenced is None:
-        report.kept_blobs = "a manifest could not be read"
-        return report
-    blobs = store.root / "blobs"
-    if blobs.is_dir():
-        report.unreferenced += _remove(path for path in blobs.iterdir()
-                                       if _BLOB_NAME.fullmatch(path.name) and path.name not in referenced)
+    # Under the writers' lock: a CLI command may be writing a manifest that names a blob just admitted.
+    with store.writing():
+        referenced = _referenced(store, manifests)
+        if referenced is None:
+            report.kept_blobs = "a manifest could not be read"
+            return report
+        blobs = store.root / "blobs"
+        if blobs.is_dir():
+            report.unreferenced += _remove(path for path in blobs.iterdir()
+                                           if _BLOB_NAME.fullmatch(path.name) and path.name not in referenced)
     return report
 
 

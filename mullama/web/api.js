@@ -15,12 +15,28 @@ export class ApiError extends Error {
   }
 }
 
-function headers(body) {
+function headers(body, key) {
   const result = {};
   if (body !== undefined) result["Content-Type"] = "application/json";
-  const key = sessionStorage.getItem(KEY_STORAGE);
   if (key) result.Authorization = `Bearer ${key}`;
   return result;
+}
+
+// The question under way: requests refused at the same moment share one dialog.
+let asking = null;
+
+/** Ask for the key once for every request waiting on it; resolves to the key, or null when the user cancels. */
+function askForKey(refused) {
+  asking ||= ask({
+    title: "API key required",
+    text: refused ? "The daemon refused that key. Enter another; it is kept for this browser session only."
+      : "This daemon requires an API key. It is kept for this browser session only.",
+    label: "API key", type: "password", ok: "Use key",
+  }).then((key) => {
+    if (key !== null) sessionStorage.setItem(KEY_STORAGE, key);
+    return key;
+  }).finally(() => { asking = null; });
+  return asking;
 }
 
 async function errorOf(response) {
@@ -36,10 +52,11 @@ async function errorOf(response) {
 /** Send one request; on 401 ask for the API key and try again. Returns the Response. */
 async function send(method, path, body, signal) {
   for (;;) {
+    const key = sessionStorage.getItem(KEY_STORAGE);
     let response;
     try {
       response = await fetch(path, {
-        method, signal, headers: headers(body), body: body === undefined ? undefined : JSON.stringify(body),
+        method, signal, headers: headers(body, key), body: body === undefined ? undefined : JSON.stringify(body),
       });
     } catch (error) {
       if (error.name === "AbortError") throw error;
@@ -51,12 +68,9 @@ async function send(method, path, body, signal) {
       if (!response.ok) throw await errorOf(response);
       return response;
     }
-    const key = await ask({
-      title: "API key required", text: "This daemon requires an API key. It is kept for this browser session only.",
-      label: "API key", type: "password", ok: "Use key",
-    });
-    if (key === null) throw await errorOf(response);
-    sessionStorage.setItem(KEY_STORAGE, key);
+    // Another request may have been given a key while this one was refused: try that first.
+    if (sessionStorage.getItem(KEY_STORAGE) !== key) continue;
+    if (await askForKey(Boolean(key)) === null) throw await errorOf(response);
   }
 }
 

@@ -4,6 +4,8 @@ import { canChat, modelsWithInfo, stream } from "./api.js";
 import * as store from "./conversations.js";
 import { field, h, replace } from "./dom.js";
 import { rate } from "./format.js";
+import { attachmentTray } from "./attachments.js";
+import { canSee, dataUrl } from "./images.js";
 import { renderMarkdown } from "./markdown.js";
 import { ask } from "./ui.js";
 
@@ -40,23 +42,27 @@ export function chatPage(root) {
       thinkField);
     const messages = h("ol", { class: "messages", "aria-label": "Messages" });
     const input = h("textarea", { id: "prompt", rows: "3", "aria-label": "Message",
-      placeholder: "Send a message (Enter sends, Shift+Enter for a new line)", on: { keydown: onPromptKey } });
+      placeholder: "Send a message (Enter sends, Shift+Enter for a new line)",
+      on: { keydown: onPromptKey, paste: (event) => tray.onPaste(event) } });
+    const tray = attachmentTray({ refusal: attachRefusal, notice: (text) => { view.notice.textContent = text; },
+      focus: () => input.focus() });
     const send = h("button", { type: "submit", class: "primary", id: "send", text: "Send" });
     const stop = h("button", { type: "button", id: "stop", class: "danger", text: "Stop", hidden: true,
       on: { click: stopGeneration } });
-    const composer = h("form", { class: "composer", on: { submit: onSubmit } }, input, h("div", { class: "buttons" },
-      send, stop));
+    const composer = h("form", { class: "composer", on: { submit: onSubmit } }, tray.list,
+      h("div", { class: "compose-row" }, input, h("div", { class: "buttons" }, tray.button, send, stop)), tray.input);
     const notice = h("p", { class: "notice", role: "status" });
     const element = h("div", { class: "chat" },
       h("aside", { class: "sidebar", "aria-label": "Conversations" },
         h("button", { type: "button", class: "primary wide", id: "new-chat", text: "New chat",
           on: { click: () => selectConversation(null) } }),
         list),
-      h("section", { class: "thread", "aria-label": "Conversation" },
+      h("section", { class: "thread", "aria-label": "Conversation",
+        on: tray.dropHandlers(() => element) },
         h("div", { class: "toolbar" }, field("Model", picker), settingsButton),
         settings, notice, messages, composer));
     return { element, composer, list, picker, settingsButton, settings, system, think, thinkField, optionInputs, messages,
-      input, send, stop, notice };
+      input, send, stop, notice, tray };
   }
 
   // --- models -----------------------------------------------------------
@@ -89,6 +95,7 @@ export function chatPage(root) {
   function onModelChange() {
     const conversation = ensureConversation();
     conversation.model = view.picker.value;
+    view.notice.textContent = "";
     renderSettings();
     persist();
   }
@@ -156,6 +163,7 @@ export function chatPage(root) {
     view.optionInputs.forEach((input) => { input.value = conversation.options[input.name] ?? ""; });
     const info = modelInfo(conversation.model);
     view.thinkField.hidden = !(info?.capabilities || []).includes("thinking");
+    view.tray.setVisible(canSee(info));
   }
 
   function onSettingsInput() {
@@ -192,6 +200,7 @@ export function chatPage(root) {
     const body = h("div", { class: "content" });
     if (message.role === "assistant") body.append(renderMarkdown(message.content));
     else body.textContent = message.content;
+    const images = (Array.isArray(message.images) ? message.images : []).map(dataUrl);
     const actions = h("div", { class: "actions" });
     if (message.role === "user" && !busy) {
       actions.append(h("button", { type: "button", class: "small", text: "Edit",
@@ -205,6 +214,8 @@ export function chatPage(root) {
       h("div", { class: "role", text: message.role === "user" ? "You" : conversation.model || "Assistant" }),
       message.thinking ? h("details", { class: "thinking" }, h("summary", { text: "Thinking" }),
         h("div", { class: "thinking-text", text: message.thinking })) : null,
+      images.some(Boolean) ? h("div", { class: "images" }, images.map((url, number) => (url
+        ? h("img", { src: url, class: "thumb", alt: `Image ${number + 1}` }) : null))) : null,
       body,
       (message.tool_calls || []).map((call) => h("div", { class: "tool-call" },
         h("span", { class: "label", text: `Tool call: ${call.function?.name ?? "?"}` }),
@@ -238,7 +249,7 @@ export function chatPage(root) {
       event.preventDefault();
       if (!editor.value.trim()) return;
       conversation.messages.splice(index);
-      sendMessage(conversation, editor.value);
+      sendMessage(conversation, editor.value, message.images);
     } } }, editor, h("div", { class: "buttons" }, save, cancel));
     replace(item, form);
     editor.focus();
@@ -264,18 +275,37 @@ export function chatPage(root) {
     event.preventDefault();
     const text = view.input.value;
     if (!text.trim() || state.running) return;
-    view.input.value = "";
-    sendMessage(ensureConversation(), text);
+    if (sendMessage(ensureConversation(), text, view.tray.take())) {
+      view.input.value = "";
+      view.tray.clear();
+    }
   }
 
-  function sendMessage(conversation, text) {
+  /** Send a question (with base64 images); false when it cannot go (no model, images for a model without sight). */
+  function sendMessage(conversation, text, images = []) {
     if (!conversation.model) {
       view.notice.textContent = "Choose a model first.";
-      return;
+      return false;
     }
-    conversation.messages.push({ role: "user", content: text });
+    if (images?.length && !canSee(modelInfo(conversation.model))) {
+      view.notice.textContent = `${conversation.model} cannot read images: choose a model with the vision `
+        + "capability, or remove the images.";
+      return false;
+    }
+    const message = { role: "user", content: text };
+    if (images?.length) message.images = images;
+    conversation.messages.push(message);
     conversation.title = store.titleOf(conversation);
     generate(conversation);
+    return true;
+  }
+
+  // --- images -------------------------------------------------------------------
+
+  function attachRefusal() {
+    const model = ensureConversation().model;
+    return canSee(modelInfo(model)) ? null
+      : `${model || "This model"} cannot read images: choose a model with the vision capability.`;
   }
 
   async function generate(conversation) {

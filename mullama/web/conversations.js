@@ -54,6 +54,7 @@ export function chatRequest(conversation, history) {
   for (const message of history) {
     if (message.error) continue;
     const entry = { role: message.role, content: message.content };
+    if (Array.isArray(message.images) && message.images.length) entry.images = message.images;
     if (message.tool_calls?.length) entry.tool_calls = message.tool_calls;
     messages.push(entry);
   }

@@ -46,3 +46,15 @@ export function rate(count, nanoseconds) {
   if (!count || !nanoseconds) return null;
   return count / (nanoseconds / 1e9);
 }
+
+/** A count with the reader's digit grouping: "12,345". */
+export function count(value) {
+  return Number.isFinite(value) ? Math.round(value).toLocaleString() : "";
+}
+
+/** A latency in seconds as "420 ms" or "1.3 s"; "–" when unknown. */
+export function latency(value) {
+  if (!Number.isFinite(value)) return "–";
+  if (value < 1) return `${Math.round(value * 1000)} ms`;
+  return `${value.toFixed(value < 10 ? 2 : 1)} s`;
+}

@@ -95,7 +95,7 @@ export function parse(text) {
     } else {
       [value, pos] = scanValue(source, pos, line);
       if (instruction === "from") {
-        if (result.from !== undefined) throw new ModelfileError(line, "only one FROM is supported");
+        if (result.from !== undefined) throw new ModelfileError(line, "a second FROM (a projector or a file part) needs local files: use `mullama create` for it");
         if (!value.trim()) throw new ModelfileError(line, "FROM needs a model name or a path");
         result.from = value;
       } else if (instruction === "adapter") result.adapters.push(value);
