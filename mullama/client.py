@@ -86,7 +86,7 @@ def parse_host(text: str | None) -> Host:
         scheme = scheme.lower()
         default_port = _DEFAULT_PORTS.get(scheme, DEFAULT_PORT)
     hostport, slash, path = rest.partition("/")
-    host, port_text = _split_host_port(hostport)
+    host, port_text = split_host_port(hostport)
     if host is None:
         host, port_text = hostport.strip("[]") or "127.0.0.1", ""
     port = int(port_text) if port_text.isdigit() and int(port_text) <= 65535 else default_port
@@ -98,7 +98,7 @@ def host_from_env() -> Host:
     return parse_host(config.env("HOST"))
 
 
-def _split_host_port(text: str) -> tuple[str | None, str]:
+def split_host_port(text: str) -> tuple[str | None, str]:
     """Split like Go's ``net.SplitHostPort``; ``None`` when ``text`` has no port."""
     if text.startswith("["):
         close = text.find("]")

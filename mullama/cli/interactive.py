@@ -29,12 +29,6 @@ HISTORY_LIMIT = 100
 DEFAULT_MODEL = "smollm2:135m"
 
 
-def _go_bool(text: str) -> bool:
-    """An environment flag as Ollama reads it: Go's ``ParseBool``, anything else set counts as true."""
-    value = text.strip().strip("\"'")
-    return bool(value) and value not in ("0", "f", "F", "false", "FALSE", "False")
-
-
 @dataclass
 class History:
     """The lines typed in the session, saved after each one while enabled (``/set nohistory`` stops it).
@@ -50,7 +44,7 @@ class History:
     @classmethod
     def open(cls) -> History:
         """The data directory's history, with the lines saved so far."""
-        history = cls(config.data_dir() / "history", enabled=not _go_bool(config.env("NOHISTORY") or ""))
+        history = cls(config.data_dir() / "history", enabled=not config.flag("NOHISTORY"))
         try:
             text = history.path.read_text(encoding="utf-8", errors="replace")
         except OSError:

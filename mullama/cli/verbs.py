@@ -48,10 +48,10 @@ def _show_or_pull(client: Client, name: str) -> dict[str, Any]:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    """Run the daemon in the foreground."""
+    """Run the daemon in the foreground, with the ``--model`` models loaded and pinned first."""
     from mullama.http.app import serve
 
-    return serve()
+    return serve(models=args.model)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -374,7 +374,9 @@ def build_parser() -> argparse.ArgumentParser:
         sub.set_defaults(handler=handler)
         return sub
 
-    verb("serve", cmd_serve, "Start the server", ["start"])
+    sub = verb("serve", cmd_serve, "Start the server", ["start"])
+    sub.add_argument("--model", action="append", default=[], metavar="MODEL",
+                     help="load this model at start and keep it loaded (repeat for several)")
     sub = verb("create", cmd_create, "Create a model from a Modelfile")
     sub.add_argument("model", metavar="MODEL")
     sub.add_argument("-f", "--file", help='name of the Modelfile (default "Modelfile")')

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from mullama import config
 from mullama.engine.model import LoadOptions
-from mullama.errors import MullamaError, NativeLibraryError
+from mullama.errors import NativeLibraryError
 from mullama.ffi import load as load_native
 from mullama.store.gguf import GGML_TYPES, GGUFInfo, SkippedArray
 
@@ -135,12 +135,9 @@ def budget(load: LoadOptions | None = None, *, in_use: int = 0) -> int:
     respected; plus our own models, or an idle model would never be evicted
     to make room for another.
     """
-    explicit = config.env("MAX_MEMORY")
+    explicit = max_memory()
     if explicit:
-        try:
-            return parse_size(explicit)
-        except ValueError as exc:
-            raise MullamaError(f"MULLAMA_MAX_MEMORY: {exc}") from None
+        return explicit
     load = load or LoadOptions()
     if load.num_gpu != 0:
         vram = gpu_memory()
@@ -150,10 +147,29 @@ def budget(load: LoadOptions | None = None, *, in_use: int = 0) -> int:
     return min(total, available + in_use)
 
 
+def max_memory() -> int:
+    """``MULLAMA_MAX_MEMORY`` in bytes; 0 when unset."""
+    return config.setting("MAX_MEMORY", 0, parse_size)
+
+
+def gpu_overhead() -> int:
+    """Bytes of each GPU's memory left to others (``MULLAMA_GPU_OVERHEAD``/``OLLAMA_GPU_OVERHEAD``, as Ollama's)."""
+    return config.setting("GPU_OVERHEAD", 0, parse_size)
+
+
 def gpu_memory() -> int:
-    """Total memory of the GPUs llama.cpp sees; 0 when there are none."""
+    """Total memory of the GPUs llama.cpp sees, less the overhead kept free on each; 0 when there are none."""
+    overhead = gpu_overhead()
     try:
-        return sum(device.memory_total for device in load_native().gpu_devices)
+        return sum(max(0, device.memory_total - overhead) for device in load_native().gpu_devices)
+    except NativeLibraryError:
+        return 0
+
+
+def gpu_count() -> int:
+    """How many GPUs llama.cpp sees; 0 when none (or no native library)."""
+    try:
+        return len(load_native().gpu_devices)
     except NativeLibraryError:
         return 0
 

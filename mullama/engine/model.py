@@ -425,6 +425,27 @@ class Context:
             self.ptr = None
 
 
+class _StallGuard:
+    """llama.cpp's load progress callback: it gives the load up once progress stalls longer than ``timeout`` seconds.
+
+    Ollama's ``OLLAMA_LOAD_TIMEOUT`` meaning: not a bound on a long load,
+    only on one that stops advancing.
+    """
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self.last = time.monotonic()
+        self.stalled = False
+
+    def __call__(self, progress: float, _user_data: Any) -> bool:
+        now = time.monotonic()
+        if now - self.last > self.timeout:
+            self.stalled = True
+            return False
+        self.last = now
+        return True
+
+
 class Model:
     """A GGUF model loaded in this process.
 
@@ -435,13 +456,14 @@ class Model:
     ``flash_attention``, ``kv_cache_type``, ``num_parallel``. ``projector``
     is a vision projector (``mmproj``) GGUF: when it loads, :attr:`projector`
     reads images; when it does not, the model loads without it and
-    :attr:`projector_error` says why. Use it as a context manager or call
-    :meth:`close`.
+    :attr:`projector_error` says why. ``stall_timeout`` gives the load up
+    (:class:`ModelLoadError`) once llama.cpp reports no progress for that
+    many seconds. Use it as a context manager or call :meth:`close`.
     """
 
     def __init__(self, path: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], options: Any = None, *,
                  adapters: Sequence[str | os.PathLike[str]] = (), projector: str | os.PathLike[str] | None = None,
-                 **overrides: Any) -> None:
+                 stall_timeout: float = math.inf, **overrides: Any) -> None:
         started = time.perf_counter_ns()
         parts = [Path(p) for p in path] if isinstance(path, (list, tuple)) else [Path(path)]
         if not parts:
@@ -461,12 +483,20 @@ class Model:
         params.main_gpu = self.options.main_gpu
         params.load_mode = (L.LLAMA_LOAD_MODE_MMAP_MLOCK if self.options.use_mlock else L.LLAMA_LOAD_MODE_MMAP) \
             if self.options.use_mmap else (L.LLAMA_LOAD_MODE_MLOCK if self.options.use_mlock else L.LLAMA_LOAD_MODE_NONE)
+        guard = _StallGuard(stall_timeout)
+        if math.isfinite(stall_timeout):
+            # Kept referenced until the load returns: llama.cpp calls it throughout.
+            callback = L.llama_progress_callback(guard)
+            params.progress_callback = callback
         if len(parts) == 1:
             self.ptr = lib.llama_model_load_from_file(str(self.path).encode(), params)
         else:
             # Blobs are named by hash, so llama.cpp cannot find the other parts by name.
             paths = (ctypes.c_char_p * len(parts))(*(str(p).encode() for p in parts))
             self.ptr = lib.llama_model_load_from_splits(paths, len(parts), params)
+        if not self.ptr and guard.stalled:
+            raise ModelLoadError(f"loading {self.path.name} made no progress for {stall_timeout:g}s, so it was given "
+                                 "up (MULLAMA_LOAD_TIMEOUT/OLLAMA_LOAD_TIMEOUT)")
         if not self.ptr:
             raise ModelLoadError(f"llama.cpp could not load {self.path} (see the log for its reason)")
         self._adapters = []

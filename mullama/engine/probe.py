@@ -18,10 +18,13 @@ import ctypes
 import hashlib
 import json
 import logging
+import math
 import os
+import selectors
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -31,8 +34,8 @@ from mullama.spawn import child_environment, module_command
 
 log = logging.getLogger("mullama.probe")
 
-#: Seconds a child may take to load a model: a large one is read from a slow disk once.
-PROBE_TIMEOUT = 600.0
+#: Seconds a child may go without progress (a byte of output) before it is killed: OLLAMA_LOAD_TIMEOUT's default.
+STALL_TIMEOUT = 300.0
 #: The child's exit status when llama.cpp refused the files without crashing.
 _REFUSED = 2
 #: Deaths that the files cause every time; a child killed (out of memory) or timed out says nothing about them.
@@ -41,12 +44,13 @@ _CRASHES = {signal.SIGABRT, signal.SIGSEGV, signal.SIGBUS, signal.SIGFPE, signal
 _PROBE_CTX = 256
 
 
-def verify(paths: Sequence[str | os.PathLike[str]], digest: str) -> None:
+def verify(paths: Sequence[str | os.PathLike[str]], digest: str, stall_timeout: float = STALL_TIMEOUT) -> None:
     """Return if ``paths`` (a model's GGUF, split parts in order) load in a child; raise otherwise.
 
     Raises :class:`InvalidModelFileError` when llama.cpp crashes on the
     files or refuses them, :class:`ModelLoadError` when the child could not
-    tell (it was killed, timed out, or could not start llama.cpp).
+    tell (it was killed, made no progress for ``stall_timeout`` seconds, or
+    could not start llama.cpp).
     """
     files = [Path(p).absolute() for p in paths]
     verdict = _cache_dir() / f"{_key(files, digest)}.json"
@@ -58,7 +62,7 @@ def verify(paths: Sequence[str | os.PathLike[str]], digest: str) -> None:
         if cached.get("ok") is True:
             return
         raise InvalidModelFileError(cached["message"], param="model")
-    ok, message = _probe(files)
+    ok, message = _probe(files, stall_timeout)
     if ok is not None:
         _store(verdict, {"ok": ok, "message": message})
     if ok is False:
@@ -97,29 +101,62 @@ def _store(verdict: Path, value: dict[str, object]) -> None:
         log.warning("could not keep the verdict on %s: %s", verdict.name, exc)
 
 
-def _probe(files: list[Path]) -> tuple[bool | None, str]:
-    """Load ``files`` in a child: (True, "") if they load, (False, why) if they crash or are refused, (None, why) if unknown."""
+def _probe(files: list[Path], stall_timeout: float = STALL_TIMEOUT) -> tuple[bool | None, str]:
+    """Load ``files`` in a child: (True, "") if they load, (False, why) if they crash or are refused, (None, why) if unknown.
+
+    The child writes a byte for each progress report of llama.cpp's and its
+    log to stderr; one that writes nothing for ``stall_timeout`` seconds has
+    stalled and is killed, as Ollama kills a runner whose load stalls.
+    """
     name = files[0].name
     log.info("test-loading %s in a child process", name)
     env = child_environment() | {"GGML_NO_BACKTRACE": "1"}
     cwd = _cache_dir()
     cwd.mkdir(parents=True, exist_ok=True)
     try:
-        child = subprocess.run(module_command("mullama.engine.probe", *map(str, files)), cwd=cwd, env=env,
-                               stdin=subprocess.DEVNULL, capture_output=True, timeout=PROBE_TIMEOUT, check=False)
-    except subprocess.TimeoutExpired:
-        return None, f"test-loading {name} took more than {PROBE_TIMEOUT:g} s"
+        child = subprocess.Popen(module_command("mullama.engine.probe", *map(str, files)), cwd=cwd, env=env,
+                                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     except OSError as exc:
         return None, f"could not start a process to test-load {name}: {exc}"
-    if child.returncode == 0:
+    with child:
+        stderr = _follow(child, stall_timeout)
+        if stderr is None:
+            return None, (f"test-loading {name} made no progress for {stall_timeout:g}s, so it was given up "
+                          "(MULLAMA_LOAD_TIMEOUT/OLLAMA_LOAD_TIMEOUT)")
+        returncode = child.wait()
+    if returncode == 0:
         return True, ""
-    why = _reason(child.stderr.decode("utf-8", "replace"))
-    if child.returncode == _REFUSED:
+    why = _reason(stderr.decode("utf-8", "replace"))
+    if returncode == _REFUSED:
         return False, f"llama.cpp cannot load {name}: {why}"
-    if -child.returncode in _CRASHES:
-        crash = signal.Signals(-child.returncode).name
+    if -returncode in _CRASHES:
+        crash = signal.Signals(-returncode).name
         return False, f"{name} crashes llama.cpp ({crash} while loading it in a test process): {why}"
-    return None, f"test-loading {name} failed (exit status {child.returncode}): {why}"
+    return None, f"test-loading {name} failed (exit status {returncode}): {why}"
+
+
+def _follow(child: subprocess.Popen[bytes], stall_timeout: float) -> bytes | None:
+    """The child's stderr once both its outputs close; None (the child killed) when it is silent ``stall_timeout`` s."""
+    stderr = bytearray()
+    last = time.monotonic()
+    with selectors.DefaultSelector() as selector:
+        for stream in (child.stdout, child.stderr):
+            selector.register(stream, selectors.EVENT_READ)
+        while selector.get_map():
+            wait = None if math.isinf(stall_timeout) else max(0.0, last + stall_timeout - time.monotonic())
+            ready = selector.select(wait)
+            if not ready:
+                child.kill()
+                child.wait()
+                return None
+            for key, _ in ready:
+                data = os.read(key.fd, 1 << 16)
+                if not data:
+                    selector.unregister(key.fileobj)
+                elif key.fileobj is child.stderr:
+                    stderr += data
+                last = time.monotonic()
+    return bytes(stderr)
 
 
 def _reason(stderr: str) -> str:
@@ -147,6 +184,9 @@ def main(argv: Sequence[str]) -> int:
     params.n_gpu_layers = 0
     params.load_mode = L.LLAMA_LOAD_MODE_MMAP
     params.use_extra_bufts = False
+    # A byte on stdout per progress report tells the daemon the load advances (see _follow).
+    progress = L.llama_progress_callback(lambda _fraction, _data: os.write(1, b".") > 0)
+    params.progress_callback = progress
     if len(argv) == 1:
         model = lib.llama_model_load_from_file(os.fsencode(argv[0]), params)
     else:

@@ -13,6 +13,7 @@ request is never unloaded: a load that needs its room waits for it.
 from __future__ import annotations
 
 import logging
+import math
 import re
 import threading
 import time
@@ -29,7 +30,7 @@ from mullama.engine.model import LoadOptions, Model
 from mullama.errors import BadRequestError, ModelLoadError, ModelNotFoundError, MullamaError, OverloadedError
 from mullama.engine.reloads import busy_reload_refusal
 from mullama.engine.vision import projector_problem
-from mullama.options import Options
+from mullama.options import KV_CACHE_TYPES, MAX_NUM_CTX, Options
 from mullama.store.blobs import Store
 from mullama.store.records import ModelRecord, find_model
 from mullama.ops.limits import ModelLimits
@@ -39,8 +40,13 @@ log = logging.getLogger("mullama.engine.residency")
 
 #: Ollama's default keep-alive.
 DEFAULT_KEEP_ALIVE = 300.0
-#: How long a load waits for busy models to make room (Ollama's OLLAMA_LOAD_TIMEOUT default).
+#: How long a load may stall, and wait for busy models to make room (Ollama's OLLAMA_LOAD_TIMEOUT default).
 DEFAULT_LOAD_TIMEOUT = 300.0
+#: Models loaded at once per GPU (or on a machine without one), as in Ollama.
+MODELS_PER_GPU = 3
+#: Ollama's default context by total GPU memory: (at least this many bytes, num_ctx), largest first.
+#: Its thresholds are 47 and 23 GiB rather than 48 and 24, so a 48 GiB card that reports a little less counts.
+CONTEXT_TIERS = ((47 << 30, 262144), (23 << 30, 32768), (0, 4096))
 
 
 @dataclass(frozen=True)
@@ -157,14 +163,22 @@ class ModelManager:
                  load_timeout: float | None = None) -> None:
         self.store = store or Store()
         # 0 means "the default", as in Ollama.
-        self.max_loaded = max_loaded or _env_value("MAX_LOADED_MODELS", 0, _count) or 3
-        self.max_queue = max_queue or _env_value("MAX_QUEUE", 0, _count) or 512
-        self.default_parallel = _env_value("NUM_PARALLEL", 0, _count) or 1
+        self.max_loaded = max_loaded or config.setting("MAX_LOADED_MODELS", 0, _count) or \
+            MODELS_PER_GPU * max(1, memory.gpu_count())
+        self.max_queue = max_queue or config.setting("MAX_QUEUE", 0, _count) or 512
         #: Largest num_ctx any request may ask for; 0 for no cap.
-        self.max_context = _env_value("MAX_CONTEXT", 0, _count)
-        #: Seconds a load waits for busy models to make room before answering 503.
-        self.load_timeout = load_timeout if load_timeout is not None else \
-            _env_value("LOAD_TIMEOUT", DEFAULT_LOAD_TIMEOUT, parse_keep_alive)
+        self.max_context = config.setting("MAX_CONTEXT", 0, _count)
+        #: Seconds a load may stall (llama.cpp reporting no progress) before it is given up: Ollama's meaning.
+        self.stall_timeout = config.setting("LOAD_TIMEOUT", DEFAULT_LOAD_TIMEOUT, _load_timeout)
+        #: Seconds a load waits for busy models to make room before answering 503 (the same setting by default).
+        self.load_timeout = load_timeout if load_timeout is not None else self.stall_timeout
+        # Read here so that a bad value stops the daemon at startup, not every request or load that reads it.
+        config.setting("KEEP_ALIVE", DEFAULT_KEEP_ALIVE, parse_keep_alive)
+        memory.max_memory()
+        #: The options every model starts from, before its Modelfile's and a request's.
+        self.defaults = default_options()
+        #: True when num_ctx is Ollama's automatic default (no MULLAMA_/OLLAMA_CONTEXT_LENGTH).
+        self.automatic_context = config.setting("CONTEXT_LENGTH", 0, _count) == 0
         #: Operations hooks: a model's limits (``limits.json``) and where loads and evictions are counted.
         #: The daemon's composition root sets its own; the defaults limit nothing and count for no one.
         self.limits: Callable[[str], ModelLimits] = _no_limits
@@ -186,7 +200,14 @@ class ModelManager:
         """
         record = find_model(self.store, name)
         request_options = request_options or {}
-        options = Options(num_parallel=self.default_parallel).merged(record.parameters, request_options)
+        options = self.defaults.merged(record.parameters, request_options)
+        trained = _trained_context(record)
+        if trained and options.num_ctx > trained:
+            # As Ollama: a context longer than the model was trained for is cut to that length.
+            log.debug("num_ctx %d for %s cut to its training context %d", options.num_ctx, record.name, trained)
+            options = replace(options, num_ctx=trained)
+        if self.automatic_context and "num_ctx" not in record.parameters and "num_ctx" not in request_options:
+            options = _fitting(record, options)
         if self.max_context and options.num_ctx > self.max_context:
             log.debug("num_ctx %d for %s capped to %d by MULLAMA_MAX_CONTEXT", options.num_ctx, record.name,
                       self.max_context)
@@ -400,9 +421,9 @@ class ModelManager:
                  load_options.num_ctx, capped, load_options.num_parallel, memory.describe(need.total))
         with self.metrics.loading(record.name):
             # A file that aborts llama.cpp kills a child, not the daemon.
-            probe.verify(record.model_paths, record.digest)
+            probe.verify(record.model_paths, record.digest, self.stall_timeout)
             model = Model(record.model_paths, load_options, adapters=record.adapters,
-                          projector=record.projector_path)
+                          projector=record.projector_path, stall_timeout=self.stall_timeout)
             try:
                 batcher = Batcher(model, max_queue=self.max_queue)
             except BaseException:
@@ -452,15 +473,46 @@ def estimate_record(record: ModelRecord, load_options: LoadOptions) -> Estimate:
     return replace(need, weights=need.weights + projector)
 
 
-def _env_value(name: str, default: Any, parse: Any) -> Any:
-    """``MULLAMA_<name>`` (or ``OLLAMA_<name>``) parsed, ``default`` when unset."""
-    text = config.env(name)
-    if text is None:
-        return default
+def default_options() -> Options:
+    """Ollama's options with the environment's defaults over them.
+
+    ``num_ctx`` is ``MULLAMA_CONTEXT_LENGTH``/``OLLAMA_CONTEXT_LENGTH``, else
+    Ollama's rule: 4096, 32768 or 262144 tokens by the GPUs' total memory
+    (less ``GPU_OVERHEAD`` each); ``NUM_PARALLEL``, ``FLASH_ATTENTION`` and
+    ``KV_CACHE_TYPE`` set what their names say. Raises
+    :class:`~mullama.config.SettingError` for a value that does not parse.
+    """
+    num_ctx = config.setting("CONTEXT_LENGTH", 0, _count) or automatic_context(memory.gpu_memory())
+    return Options(num_ctx=min(num_ctx, MAX_NUM_CTX), num_parallel=config.setting("NUM_PARALLEL", 0, _count) or 1,
+                   flash_attention=config.optional_flag("FLASH_ATTENTION"),
+                   kv_cache_type=config.setting("KV_CACHE_TYPE", "f16", _kv_cache_type))
+
+
+def automatic_context(gpu_bytes: int) -> int:
+    """Ollama's default ``num_ctx`` for GPUs with ``gpu_bytes`` of memory in all (0 for none)."""
+    return next(num_ctx for least, num_ctx in CONTEXT_TIERS if gpu_bytes >= least)
+
+
+def _fitting(record: ModelRecord, options: Options) -> Options:
+    """``options`` with an automatic ``num_ctx`` lowered a tier at a time while the model does not fit, as in Ollama."""
+    lower = [num_ctx for _, num_ctx in CONTEXT_TIERS if num_ctx < options.num_ctx]
+    for num_ctx in lower:
+        load_options = LoadOptions.from_options(options)
+        try:
+            if estimate_record(record, load_options).total <= memory.budget(load_options):
+                return options
+        except (MullamaError, OSError):
+            return options
+        options = replace(options, num_ctx=num_ctx)
+    return options
+
+
+def _trained_context(record: ModelRecord) -> int:
+    """The context ``record``'s model was trained with; 0 when its header does not say or cannot be read."""
     try:
-        return parse(text)
-    except (ValueError, BadRequestError):
-        raise MullamaError(f"MULLAMA_{name}={text!r} is not valid") from None
+        return record.info.context_length or 0
+    except (MullamaError, OSError):
+        return 0
 
 
 def _count(text: str) -> int:
@@ -468,3 +520,16 @@ def _count(text: str) -> int:
     if value < 0:
         raise ValueError(text)
     return value
+
+
+def _kv_cache_type(text: str) -> str:
+    value = text.lower()
+    if value not in KV_CACHE_TYPES:
+        raise ValueError(f"use one of {', '.join(KV_CACHE_TYPES)}")
+    return value
+
+
+def _load_timeout(text: str) -> float:
+    """Ollama's rule: a duration or seconds, 0 or negative meaning no limit."""
+    value = parse_keep_alive(text)
+    return value if value > 0 else math.inf

@@ -23,16 +23,16 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import ModuleType
 from typing import Any, cast
 
 from mullama import __version__, config
 from mullama.engine.residency import ModelManager, parse_keep_alive
-from mullama.errors import BadRequestError, MullamaError
+from mullama.errors import ModelNotFoundError, MullamaError
 from mullama.http.server import (
     DEFAULT_BODY_TIMEOUT,
     DEFAULT_HEADER_TIMEOUT,
@@ -45,8 +45,11 @@ from mullama.http.server import (
     parse_address,
 )
 from mullama.ops import systemd
+from mullama.ops.limits import ModelLimits
 from mullama.ops.logs import configure_logging
 from mullama.ops.operations import Operations
+from mullama.store import ollama_store
+from mullama.store.pull import pull
 from mullama.store.sweep import sweep
 
 log = logging.getLogger("mullama.server")
@@ -151,17 +154,6 @@ class App:
             return self._idle.wait_for(lambda: self._active == 0, timeout)
 
 
-def _setting(name: str, default: Any, parse: Callable[[str], Any]) -> Any:
-    """``MULLAMA_<name>`` parsed, ``default`` when unset; a value that does not parse stops startup naming it."""
-    text = config.env(name)
-    if text is None:
-        return default
-    try:
-        return parse(text)
-    except (ValueError, BadRequestError):
-        raise MullamaError(f"MULLAMA_{name}={text!r} is not valid") from None
-
-
 def _positive_count(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -189,15 +181,16 @@ def make_server(address: str | None = None, manager: ModelManager | None = None)
 
     Raises :class:`MullamaError` for a keys or limits file that cannot be read.
     """
-    host, port = parse_address(address if address is not None else config.env("HOST"))
-    origins = tuple(o.strip() for o in (config.env("ORIGINS") or "").split(",") if o.strip())
     # Settings first: one that does not parse stops startup before anything is opened.
-    allowed_hosts = (*_setting("ALLOWED_HOSTS", (), _names), socket.gethostname().lower())
-    allowed_dirs = _setting("ALLOWED_DIRS", (), _directories)
-    max_body = _setting("MAX_BODY", DEFAULT_MAX_BODY, _positive_count)
-    max_connections = _setting("MAX_CONNECTIONS", DEFAULT_MAX_CONNECTIONS, _positive_count)
-    header_timeout = _setting("HEADER_TIMEOUT", DEFAULT_HEADER_TIMEOUT, _seconds)
-    body_timeout = _setting("BODY_TIMEOUT", DEFAULT_BODY_TIMEOUT, _seconds)
+    host, port = parse_address(address) if address is not None else config.setting("HOST", ("127.0.0.1", 11434),
+                                                                                    parse_address)
+    origins = tuple(o.strip() for o in (config.env("ORIGINS") or "").split(",") if o.strip())
+    allowed_hosts = (*config.setting("ALLOWED_HOSTS", (), _names), socket.gethostname().lower())
+    allowed_dirs = config.setting("ALLOWED_DIRS", (), _directories)
+    max_body = config.setting("MAX_BODY", DEFAULT_MAX_BODY, _positive_count)
+    max_connections = config.setting("MAX_CONNECTIONS", DEFAULT_MAX_CONNECTIONS, _positive_count)
+    header_timeout = config.setting("HEADER_TIMEOUT", DEFAULT_HEADER_TIMEOUT, _seconds)
+    body_timeout = config.setting("BODY_TIMEOUT", DEFAULT_BODY_TIMEOUT, _seconds)
     owned = manager is None
     manager = manager or ModelManager()
     stopping = threading.Event()
@@ -240,12 +233,58 @@ def limit_malloc_arenas() -> None:
         pass  # not glibc (musl has no arenas to limit)
 
 
-def serve(address: str | None = None) -> int:
+def describe_settings(manager: ModelManager) -> str:
+    """The settings models load with, in one line for the log (as Ollama logs its server config at start)."""
+    defaults = manager.defaults
+    flash = {None: "auto", True: "on", False: "off"}[defaults.flash_attention]
+    ollama = ollama_store.ollama_root()
+    return (f"settings: num_ctx {defaults.num_ctx}{' (automatic)' if manager.automatic_context else ''}, "
+            f"num_parallel {defaults.num_parallel}, max loaded models {manager.max_loaded}, max queue "
+            f"{manager.max_queue}, keep_alive {parse_keep_alive(None):g}s, load timeout {manager.stall_timeout:g}s, "
+            f"KV cache {defaults.kv_cache_type}, flash attention {flash}; Ollama's store "
+            f"{ollama if ollama is not None else 'not found'}")
+
+
+def pin_models(manager: ModelManager, names: Sequence[str]) -> None:
+    """Load each of ``names`` now (pulling one the store lacks) and keep it loaded whatever requests say.
+
+    ``mullama serve --model NAME``: the models are pinned as ``limits.json``'s
+    ``pinned`` pins, so only an explicit unload or ``mullama stop`` removes
+    one, and the next request loads it again, pinned. Raises
+    :class:`MullamaError` naming the model that cannot be pulled or loaded.
+    """
+    pinned: set[str] = set()
+    resolutions = []
+    for name in names:
+        try:
+            resolution = manager.resolve(name)
+        except ModelNotFoundError:
+            log.info("pulling %s", name)
+            pull(name, manager.store)
+            resolution = manager.resolve(name)
+        resolutions.append(resolution)
+        pinned.add(resolution.record.name)
+    limits = manager.limits
+
+    def pinning(model: str) -> ModelLimits:
+        found = limits(model)
+        return replace(found, pinned=True) if model in pinned and not found.pinned else found
+
+    manager.limits = pinning
+    for resolution in resolutions:
+        log.info("loading %s and keeping it loaded (--model)", resolution.record.name)
+        with manager.hold(resolution):
+            pass
+
+
+def serve(address: str | None = None, models: Sequence[str] = ()) -> int:
     """Run the daemon in the foreground until SIGINT/SIGTERM; a second signal skips the grace period.
 
-    Under systemd (``NOTIFY_SOCKET``) it reports ``READY=1`` once it listens
-    and ``STOPPING=1`` on the first stop signal; SIGHUP rereads the limits
-    and keys files without dropping a request.
+    ``models`` are loaded and pinned before the first request is answered
+    (:func:`pin_models`). Under systemd (``NOTIFY_SOCKET``) it reports
+    ``READY=1`` once it listens and ``STOPPING=1`` on the first stop
+    signal; SIGHUP rereads the limits and keys files without dropping a
+    request. Ollama's variables that mean nothing here are named in the log.
     """
     limit_malloc_arenas()
     try:
@@ -258,12 +297,23 @@ def serve(address: str | None = None) -> int:
         print(f"Error: {exc.message}", file=sys.stderr)
         return 1
     app = cast(App, server.app)
+    for line in config.ignored_settings():
+        log.warning("%s", line)
     swept = sweep(app.manager.store)
     if swept.temporary or swept.unreferenced:
         log.info("removed %d temporary files and %d unreferenced blobs left in the store", swept.temporary,
                  swept.unreferenced)
+    try:
+        pin_models(app.manager, models)
+    except MullamaError as exc:
+        print(f"Error: {exc.message}", file=sys.stderr)
+        server.server_close()
+        app.manager.close()
+        app.ops.close()
+        return 1
     host, port = server.server_address[:2]
     log.info("Mullama %s listening on %s:%s (models in %s)", __version__, host, port, app.manager.store.root)
+    log.info("%s", describe_settings(app.manager))
     hurry = threading.Event()
 
     def stop(signum: int, _frame: Any) -> None:

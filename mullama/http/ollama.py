@@ -428,7 +428,7 @@ def ps(request: Request) -> None:
                        "memory": {"weights": loaded.estimate.weights, "kv_cache": loaded.estimate.kv_cache,
                                   "compute": loaded.estimate.compute},
                        "active": loaded.batcher.active_count, "queued": loaded.batcher.queued_count,
-                       "limits": request.handler.app.ops.limits.for_model(record.name).as_dict()})
+                       "limits": manager.limits(record.name).as_dict()})
     request.handler.send_json(200, {"models": models})
 
 

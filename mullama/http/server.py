@@ -33,6 +33,7 @@ from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 from mullama import __version__
+from mullama.client import parse_host, split_host_port
 from mullama.errors import (
     BadRequestError,
     ForbiddenError,
@@ -701,27 +702,21 @@ def origin_allowed(origin: str, extra: tuple[str, ...]) -> bool:
 
 
 def parse_address(value: str | None) -> tuple[str, int]:
-    """``host``, ``host:port``, ``:port`` or ``http://host:port`` → (host, port), as Ollama reads OLLAMA_HOST."""
-    if not value:
-        return "127.0.0.1", DEFAULT_PORT
-    text = value.strip()
-    if "://" in text:
-        split = urlsplit(text)
-        host, port = split.hostname or "127.0.0.1", split.port
-        if port is None:
-            port = {"http": 80, "https": 443}.get(split.scheme, DEFAULT_PORT) if split.netloc.endswith(":") else DEFAULT_PORT
-        return host, port
-    if text.startswith("["):
-        host, _, rest = text[1:].partition("]")
-        return host, int(rest[1:]) if rest.startswith(":") and rest[1:] else DEFAULT_PORT
-    if text.count(":") == 1:
-        host, port_text = text.split(":")
-        try:
-            port = int(port_text) if port_text else DEFAULT_PORT
-        except ValueError:
-            raise BadRequestError(f"invalid port in {value!r}") from None
-        return host or "0.0.0.0", port
-    return text, DEFAULT_PORT
+    """``host``, ``host:port``, ``:port`` or ``scheme://host[:port]`` → (host, port), as Ollama reads OLLAMA_HOST.
+
+    The client's rules (:func:`mullama.client.parse_host`: port 80 or 443
+    when only the scheme is given, 11434 otherwise), so the daemon listens
+    where the CLI looks; an empty host (``:11435``) is every interface, as
+    Go's listener reads it. A port that is not a number up to 65535 raises
+    ``ValueError`` where Ollama would quietly use the default.
+    """
+    text = (value or "").strip()
+    hostport = text.partition("://")[2] if "://" in text else text
+    host, port_text = split_host_port(hostport.partition("/")[0])
+    if host is not None and not (port_text.isdigit() and int(port_text) <= 65535):
+        raise ValueError(f"invalid port {port_text!r}")
+    parsed = parse_host(text)
+    return ("0.0.0.0" if host == "" else parsed.host), parsed.port
 
 
 def is_loopback(host: str) -> bool:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import secrets
 import sys
@@ -20,6 +19,8 @@ from mullama import config
 from mullama.errors import MullamaError
 
 FORMATS = ("text", "json")
+#: Below DEBUG: Ollama's trace level (``OLLAMA_DEBUG=2``).
+TRACE = 5
 _TEXT_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
 
@@ -66,10 +67,31 @@ def configure_logging(stream: TextIO | None = None) -> None:
     for old in list(root.handlers):
         root.removeHandler(old)
     root.addHandler(handler)
-    debug = bool(os.environ.get("MULLAMA_DEBUG"))
-    root.setLevel(logging.DEBUG if debug else logging.INFO)
-    if not debug:
-        logging.getLogger("mullama.native").setLevel(logging.WARNING)
+    level = log_level()
+    root.setLevel(level)
+    logging.getLogger("mullama.native").setLevel(logging.NOTSET if level <= logging.DEBUG else logging.WARNING)
+
+
+def log_level() -> int:
+    """The daemon's log level from ``MULLAMA_DEBUG``/``OLLAMA_DEBUG``, read as Ollama reads ``OLLAMA_DEBUG``.
+
+    ``1`` or ``true`` is debug (llama.cpp's log included), ``2`` trace
+    (here the same), ``0``, ``false`` or unset info; a negative number is
+    quieter (``-1`` warnings, ``-2`` errors), as Ollama's ``-4 * n`` slog
+    levels are; anything else is info, as in Ollama.
+    """
+    text = config.env("DEBUG")
+    if text is None:
+        return logging.INFO
+    try:
+        return logging.DEBUG if config.go_bool(text) else logging.INFO
+    except ValueError:
+        pass
+    try:
+        number = int(text)
+    except ValueError:
+        return logging.INFO
+    return min(logging.CRITICAL, max(TRACE, logging.INFO - 10 * number))
 
 
 def request_id(given: str | None) -> str:

@@ -8,12 +8,12 @@ store is only ever read.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from mullama import config
 from mullama.errors import BadRequestError, InvalidModelFileError, MullamaError
 from mullama.store.names import ModelName
 from mullama.store.blobs import Manifest, ModelEntry, Store
@@ -23,9 +23,10 @@ def ollama_root() -> Path | None:
     """Ollama's model directory (``OLLAMA_MODELS``, else ``~/.ollama/models``), if it exists.
 
     ``OLLAMA_MODELS`` is read alone, not through :func:`config.env`, because
-    ``MULLAMA_MODELS`` names Mullama's own store.
+    ``MULLAMA_MODELS`` names Mullama's own store (the README's "Mullama's
+    store and Ollama's" says why the two stay apart).
     """
-    explicit = os.environ.get("OLLAMA_MODELS")
+    explicit = config.variable("OLLAMA_MODELS")
     candidates = [Path(explicit).expanduser()] if explicit else [
         Path.home() / ".ollama" / "models", Path("/usr/share/ollama/.ollama/models")]
     for candidate in candidates:

@@ -56,8 +56,8 @@ def sweep(store: Store) -> SweepReport:
     if manifests.is_dir():
         report.temporary += _remove(path for path in manifests.rglob(".*")
                                     if path.is_file() and path.name.startswith(TEMPORARY_PREFIXES))
-    if config.env("NOPRUNE"):
-        report.kept_blobs = "MULLAMA_NOPRUNE is set"
+    if config.flag("NOPRUNE"):
+        report.kept_blobs = f"{config.source('NOPRUNE')} is set"
         return report
     # Under the writers' lock: a CLI command may be writing a manifest that names a blob just admitted.
     with store.writing():
