@@ -17,6 +17,7 @@ always means Mullama is better), medians over ``--rounds``.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import http.client
 import json
 import os
@@ -105,15 +106,43 @@ class Server:
 
 
 def start_mullama(model: Path, threads: int, slots: int, ctx: int, home: Path) -> Server:
+    """``mullama serve`` in ``home``, with ``model`` uploaded and created as ``bench`` (clients name no paths)."""
     port = free_port()
     env = {**os.environ, "MULLAMA_HOST": f"127.0.0.1:{port}", "MULLAMA_HOME": str(home),
            "MULLAMA_MODELS": str(home / "models"), "MULLAMA_NUM_PARALLEL": str(slots)}
     process = subprocess.Popen([sys.executable, "-m", "mullama", "serve"], env=env, cwd=ROOT,
                                stdout=subprocess.DEVNULL, stderr=open(home / "mullama.log", "w"))
-    return Server("mullama", port, str(model), process,
-                  {"options": {"num_ctx": ctx, "num_thread": threads, "num_parallel": slots,
-                               # llama-server does not penalise repeats by default; Ollama does.
-                               "repeat_penalty": 1.0}})
+    server = Server("mullama", port, "bench", process,
+                    {"options": {"num_ctx": ctx, "num_thread": threads, "num_parallel": slots,
+                                 # llama-server does not penalise repeats by default; Ollama does.
+                                 "repeat_penalty": 1.0}})
+    upload_model(server, model)
+    return server
+
+
+def upload_model(server: Server, model: Path, timeout: float = 120) -> None:
+    """Wait for the daemon to answer, then upload ``model`` as a blob and create ``server.model`` from it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
+            conn.request("GET", "/api/version")
+            conn.getresponse().read()
+            break
+        except OSError:
+            if time.monotonic() > deadline or (server.process and server.process.poll() is not None):
+                raise RuntimeError("mullama did not start") from None
+            time.sleep(0.2)
+    digest = "sha256:" + hashlib.sha256(model.read_bytes()).hexdigest()
+    with model.open("rb") as data:
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=600)
+        conn.request("POST", f"/api/blobs/{digest}", data, {"Content-Type": "application/octet-stream",
+                                                          "Content-Length": str(model.stat().st_size)})
+        answer = conn.getresponse()
+        answer.read()
+    if answer.status not in (200, 201):
+        raise RuntimeError(f"uploading {model} failed: HTTP {answer.status}")
+    server.post("/api/create", {"model": server.model, "files": {model.name: digest}, "stream": False})
 
 
 def start_llama_server(exe: Path, model: Path, threads: int, slots: int, ctx: int, log: Path,

@@ -68,7 +68,7 @@ def create_vision_model(server: Server, model: Path, mmproj: Path) -> None:
     response.read()
     if response.status not in (200, 201):
         raise RuntimeError(f"uploading the projector failed: HTTP {response.status}")
-    server.post("/api/create", {"model": NAME, "from": str(model), "files": {"mmproj.gguf": digest},
+    server.post("/api/create", {"model": NAME, "from": server.model, "files": {"mmproj.gguf": digest},
                                 "stream": False})
     server.model = NAME
 
