@@ -254,7 +254,7 @@ def test_request_fields() -> None:
     {"model": "m", "max_tokens": 1, "messages": PROMPT, "tool_choice": {"type": "any"}},
     {"model": "m", "max_tokens": 1, "messages": PROMPT, "tools": [{"type": "web_search_20250305", "name": "w"}]},
     {"model": "m", "max_tokens": 1, "messages": PROMPT, "system": 3},
-    {"model": "m", "max_tokens": 1, "messages": PROMPT, "options": {"nonsense": 1}},
+    {"model": "m", "max_tokens": 1, "messages": PROMPT, "options": {"num_ctx": "big"}},
     {"model": "m", "max_tokens": 1, "messages": [{"role": "user", "content": [{"type": "document"}]}]},
     {"model": "m", "max_tokens": 1, "messages": [{"role": "assistant", "content": [
         {"type": "tool_result", "tool_use_id": "t"}]}]},
