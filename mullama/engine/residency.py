@@ -179,14 +179,17 @@ class ModelManager:
 
     # --- public --------------------------------------------------------------
 
-    def resolve(self, name: str, request_options: dict[str, Any] | None = None) -> Resolution:
+    def resolve(self, name: str, request_options: dict[str, Any] | None = None,
+                defaults: dict[str, Any] | None = None) -> Resolution:
         """The record of ``name`` with the request's options merged over its Modelfile's, once per request.
+
+        ``defaults`` (an API's own, such as OpenAI's temperature) go under the Modelfile's.
 
         Raises :class:`ModelNotFoundError` for a model the store lacks.
         """
         record = find_model(self.store, name)
         request_options = request_options or {}
-        options = Options(num_parallel=self.default_parallel).merged(record.parameters, request_options)
+        options = Options(num_parallel=self.default_parallel).merged(defaults or {}, record.parameters, request_options)
         if self.max_context and options.num_ctx > self.max_context:
             log.debug("num_ctx %d for %s capped to %d by MULLAMA_MAX_CONTEXT", options.num_ctx, record.name,
                       self.max_context)
