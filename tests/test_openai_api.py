@@ -76,10 +76,11 @@ def raw(server: Server, method: str, path: str, body: dict[str, Any] | None = No
 
 def test_models_list_and_retrieve(client: openai.OpenAI) -> None:
     models = client.models.list().data
-    assert [(m.id, m.object, m.owned_by) for m in models] == [("smol:latest", "model", "library")]
-    assert models[0].created > 0
+    assert [(m.id, m.object, m.owned_by) for m in models] == [("cool:latest", "model", "library"),
+                                                             ("smol:latest", "model", "library")]
+    assert models[1].created > 0
     assert client.models.retrieve("smol").id == "smol:latest"
-    assert client.models.retrieve("smol:latest").model_dump() == models[0].model_dump()
+    assert client.models.retrieve("smol:latest").model_dump() == models[1].model_dump()
 
 
 def test_missing_model_is_openai_not_found(client: openai.OpenAI, server: Server) -> None:
