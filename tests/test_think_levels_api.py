@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import anthropic
+import ollama
 import openai
 import pytest
 from daemon import create_model, exchange, running
@@ -39,6 +40,8 @@ JINJA = (
     "{% if enable_thinking is defined %}think{% if enable_thinking %}"
     "{{ ' a' * {'low': 1, 'medium': 2, 'high': 3}[reasoning_effort] }}{% else %}{{ ' off' * 5 }}{% endif %}{{ '\\n' }}{% endif %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+#: Opens thinking only at level ``high``: whether the reply has thinking shows the level the template saw.
+DEEP = TURNS + '<|im_start|>assistant\n{{ if eq .ThinkLevel "high" }}<think>\n{{ end }}'
 #: What each ``think`` renders as (Ollama's ``true`` is level ``medium``); Jinja knows no ``max``: it is ``high``.
 SPELLED = {None: "", False: "think off off off off off\n", True: "think a a\n", "low": "think a\n", "medium": "think a a\n",
            "high": "think a a a\n", "max": "think a a a a\n"}
@@ -53,6 +56,7 @@ def server(model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     with running(tmp) as server:
         port = server.server_address[1]
         create_model(port, model_path, "leveled", template=LEVELED, parameters={"num_thread": 1})
+        create_model(port, model_path, "deep", template=DEEP, parameters={"num_thread": 1})
         create_model(port, jinja, "jinja", parameters={"num_thread": 1})
         # A gpt-oss name and no marker in the template: Mullama renders harmony, as for gpt-oss.
         create_model(port, model_path, "gpt-oss-smol", parameters={"num_thread": 1})
@@ -98,6 +102,21 @@ def counts(server: Server, tokenizer: mullama.Model) -> dict[Any, int]:
 def test_ollama_think_levels_reach_a_go_template(server: Server, tokenizer: mullama.Model) -> None:
     counts = native_counts(server, tokenizer, "leveled", SPELLED)
     assert counts[True] == counts["medium"] and counts["max"] > counts["high"]
+
+
+def test_ollama_client_think_levels_change_the_reply(server: Server) -> None:
+    client = ollama.Client(host=f"http://127.0.0.1:{server.server_address[1]}", timeout=120)
+    options = {"temperature": 0, "seed": 1, "num_predict": 8}
+
+    def chat(think: Any) -> Any:
+        return client.chat(model="deep", messages=HELLO, think=think, options=options).message
+
+    assert chat("high").thinking and not chat("high").content
+    assert not chat("low").thinking and chat("low").content
+    assert not chat(True).thinking  # true is "medium"
+    # /api/generate renders its prompt as a one-message chat, with the same level.
+    assert client.generate(model="deep", prompt="Good morning", think="high", options=options).thinking
+    assert not client.generate(model="deep", prompt="Good morning", think="medium", options=options).thinking
 
 
 def test_ollama_think_levels_reach_a_jinja_template(server: Server, tokenizer: mullama.Model) -> None:
