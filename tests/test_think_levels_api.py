@@ -23,9 +23,14 @@ import ollama
 import openai
 import pytest
 from daemon import create_model, exchange, running
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from test_hardening_gguf import rewrite, text
 
 import mullama
+from mullama.errors import BadRequestError
+from mullama.http import anthropic as anthropic_api
+from mullama.http import openai as openai_api
 from mullama.http.server import Server
 
 TURNS = "{{ range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}"
@@ -196,3 +201,61 @@ def test_anthropic_unknown_effort_is_refused(claude: anthropic.Anthropic) -> Non
     with pytest.raises(anthropic.BadRequestError, match="output_config.effort"):
         claude.messages.count_tokens(model="leveled", messages=HELLO,
                                      output_config={"effort": "extreme"})  # type: ignore[typeddict-item]
+
+
+# --- parsing, against Ollama's own mappings ------------------------------------------
+
+_efforts = st.sampled_from(["", "none", "minimal", "low", "medium", "high", "xhigh", "ultra", "max", "Low", "extreme"])
+_values = _efforts | st.none() | st.booleans() | st.integers() | st.text(max_size=6) | st.lists(st.text(max_size=3))
+
+
+def _ollama_think_from_reasoning_effort(effort: Any) -> Any:
+    """openai/openai.go's thinkFromReasoningEffort, written out: the think value, or ValueError for a 400."""
+    if effort is None or effort == "":
+        return None
+    if not isinstance(effort, str):
+        raise ValueError(effort)  # the JSON decoder refuses a non-string effort
+    mapped = {"none": False, "minimal": "low", "xhigh": "max", "ultra": "max"}
+    if effort in mapped:
+        return mapped[effort]
+    if effort in ("low", "medium", "high", "max"):
+        return effort
+    raise ValueError(effort)
+
+
+@settings(max_examples=200, deadline=None)
+@given(_values)
+def test_reasoning_effort_maps_as_ollamas(effort: Any) -> None:
+    try:
+        expected = _ollama_think_from_reasoning_effort(effort)
+    except ValueError:
+        with pytest.raises(BadRequestError):
+            openai_api._think(effort, "reasoning_effort")
+        return
+    assert openai_api._think(effort, "reasoning_effort") == expected
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.none(), st.fixed_dictionaries({"type": st.sampled_from(["enabled", "disabled", "adaptive", "x"])},
+                                                  optional={"budget_tokens": st.integers(0, 200_000)})),
+       st.one_of(st.none(), st.fixed_dictionaries({}, optional={"effort": _values})))
+def test_anthropic_thinking_is_ollamas_or_finer(thinking: Any, output_config: Any) -> None:
+    effort = (output_config or {}).get("effort")
+    effort = effort.strip().lower() or None if isinstance(effort, str) else effort  # Ollama's normalisation
+    if effort is not None and effort not in ("low", "medium", "high", "xhigh", "max"):
+        with pytest.raises(BadRequestError):
+            anthropic_api.parse_thinking(thinking, output_config)
+        return
+    think = anthropic_api.parse_thinking(thinking, output_config)
+    kind = (thinking or {}).get("type")
+    # Ollama (anthropic/anthropic.go): disabled is off; enabled is on; else the effort, xhigh read as high.
+    if kind == "disabled":
+        assert think is False
+    elif effort is not None:
+        assert think == ("high" if effort == "xhigh" else effort)
+    elif kind == "enabled":
+        budget = thinking.get("budget_tokens")
+        assert think is True if budget is None else think == ("low" if budget < 8192 else
+                                                              "medium" if budget < 24576 else "high")
+    else:
+        assert think is None

@@ -241,13 +241,14 @@ def parse_thinking(value: Any, output_config: Any = None) -> Think:
         if not isinstance(kind, str):
             raise BadRequestError("thinking: expected {\"type\": \"enabled\" | \"disabled\" | \"adaptive\"}",
                                   param="thinking")
+    effort = output_config.get("effort") if isinstance(output_config, dict) else None
+    if isinstance(effort, str):
+        effort = effort.strip().lower() or None  # as Ollama reads it; empty is no effort
+    if effort is not None and (not isinstance(effort, str) or effort not in _EFFORTS):
+        raise BadRequestError(f"output_config.effort: expected one of {', '.join(_EFFORTS)}", param="output_config")
     if kind == "disabled":
         return False
-    effort = output_config.get("effort") if isinstance(output_config, dict) else None
     if effort is not None:
-        if not isinstance(effort, str) or effort not in _EFFORTS:
-            raise BadRequestError(f"output_config.effort: expected one of {', '.join(_EFFORTS)}",
-                                  param="output_config")
         return _EFFORTS[effort]
     if kind != "enabled":
         return None
