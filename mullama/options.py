@@ -34,8 +34,9 @@ IGNORED_OPTIONS = frozenset(
     }
 )
 
-#: How many unknown option names one warning lists (a request may carry any number).
+#: How many unknown option names one warning lists (a request may carry any number), and of each how much.
 _LOGGED_UNKNOWN = 8
+_LOGGED_NAME_CHARS = 64
 
 #: Values accepted by ``kv_cache_type`` (llama.cpp's K/V cache element types).
 KV_CACHE_TYPES = ("f16", "q8_0", "q4_0")
@@ -172,7 +173,7 @@ def parse_options(values: dict[str, Any]) -> dict[str, Any]:
             continue
         parsed[name] = _typed(name, value)
     if unknown:
-        shown = ", ".join(repr(name) for name in unknown[:_LOGGED_UNKNOWN])
+        shown = ", ".join(repr(str(name)[:_LOGGED_NAME_CHARS]) for name in unknown[:_LOGGED_UNKNOWN])
         more = f" and {len(unknown) - _LOGGED_UNKNOWN} more" if len(unknown) > _LOGGED_UNKNOWN else ""
         log.warning("invalid option provided (ignored): %s%s", shown, more)
     return parsed

@@ -82,8 +82,8 @@ def test_unknown_options_are_logged_and_ignored(caplog):
 
 def test_one_warning_names_a_bounded_number_of_unknown_options(caplog):
     with caplog.at_level(logging.WARNING, logger="mullama.options"):
-        assert parse_options({f"bogus{i}": i for i in range(1000)}) == {}
-    assert len(caplog.records) == 1 and "and 992 more" in caplog.text
+        assert parse_options({f"bogus{i}" + "x" * 10_000: i for i in range(1000)}) == {}
+    assert len(caplog.records) == 1 and "and 992 more" in caplog.text and len(caplog.text) < 2_000
 
 
 @pytest.mark.parametrize(("value", "expected"), [(1.5, 1), (4096.9, 4096), (-1.9, -1), (8192.0, 8192)])
