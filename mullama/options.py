@@ -2,18 +2,23 @@
 
 The same table serves the ``options`` object of an API request and the
 ``PARAMETER`` lines of a Modelfile, so both accept exactly the same names.
-Values from JSON are checked the way Ollama's ``Options.FromMap`` checks them;
-values from a Modelfile are text, converted the way ``api.FormatParams`` does.
+Values from JSON are checked the way Ollama's ``Options.FromMap`` checks them
+(an unknown name is logged and skipped, a known name with a value of the
+wrong type is an error); values from a Modelfile are text, converted the way
+``api.FormatParams`` does (there an unknown name is an error, as in Ollama).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from mullama.errors import BadRequestError
+
+log = logging.getLogger("mullama.options")
 
 #: Options that Ollama once had and now accepts but ignores; clients still send them.
 IGNORED_OPTIONS = frozenset(
@@ -28,6 +33,10 @@ IGNORED_OPTIONS = frozenset(
         "tfs_z",
     }
 )
+
+#: How many unknown option names one warning lists (a request may carry any number), and of each how much.
+_LOGGED_UNKNOWN = 8
+_LOGGED_NAME_CHARS = 64
 
 #: Values accepted by ``kv_cache_type`` (llama.cpp's K/V cache element types).
 KV_CACHE_TYPES = ("f16", "q8_0", "q4_0")
@@ -145,17 +154,28 @@ PARAMETER_TYPES: dict[str, type] = {f.name: _ANNOTATION_TYPES[str(f.type)] for f
 def parse_options(values: dict[str, Any]) -> dict[str, Any]:
     """Check a request's ``options`` object and return its typed values.
 
-    Numbers for integer options must be integral (JSON may carry ``4096.0``);
-    ``None`` values and the options Ollama retired are skipped, as Ollama
-    does.  Raises :class:`BadRequestError` naming the first bad option.
+    As in Ollama's ``Options.FromMap``: a number for an integer option is
+    cut to an integer towards zero (JSON numbers are floats there); ``None``
+    values and the options Ollama retired are skipped; a name that is no
+    option is logged and skipped, so a client that sends another server's
+    options still works.  Raises :class:`BadRequestError` naming the first
+    known option whose value has the wrong type or is out of range.
     """
     if not isinstance(values, dict):
         raise BadRequestError("options must be an object", param="options")
     parsed: dict[str, Any] = {}
+    unknown: list[str] = []
     for name, value in values.items():
         if value is None or name in IGNORED_OPTIONS:
             continue
+        if name not in PARAMETER_TYPES:
+            unknown.append(name)
+            continue
         parsed[name] = _typed(name, value)
+    if unknown:
+        shown = ", ".join(repr(str(name)[:_LOGGED_NAME_CHARS]) for name in unknown[:_LOGGED_UNKNOWN])
+        more = f" and {len(unknown) - _LOGGED_UNKNOWN} more" if len(unknown) > _LOGGED_UNKNOWN else ""
+        log.warning("invalid option provided (ignored): %s%s", shown, more)
     return parsed
 
 
@@ -192,7 +212,8 @@ def _type_of(name: str) -> type:
 def _typed(name: str, value: Any) -> Any:
     """Check ``value`` against the type of option ``name``; return it normalised."""
     kind = _type_of(name)
-    if kind is int and isinstance(value, float) and value.is_integer():
+    if kind is int and isinstance(value, float) and math.isfinite(value):
+        # Go's int64(float64): towards zero, as Ollama reads every JSON number.
         value = int(value)
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value) if abs(value) < 2**1023 else math.inf

@@ -31,7 +31,7 @@ from mullama.engine.vision import ImageChunk, place_images
 from mullama.prompt.thinking import ThinkingSplitter, prompt_opens_thinking
 from mullama.prompt.harmony import HarmonyParser, ThinkingDelta, render_harmony, renamed_tools
 from mullama.prompt.toolcalls import HARMONY, TextDelta, ToolCallEvent, ToolCallParser, ToolFormat, detect_format
-from mullama.types import ChatRequest, GenerateRequest, Message, Tool, ToolCall
+from mullama.types import ChatRequest, GenerateRequest, Message, Think, Tool, ToolCall, split_think
 
 log = logging.getLogger("mullama.service")
 
@@ -190,12 +190,12 @@ class Reply:
                 yield Delta(tool_calls=[event.call])
 
 
-def _resolve_think(resolution: Resolution, think: bool | None) -> bool | None:
+def _resolve_think(resolution: Resolution, think: Think) -> Think:
     """The request's ``think``; when it says nothing, a ``think`` option or Modelfile ``PARAMETER think``."""
     return think if think is not None else resolution.think
 
 
-def _thinking_enabled(record: ModelRecord, model: Model, think: bool | None) -> bool:
+def _thinking_enabled(record: ModelRecord, model: Model, think: Think) -> bool:
     """Whether to split ``<think>`` out of the output: unless thinking is off, for templates that know the tag.
 
     With thinking off, a model that thinks anyway keeps it in the content, as
@@ -247,16 +247,22 @@ def _tools_as_system(tools: list[Tool], messages: list[Message]) -> list[Message
 
 
 def render_prompt(record: ModelRecord, model: Model, messages: list[Message], tools: list[Tool],
-                  think: bool | None) -> str:
-    """The exact prompt text: the Modelfile TEMPLATE, else the GGUF's own Jinja template."""
+                  think: Think) -> str:
+    """The exact prompt text: the Modelfile TEMPLATE, else the GGUF's own Jinja template.
+
+    A ``think`` level reaches each kind of template the way it reads one: a Go
+    template as ``.ThinkLevel``, harmony as its ``Reasoning:`` line, a Jinja
+    template as ``reasoning_effort`` (see :func:`_jinja_thinking`).
+    """
     messages = _with_defaults(record, messages)
     harmony = tool_format(record, model).name == HARMONY
+    enabled, level = split_think(think)
     if record.template is not None:
         # Ollama gives a harmony template its tools under TypeScript-safe names.
         return render_chat(record.template, messages, (renamed_tools(tools) if harmony else tools) or None,
-                           think=think)
+                           think=enabled, think_level=level)
     if harmony:
-        return render_harmony(messages, tools, think=think)
+        return render_harmony(messages, tools, think=enabled, think_level=level)
     template = model.chat_template
     if template is None or "tools" not in template and (tools or any(m.tool_calls or m.role == "tool"
                                                                      for m in messages)):
@@ -264,9 +270,24 @@ def render_prompt(record: ModelRecord, model: Model, messages: list[Message], to
     if template is None:
         # No template anywhere: libllama's built-in ChatML is the last resort.
         return model.apply_builtin_template([(m.role, m.content) for m in messages])
-    extra = {"enable_thinking": think} if think is not None else None
     return render_jinja(template, messages, tools or None, bos_token=model.special_token("bos"),
-                        eos_token=model.special_token("eos"), extra=extra)
+                        eos_token=model.special_token("eos"), extra=_jinja_thinking(think))
+
+
+def _jinja_thinking(think: Think) -> dict[str, Any] | None:
+    """The variables that carry ``think`` into a Hugging Face template, none when the request leaves it unset.
+
+    ``enable_thinking`` is Qwen3's switch; ``reasoning_effort`` is the level
+    as gpt-oss's template reads it (llama-server passes the same name), only
+    when thinking is on: ``true`` is ``"medium"`` as in Ollama, and ``"max"``
+    is ``"high"``, the most such templates know.
+    """
+    enabled, level = split_think(think)
+    if enabled is None:
+        return None
+    if not enabled:
+        return {"enable_thinking": False}
+    return {"enable_thinking": True, "reasoning_effort": "high" if level == "max" else level or "medium"}
 
 
 def check_prompt_length(text: str, num_ctx: int) -> None:
@@ -312,10 +333,11 @@ def grammar_for(fmt: Any, tools: list[Tool], tool_choice: str, calls: ToolFormat
 
 
 def _start(manager: ModelManager, model_name: str, options: dict[str, Any], keep_alive: Any,
-           context: RequestContext | None = None) -> tuple[ExitStack, Resolution, LoadedModel, int]:
+           context: RequestContext | None = None, defaults: dict[str, Any] | None = None,
+           ) -> tuple[ExitStack, Resolution, LoadedModel, int]:
     """Resolve the request's model once and hold it loaded; also the nanoseconds that took."""
     started = time.perf_counter_ns()
-    resolution = manager.resolve(model_name, options)
+    resolution = manager.resolve(model_name, options, defaults)
     if context is not None:  # operations: may this request use the model? (before anything loads)
         context.admit(resolution.record.name)
     stack = ExitStack()
@@ -362,7 +384,8 @@ def _tokens_of(model: Model, prompt: str, images: list[bytes], context: list[int
 def chat(manager: ModelManager, req: ChatRequest, *, context: RequestContext | None = None) -> Reply:
     """Start a chat reply (an empty ``messages`` just loads the model); ``context`` is the request's operations."""
     started = time.perf_counter_ns()
-    stack, resolution, loaded, load_duration = _start(manager, req.model, req.options, req.keep_alive, context)
+    stack, resolution, loaded, load_duration = _start(manager, req.model, req.options, req.keep_alive, context,
+                                                      req.defaults)
     try:
         record, model = resolution.record, loaded.model
         if not req.messages:
@@ -399,7 +422,8 @@ def chat(manager: ModelManager, req: ChatRequest, *, context: RequestContext | N
 def generate(manager: ModelManager, req: GenerateRequest, *, context: RequestContext | None = None) -> Reply:
     """Start a generate reply (an empty prompt just loads the model); ``context`` is the request's operations."""
     started = time.perf_counter_ns()
-    stack, resolution, loaded, load_duration = _start(manager, req.model, req.options, req.keep_alive, context)
+    stack, resolution, loaded, load_duration = _start(manager, req.model, req.options, req.keep_alive, context,
+                                                      req.defaults)
     try:
         record, model = resolution.record, loaded.model
         if not req.prompt and not req.context:
@@ -410,8 +434,9 @@ def generate(manager: ModelManager, req: GenerateRequest, *, context: RequestCon
             prompt = user
         elif req.template is not None or record.template is not None:
             system = req.system if req.system is not None else record.system
+            enabled, level = split_think(think)
             prompt = render_generate(req.template if req.template is not None else record.template, user,
-                                     system=system, suffix=req.suffix, think=think)
+                                     system=system, suffix=req.suffix, think=enabled, think_level=level)
         else:
             messages = [Message(role="system", content=req.system)] if req.system else []
             prompt = render_prompt(record, model, messages + [Message(role="user", content=user)], [], think)

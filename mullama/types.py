@@ -12,6 +12,19 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+#: The levels a request's ``think`` may name besides true and false (Ollama's ``ThinkValue``).
+THINK_LEVELS = ("low", "medium", "high", "max")
+#: A request's ``think``: on or off, a level from :data:`THINK_LEVELS` (on, at that level), or
+#: None for the model's default.
+Think = bool | str | None
+
+
+def split_think(think: Think) -> tuple[bool | None, str]:
+    """``think`` as (on, off or the model's default; the level a request named, else ``""``)."""
+    if isinstance(think, str):
+        return True, think
+    return think, ""
+
 
 @dataclass
 class ToolCall:
@@ -58,9 +71,11 @@ class GenerationRequest:
     model: str
     #: Ollama's ``options`` (already parsed), including ``num_predict``, ``stop``...
     options: dict[str, Any] = field(default_factory=dict)
+    #: The API's own defaults (OpenAI's ``temperature``...): under the Modelfile's parameters and ``options``.
+    defaults: dict[str, Any] = field(default_factory=dict)
     #: ``"json"``, a JSON Schema dict, or None.
     format: Any = None
-    think: bool | None = None
+    think: Think = None
     keep_alive: Any = None
     #: False: a prompt longer than the context is an error instead of being cut.
     truncate: bool = True

@@ -233,7 +233,7 @@ def test_request_fields() -> None:
         "output_config": {"format": {"type": "json_schema", "schema": {"type": "object"}}}})
     assert req.options == {"seed": 1, "num_ctx": 2048, "num_predict": 7, "stop": ["\n\n"], "temperature": 0.5,
                            "top_k": 3, "top_p": 0.5}
-    assert (req.think, req.tool_choice, req.format) == (True, "required", {"type": "object"})
+    assert (req.think, req.tool_choice, req.format) == ("low", "required", {"type": "object"})
     assert req.tools[0].parameters == WEATHER["input_schema"]
     choices = {"auto": "auto", "none": "none"}
     for kind, expected in choices.items():
@@ -254,7 +254,7 @@ def test_request_fields() -> None:
     {"model": "m", "max_tokens": 1, "messages": PROMPT, "tool_choice": {"type": "any"}},
     {"model": "m", "max_tokens": 1, "messages": PROMPT, "tools": [{"type": "web_search_20250305", "name": "w"}]},
     {"model": "m", "max_tokens": 1, "messages": PROMPT, "system": 3},
-    {"model": "m", "max_tokens": 1, "messages": PROMPT, "options": {"nonsense": 1}},
+    {"model": "m", "max_tokens": 1, "messages": PROMPT, "options": {"num_ctx": "big"}},
     {"model": "m", "max_tokens": 1, "messages": [{"role": "user", "content": [{"type": "document"}]}]},
     {"model": "m", "max_tokens": 1, "messages": [{"role": "assistant", "content": [
         {"type": "tool_result", "tool_use_id": "t"}]}]},

@@ -43,6 +43,7 @@ PARAMETERS = {tool["function"]["name"]: tool["function"]["parameters"] for tool 
 def server(model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     with running(tmp_path_factory.mktemp("openai-api")) as server:
         create_model(server.server_address[1], model_path, MODEL)
+        create_model(server.server_address[1], model_path, "cool", parameters={"temperature": 0})
         yield server
 
 
@@ -75,10 +76,11 @@ def raw(server: Server, method: str, path: str, body: dict[str, Any] | None = No
 
 def test_models_list_and_retrieve(client: openai.OpenAI) -> None:
     models = client.models.list().data
-    assert [(m.id, m.object, m.owned_by) for m in models] == [("smol:latest", "model", "library")]
-    assert models[0].created > 0
+    assert [(m.id, m.object, m.owned_by) for m in models] == [("cool:latest", "model", "library"),
+                                                             ("smol:latest", "model", "library")]
+    assert models[1].created > 0
     assert client.models.retrieve("smol").id == "smol:latest"
-    assert client.models.retrieve("smol:latest").model_dump() == models[0].model_dump()
+    assert client.models.retrieve("smol:latest").model_dump() == models[1].model_dump()
 
 
 def test_missing_model_is_openai_not_found(client: openai.OpenAI, server: Server) -> None:
@@ -237,17 +239,48 @@ def test_error_during_a_stream_is_an_sse_error(client: openai.OpenAI, server: Se
 # --- completions ------------------------------------------------------------
 
 
-def test_completions_raw_prompt_stream_and_echo(client: openai.OpenAI) -> None:
+def test_completions_templated_prompt_stream_and_echo(client: openai.OpenAI, server: Server) -> None:
     prompt = "The capital of France is"
     reply = client.completions.create(model=MODEL, prompt=prompt, max_tokens=6, echo=True, **GREEDY)
     choice = reply.choices[0]
     assert reply.object == "text_completion" and choice.finish_reason == "length"
     assert choice.text.startswith(prompt) and len(choice.text) > len(prompt)
-    # Raw semantics: the chat template's markers never reach the prompt, so the prompt count is tiny.
-    assert reply.usage.prompt_tokens <= 8 and reply.usage.completion_tokens == 6
+    # As Ollama's: the prompt is one user message in the model's template, as chat renders it...
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": prompt}], max_tokens=6,
+                                          **GREEDY)
+    assert reply.usage.prompt_tokens == chat.usage.prompt_tokens and reply.usage.completion_tokens == 6
+    # ... and as Ollama's /api/generate without raw renders it, so the answer is the same.
+    status, generated = raw(server, "POST", "/api/generate", {"model": MODEL, "prompt": prompt, "stream": False,
+                                                              "options": {"num_predict": 6, **GREEDY}})
+    assert status == 200 and choice.text == prompt + generated["response"] == prompt + chat.choices[0].message.content
     chunks = list(client.completions.create(model=MODEL, prompt=[prompt], max_tokens=6, stream=True, **GREEDY))
     assert prompt + "".join(c.choices[0].text for c in chunks) == choice.text
     assert chunks[-1].choices[0].finish_reason == "length"
+
+
+def _ollama_chat(server: Server, model: str, options: dict[str, Any], prompt: str = "Tell me a story") -> str:
+    status, reply = raw(server, "POST", "/api/chat", {"model": model, "stream": False, "options": options,
+                                                      "messages": [{"role": "user", "content": prompt}]})
+    assert status == 200, reply
+    return reply["message"]["content"]
+
+
+def test_sampling_defaults_are_ollamas_openai_defaults(client: openai.OpenAI, server: Server) -> None:
+    story = [{"role": "user", "content": "Tell me a story"}]
+    # Ollama's OpenAI layer samples at temperature 1.0 and top_p 1.0 when a request names neither...
+    chat = client.chat.completions.create(model=MODEL, messages=story, max_tokens=24, seed=7)
+    assert chat.choices[0].message.content == _ollama_chat(
+        server, MODEL, {"seed": 7, "num_predict": 24, "temperature": 1.0, "top_p": 1.0})
+    assert chat.choices[0].message.content != _ollama_chat(server, MODEL, {"seed": 7, "num_predict": 24})
+    # ... its Responses layer only at temperature 1.0, leaving top_p to the model (0.9) ...
+    response = client.responses.create(model=MODEL, input="Tell me a story", max_output_tokens=24,
+                                       extra_body={"seed": 7})
+    assert response.output_text == _ollama_chat(server, MODEL, {"seed": 7, "num_predict": 24, "temperature": 1.0})
+    # ... and, unlike Ollama's (ollama/ollama#17744), under a Modelfile's PARAMETER: "cool" stays greedy.
+    greedy = _ollama_chat(server, "cool", {"num_predict": 24})
+    for seed in (1, 2):
+        reply = client.chat.completions.create(model="cool", messages=story, max_tokens=24, seed=seed)
+        assert reply.choices[0].message.content == greedy
 
 
 # --- embeddings -------------------------------------------------------------

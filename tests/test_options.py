@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import fields
 
@@ -49,7 +50,7 @@ def test_parse_options_skips_none_and_retired_options():
 @pytest.mark.parametrize(
     ("values", "message"),
     [
-        ({"num_ctx": 1.5}, 'option "num_ctx" must be of type integer'),
+        ({"num_ctx": math.inf}, 'option "num_ctx" must be of type integer'),
         ({"num_ctx": "4096"}, 'option "num_ctx" must be of type integer'),
         ({"seed": True}, 'option "seed" must be of type integer'),
         ({"temperature": "hot"}, 'option "temperature" must be of type number'),
@@ -61,7 +62,6 @@ def test_parse_options_skips_none_and_retired_options():
         ({"use_mmap": 1}, 'option "use_mmap" must be of type boolean'),
         ({"kv_cache_type": "q5_1"}, 'option "kv_cache_type" must be one of f16, q8_0, q4_0'),
         ({"num_ctx": 2.0**70}, 'option "num_ctx" is out of range'),
-        ({"tempreature": 0.5}, 'unknown option "tempreature"'),
     ],
 )
 def test_parse_options_names_the_bad_option(values, message):
@@ -69,6 +69,28 @@ def test_parse_options_names_the_bad_option(values, message):
         parse_options(values)
     assert caught.value.message == message
     assert caught.value.param == next(iter(values))
+
+
+def test_unknown_options_are_logged_and_ignored(caplog):
+    # As Ollama's Options.FromMap: slog.Warn("invalid option provided"), then carry on.
+    with caplog.at_level(logging.WARNING, logger="mullama.options"):
+        parsed = parse_options({"tempreature": 0.5, "top_k": 3, "mirostat_mode": "x"})
+    assert parsed == {"top_k": 3}
+    assert "invalid option provided" in caplog.text
+    assert "'tempreature'" in caplog.text and "'mirostat_mode'" in caplog.text
+
+
+def test_one_warning_names_a_bounded_number_of_unknown_options(caplog):
+    with caplog.at_level(logging.WARNING, logger="mullama.options"):
+        assert parse_options({f"bogus{i}" + "x" * 10_000: i for i in range(1000)}) == {}
+    assert len(caplog.records) == 1 and "and 992 more" in caplog.text and len(caplog.text) < 2_000
+
+
+@pytest.mark.parametrize(("value", "expected"), [(1.5, 1), (4096.9, 4096), (-1.9, -1), (8192.0, 8192)])
+def test_numbers_for_integer_options_are_cut_towards_zero(value, expected):
+    # Ollama reads every JSON number as a float64 and sets an int option with int64(t).
+    parsed = parse_options({"num_ctx" if value > 0 else "num_predict": value})
+    assert list(parsed.values()) == [expected] and type(expected) is int
 
 
 def test_parse_options_needs_an_object():
@@ -84,6 +106,7 @@ def test_merged_applies_layers_in_order_without_changing_the_original():
 
 
 def test_merged_rejects_unknown_names():
+    # Internal layers are parsed already, so an unknown name there is a bug, not a client's typo.
     with pytest.raises(BadRequestError, match='unknown option "bogus"'):
         Options().merged({"bogus": 1})
 
@@ -238,3 +261,48 @@ def test_the_penalty_window_is_bounded_by_the_context():
     assert penalty_window(SamplingParams(repeat_last_n=64, num_ctx=512)) == 64
     assert penalty_window(SamplingParams(repeat_last_n=-1, num_ctx=2**40)) == 2**21
     assert penalty_window(SamplingParams.from_options({"repeat_last_n": -1, "num_ctx": 2048})) == 2048
+
+
+_GO_KINDS = {int: "int", float: "float32", bool: "bool", str: "string", list: "slice"}
+
+
+def _ollama_from_map(values: dict) -> dict | None:
+    """Ollama's ``Options.FromMap`` (api/types.go), written out on its own: the values set, or None for an error."""
+    out = {}
+    for key, value in values.items():
+        if key not in PARAMETER_TYPES or value is None:
+            continue  # unknown: slog.Warn and continue; nil: continue
+        kind = _GO_KINDS[PARAMETER_TYPES[key]]
+        if isinstance(value, float) and not math.isfinite(value):
+            return None  # JSON cannot carry it to Ollama; Mullama refuses it too
+        if kind == "int" and isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[key] = int(value)  # int64(float64): towards zero
+        elif kind == "float32" and isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[key] = float(value)
+        elif kind == "bool" and isinstance(value, bool) or kind == "string" and isinstance(value, str):
+            out[key] = value
+        elif kind == "slice" and isinstance(value, list) and all(isinstance(v, str) for v in value):
+            out[key] = value
+        else:
+            return None
+    return out
+
+
+_any_name = st.sampled_from(sorted(PARAMETER_TYPES)) | st.text(max_size=10)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.dictionaries(_any_name, _json | _numbers, max_size=8))
+def test_parse_options_is_as_lenient_as_ollama(values):
+    ollama = _ollama_from_map({k: v for k, v in values.items() if k not in IGNORED_OPTIONS})
+    try:
+        parsed = parse_options(values)
+    except BadRequestError as exc:
+        # Only a known option refuses; a type error is one Ollama makes too (Mullama adds range checks).
+        assert exc.param in PARAMETER_TYPES and values[exc.param] is not None
+        assert ollama is None or "must be of type" not in exc.message
+        return
+    assert ollama is not None
+    assert set(parsed) == set(ollama)
+    for name, value in parsed.items():
+        assert value == ollama[name] or math.isclose(value, ollama[name]), name

@@ -129,19 +129,22 @@ def test_modelfile_parameter_think_is_the_default(server: Server) -> None:
 # --- OpenAI --------------------------------------------------------------------
 
 
-def test_openai_reasoning_content(oai: openai.OpenAI, split: dict[str, str]) -> None:
+def test_openai_reasoning(oai: openai.OpenAI, split: dict[str, str]) -> None:
+    # ``reasoning`` as Ollama names it; ``reasoning_content`` too, for the clients that read only that name.
     reply = oai.chat.completions.create(model="fewshot", messages=HELLO, max_tokens=GREEDY["num_predict"],
                                         temperature=0, seed=1)
     message = reply.choices[0].message
-    assert (message.model_extra["reasoning_content"], message.content) == (split["thinking"], split["content"])
-    reasoning, content = "", ""
+    assert (message.model_extra["reasoning"], message.content) == (split["thinking"], split["content"])
+    assert message.model_extra["reasoning_content"] == split["thinking"]
+    reasoning, mirrored, content = "", "", ""
     for chunk in oai.chat.completions.create(model="fewshot", messages=HELLO, max_tokens=GREEDY["num_predict"],
                                              temperature=0, seed=1, stream=True):
         delta = chunk.choices[0].delta
-        reasoning += (delta.model_extra or {}).get("reasoning_content") or ""
+        reasoning += (delta.model_extra or {}).get("reasoning") or ""
+        mirrored += (delta.model_extra or {}).get("reasoning_content") or ""
         assert not (delta.content and reasoning != split["thinking"]), "content before the thinking ended"
         content += delta.content or ""
-    assert (reasoning, content) == (split["thinking"], split["content"])
+    assert (reasoning, mirrored, content) == (split["thinking"], split["thinking"], split["content"])
 
 
 def test_openai_reasoning_effort(oai: openai.OpenAI) -> None:
@@ -150,12 +153,12 @@ def test_openai_reasoning_effort(oai: openai.OpenAI) -> None:
                                            temperature=0, seed=1, **extra).choices[0].message
 
     off = message("fewshot", reasoning_effort="none")
-    assert "</think>" in off.content and "reasoning_content" not in off.model_extra
-    assert message("thinker").model_extra["reasoning_content"].strip()
+    assert "</think>" in off.content and "reasoning" not in off.model_extra
+    assert message("thinker").model_extra["reasoning"].strip()
     # Absent, the Modelfile decides; any effort but "none" turns thinking on.
-    assert "reasoning_content" not in message("quiet").model_extra
-    assert message("quiet", reasoning_effort="low").model_extra["reasoning_content"].strip()
-    assert message("quiet", extra_body={"reasoning": {"effort": "high"}}).model_extra["reasoning_content"].strip()
+    assert "reasoning" not in message("quiet").model_extra
+    assert message("quiet", reasoning_effort="low").model_extra["reasoning"].strip()
+    assert message("quiet", extra_body={"reasoning": {"effort": "high"}}).model_extra["reasoning"].strip()
 
 
 # --- Anthropic -----------------------------------------------------------------

@@ -193,14 +193,17 @@ class ModelManager:
 
     # --- public --------------------------------------------------------------
 
-    def resolve(self, name: str, request_options: dict[str, Any] | None = None) -> Resolution:
+    def resolve(self, name: str, request_options: dict[str, Any] | None = None,
+                defaults: dict[str, Any] | None = None) -> Resolution:
         """The record of ``name`` with the request's options merged over its Modelfile's, once per request.
+
+        ``defaults`` (an API's own, such as OpenAI's temperature) go under the Modelfile's.
 
         Raises :class:`ModelNotFoundError` for a model the store lacks.
         """
         record = find_model(self.store, name)
         request_options = request_options or {}
-        options = self.defaults.merged(record.parameters, request_options)
+        options = self.defaults.merged(defaults or {}, record.parameters, request_options)
         trained = _trained_context(record)
         if trained and options.num_ctx > trained:
             # As Ollama: a context longer than the model was trained for is cut to that length.

@@ -9,7 +9,9 @@ unchanged. Ollama options may ride along as ``options`` or top-level fields,
 and ``truncate: false`` refuses a prompt longer than the context (a 400)
 instead of cutting it. ``thinking: {"type": "disabled"}`` turns a reasoning
 model's thinking off; its reasoning otherwise comes back as ``thinking``
-blocks (``thinking_delta`` events when streamed).
+blocks (``thinking_delta`` events when streamed). How hard it thinks
+(``output_config.effort``, else the ``budget_tokens`` of enabled thinking)
+becomes a level of Ollama's ``think`` (see :func:`parse_thinking`).
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from mullama.http.common import (
     typed,
 )
 from mullama.http.server import Request, Router
-from mullama.types import ChatRequest, Message, Tool, ToolCall
+from mullama.types import ChatRequest, Message, Think, Tool, ToolCall
 
 SSE = "text/event-stream; charset=utf-8"
 Event = tuple[str, dict[str, Any]]
@@ -54,6 +56,12 @@ _ERROR_TYPES = {
 }
 _EMPTY_BLOCKS = {"text": {"type": "text", "text": ""}, "thinking": {"type": "thinking", "thinking": "", "signature": ""}}
 _TOOL_CHOICES = {"auto": "auto", "any": "required", "none": "none"}
+#: ``output_config.effort`` as Ollama's Anthropic layer maps it to a level (``xhigh`` is ``high``).
+_EFFORTS: dict[str, Think] = {"low": "low", "medium": "medium", "high": "high", "xhigh": "high", "max": "max"}
+#: Thinking budgets up to these many tokens are ``low``, then ``medium``; more is ``high``. Claude Code, the
+#: most common client of this API, asks 4,000 tokens for "think", 10,000 for "think hard" and 31,999 for
+#: "ultrathink"; Ollama turns every budget into ``true`` (``medium``).
+_BUDGET_LEVELS = ((8_191, "low"), (24_575, "medium"))
 
 
 def register(router: Router) -> None:
@@ -219,15 +227,35 @@ def parse_tool_choice(value: Any, tools: list[Tool]) -> str:
     return _TOOL_CHOICES[kind]
 
 
-def parse_thinking(value: Any) -> bool | None:
-    """``thinking``: enabled → True, disabled → False; adaptive, other modes or absent → the model's default."""
-    if value is None:
+def parse_thinking(value: Any, output_config: Any = None) -> Think:
+    """``thinking`` and ``output_config.effort`` as Ollama's ``think``.
+
+    Disabled thinking is off. Otherwise an effort is its level, as in Ollama;
+    without one, enabled thinking is the level of its ``budget_tokens`` (see
+    :data:`_BUDGET_LEVELS`), where Ollama gives every budget ``medium``.
+    Adaptive thinking, other modes or nothing leave the model's default.
+    """
+    kind = None
+    if value is not None:
+        kind = value.get("type") if isinstance(value, dict) else None
+        if not isinstance(kind, str):
+            raise BadRequestError("thinking: expected {\"type\": \"enabled\" | \"disabled\" | \"adaptive\"}",
+                                  param="thinking")
+    effort = output_config.get("effort") if isinstance(output_config, dict) else None
+    if isinstance(effort, str):
+        effort = effort.strip().lower() or None  # as Ollama reads it; empty is no effort
+    if effort is not None and (not isinstance(effort, str) or effort not in _EFFORTS):
+        raise BadRequestError(f"output_config.effort: expected one of {', '.join(_EFFORTS)}", param="output_config")
+    if kind == "disabled":
+        return False
+    if effort is not None:
+        return _EFFORTS[effort]
+    if kind != "enabled":
         return None
-    kind = value.get("type") if isinstance(value, dict) else None
-    if not isinstance(kind, str):
-        raise BadRequestError("thinking: expected {\"type\": \"enabled\" | \"disabled\" | \"adaptive\"}",
-                              param="thinking")
-    return {"enabled": True, "disabled": False}.get(kind)
+    budget = typed(value, "budget_tokens", int)
+    if budget is None:
+        return True
+    return next((level for most, level in _BUDGET_LEVELS if budget <= most), "high")
 
 
 def parse_output_format(value: Any) -> dict[str, Any] | None:
@@ -254,7 +282,8 @@ def parse_request(body: dict[str, Any], *, counting: bool = False) -> ChatReques
     tools = parse_tools(body.get("tools"))
     return ChatRequest(model=model, messages=parse_messages(body.get("messages"), body.get("system")),
                        tools=tools, options=options, format=parse_output_format(body.get("output_config")),
-                       think=parse_thinking(body.get("thinking")), keep_alive=keep_alive(body),
+                       think=parse_thinking(body.get("thinking"), body.get("output_config")),
+                       keep_alive=keep_alive(body),
                        tool_choice=parse_tool_choice(body.get("tool_choice"), tools),
                        truncate=typed(body, "truncate", bool, True))
 

@@ -62,7 +62,7 @@ from mullama.store.capabilities import capabilities
 from mullama.store.records import ModelRecord, find_model
 from mullama.store.names import ModelName, canonical_digest
 from mullama.store.pull import pull
-from mullama.types import ChatRequest, GenerateRequest, Message, ToolCall
+from mullama.types import THINK_LEVELS, ChatRequest, GenerateRequest, Message, Think, ToolCall
 
 #: The Ollama version Mullama answers to; clients gate features on it.
 OLLAMA_COMPATIBLE_VERSION = "0.13.0"
@@ -142,12 +142,11 @@ def _format(body: dict[str, Any]) -> Any:
     raise BadRequestError(f"invalid format {value!r}: use \"json\" or a JSON schema", param="format")
 
 
-def _think(body: dict[str, Any]) -> bool | None:
+def _think(body: dict[str, Any]) -> Think:
+    """``think``: a boolean, or a level that turns thinking on and reaches the template (Ollama's ``ThinkValue``)."""
     value = body.get("think")
-    if value is None or isinstance(value, bool):
+    if value is None or isinstance(value, bool) or value in THINK_LEVELS:
         return value
-    if value in ("low", "medium", "high", "max"):
-        return True
     raise BadRequestError("think must be true, false, \"low\", \"medium\", \"high\" or \"max\"", param="think")
 
 

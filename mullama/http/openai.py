@@ -7,13 +7,22 @@ events. Chat completions report token log probabilities in the chat shape
 ``token_logprobs``...); both come from the model's raw distribution, before
 sampling, as llama-server and Ollama report them.
 
-Thinking: ``reasoning_effort`` (or ``reasoning.effort``, as Ollama also
-reads it) ``"none"`` turns a reasoning model's thinking off and any other
-effort turns it on; absent, the model's default holds (on for a template
-that knows ``<think>``, unless its Modelfile says ``PARAMETER think false``).
-The reasoning comes back as ``reasoning_content``, beside ``content``, as
-llama-server and DeepSeek send it. Beyond OpenAI's fields, ``truncate: false``
-refuses a prompt longer than the context with a 400 instead of cutting it.
+As Ollama's OpenAI layer: a request without ``temperature`` samples at 1.0
+and chat and completions without ``top_p`` at 1.0 (OpenAI's defaults), but
+under a Modelfile's ``PARAMETER``, which Ollama lets these defaults override
+(ollama/ollama#17744); ``/v1/completions`` renders its prompt with the
+model's template, as Ollama's ``/api/generate`` does.
+
+Thinking: ``reasoning_effort`` (or ``reasoning.effort``, which Ollama reads
+first) becomes Ollama's ``think`` as Ollama maps it: ``"none"`` turns a
+reasoning model's thinking off, ``"minimal"`` is ``low``, ``low``/``medium``/
+``high``/``max`` are themselves and ``xhigh``/``ultra`` are ``max``; the
+level reaches the template. Absent, the model's default holds (on for a
+template that knows ``<think>``, unless its Modelfile says ``PARAMETER think
+false``). The reasoning comes back as ``reasoning``, Ollama's name, beside
+``content`` (see :data:`REASONING_FIELDS`). Beyond OpenAI's fields,
+``truncate: false`` refuses a prompt longer than the context with a 400
+instead of cutting it.
 """
 
 from __future__ import annotations
@@ -53,12 +62,22 @@ from mullama.http.common import (
 )
 from mullama.http.server import Request, Router
 from mullama.store.names import ModelName
-from mullama.types import ChatRequest, GenerateRequest, Message, Tool, ToolCall
+from mullama.types import ChatRequest, GenerateRequest, Message, Think, Tool, ToolCall
 
 SSE = "text/event-stream"
 FINGERPRINT = "fp_mullama"
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
-_REASONING_EFFORTS = ("minimal", "low", "medium", "high", "xhigh")
+#: OpenAI's efforts (and the tiers clients add) as Ollama's ``thinkFromReasoningEffort`` maps them to ``think``.
+_REASONING_EFFORTS: dict[str, Think] = {"none": False, "minimal": "low", "low": "low", "medium": "medium",
+                                         "high": "high", "max": "max", "xhigh": "max", "ultra": "max"}
+#: Where a reply's reasoning goes: ``reasoning`` as Ollama names it, and ``reasoning_content`` too, because
+#: popular clients read only that name (DeepSeek's and llama-server's): OpenCode's OpenAI-compatible
+#: provider (anomalyco/opencode#46061) and langchain-deepseek would drop Ollama's ``reasoning``.
+REASONING_FIELDS = ("reasoning", "reasoning_content")
+#: OpenAI's sampling defaults, which Ollama's OpenAI layer sets when a request leaves them out.
+_CHAT_DEFAULTS = {"temperature": 1.0, "top_p": 1.0}
+#: Ollama's Responses layer sets only the temperature, leaving ``top_p`` to the model.
+_RESPONSES_DEFAULTS = {"temperature": 1.0}
 _TEXT_PARTS = ("text", "input_text", "output_text")
 _IMAGE_PARTS = ("image_url", "input_image")
 #: OpenAI error types by status; the SDK picks its exception class from the status alone.
@@ -114,14 +133,18 @@ def _options(body: dict[str, Any], limits: tuple[str, ...]) -> dict[str, Any]:
     return generation_options(body, limits=limits, stop="stop", stop_may_be_text=True)
 
 
-def _think(effort: Any, param: str) -> bool | None:
-    if effort is None:
+def _think(effort: Any, param: str) -> Think:
+    """An effort as Ollama's ``think``; absent or empty leaves the model's default, as in Ollama."""
+    if effort is None or effort == "":
         return None
-    if effort == "none":
-        return False
-    if effort in _REASONING_EFFORTS:
-        return True
-    raise BadRequestError(f"invalid {param} {effort!r}: use none, {', '.join(_REASONING_EFFORTS)}", param=param)
+    if isinstance(effort, str) and effort in _REASONING_EFFORTS:
+        return _REASONING_EFFORTS[effort]
+    raise BadRequestError(f"invalid {param} {effort!r}: use {', '.join(_REASONING_EFFORTS)}", param=param)
+
+
+def _reasoning(thinking: str) -> dict[str, str]:
+    """A reply's reasoning under each of :data:`REASONING_FIELDS`."""
+    return dict.fromkeys(REASONING_FIELDS, thinking)
 
 
 def _chat_effort(body: dict[str, Any]) -> Any:
@@ -213,7 +236,7 @@ def _chat_messages(value: Any) -> list[Message]:
             continue
         calls = function_calls(item.get("tool_calls"), where, "messages") if role == "assistant" else []
         history.called(calls)
-        thinking = item.get("reasoning_content") or item.get("reasoning") or ""
+        thinking = item.get("reasoning") or item.get("reasoning_content") or ""
         messages.append(Message(role=_ROLES[role], content=text, images=images, tool_calls=calls,
                                 thinking=thinking if isinstance(thinking, str) else ""))
     return messages
@@ -310,7 +333,7 @@ def chat_completions(request: Request) -> None:
         format=_format(body.get("response_format"), "response_format"),
         think=_think(_chat_effort(body), "reasoning_effort"), keep_alive=keep_alive(body),
         tool_choice=_tool_choice(body.get("tool_choice"), tools), truncate=_truncate(body),
-        logprobs=logprobs, top_logprobs=top_logprobs)
+        logprobs=logprobs, top_logprobs=top_logprobs, defaults=_CHAT_DEFAULTS)
     parallel = typed(body, "parallel_tool_calls", bool, True)
     stream = typed(body, "stream", bool, False)
     include_usage = _include_usage(body)
@@ -324,7 +347,7 @@ def chat_completions(request: Request) -> None:
         message: dict[str, Any] = {"role": "assistant", "content": result.message.content or (None if calls else ""),
                                    "refusal": None}
         if result.message.thinking:
-            message["reasoning_content"] = result.message.thinking
+            message.update(_reasoning(result.message.thinking))
         if calls:
             message["tool_calls"] = [_call_json(call) for call in calls]
         choice = {"index": 0, "message": message,
@@ -344,7 +367,7 @@ def chat_completions(request: Request) -> None:
         for delta in reply:
             parts: list[dict[str, Any]] = []
             if delta.thinking:
-                parts.append({"reasoning_content": delta.thinking})
+                parts.append(_reasoning(delta.thinking))
             if delta.content:
                 parts.append({"content": delta.content})
             calls = _calls(delta.tool_calls, parallel)
@@ -379,7 +402,7 @@ def _legacy_logprobs(entries: list[TokenLogprob], offset: int) -> dict[str, Any]
 
 
 def completions(request: Request) -> None:
-    """``POST /v1/completions``: the prompt goes to the model as it is, without the chat template."""
+    """``POST /v1/completions``: the prompt is rendered with the model's template, as Ollama renders it."""
     body = request.json()
     model = model_name(body)
     _only_one(body, "n")
@@ -394,10 +417,9 @@ def completions(request: Request) -> None:
         raise BadRequestError("prompt must be a non-empty string (one prompt per request)", param="prompt")
     suffix = typed(body, "suffix", str, "")
     echo = typed(body, "echo", bool, False)
-    # A suffix needs the model's fill-in-the-middle template, so only then is the template applied.
-    req = GenerateRequest(model=model, prompt=prompt, suffix=suffix, raw=not suffix,
-                               options=_options(body, ("max_tokens",)), keep_alive=keep_alive(body),
-                               truncate=_truncate(body), logprobs=logprobs is not None, top_logprobs=logprobs or 0)
+    req = GenerateRequest(model=model, prompt=prompt, suffix=suffix, options=_options(body, ("max_tokens",)),
+                          defaults=_CHAT_DEFAULTS, keep_alive=keep_alive(body), truncate=_truncate(body),
+                          logprobs=logprobs is not None, top_logprobs=logprobs or 0)
     stream = typed(body, "stream", bool, False)
     include_usage = _include_usage(body)
     reply = service.generate(request.handler.app.manager, req, context=request.context)
@@ -661,7 +683,7 @@ def responses(request: Request) -> None:
         model=model, messages=messages, tools=tools, options=_options(body, ("max_output_tokens",)),
         format=_format(text.get("format"), "text.format"), think=_think(reasoning.get("effort"), "reasoning.effort"),
         keep_alive=keep_alive(body), tool_choice=_tool_choice(body.get("tool_choice"), tools),
-        truncate=_truncate(body))
+        truncate=_truncate(body), defaults=_RESPONSES_DEFAULTS)
     parallel = typed(body, "parallel_tool_calls", bool, True)
     stream = typed(body, "stream", bool, False)
     base = {"id": new_id("resp_"), "object": "response", "created_at": int(time.time()), "model": model,

@@ -36,9 +36,9 @@ import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from mullama.prompt.templates import THINK_LEVELS, collate, template_message, template_tool
+from mullama.prompt.templates import collate, template_message, template_tool
 from mullama.prompt.toolcalls import TextDelta, ToolCallEvent, new_call_id
-from mullama.types import Message, Tool, ToolCall
+from mullama.types import THINK_LEVELS, Message, Tool, ToolCall
 
 log = logging.getLogger("mullama.prompt.harmony")
 

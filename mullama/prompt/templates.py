@@ -34,10 +34,7 @@ from mullama.prompt.gotemplate import (
     marshal_json,
     sprint,
 )
-from mullama.types import Message, Tool
-
-#: The string levels that turn thinking on (Ollama's ``ThinkValue.Bool``).
-THINK_LEVELS = ("high", "medium", "low", "max")
+from mullama.types import THINK_LEVELS, Message, Tool
 
 
 # ---------------------------------------------------------------- Go-shaped values
