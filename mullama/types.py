@@ -92,3 +92,26 @@ class GenerateRequest(GenerationRequest):
     raw: bool = False
     images: list[bytes] = field(default_factory=list)
     context: list[int] = field(default_factory=list)
+
+
+@dataclass
+class TranscriptionRequest:
+    """Speech to text, as OpenAI's audio routes describe it (and the CLI and the voice loop through them)."""
+
+    model: str
+    #: The recording's bytes: WAV, or any format ffmpeg reads when it is installed.
+    audio: bytes
+    #: The uploaded file's name, for error messages.
+    filename: str = "audio"
+    #: ``transcribe`` (in the spoken language) or ``translate`` (into English).
+    task: str = "transcribe"
+    #: A language code or name; None detects it.
+    language: str | None = None
+    #: Text that conditions the decoding (spellings, style, the previous sentence).
+    prompt: str | None = None
+    temperature: float = 0.0
+    #: Word timestamps (OpenAI's ``timestamp_granularities[]`` with ``word``).
+    word_timestamps: bool = False
+    #: Find the speech with the VAD first, so silence gives no invented words.
+    vad: bool = True
+    keep_alive: Any = None

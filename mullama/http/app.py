@@ -313,7 +313,7 @@ def wind_down(app: App, grace: float, hurry: threading.Event | None = None) -> N
     deadline = time.monotonic() + grace
     while True:
         for loaded in app.manager.running():
-            loaded.batcher.cancel_all()
+            loaded.cancel_all()
         if app.wait_idle(0.1):
             break
         if time.monotonic() >= deadline or (hurry is not None and hurry.is_set()):

@@ -53,7 +53,7 @@ from mullama.http.common import (
 )
 from mullama.http.server import Request, Router
 from mullama.options import parse_options
-from mullama.store import gguf
+from mullama.store import gguf, kinds
 from mullama.store.blobs import MEDIA_TYPES, Layer, Manifest
 from mullama.store.modelfile import Modelfile
 from mullama.store.modelfile import render as render_modelfile
@@ -362,6 +362,8 @@ def embeddings_legacy(request: Request) -> None:
 
 
 def _details(record: ModelRecord) -> dict[str, Any]:
+    if record.speech:
+        return _speech_details(record)
     try:
         info = record.info
     except (MullamaError, OSError):
@@ -370,6 +372,17 @@ def _details(record: ModelRecord) -> dict[str, Any]:
     family = info.architecture or ""
     return {"parent_model": "", "format": "gguf", "family": family, "families": [family] if family else None,
             "parameter_size": _parameter_size(info.parameter_count), "quantization_level": info.quantization}
+
+
+def _speech_details(record: ModelRecord) -> dict[str, Any]:
+    """A whisper.cpp model's details: its format (``ggml``), family, size and weight type."""
+    try:
+        info = record.whisper
+    except (MullamaError, OSError):
+        return {"parent_model": "", "format": "ggml", "family": "whisper", "families": ["whisper"],
+                "parameter_size": "", "quantization_level": ""}
+    return {"parent_model": "", "format": "ggml", "family": "whisper", "families": ["whisper"],
+            "parameter_size": _parameter_size(info.parameters), "quantization_level": info.quantization}
 
 
 def _parameter_size(count: int) -> str:
@@ -408,7 +421,7 @@ def ps(request: Request) -> None:
                        "context_length": loaded.context_length, "num_parallel": loaded.num_parallel,
                        "memory": {"weights": loaded.estimate.weights, "kv_cache": loaded.estimate.kv_cache,
                                   "compute": loaded.estimate.compute},
-                       "active": loaded.batcher.active_count, "queued": loaded.batcher.queued_count,
+                       "active": loaded.active_count, "queued": loaded.queued_count,
                        "limits": request.handler.app.ops.limits.for_model(record.name).as_dict()})
     request.handler.send_json(200, {"models": models})
 
@@ -443,6 +456,9 @@ def show(request: Request) -> None:
     name = model_or_path(request, body, "name")
     manager = request.handler.app.manager
     record = find_model(manager.store, name)
+    if record.speech:
+        request.handler.send_json(200, _show_speech(record))
+        return
     info = record.info
     template = record.template if record.template is not None else (info.chat_template or "")
     modelfile = Modelfile(from_=str(record.model_path), parameters=dict(record.parameters), template=template,
@@ -466,6 +482,24 @@ def show(request: Request) -> None:
     if record.messages:
         out["messages"] = [{"role": m.role, "content": m.content} for m in record.messages]
     request.handler.send_json(200, out)
+
+
+def _show_speech(record: ModelRecord) -> dict[str, Any]:
+    """``/api/show`` of a speech model: no template or parameters, the whisper.cpp header as its model_info."""
+    modelfile = Modelfile(from_=str(record.model_path), parameters=dict(record.parameters),
+                          licenses=list(record.license))
+    out: dict[str, Any] = {
+        "modelfile": render_modelfile(modelfile, name=record.name),
+        "parameters": _parameters_text(record.parameters),
+        "template": "",
+        "details": _speech_details(record),
+        "model_info": record.whisper.model_info(),
+        "capabilities": ["speech"],
+        "modified_at": _iso(record.modified or time.time()),
+    }
+    if record.license:
+        out["license"] = "\n".join(record.license)
+    return out
 
 
 def _status_stream(request: Request, stream: bool, work: Any) -> None:
@@ -517,7 +551,7 @@ def create(request: Request) -> None:
                 candidate = _server_file(request, source)
                 if not candidate.is_file():
                     raise NotFoundError(f"{source}: no such file", param="from")
-                gguf.read_gguf(candidate)
+                kinds.validate(candidate)
                 emit({"status": "copying file"})
                 digest = store.add_blob_from_file(candidate, link=True)
                 layers.append(Layer(MEDIA_TYPES["model"], digest, candidate.stat().st_size))
@@ -533,7 +567,8 @@ def create(request: Request) -> None:
                 raise BadRequestError(f"blob {digest} for {filename} was not uploaded", param="files")
             emit({"status": f"using existing layer {digest}"})
             # A projector is known by its architecture, as Ollama knows it (its name may say nothing).
-            clip = gguf.read_gguf(store.blob_path(digest)).architecture == "clip"
+            blob = store.blob_path(digest)
+            clip = kinds.validate(blob) == kinds.GGUF and gguf.read_gguf(blob).architecture == "clip"
             media = MEDIA_TYPES["projector"] if clip else MEDIA_TYPES["model"]
             layers.append(Layer(media, digest, store.blob_path(digest).stat().st_size))
         for filename, digest in typed(body, "adapters", dict, {}).items():
