@@ -76,9 +76,10 @@ def _api(name: str) -> ModuleType:
 ollama = _api("ollama")
 openai = _api("openai")
 anthropic = _api("anthropic")
+audio = _api("audio")
 webui = _api("webui")
 #: Every API family (and the web UI's static files), each a module with ``register(router)``.
-API_FAMILIES = (ollama, openai, anthropic, webui)
+API_FAMILIES = (ollama, openai, anthropic, audio, webui)
 
 
 def build_router() -> Router:
