@@ -115,3 +115,21 @@ class TranscriptionRequest:
     #: Find the speech with the VAD first, so silence gives no invented words.
     vad: bool = True
     keep_alive: Any = None
+
+
+@dataclass
+class VoiceRequest:
+    """A spoken conversation: each utterance is transcribed and answered by a chat model, as it ends."""
+
+    #: The chat model that answers.
+    model: str
+    #: The speech model that transcribes.
+    speech_model: str
+    #: The conversation so far (a system message first, if any).
+    messages: list[Message] = field(default_factory=list)
+    #: The spoken language (a code or name); None detects it.
+    language: str | None = None
+    #: The chat model's options (Ollama's).
+    options: dict[str, Any] = field(default_factory=dict)
+    think: bool | None = None
+    keep_alive: Any = None

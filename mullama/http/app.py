@@ -77,9 +77,10 @@ ollama = _api("ollama")
 openai = _api("openai")
 anthropic = _api("anthropic")
 audio = _api("audio")
+voice = _api("voice")
 webui = _api("webui")
 #: Every API family (and the web UI's static files), each a module with ``register(router)``.
-API_FAMILIES = (ollama, openai, anthropic, audio, webui)
+API_FAMILIES = (ollama, openai, anthropic, audio, voice, webui)
 
 
 def build_router() -> Router:

@@ -64,7 +64,7 @@ _ROUTE_SCOPES: tuple[tuple[str, str], ...] = (
     ("/api/embeddings", "inference"), ("/api/apply-template", "inference"),
     ("/v1/chat/completions", "inference"), ("/v1/completions", "inference"), ("/v1/embeddings", "inference"),
     ("/v1/responses", "inference"), ("/v1/messages", "inference"), ("/v1/messages/count_tokens", "inference"),
-    ("/v1/audio/transcriptions", "inference"), ("/v1/audio/translations", "inference"),
+    ("/v1/audio/transcriptions", "inference"), ("/v1/audio/translations", "inference"), ("/api/voice", "inference"),
     ("/metrics", "metrics"), ("/api/stats", "metrics"),
 )
 
