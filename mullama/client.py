@@ -14,8 +14,9 @@ import http.client
 import ipaddress
 import json
 import os
+import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -193,6 +194,52 @@ class Client:
         body, content_type = encode_form(fields, file.name, data)
         return self._send("POST", path, body, content_type=content_type)
 
+    def duplex(self, path: str, chunks: Iterable[bytes]) -> Iterator[bytes]:
+        """``POST`` ``chunks`` as a chunked body while yielding the answer's lines as they come.
+
+        The body is sent from a thread of its own, so the answer (the voice
+        loop's events) streams back while the audio is still being sent.
+        """
+        factory = http.client.HTTPSConnection if self.host.scheme == "https" else http.client.HTTPConnection
+        connection = factory(self.host.connect_host, self.host.port, timeout=self.timeout)
+        try:
+            connection.putrequest("POST", self.host.path + path)
+            for name, value in self._headers().items():
+                connection.putheader(name, value)
+            connection.putheader("Content-Type", "application/octet-stream")
+            connection.putheader("Transfer-Encoding", "chunked")
+            connection.endheaders()
+        except (OSError, http.client.HTTPException) as error:
+            connection.close()
+            raise ConnectError(f"could not connect to a Mullama server at {self.host.url}: {_reason(error)}") from None
+
+        def send() -> None:
+            try:
+                for chunk in chunks:
+                    if chunk:
+                        connection.send(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                connection.send(b"0\r\n\r\n")
+            except OSError:
+                pass  # the server answered and closed: the answer says why
+
+        threading.Thread(target=send, name="mullama-upload", daemon=True).start()
+        try:
+            response = connection.getresponse()
+            if response.status >= 400:
+                raise APIError(response.status, _error_message(response.read(), response))
+            yield from response
+        except (OSError, http.client.HTTPException) as error:
+            raise ConnectError(f"lost the connection to the server: {_reason(error)}") from None
+        finally:
+            connection.close()
+
+    def _headers(self) -> dict[str, str]:
+        headers = {"Accept": "application/x-ndjson, application/json", "User-Agent": "mullama-cli"}
+        key = os.environ.get("MULLAMA_API_KEY")
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        return headers
+
     def _json(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
         connection, response = self._send(method, path, None if body is None else _encode(body))
         try:
@@ -213,10 +260,7 @@ class Client:
     ) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
         """Send a request; return the open connection and a successful response."""
         factory = http.client.HTTPSConnection if self.host.scheme == "https" else http.client.HTTPConnection
-        headers = {"Accept": "application/x-ndjson, application/json", "User-Agent": "mullama-cli"}
-        key = os.environ.get("MULLAMA_API_KEY")
-        if key:
-            headers["Authorization"] = f"Bearer {key}"
+        headers = self._headers()
         if body is not None:
             headers["Content-Type"] = content_type or (
                 "application/json" if isinstance(body, bytes) else "application/octet-stream")

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import wave
 
 import pytest
 from daemon import cli, create_model, serve
-from speech_helpers import SENTENCES, spoken_sentence, word_errors
+from speech_helpers import SENTENCES, sox, spoken_sentence, word_errors
 from whisper_weights import whisper_tiny_en_path
 
 SPEECH = "whisper:tiny.en"
@@ -19,7 +22,7 @@ def daemon(tmp_path_factory, model_path):
     serving = serve(tmp_path_factory.mktemp("speech-cli"), **native)
     try:
         create_model(serving.port, whisper_tiny_en_path(), SPEECH)
-        create_model(serving.port, model_path, "smol")
+        create_model(serving.port, model_path, "smol", parameters={"num_predict": 16, "temperature": 0})
         yield serving
     finally:
         serving.stop()
@@ -70,3 +73,31 @@ def test_a_missing_file_or_a_corrupt_one(daemon, tmp_path):
 def test_run_on_a_speech_model_says_to_transcribe(daemon):
     result = cli(daemon.env, "run", SPEECH, "hello")
     assert result.returncode == 1 and "mullama transcribe" in result.stderr
+
+
+def test_listen_to_a_file_prints_each_transcript_and_its_answer(daemon, tmp_path):
+    talk = tmp_path / "talk.wav"
+    sox("-n", "-r", "16000", "-c", "1", "-b", "16", tmp_path / "pause.wav", "trim", "0", "1.5")
+    sox(spoken_sentence(12), tmp_path / "pause.wav", spoken_sentence(17), tmp_path / "pause.wav", talk)
+    result = cli(daemon.env, "listen", "smol", "--speech-model", SPEECH, "--file", str(talk))
+    assert result.returncode == 0, result.stderr
+    heard = [line[4:] for line in result.stdout.splitlines() if line.startswith(">>> ")]
+    assert len(heard) == 2 and word_errors(SENTENCES[12], heard[0])[0] <= 1
+    assert word_errors(SENTENCES[17], heard[1])[0] <= 1
+    blocks = [block for block in result.stdout.split("\n\n") if block.strip()]
+    assert len(blocks) == 2 and all(len(block.splitlines()) >= 2 for block in blocks), result.stdout
+
+
+def test_listen_reads_raw_pcm_from_stdin(daemon):
+    with wave.open(str(spoken_sentence(17))) as reader:
+        raw = reader.readframes(reader.getnframes())
+    result = subprocess.run([sys.executable, "-m", "mullama", "listen", "smol", "--speech-model", SPEECH],
+                            env=daemon.env, input=raw + bytes(32000), capture_output=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    (heard,) = [line[4:] for line in result.stdout.decode().splitlines() if line.startswith(">>> ")]
+    assert word_errors(SENTENCES[17], heard)[0] <= 1
+
+
+def test_listen_refuses_a_text_model_as_its_speech_model(daemon):
+    result = cli(daemon.env, "listen", "smol", "--speech-model", "smol", stdin="")
+    assert result.returncode == 1 and "not a speech model" in result.stderr
