@@ -317,12 +317,18 @@ def grammar_for(fmt: Any, tools: list[Tool], tool_choice: str, calls: ToolFormat
 
 
 def _start(manager: ModelManager, model_name: str, options: dict[str, Any], keep_alive: Any,
-           context: RequestContext | None = None) -> tuple[ExitStack, Resolution, LoadedModel, int]:
-    """Resolve the request's model once and hold it loaded; also the nanoseconds that took."""
+           context: RequestContext | None = None, *, text: bool = True,
+           ) -> tuple[ExitStack, Resolution, LoadedModel, int]:
+    """Resolve the request's model once and hold it loaded; also the nanoseconds that took.
+
+    ``text`` False is a request that only loads the model (any model may be loaded so).
+    """
     started = time.perf_counter_ns()
     resolution = manager.resolve(model_name, options)
     if context is not None:  # operations: may this request use the model? (before anything loads)
         context.admit(resolution.record.name)
+    if text:
+        require_text_model(resolution.record)
     stack = ExitStack()
     try:
         loaded = stack.enter_context(manager.hold(resolution, keep_alive))
@@ -382,12 +388,12 @@ def _tokens_of(model: Model, prompt: str, images: list[bytes], context: list[int
 def chat(manager: ModelManager, req: ChatRequest, *, context: RequestContext | None = None) -> Reply:
     """Start a chat reply (an empty ``messages`` just loads the model); ``context`` is the request's operations."""
     started = time.perf_counter_ns()
-    stack, resolution, loaded, load_duration = _start(manager, req.model, req.options, req.keep_alive, context)
+    stack, resolution, loaded, load_duration = _start(manager, req.model, req.options, req.keep_alive, context,
+                                                      text=bool(req.messages))
     try:
         record, model = resolution.record, loaded.model
         if not req.messages:
             return Reply(record.name, stack, None, None, None, started, load_duration, 0)
-        require_text_model(record)
         messages = _mark_images(model, req.messages)
         tools = req.tools if req.tool_choice != "none" else []
         think = _resolve_think(resolution, req.think)
@@ -420,12 +426,12 @@ def chat(manager: ModelManager, req: ChatRequest, *, context: RequestContext | N
 def generate(manager: ModelManager, req: GenerateRequest, *, context: RequestContext | None = None) -> Reply:
     """Start a generate reply (an empty prompt just loads the model); ``context`` is the request's operations."""
     started = time.perf_counter_ns()
-    stack, resolution, loaded, load_duration = _start(manager, req.model, req.options, req.keep_alive, context)
+    stack, resolution, loaded, load_duration = _start(manager, req.model, req.options, req.keep_alive, context,
+                                                      text=bool(req.prompt or req.context))
     try:
         record, model = resolution.record, loaded.model
         if not req.prompt and not req.context:
             return Reply(record.name, stack, None, None, None, started, load_duration, 0)
-        require_text_model(record)
         user = place_images(req.prompt, len(req.images), model.image_marker) if req.images else req.prompt
         think = _resolve_think(resolution, req.think)
         if req.raw:
@@ -505,7 +511,6 @@ def embed(manager: ModelManager, model_name: str, inputs: list[str], *, truncate
     started = time.perf_counter_ns()
     stack, resolution, loaded, load_duration = _start(manager, model_name, options or {}, keep_alive, context)
     with stack:
-        require_text_model(resolution.record)
         model = loaded.model
         for text in inputs:
             check_prompt_length(text, loaded.context_length)

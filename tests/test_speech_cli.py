@@ -101,3 +101,16 @@ def test_listen_reads_raw_pcm_from_stdin(daemon):
 def test_listen_refuses_a_text_model_as_its_speech_model(daemon):
     result = cli(daemon.env, "listen", "smol", "--speech-model", "smol", stdin="")
     assert result.returncode == 1 and "not a speech model" in result.stderr
+
+
+def test_list_show_and_ps_know_the_speech_model(daemon):
+    listed = cli(daemon.env, "list")
+    assert listed.returncode == 0 and any(line.startswith(SPEECH) for line in listed.stdout.splitlines())
+    shown = cli(daemon.env, "show", SPEECH)
+    assert shown.returncode == 0, shown.stderr
+    assert "whisper" in shown.stdout and "speech" in shown.stdout and "F16" in shown.stdout
+    assert cli(daemon.env, "transcribe", str(spoken_sentence(7)), "-m", SPEECH, "--keepalive", "5m").returncode == 0
+    running = cli(daemon.env, "ps")
+    assert running.returncode == 0 and any(line.startswith(SPEECH) for line in running.stdout.splitlines())
+    assert cli(daemon.env, "stop", SPEECH).returncode == 0
+    assert not any(line.startswith(SPEECH) for line in cli(daemon.env, "ps").stdout.splitlines())

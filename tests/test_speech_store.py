@@ -131,6 +131,12 @@ def test_a_speech_model_cannot_chat_generate_or_embed(server):
                        ("/api/generate", {"prompt": "hi"}), ("/api/embed", {"input": "hi"})]:
         status, answer = exchange(server, "POST", path, {"model": "whisper:tiny.en", "stream": False, **body})
         assert status == 400 and "is a speech model" in json.loads(answer)["error"], path
+    assert json.loads(exchange(server, "GET", "/api/ps")[1])["models"] == [], "refused before loading"
+    # A request that only loads the model (Ollama's way to preload one) loads a speech model too.
+    status, answer = exchange(server, "POST", "/api/generate", {"model": "whisper:tiny.en"})
+    assert status == 200 and json.loads(answer.splitlines()[-1])["done_reason"] == "load"
+    (loaded,) = json.loads(exchange(server, "GET", "/api/ps")[1])["models"]
+    assert loaded["name"] == "whisper:tiny.en" and loaded["details"]["family"] == "whisper" and loaded["active"] == 0
 
 
 def test_a_damaged_speech_model_is_refused_at_creation(server, tmp_path):
