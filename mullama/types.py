@@ -133,3 +133,5 @@ class VoiceRequest:
     options: dict[str, Any] = field(default_factory=dict)
     think: bool | None = None
     keep_alive: Any = None
+    #: Seconds of speech between two partial transcripts of an utterance going on; None for none.
+    partial_every: float | None = None

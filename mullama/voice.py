@@ -10,6 +10,8 @@ data)``:
 
 - ``utterance.start`` ``{"start"}``, ``utterance.end`` ``{"start", "end"}``
   (seconds into the stream);
+- ``transcript.partial`` ``{"text", "start"}`` while an utterance goes on,
+  when the request asks for partial transcripts;
 - ``transcript`` ``{"text", "start", "end", "language"}``, once an utterance
   is transcribed (an utterance that gives no text is not answered);
 - ``answer.delta`` ``{"content"}``, then ``answer.done`` ``{"text",
@@ -36,7 +38,13 @@ from mullama.engine.residency import ModelManager
 from mullama.errors import MullamaError
 from mullama.ops.operations import RequestContext
 from mullama.speech.transcribe import SpeechModel
-from mullama.speech.utterances import UtteranceDetector, UtteranceEnded, UtteranceStarted
+from mullama.speech.utterances import (
+    UtteranceDetector,
+    UtteranceEnded,
+    UtteranceEvent,
+    UtteranceGoingOn,
+    UtteranceStarted,
+)
 from mullama.types import ChatRequest, Message, VoiceRequest
 
 log = logging.getLogger("mullama.voice")
@@ -73,7 +81,7 @@ class VoiceSession:
         """Consume 16 kHz mono pieces until the audio ends, then wait for the last answer and emit ``done``."""
         assert self._speech is not None, "start() first"
         try:
-            detector = UtteranceDetector(self._speech.detect_speech)
+            detector = UtteranceDetector(self._speech.detect_speech, partial_every=self._req.partial_every)
             for samples in audio:
                 for event in detector.feed(samples):
                     self._on(event)
@@ -92,15 +100,20 @@ class VoiceSession:
             self._answer.cancel()
         self._stack.close()
 
-    def _on(self, event: UtteranceStarted | UtteranceEnded) -> None:
+    def _on(self, event: UtteranceEvent) -> None:
+        assert self._speech is not None
+        if isinstance(event, UtteranceGoingOn):
+            partial = self._speech.transcribe(event.samples, language=self._req.language, vad=False)
+            self._emit("transcript.partial", {"text": partial.text.strip(), "start": event.start})
+            return
         if isinstance(event, UtteranceStarted):
             self._emit("utterance.start", {"start": event.start})
             if self._answer is not None:
                 self._answer.cancel()  # barge-in
                 self._answer.raise_failure()
             return
+        assert isinstance(event, UtteranceEnded)
         self._emit("utterance.end", {"start": event.start, "end": event.end})
-        assert self._speech is not None
         transcript = self._speech.transcribe(event.samples, language=self._req.language, vad=False)
         text = transcript.text.strip()
         self._emit("transcript", {"text": text, "start": event.start, "end": event.end,

@@ -235,3 +235,19 @@ def test_a_streamed_wav_at_another_rate(server):
 def test_bad_sessions_are_refused_before_the_stream(server, query, status, message):
     answer_status, body = exchange(server, "POST", f"/api/voice?{urlencode(query)}")
     assert answer_status == status and message in json.loads(body)["error"]
+
+
+def test_partial_transcripts_while_an_utterance_goes_on(server):
+    client = session(server, partial="true")
+    try:
+        client.send(pcm(spoken_sentence(12)) + silence(1.5))
+        client.end()
+        events = client.until("done")
+    finally:
+        client.close()
+    before_end = names(events)[:names(events).index("utterance.end")]
+    partials = [data["text"] for name, data in events if name == "transcript.partial"]
+    assert before_end[0] == "utterance.start" and set(before_end[1:]) == {"transcript.partial"}
+    # Each second of the 2.6 s sentence: the first words, then more of them.
+    assert len(partials) == 2 and partials[0] and len(partials[1]) > len(partials[0])
+    assert word_errors(SENTENCES[12], dict(events)["transcript"]["text"])[0] <= 1

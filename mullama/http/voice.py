@@ -5,7 +5,8 @@ little-endian 16-bit PCM (``rate`` and ``channels`` in the query, 16 kHz
 mono by default) or a streamed WAV. Settings are query parameters, since the
 body is audio: ``model`` (the chat model, required), ``speech_model``
 (default ``whisper``), ``system``, ``language``, ``options`` (Ollama's
-options as a JSON object), ``think`` and ``keep_alive``. The answer is
+options as a JSON object), ``think``, ``keep_alive`` and ``partial``
+(``true``: partial transcripts of an utterance going on, each second). The answer is
 server-sent events, written while the audio is still arriving: the events of
 :mod:`mullama.voice`, each named (``event: transcript``) with its JSON
 ``data``. A missing model or a bad parameter is a plain error before the
@@ -32,6 +33,8 @@ log = logging.getLogger("mullama.http.voice")
 SSE = "text/event-stream"
 #: The speech model when the request names none (whisper:latest, which is whisper:base in the catalogue).
 DEFAULT_SPEECH_MODEL = "whisper"
+#: Seconds of speech between two partial transcripts, when asked for.
+PARTIAL_EVERY = 1.0
 _BOOLEANS = {"true": True, "1": True, "false": False, "0": False}
 
 
@@ -98,7 +101,8 @@ def voice_request(query: Query) -> VoiceRequest:
     return VoiceRequest(model=model, speech_model=query.get("speech_model", DEFAULT_SPEECH_MODEL) or "",
                         messages=[Message(role="system", content=system)] if system else [],
                         language=query.get("language"), options=query.options(), think=query.boolean("think"),
-                        keep_alive=query.get("keep_alive"))
+                        keep_alive=query.get("keep_alive"),
+                        partial_every=PARTIAL_EVERY if query.boolean("partial") else None)
 
 
 def voice(request: Request) -> None:

@@ -7,6 +7,8 @@ and runs the VAD over it each time a little more has arrived: the first
 speech it finds starts an utterance, and the utterance ends once the speech
 has been followed by enough silence (or has gone on too long). Silence alone
 is trimmed as it comes, so the buffer stays short and each VAD run cheap.
+With ``partial_every``, an utterance still going on is also handed out at
+that interval, for partial transcripts.
 """
 
 from __future__ import annotations
@@ -35,7 +37,15 @@ class UtteranceEnded:
     samples: array
 
 
-UtteranceEvent = UtteranceStarted | UtteranceEnded
+@dataclass(frozen=True)
+class UtteranceGoingOn:
+    """An utterance not ended yet: its start and its audio so far (for a partial transcript)."""
+
+    start: float
+    samples: array
+
+
+UtteranceEvent = UtteranceStarted | UtteranceGoingOn | UtteranceEnded
 #: Finds the speech in 16 kHz mono samples (``SpeechModel.detect_speech``).
 Detect = Callable[[array], list[SpeechSegment]]
 
@@ -44,10 +54,14 @@ class UtteranceDetector:
     """Feed it audio as it arrives; it says when utterances start and end."""
 
     def __init__(self, detect: Detect, *, end_silence: float = 0.8, step: float = 0.25, margin: float = 0.3,
-                 max_utterance: float = 30.0, keep_silence: float = 1.0) -> None:
+                 max_utterance: float = 30.0, keep_silence: float = 1.0, partial_every: float | None = None) -> None:
         """``end_silence``: the silence that ends an utterance; ``step``: audio between two VAD runs;
         ``margin``: audio kept before and after the speech the VAD found (it clips word edges);
-        ``max_utterance``: longer speech is cut; ``keep_silence``: silence kept ahead of speech to come."""
+        ``max_utterance``: longer speech is cut; ``keep_silence``: silence kept ahead of speech to come;
+        ``partial_every``: seconds of speech between two :class:`UtteranceGoingOn` (None: none)."""
+        self._partial_every = partial_every
+        #: Seconds of the buffer that the last UtteranceGoingOn (or the start) covered.
+        self._partial_at = 0.0
         self._detect = detect
         self._end_silence, self._step, self._margin = end_silence, step, margin
         self._max_utterance, self._keep_silence = max_utterance, keep_silence
@@ -83,9 +97,14 @@ class UtteranceDetector:
         first, last = segments[0].start, segments[-1].end
         if not self._speaking:
             self._speaking = True
+            self._partial_at = first
             events.append(UtteranceStarted(round(self._offset + first, 3)))
         if final or duration - last >= self._end_silence or last - first >= self._max_utterance:
             events.append(self._end(first, last))
+        elif self._partial_every is not None and duration - self._partial_at >= self._partial_every:
+            self._partial_at = duration
+            begin = max(0, int((first - self._margin) * SAMPLE_RATE))
+            events.append(UtteranceGoingOn(round(self._offset + first, 3), self._buffer[begin:]))
         return events
 
     def _end(self, first: float, last: float) -> UtteranceEnded:
