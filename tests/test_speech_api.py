@@ -5,6 +5,8 @@ from __future__ import annotations
 import http.client
 import json
 import subprocess
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
@@ -202,3 +204,28 @@ def test_a_prompt_and_a_language(oai):
 
 def test_models_list_includes_the_speech_model(oai):
     assert SPEECH in {model.id for model in oai.models.list()}
+
+
+def test_a_chat_and_a_transcription_at_once_in_one_daemon(oai):
+    """Text and speech share the daemon's one ggml: together each gives what it gives alone."""
+    def chat(started=None):
+        stream = oai.chat.completions.create(model="smol", messages=[{"role": "user", "content": "Name three colours."}],
+                                             temperature=0, max_tokens=48, stream=True)
+        pieces = []
+        for chunk in stream:
+            if started is not None:
+                started.set()
+            pieces.append(chunk.choices[0].delta.content or "" if chunk.choices else "")
+        return "".join(pieces)
+
+    def transcribe():
+        with recording(12) as audio:
+            return oai.audio.transcriptions.create(model=SPEECH, file=audio).text
+
+    alone = chat(), transcribe()
+    started = threading.Event()
+    with ThreadPoolExecutor(2) as pool:
+        chatting = pool.submit(chat, started)
+        started.wait(300)
+        together = chatting, pool.submit(transcribe)
+        assert (together[0].result(), together[1].result()) == alone
