@@ -14,7 +14,9 @@ import http.client
 import ipaddress
 import json
 import os
-from collections.abc import Iterator
+import threading
+import uuid
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -178,6 +180,66 @@ class Client:
         connection, _ = self._send("POST", f"/api/blobs/{digest}", file, length=size)
         connection.close()
 
+    def post_form(self, path: str, fields: dict[str, str], file: Path) -> tuple[http.client.HTTPConnection,
+                                                                                http.client.HTTPResponse]:
+        """``POST`` a multipart form of ``fields`` and ``file`` (as OpenAI's audio routes take it).
+
+        Returns the open connection and its successful response, for the
+        caller to read (a JSON body, a text, or server-sent events) and close.
+        """
+        try:
+            data = file.read_bytes()
+        except OSError as error:
+            raise MullamaError(f"{file}: {_reason(error)}") from None
+        body, content_type = encode_form(fields, file.name, data)
+        return self._send("POST", path, body, content_type=content_type)
+
+    def duplex(self, path: str, chunks: Iterable[bytes]) -> Iterator[bytes]:
+        """``POST`` ``chunks`` as a chunked body while yielding the answer's lines as they come.
+
+        The body is sent from a thread of its own, so the answer (the voice
+        loop's events) streams back while the audio is still being sent.
+        """
+        factory = http.client.HTTPSConnection if self.host.scheme == "https" else http.client.HTTPConnection
+        connection = factory(self.host.connect_host, self.host.port, timeout=self.timeout)
+        try:
+            connection.putrequest("POST", self.host.path + path)
+            for name, value in self._headers().items():
+                connection.putheader(name, value)
+            connection.putheader("Content-Type", "application/octet-stream")
+            connection.putheader("Transfer-Encoding", "chunked")
+            connection.endheaders()
+        except (OSError, http.client.HTTPException) as error:
+            connection.close()
+            raise ConnectError(f"could not connect to a Mullama server at {self.host.url}: {_reason(error)}") from None
+
+        def send() -> None:
+            try:
+                for chunk in chunks:
+                    if chunk:
+                        connection.send(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                connection.send(b"0\r\n\r\n")
+            except OSError:
+                pass  # the server answered and closed: the answer says why
+
+        threading.Thread(target=send, name="mullama-upload", daemon=True).start()
+        try:
+            response = connection.getresponse()
+            if response.status >= 400:
+                raise APIError(response.status, _error_message(response.read(), response))
+            yield from response
+        except (OSError, http.client.HTTPException) as error:
+            raise ConnectError(f"lost the connection to the server: {_reason(error)}") from None
+        finally:
+            connection.close()
+
+    def _headers(self) -> dict[str, str]:
+        headers = {"Accept": "application/x-ndjson, application/json", "User-Agent": "mullama-cli"}
+        key = os.environ.get("MULLAMA_API_KEY")
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        return headers
+
     def _json(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
         connection, response = self._send(method, path, None if body is None else _encode(body))
         try:
@@ -194,15 +256,14 @@ class Client:
         *,
         length: int | None = None,
         timeout: float | None = None,
+        content_type: str | None = None,
     ) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
         """Send a request; return the open connection and a successful response."""
         factory = http.client.HTTPSConnection if self.host.scheme == "https" else http.client.HTTPConnection
-        headers = {"Accept": "application/x-ndjson, application/json", "User-Agent": "mullama-cli"}
-        key = os.environ.get("MULLAMA_API_KEY")
-        if key:
-            headers["Authorization"] = f"Bearer {key}"
+        headers = self._headers()
         if body is not None:
-            headers["Content-Type"] = "application/json" if isinstance(body, bytes) else "application/octet-stream"
+            headers["Content-Type"] = content_type or (
+                "application/json" if isinstance(body, bytes) else "application/octet-stream")
             headers["Content-Length"] = str(len(body) if isinstance(body, bytes) else length)
         try:
             connection = factory(self.host.connect_host, self.host.port, timeout=timeout or self.timeout)
@@ -215,6 +276,19 @@ class Client:
             connection.close()
             raise APIError(response.status, _error_message(data, response))
         return connection, response
+
+
+def encode_form(fields: dict[str, str], filename: str, data: bytes) -> tuple[bytes, str]:
+    """A ``multipart/form-data`` body of ``fields`` and one ``file``, and its Content-Type."""
+    boundary = uuid.uuid4().hex
+    while boundary.encode() in data:
+        boundary = uuid.uuid4().hex
+    quoted = filename.replace("\\", "\\\\").replace('"', '\\"').replace("\r", " ").replace("\n", " ")
+    parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode()
+             for name, value in fields.items()]
+    parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{quoted}"\r\n'
+                 "Content-Type: application/octet-stream\r\n\r\n".encode() + data + b"\r\n")
+    return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
 
 
 def _encode(body: dict[str, Any]) -> bytes:

@@ -4,7 +4,9 @@ Ollama's ``/api/chat``, OpenAI's chat completions and Anthropic's messages
 all build a :class:`ChatRequest`; this module renders the prompt with the
 model's template, turns ``format`` and forced tool calls into a grammar,
 submits the tokens to the model's batcher, and splits the output into
-thinking, content and tool calls. The API modules only translate.
+thinking, content and tool calls. OpenAI's audio routes build a
+:class:`TranscriptionRequest`, which :func:`transcribe` runs on a speech
+model. The API modules only translate.
 """
 
 from __future__ import annotations
@@ -12,8 +14,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import threading
 import time
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,7 +34,10 @@ from mullama.engine.vision import ImageChunk, place_images
 from mullama.prompt.thinking import ThinkingSplitter, prompt_opens_thinking
 from mullama.prompt.harmony import HarmonyParser, ThinkingDelta, render_harmony, renamed_tools
 from mullama.prompt.toolcalls import HARMONY, TextDelta, ToolCallEvent, ToolCallParser, ToolFormat, detect_format
-from mullama.types import ChatRequest, GenerateRequest, Message, Think, Tool, ToolCall, split_think
+from mullama.speech.audio import decode_audio
+from mullama.speech.transcribe import Segment, SpeechModel, Transcript
+from mullama.types import (ChatRequest, GenerateRequest, Message, Think, Tool, ToolCall, TranscriptionRequest,
+                           split_think)
 
 log = logging.getLogger("mullama.service")
 
@@ -333,13 +339,18 @@ def grammar_for(fmt: Any, tools: list[Tool], tool_choice: str, calls: ToolFormat
 
 
 def _start(manager: ModelManager, model_name: str, options: dict[str, Any], keep_alive: Any,
-           context: RequestContext | None = None, defaults: dict[str, Any] | None = None,
+           context: RequestContext | None = None, defaults: dict[str, Any] | None = None, *, text: bool = True,
            ) -> tuple[ExitStack, Resolution, LoadedModel, int]:
-    """Resolve the request's model once and hold it loaded; also the nanoseconds that took."""
+    """Resolve the request's model once and hold it loaded; also the nanoseconds that took.
+
+    ``text`` False is a request that only loads the model (any model may be loaded so).
+    """
     started = time.perf_counter_ns()
     resolution = manager.resolve(model_name, options, defaults)
     if context is not None:  # operations: may this request use the model? (before anything loads)
         context.admit(resolution.record.name)
+    if text:
+        require_text_model(resolution.record)
     stack = ExitStack()
     try:
         loaded = stack.enter_context(manager.hold(resolution, keep_alive))
@@ -347,6 +358,21 @@ def _start(manager: ModelManager, model_name: str, options: dict[str, Any], keep
         stack.close()
         raise
     return stack, resolution, loaded, time.perf_counter_ns() - started
+
+
+def require_text_model(record: ModelRecord) -> None:
+    """Refuse text work (chat, generate, embed) on a speech model, saying what it is for."""
+    if record.speech:
+        raise BadRequestError(f'"{record.name}" is a speech model: it transcribes audio (POST '
+                              '/v1/audio/transcriptions, `mullama transcribe`) and does not generate text',
+                              param="model")
+
+
+def require_speech_model(record: ModelRecord) -> None:
+    """Refuse transcription with a model that is not a speech model."""
+    if not record.speech:
+        raise BadRequestError(f'"{record.name}" is not a speech model: transcription needs a Whisper model such '
+                              "as whisper:base (`mullama pull whisper:base`)", param="model")
 
 
 def _mark_images(model: Model, messages: list[Message]) -> list[Message]:
@@ -385,7 +411,7 @@ def chat(manager: ModelManager, req: ChatRequest, *, context: RequestContext | N
     """Start a chat reply (an empty ``messages`` just loads the model); ``context`` is the request's operations."""
     started = time.perf_counter_ns()
     stack, resolution, loaded, load_duration = _start(manager, req.model, req.options, req.keep_alive, context,
-                                                      req.defaults)
+                                                      req.defaults, text=bool(req.messages))
     try:
         record, model = resolution.record, loaded.model
         if not req.messages:
@@ -423,7 +449,7 @@ def generate(manager: ModelManager, req: GenerateRequest, *, context: RequestCon
     """Start a generate reply (an empty prompt just loads the model); ``context`` is the request's operations."""
     started = time.perf_counter_ns()
     stack, resolution, loaded, load_duration = _start(manager, req.model, req.options, req.keep_alive, context,
-                                                      req.defaults)
+                                                      req.defaults, text=bool(req.prompt or req.context))
     try:
         record, model = resolution.record, loaded.model
         if not req.prompt and not req.context:
@@ -465,6 +491,7 @@ def apply_template(manager: ModelManager, req: ChatRequest, *, context: RequestC
     resolution = manager.resolve(req.model, req.options)
     if context is not None:  # operations: may this request use the model?
         context.admit(resolution.record.name)
+    require_text_model(resolution.record)
     with manager.hold(resolution, req.keep_alive) as loaded:
         think = _resolve_think(resolution, req.think)
         return render_prompt(resolution.record, loaded.model, req.messages, req.tools, think)
@@ -475,6 +502,7 @@ def count_tokens(manager: ModelManager, req: ChatRequest, *, context: RequestCon
     resolution = manager.resolve(req.model, req.options)
     if context is not None:  # operations: may this request use the model?
         context.admit(resolution.record.name)
+    require_text_model(resolution.record)
     with manager.hold(resolution, req.keep_alive) as loaded:
         tools = req.tools if req.tool_choice != "none" else []
         think = _resolve_think(resolution, req.think)
@@ -523,3 +551,30 @@ def embed(manager: ModelManager, model_name: str, inputs: list[str], *, truncate
 def _renormalise(vector: list[float]) -> list[float]:
     norm = sum(x * x for x in vector) ** 0.5
     return [x / norm for x in vector] if norm else vector
+
+
+def transcribe(manager: ModelManager, req: TranscriptionRequest, *, context: RequestContext | None = None,
+               on_segment: Callable[[Segment], None] | None = None,
+               cancel: threading.Event | None = None) -> Transcript:
+    """Transcribe (or translate into English) ``req.audio`` with a speech model, loading it if needed.
+
+    The audio is decoded (and checked against the size and duration limits)
+    before the model is loaded, so a corrupt upload costs no load.
+    ``on_segment`` sees each segment as Whisper finishes it; ``cancel`` stops
+    the work (:class:`~mullama.errors.CancelledError`).
+    """
+    if req.task not in ("transcribe", "translate"):
+        raise BadRequestError(f"unknown task {req.task!r}: transcribe or translate")
+    resolution = manager.resolve(req.model)
+    if context is not None:  # operations: may this request use the model?
+        context.admit(resolution.record.name)
+    require_speech_model(resolution.record)
+    audio = decode_audio(req.audio, req.filename)
+    with manager.hold(resolution, req.keep_alive) as loaded:
+        model = loaded.model
+        assert isinstance(model, SpeechModel)
+        options = {"prompt": req.prompt, "temperature": req.temperature, "word_timestamps": req.word_timestamps,
+                   "vad": req.vad, "cancel": cancel, "on_segment": on_segment}
+        if req.task == "translate":
+            return model.translate(audio, **options)
+        return model.transcribe(audio, language=req.language, **options)

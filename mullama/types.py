@@ -107,3 +107,46 @@ class GenerateRequest(GenerationRequest):
     raw: bool = False
     images: list[bytes] = field(default_factory=list)
     context: list[int] = field(default_factory=list)
+
+
+@dataclass
+class TranscriptionRequest:
+    """Speech to text, as OpenAI's audio routes describe it (and the CLI and the voice loop through them)."""
+
+    model: str
+    #: The recording's bytes: WAV, or any format ffmpeg reads when it is installed.
+    audio: bytes
+    #: The uploaded file's name, for error messages.
+    filename: str = "audio"
+    #: ``transcribe`` (in the spoken language) or ``translate`` (into English).
+    task: str = "transcribe"
+    #: A language code or name; None detects it.
+    language: str | None = None
+    #: Text that conditions the decoding (spellings, style, the previous sentence).
+    prompt: str | None = None
+    temperature: float = 0.0
+    #: Word timestamps (OpenAI's ``timestamp_granularities[]`` with ``word``).
+    word_timestamps: bool = False
+    #: Find the speech with the VAD first, so silence gives no invented words.
+    vad: bool = True
+    keep_alive: Any = None
+
+
+@dataclass
+class VoiceRequest:
+    """A spoken conversation: each utterance is transcribed and answered by a chat model, as it ends."""
+
+    #: The chat model that answers.
+    model: str
+    #: The speech model that transcribes.
+    speech_model: str
+    #: The conversation so far (a system message first, if any).
+    messages: list[Message] = field(default_factory=list)
+    #: The spoken language (a code or name); None detects it.
+    language: str | None = None
+    #: The chat model's options (Ollama's).
+    options: dict[str, Any] = field(default_factory=dict)
+    think: bool | None = None
+    keep_alive: Any = None
+    #: Seconds of speech between two partial transcripts of an utterance going on; None for none.
+    partial_every: float | None = None

@@ -26,6 +26,7 @@ from mullama.cli.format import list_table, ps_table, show_info
 from mullama.cli.generate import RunOptions, generate_once, load_model
 from mullama.cli.interactive import History, Session, apply_show, last_model, remember_model, use_readline
 from mullama.cli.keys import add_keys_verb
+from mullama.cli.speech import add_speech_verbs
 from mullama.cli.stats import add_stats_verb
 from mullama.cli.unsupported import add_refused_flags, check_verb
 from mullama.cli.progress import Progress, follow
@@ -78,6 +79,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     client = connect()
     info = _show_or_pull(client, opts.model)
     apply_show(opts, info, think_set=opts.think is not None)
+    if "speech" in (info.get("capabilities") or []):
+        raise MullamaError(f"{opts.model} is a speech model: transcribe a recording with "
+                           f"`mullama transcribe FILE --model {opts.model}`")
     if "embedding" in (info.get("capabilities") or []):
         if not opts.prompt:
             raise BadRequestError(f'embedding models require input text. Usage: mullama run {opts.model} "your text here"')
@@ -420,6 +424,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("models", metavar="MODEL", nargs="+")
     add_stats_verb(verb)
     add_keys_verb(verb)
+    add_speech_verbs(verb)
     sub = verb("tui", cmd_tui, "Open the terminal UI: chat, models, running models")
     sub.add_argument("model", metavar="MODEL", nargs="?", help="the model to chat with first")
     return parser

@@ -2,7 +2,8 @@
 
 :func:`estimate` predicts what llama.cpp allocates for a GGUF loaded with
 given :class:`~mullama.engine.model.LoadOptions`: the weights, the KV cache of
-every sequence, and the compute buffers of one batch. :func:`budget` is
+every sequence, and the compute buffers of one batch (:func:`estimate_speech`
+the same for a whisper.cpp speech model). :func:`budget` is
 what the daemon's models may occupy together: ``MULLAMA_MAX_MEMORY`` when
 set, else the GPUs' memory when the model is offloaded, else system RAM.
 
@@ -26,6 +27,7 @@ from mullama import config
 from mullama.engine.model import LoadOptions
 from mullama.errors import NativeLibraryError
 from mullama.ffi import load as load_native
+from mullama.speech.model_file import WhisperFile
 from mullama.store.gguf import GGML_TYPES, GGUFInfo, SkippedArray
 
 #: Elements per block and bytes per block of each KV cache type, from ggml's type table.
@@ -73,6 +75,28 @@ def estimate(info: GGUFInfo, load: LoadOptions, *, parts: Sequence[GGUFInfo] = (
     # Plus the output buffer: one row of logits per sequence.
     compute = 4 * load.num_batch * width + 4 * n_vocab * max(1, load.num_parallel)
     return Estimate(weights=weights, kv_cache=kv_cache, compute=compute)
+
+
+def estimate_speech(info: WhisperFile, load: LoadOptions) -> Estimate:
+    """The memory a whisper.cpp model takes with ``load.num_parallel`` transcriptions at once.
+
+    Each transcription runs on a state of its own: f16 caches for
+    self-attention (the text context padded to 256), cross-attention and the
+    encoder's padding (the audio context padded to 256), and compute buffers,
+    approximated here by the encoder's activations, its attention scores and
+    the decoder's logits (the sizes whisper.cpp logs as ``compute buffer``).
+    """
+    states = max(1, load.num_parallel)
+    audio_cells, text_cells = _pad(info.n_audio_ctx, 256), _pad(info.n_text_ctx, 256)
+    kv_cache = 2 * 2 * (info.n_text_state * info.n_text_layer * (text_cells + audio_cells)
+                        + info.n_audio_state * audio_cells)
+    compute = 4 * (16 * info.n_audio_ctx * info.n_audio_state + info.n_audio_head * info.n_audio_ctx ** 2
+                   + info.n_vocab * info.n_text_ctx)
+    return Estimate(weights=info.size, kv_cache=states * kv_cache, compute=states * compute)
+
+
+def _pad(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
 
 
 def _kv_cache(info: GGUFInfo, cells: int, kv_type: str) -> int:

@@ -7,7 +7,10 @@ loaded models: it loads on first use, keeps each model for its keep-alive,
 and makes room for a new model by unloading the least recently used idle
 ones when its estimated memory (see :mod:`mullama.engine.memory`) would exceed the
 budget or ``MULLAMA_MAX_LOADED_MODELS`` would be exceeded. A model serving a
-request is never unloaded: a load that needs its room waits for it.
+request is never unloaded: a load that needs its room waits for it. Speech
+models (whisper.cpp) are loaded, kept and evicted the same way, under the
+same budget and model count; they have no batcher, since each transcription
+runs on a whisper.cpp state of its own.
 """
 
 from __future__ import annotations
@@ -30,11 +33,13 @@ from mullama.engine.model import LoadOptions, Model
 from mullama.errors import BadRequestError, ModelLoadError, ModelNotFoundError, MullamaError, OverloadedError
 from mullama.engine.reloads import busy_reload_refusal
 from mullama.engine.vision import projector_problem
+from mullama.ffi import load as load_native
 from mullama.options import KV_CACHE_TYPES, MAX_NUM_CTX, Options
 from mullama.store.blobs import Store
 from mullama.store.records import ModelRecord, find_model
 from mullama.ops.limits import ModelLimits
 from mullama.ops.metrics import Metrics
+from mullama.speech.transcribe import SpeechModel
 
 log = logging.getLogger("mullama.engine.residency")
 
@@ -100,11 +105,17 @@ def parse_keep_alive(value: Any, default: float | None = None) -> float:
 
 @dataclass
 class LoadedModel:
-    """A model in memory with its batcher and residency bookkeeping."""
+    """A model in memory with its batcher and residency bookkeeping.
+
+    A speech model (``record.speech``) is a :class:`SpeechModel` with no
+    batcher; everything the manager does with a model goes through the
+    methods below, which know both kinds.
+    """
 
     record: ModelRecord
-    model: Model
-    batcher: Batcher
+    model: Model | SpeechModel
+    #: The text model's batcher; None for a speech model.
+    batcher: Batcher | None
     load_options: LoadOptions
     keep_alive: float
     expires_at: float = 0.0
@@ -121,7 +132,30 @@ class LoadedModel:
     @property
     def busy(self) -> bool:
         """True while a request holds the model or its batcher has work."""
-        return self.in_use > 0 or self.batcher.busy
+        return self.in_use > 0 or (self.batcher is not None and self.batcher.busy)
+
+    @property
+    def active_count(self) -> int:
+        """Requests being served now: generating sequences, or transcriptions running."""
+        return self.batcher.active_count if self.batcher is not None else self.model.active_count
+
+    @property
+    def queued_count(self) -> int:
+        """Requests waiting for a sequence (a speech model queues none: each transcription has its own state)."""
+        return self.batcher.queued_count if self.batcher is not None else 0
+
+    def cancel_all(self) -> None:
+        """End every generation or transcription running on the model."""
+        if self.batcher is not None:
+            self.batcher.cancel_all()
+        else:
+            self.model.cancel_all()
+
+    def close(self) -> None:
+        """Free the model (and its batcher)."""
+        if self.batcher is not None:
+            self.batcher.close()
+        self.model.close()
 
     @property
     def size(self) -> int:
@@ -132,6 +166,8 @@ class LoadedModel:
     def size_vram(self) -> int:
         """Estimated bytes in GPU memory: all when every layer is offloaded, a share when some are."""
         num_gpu = self.load_options.num_gpu
+        if isinstance(self.model, SpeechModel):
+            return self.size if num_gpu != 0 and load_native().gpu_devices else 0
         if num_gpu == 0 or not self.model.native.gpu_devices:
             return 0
         layers = self.model.info.block_count or 0
@@ -268,7 +304,7 @@ class ModelManager:
             loaded = self._loaded.get(key)
         if loaded is None:
             return False
-        loaded.batcher.cancel_all()
+        loaded.cancel_all()
         return self.unload(name)
 
     def running(self) -> list[LoadedModel]:
@@ -285,7 +321,7 @@ class ModelManager:
         self._closed.set()
         with self._lock:
             for loaded in list(self._loaded.values()):
-                loaded.batcher.cancel_all()
+                loaded.cancel_all()
                 if loaded.in_use:
                     loaded.keep_alive = 0
                 else:
@@ -423,15 +459,7 @@ class ModelManager:
         log.info("loading %s (%s, num_ctx=%d%s, num_parallel=%d, about %s)", record.name, record.model_path,
                  load_options.num_ctx, capped, load_options.num_parallel, memory.describe(need.total))
         with self.metrics.loading(record.name):
-            # A file that aborts llama.cpp kills a child, not the daemon.
-            probe.verify(record.model_paths, record.digest, self.stall_timeout)
-            model = Model(record.model_paths, load_options, adapters=record.adapters,
-                          projector=record.projector_path, stall_timeout=self.stall_timeout)
-            try:
-                batcher = Batcher(model, max_queue=self.max_queue)
-            except BaseException:
-                model.close()
-                raise
+            model, batcher = self._open(record, load_options)
         loaded = LoadedModel(record=record, model=model, batcher=batcher, load_options=load_options,
                              keep_alive=keep_alive, last_used=time.monotonic(), in_use=1, estimate=need)
         with self._lock:
@@ -441,13 +469,28 @@ class ModelManager:
             self._loaded[record.name] = loaded
         return loaded
 
+    def _open(self, record: ModelRecord, load_options: LoadOptions) -> tuple[Model | SpeechModel, Batcher | None]:
+        """The model of ``record`` in memory, with its batcher (a speech model has none)."""
+        if record.speech:
+            # The file is validated in Python before whisper.cpp reads it (see mullama.speech.model_file).
+            return SpeechModel(record.model_path, num_thread=load_options.num_thread or None,
+                               use_gpu=load_options.num_gpu != 0), None
+        # A file that aborts llama.cpp kills a child, not the daemon.
+        probe.verify(record.model_paths, record.digest, self.stall_timeout)
+        model = Model(record.model_paths, load_options, adapters=record.adapters, projector=record.projector_path,
+                      stall_timeout=self.stall_timeout)
+        try:
+            return model, Batcher(model, max_queue=self.max_queue)
+        except BaseException:
+            model.close()
+            raise
+
     def _evict(self, loaded: LoadedModel, reason: str = "unload") -> None:
         if self._loaded.get(loaded.record.name) is loaded:
             del self._loaded[loaded.record.name]
         log.info("unloading %s", loaded.record.name)
         started = time.monotonic()
-        loaded.batcher.close()
-        loaded.model.close()
+        loaded.close()
         self.metrics.model_evicted(loaded.record.name, reason, time.monotonic() - started)
         self._lock.notify_all()
 
@@ -468,6 +511,8 @@ def _no_limits(name: str) -> ModelLimits:
 
 def estimate_record(record: ModelRecord, load_options: LoadOptions) -> Estimate:
     """The memory ``record``'s GGUF (all its parts) takes with ``load_options``, its projector's weights included."""
+    if record.speech:
+        return memory.estimate_speech(record.whisper, load_options)
     first, *rest = record.headers()
     need = memory.estimate(first, load_options, parts=rest)
     if record.projector_path is None:

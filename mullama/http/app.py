@@ -79,9 +79,11 @@ def _api(name: str) -> ModuleType:
 ollama = _api("ollama")
 openai = _api("openai")
 anthropic = _api("anthropic")
+audio = _api("audio")
+voice = _api("voice")
 webui = _api("webui")
 #: Every API family (and the web UI's static files), each a module with ``register(router)``.
-API_FAMILIES = (ollama, openai, anthropic, webui)
+API_FAMILIES = (ollama, openai, anthropic, audio, voice, webui)
 
 
 def build_router() -> Router:
@@ -363,7 +365,7 @@ def wind_down(app: App, grace: float, hurry: threading.Event | None = None) -> N
     deadline = time.monotonic() + grace
     while True:
         for loaded in app.manager.running():
-            loaded.batcher.cancel_all()
+            loaded.cancel_all()
         if app.wait_idle(0.1):
             break
         if time.monotonic() >= deadline or (hurry is not None and hurry.is_set()):

@@ -374,6 +374,8 @@ def _details(record: ModelRecord, *, lengths: bool = False) -> dict[str, Any]:
     """Ollama's ``details``; with ``lengths``, also the context and embedding lengths ``/api/tags`` gives."""
     out: dict[str, Any] = {"parent_model": record.parent_model, "format": "gguf", "family": "", "families": None,
                            "parameter_size": "", "quantization_level": ""}
+    if record.speech:
+        return _speech_details(record)
     try:
         info = record.info
     except (MullamaError, OSError):
@@ -385,6 +387,17 @@ def _details(record: ModelRecord, *, lengths: bool = False) -> dict[str, Any]:
         out.update({key: value for key, value in (("context_length", info.context_length),
                                                   ("embedding_length", info.embedding_length)) if value})
     return out
+
+
+def _speech_details(record: ModelRecord) -> dict[str, Any]:
+    """A whisper.cpp model's details: its format (``ggml``), family, size and weight type."""
+    try:
+        info = record.whisper
+    except (MullamaError, OSError):
+        return {"parent_model": record.parent_model, "format": "ggml", "family": "whisper", "families": ["whisper"],
+                "parameter_size": "", "quantization_level": ""}
+    return {"parent_model": record.parent_model, "format": "ggml", "family": "whisper", "families": ["whisper"],
+            "parameter_size": _parameter_size(info.parameters), "quantization_level": info.quantization}
 
 
 def _parameter_size(count: int) -> str:
@@ -404,8 +417,11 @@ def tags(request: Request) -> None:
             continue
         item = {"name": entry.name.display, "model": entry.name.display, "modified_at": _iso(entry.modified),
                 "size": entry.size, "digest": entry.digest, "details": _details(record, lengths=True)}
-        with contextlib.suppress(MullamaError, OSError):
-            item["capabilities"] = capabilities(record, record.info, vision=manager.sees_images(record))
+        if record.speech:
+            item["capabilities"] = ["speech"]
+        else:
+            with contextlib.suppress(MullamaError, OSError):
+                item["capabilities"] = capabilities(record, record.info, vision=manager.sees_images(record))
         models.append(item)
     request.handler.send_json(200, {"models": models})
 
@@ -426,7 +442,7 @@ def ps(request: Request) -> None:
                        "context_length": loaded.context_length, "num_parallel": loaded.num_parallel,
                        "memory": {"weights": loaded.estimate.weights, "kv_cache": loaded.estimate.kv_cache,
                                   "compute": loaded.estimate.compute},
-                       "active": loaded.batcher.active_count, "queued": loaded.batcher.queued_count,
+                       "active": loaded.active_count, "queued": loaded.queued_count,
                        "limits": manager.limits(record.name).as_dict()})
     request.handler.send_json(200, {"models": models})
 
@@ -446,6 +462,9 @@ def show(request: Request) -> None:
     verbose = typed(body, "verbose", bool, False)
     manager = request.handler.app.manager
     record = find_model(manager.store, name)
+    if record.speech:
+        request.handler.send_json(200, _show_speech(record))
+        return
     # Verbose shows every array whole, so it reads the header again with them; the record's copy skips long ones.
     info = gguf.read_gguf(record.model_path, load_arrays=True) if verbose else record.info
     template = record.template if record.template is not None else (info.chat_template or "")
@@ -476,6 +495,24 @@ def show(request: Request) -> None:
     if record.requires:
         out["requires"] = record.requires
     request.handler.send_json(200, out)
+
+
+def _show_speech(record: ModelRecord) -> dict[str, Any]:
+    """``/api/show`` of a speech model: no template or parameters, the whisper.cpp header as its model_info."""
+    modelfile = Modelfile(from_=str(record.model_path), parameters=dict(record.parameters),
+                          licenses=list(record.license))
+    out: dict[str, Any] = {
+        "modelfile": render_modelfile(modelfile, name=record.name),
+        "parameters": _parameters_text(record.parameters),
+        "template": "",
+        "details": _speech_details(record),
+        "model_info": record.whisper.model_info(),
+        "capabilities": ["speech"],
+        "modified_at": _iso(record.modified or time.time()),
+    }
+    if record.license:
+        out["license"] = "\n".join(record.license)
+    return out
 
 
 def _status_stream(request: Request, stream: bool, work: Any) -> None:

@@ -64,6 +64,7 @@ _ROUTE_SCOPES: tuple[tuple[str, str], ...] = (
     ("/api/embeddings", "inference"), ("/api/apply-template", "inference"),
     ("/v1/chat/completions", "inference"), ("/v1/completions", "inference"), ("/v1/embeddings", "inference"),
     ("/v1/responses", "inference"), ("/v1/messages", "inference"), ("/v1/messages/count_tokens", "inference"),
+    ("/v1/audio/transcriptions", "inference"), ("/v1/audio/translations", "inference"), ("/api/voice", "inference"),
     ("/metrics", "metrics"), ("/api/stats", "metrics"),
     # Ollama's account and cloud routes: Mullama only answers them as a signed-out Ollama without a cloud.
     ("/api/me", "read"), ("/api/signout", "read"), ("/api/user/keys/*", "read"), ("/api/experimental/*", "read"),

@@ -76,6 +76,10 @@ def manager_models(manager: Any) -> list[ModelUse]:
     """:class:`ModelUse` of each model a :class:`~mullama.engine.residency.ModelManager` holds."""
     found = []
     for loaded in manager.running():
+        if loaded.batcher is None:
+            # A speech model: no sequences or KV cells to report, only its memory and transcriptions running.
+            found.append(ModelUse(loaded.record.name, loaded.size, 0, loaded.active_count, 0, 0, 0))
+            continue
         try:
             context = loaded.model.context
         except MullamaError:

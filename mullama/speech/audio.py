@@ -76,7 +76,8 @@ class WavFormat:
     bits: int
 
 
-def _parse_fmt(chunk: bytes) -> WavFormat:
+def parse_fmt(chunk: bytes) -> WavFormat:
+    """A WAV ``fmt`` chunk's format; a :class:`BadRequestError` for one this module cannot read."""
     if len(chunk) < 16:
         raise BadRequestError("WAV file: the fmt chunk is too short")
     tag, channels, rate, _byte_rate, _align, bits = struct.unpack_from("<HHIIHH", chunk)
@@ -107,7 +108,7 @@ def _chunks(data: bytes) -> tuple[WavFormat, memoryview]:
         ident, size = bytes(view[offset:offset + 4]), struct.unpack_from("<I", data, offset + 4)[0]
         body = view[offset + 8:offset + 8 + size]
         if ident == b"fmt ":
-            fmt = _parse_fmt(bytes(body))
+            fmt = parse_fmt(bytes(body))
         elif ident == b"data":
             if fmt is None:
                 raise BadRequestError("WAV file: the data chunk comes before the fmt chunk")
@@ -184,6 +185,72 @@ def pcm16_to_audio(data: bytes, sample_rate: int = SAMPLE_RATE, channels: int = 
     """Raw little-endian 16-bit PCM (what ``arecord``/``sox -t raw`` stream) as 16 kHz mono."""
     fmt = WavFormat("pcm", channels, sample_rate, 16)
     return Audio(resample(to_mono(_to_floats(memoryview(data), fmt), channels), sample_rate))
+
+
+class PcmStream:
+    """Audio as it is captured, in pieces of any size, as 16 kHz mono floats.
+
+    The stream is raw little-endian 16-bit PCM at ``sample_rate`` with
+    ``channels`` (what ``arecord -f S16_LE`` and ``sox -t raw`` write), or a
+    WAV file as a streaming writer sends it: a RIFF header, whose format
+    (16-bit PCM) then replaces those settings, and samples to the end.
+    """
+
+    #: How far into the stream a WAV header's data chunk must begin.
+    MAX_HEADER = 64 * 1024
+
+    def __init__(self, sample_rate: int = SAMPLE_RATE, channels: int = 1) -> None:
+        """Raw PCM's settings (a WAV header overrides them)."""
+        if not 1000 <= sample_rate <= 768000 or not 1 <= channels <= 64:
+            raise BadRequestError(f"a stream of {channels} channel(s) at {sample_rate} Hz cannot be read")
+        self.sample_rate, self.channels = sample_rate, channels
+        self._pending = b""
+        self._started = False
+
+    def feed(self, data: bytes) -> array:
+        """The samples ``data`` completes (a partial frame waits for the next piece)."""
+        data = self._pending + data
+        if not self._started:
+            if len(data) < 12 and b"RIFF".startswith(data[:4]):
+                self._pending = data
+                return array("f")
+            self._started = True
+            if data[:4] == b"RIFF":
+                header = self._wav_header(data)
+                if header is None:
+                    self._started = False
+                    self._pending = data
+                    return array("f")
+                data = data[header:]
+        frame = 2 * self.channels
+        usable = len(data) - len(data) % frame
+        # Pieces of at least 20 ms, so that converting each to 16 kHz on its own barely shifts the rate.
+        if usable < frame * (self.sample_rate // 50):
+            self._pending = data
+            return array("f")
+        self._pending = data[usable:]
+        return pcm16_to_audio(data[:usable], self.sample_rate, self.channels).samples
+
+    def _wav_header(self, data: bytes) -> int | None:
+        """Where the samples begin, once the header is complete (None until then); its format becomes ours."""
+        if data[8:12] != b"WAVE":
+            raise BadRequestError("the stream starts with RIFF but is not a WAV file")
+        offset = 12
+        while offset + 8 <= len(data):
+            ident, size = data[offset:offset + 4], struct.unpack_from("<I", data, offset + 4)[0]
+            if ident == b"data":
+                return offset + 8
+            if ident == b"fmt ":
+                if offset + 8 + size > len(data):
+                    return None
+                fmt = parse_fmt(data[offset + 8:offset + 8 + size])
+                if (fmt.encoding, fmt.bits) != ("pcm", 16):
+                    raise BadRequestError("a streamed WAV must hold 16-bit PCM")
+                self.sample_rate, self.channels = fmt.sample_rate, fmt.channels
+            offset += 8 + size + (size & 1)
+        if len(data) > self.MAX_HEADER:
+            raise BadRequestError("the stream's WAV header has no data chunk")
+        return None
 
 
 def _decode_with_ffmpeg(data: bytes, max_seconds: float | None, name: str) -> Audio:

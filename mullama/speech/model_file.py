@@ -24,6 +24,9 @@ GGML_TYPE_SIZES = {0: (1, 4), 1: (1, 2), 2: (32, 18), 3: (32, 20), 6: (32, 22), 
 #: ``ftype`` in the header is the file's weight type plus 1000 times the quantization version.
 GGML_QNT_VERSION_FACTOR = 1000
 FTYPES = {0, 1, 2, 3, 7, 8, 9, 10, 11, 12, 13, 14, 15, 32}
+#: The weight type a header's ``ftype`` names, as GGUF files name their quantization.
+FTYPE_NAMES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1", 10: "Q2_K", 11: "Q3_K",
+               12: "Q4_K", 13: "Q5_K", 14: "Q6_K", 15: "Q8_K", 32: "BF16"}
 HPARAMS = ("n_vocab", "n_audio_ctx", "n_audio_state", "n_audio_head", "n_audio_layer",
            "n_text_ctx", "n_text_state", "n_text_head", "n_text_layer", "n_mels", "ftype")
 
@@ -46,11 +49,36 @@ class WhisperFile:
     n_mels: int
     ftype: int
     n_tensors: int
+    #: Weights in all the tensors.
+    parameters: int = 0
 
     @property
     def multilingual(self) -> bool:
         """English-only models have 51,864 tokens; multilingual ones 51,865 or more."""
         return self.n_vocab >= 51865
+
+    @property
+    def quantization(self) -> str:
+        """The weight type (``F16``, ``Q5_1``...)."""
+        return FTYPE_NAMES.get(self.ftype % GGML_QNT_VERSION_FACTOR, "unknown")
+
+    def model_info(self) -> dict[str, object]:
+        """The hyperparameters as ``/api/show``'s ``model_info`` gives a GGUF's metadata."""
+        info: dict[str, object] = {"general.architecture": "whisper", "general.parameter_count": self.parameters,
+                                   "general.file_type": self.ftype % GGML_QNT_VERSION_FACTOR,
+                                   "whisper.multilingual": self.multilingual}
+        info.update({f"whisper.{name}": getattr(self, name) for name in HPARAMS if name != "ftype"})
+        return info
+
+
+def is_whisper_file(path: str | Path) -> bool:
+    """Whether ``path`` starts as a whisper.cpp model file does (its magic; nothing else is checked)."""
+    try:
+        with open(path, "rb") as handle:
+            magic = handle.read(4)
+    except OSError:
+        return False
+    return len(magic) == 4 and struct.unpack("<I", magic)[0] == GGML_MAGIC
 
 
 class _Reader:
@@ -82,8 +110,10 @@ def _check_hparams(path: Path, h: dict[str, int]) -> None:
         raise InvalidModelFileError(f"{path}: unknown weight type (ftype {h['ftype']})")
 
 
-def _walk_tensors(reader: _Reader) -> int:
+def _walk_tensors(reader: _Reader) -> tuple[int, int]:
+    """The number of tensors and of their elements."""
     names: set[str] = set()
+    parameters = 0
     while reader.handle.tell() < reader.size:
         n_dims, length, ttype = reader.ints(3, "tensor records")
         if not 1 <= n_dims <= 3:
@@ -102,11 +132,12 @@ def _walk_tensors(reader: _Reader) -> int:
         elements = 1
         for d in dims:
             elements *= d
+        parameters += elements
         block, block_bytes = GGML_TYPE_SIZES[ttype]
         if dims[0] % block:
             raise InvalidModelFileError(f"{reader.path}: tensor {name!r} rows do not fill whole blocks")
         reader.skip(elements // block * block_bytes, f"data of tensor {name!r}")
-    return len(names)
+    return len(names), parameters
 
 
 def read_whisper_file(path: str | Path) -> WhisperFile:
@@ -138,10 +169,10 @@ def read_whisper_file(path: str | Path) -> WhisperFile:
             if not 0 <= length <= 1024:
                 raise InvalidModelFileError(f"{path}: a vocabulary entry of {length} bytes")
             reader.skip(length, "vocabulary")
-        n_tensors = _walk_tensors(reader)
+        n_tensors, parameters = _walk_tensors(reader)
     expected = 11 + 15 * h["n_audio_layer"] + 24 * h["n_text_layer"]
     if n_tensors == 0:
         raise InvalidModelFileError(f"{path}: a vocabulary-only file, with no weights")
     if n_tensors != expected:
         raise InvalidModelFileError(f"{path}: {n_tensors} tensors, a model of this shape has {expected}")
-    return WhisperFile(path=path, size=size, n_tensors=n_tensors, **h)
+    return WhisperFile(path=path, size=size, n_tensors=n_tensors, parameters=parameters, **h)

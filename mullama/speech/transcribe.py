@@ -161,6 +161,8 @@ class SpeechModel:
         self._vad_model = vad_model
         self._vad: VoiceDetector | None = None
         self._idle_states: list[int] = []
+        #: One event per transcription running, set by :meth:`cancel_all`.
+        self._running: set[threading.Event] = set()
         self._active = 0
         self._closed = False
         self._cond = threading.Condition()
@@ -199,6 +201,18 @@ class SpeechModel:
     def detect_speech(self, audio: Audio | Sequence[float], options: VadOptions | None = None) -> list[SpeechSegment]:
         """The speech segments of a recording (the VAD alone, no transcription)."""
         return self._detector().segments(_as_samples(audio), options)
+
+    def cancel_all(self) -> None:
+        """Stop every transcription running now (each raises :class:`CancelledError`); later ones run as usual."""
+        with self._cond:
+            for stop in self._running:
+                stop.set()
+
+    @property
+    def active_count(self) -> int:
+        """Transcriptions running now."""
+        with self._cond:
+            return len(self._running)
 
     def close(self) -> None:
         """Wait for running transcriptions, then free the model, its states and its VAD."""
@@ -285,9 +299,8 @@ class SpeechModel:
         if request.prompt:
             keep["prompt"] = request.prompt.encode()
             params.initial_prompt = keep["prompt"]
-        if request.cancel is not None or request.on_segment is not None:
-            keep["abort"] = W.ggml_abort_callback(lambda _data: should_stop())
-            params.abort_callback = keep["abort"]
+        keep["abort"] = W.ggml_abort_callback(lambda _data: should_stop())
+        params.abort_callback = keep["abort"]
         return params, keep
 
     def _run(self, audio: Audio | Sequence[float], request: _Request) -> Transcript:
@@ -307,12 +320,18 @@ class SpeechModel:
             samples, time_map = _speech_only(samples, speech)
         # An exception in on_segment cannot cross the C callback: it is kept, stops the run, and is raised here.
         failures: list[BaseException] = []
+        stopped = threading.Event()
+
+        def cancelled() -> bool:
+            return stopped.is_set() or (request.cancel is not None and request.cancel.is_set())
 
         def should_stop() -> bool:
-            return bool(failures) or (request.cancel is not None and request.cancel.is_set())
+            return bool(failures) or cancelled()
 
         params, keep = self._params(request, language, should_stop)
         state = self._acquire_state()
+        with self._cond:
+            self._running.add(stopped)
         try:
             if request.on_segment is not None:
                 keep["segment"] = W.whisper_new_segment_callback(
@@ -322,7 +341,7 @@ class SpeechModel:
             code = self._lib.whisper_full_with_state(self._ctx, state, params, buffer, len(samples))
             if failures:
                 raise failures[0]
-            if request.cancel is not None and request.cancel.is_set():
+            if cancelled():
                 raise CancelledError("the transcription was cancelled")
             if code != 0:
                 raise MullamaError(f"whisper.cpp failed to {request.task} (code {code})")
@@ -331,6 +350,8 @@ class SpeechModel:
             if language is None:
                 language = self._lib.whisper_lang_str(self._lib.whisper_full_lang_id_from_state(state)).decode()
         finally:
+            with self._cond:
+                self._running.discard(stopped)
             self._release_state(state)
         text = "".join(s.text for s in segments).strip()
         return Transcript(text, language, self._language_name(language), duration, segments, request.task, speech)

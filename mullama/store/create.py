@@ -20,7 +20,7 @@ from typing import Any
 
 from mullama.errors import BadRequestError, MullamaError, NotFoundError
 from mullama.prompt.toolcalls import HARMONY, detect_format
-from mullama.store import gguf
+from mullama.store import gguf, kinds
 from mullama.store.blobs import CONFIG_MEDIA_TYPE, MEDIA_TYPES, Layer, Manifest, Store
 from mullama.store.modelfile import check_requires
 from mullama.store.names import ModelName, canonical_digest
@@ -82,15 +82,21 @@ def create(store: Store, spec: CreateSpec, emit: Progress, *, pull: Pull, quanti
     models = [layer for layer in layers if layer.media_type == MEDIA_TYPES["model"]]
     if not models:
         raise BadRequestError("neither 'from' nor 'files' was specified", param="from")
-    if spec.quantize:
-        layers = _quantized(store, layers, spec.quantize, emit, quantize)
-    info = gguf.read_gguf(store.layer_path(models[0]))
-    template = _inherited_template(store, layers) if spec.template is None else spec.template
-    for kind in ("renderer", "parser"):
-        value = getattr(spec, kind) or config.get(kind, "")
-        if value:
-            config[kind] = _check_honoured(kind, value, info, template or "", spec.name.display,
-                                           inherited=not getattr(spec, kind))
+    if kinds.file_kind(store.layer_path(models[0])) == kinds.WHISPER:
+        if spec.quantize or spec.renderer or spec.parser or spec.draft_files:
+            raise BadRequestError(f"{spec.name.display} is a speech model: QUANTIZE, RENDERER, PARSER and DRAFT "
+                                  "apply to text models only")
+        info = None
+    else:
+        if spec.quantize:
+            layers = _quantized(store, layers, spec.quantize, emit, quantize)
+        info = gguf.read_gguf(store.layer_path(models[0]))
+        template = _inherited_template(store, layers) if spec.template is None else spec.template
+        for kind in ("renderer", "parser"):
+            value = getattr(spec, kind) or config.get(kind, "")
+            if value:
+                config[kind] = _check_honoured(kind, value, info, template or "", spec.name.display,
+                                               inherited=not getattr(spec, kind))
     layers = _settings_layers(store, spec, layers)
     emit({"status": "writing manifest"})
     store.write_manifest(spec.name, Manifest(_config_layer(store, layers, info, config, spec.requires), tuple(layers)))
@@ -100,7 +106,7 @@ def create(store: Store, spec: CreateSpec, emit: Progress, *, pull: Pull, quanti
 def _base_layers(store: Store, spec: CreateSpec, emit: Progress, config: dict[str, Any], pull: Pull) -> list[Layer]:
     """The layers ``FROM`` gives: a server file's, or a base model's (pulled first when missing)."""
     if spec.source_file is not None:
-        gguf.read_gguf(spec.source_file)
+        kinds.validate(spec.source_file)
         if spec.in_place:
             emit({"status": "using file in place"})
             return [store.reference_file(spec.source_file)]
@@ -152,7 +158,8 @@ def _blob_layers(store: Store, files: dict[str, str], emit: Progress) -> list[La
     for filename, digest in files.items():
         layer = _uploaded(store, digest, filename, "model", "files")
         emit({"status": f"using existing layer {layer.digest}"})
-        if gguf.read_gguf(store.blob_path(layer.digest)).architecture == "clip":
+        blob = store.blob_path(layer.digest)
+        if kinds.validate(blob) == kinds.GGUF and gguf.read_gguf(blob).architecture == "clip":
             layer = replace(layer, media_type=MEDIA_TYPES["projector"])
         layers.append(layer)
     return layers
@@ -251,12 +258,16 @@ def _settings_layers(store: Store, spec: CreateSpec, layers: list[Layer]) -> lis
     return layers
 
 
-def _config_layer(store: Store, layers: list[Layer], info: gguf.GGUFInfo, extra: dict[str, Any],
+def _config_layer(store: Store, layers: list[Layer], info: gguf.GGUFInfo | None, extra: dict[str, Any],
                   requires: str) -> Layer:
-    """Ollama's config blob: the model's format and family, and what the Modelfile set beyond layers."""
-    family = info.architecture or ""
-    config: dict[str, Any] = {"model_format": "gguf", "model_family": family,
-                              "model_families": [family] if family else None, "file_type": info.quantization}
+    """Ollama's config blob: the model's format and family, and what the Modelfile set beyond layers.
+
+    ``info`` is None for a whisper.cpp speech model (format ``ggml``).
+    """
+    family = info.architecture or "" if info is not None else "whisper"
+    config: dict[str, Any] = {"model_format": "gguf" if info is not None else "ggml", "model_family": family,
+                              "model_families": [family] if family else None,
+                              "file_type": info.quantization if info is not None else ""}
     config.update({key: value for key, value in extra.items() if value})
     if requires:
         config["requires"] = requires.removeprefix("v")

