@@ -2,14 +2,16 @@
 """Engine speed against llama-bench, built from the same llama.cpp source.
 
     python build_native.py --with-tools      # once: builds llama-bench beside the libraries
-    python bench/engine.py [--model PATH] [--threads N] [--rounds 3] [--json]
+    python bench/engine.py [--model PATH|fast] [--threads N] [--rounds 3] [--json]
 
 Prompt processing (512 tokens in one batch, as llama-bench's pp512) and
 decoding (128 tokens one at a time, as tg128) are measured for Mullama's
 engine and for llama-bench, alternating round by round so that both see the
 same machine load; the medians are compared. With ``--json`` the last line
 is a JSON object with ``decode_ratio`` and ``prompt_ratio`` (engine /
-llama-bench).
+llama-bench). ``--model fast`` is the test model cut to two layers
+(tests/fast_model.py): a decode step as short as a GPU's, with the real
+vocabulary, so the host's work per token shows.
 """
 
 from __future__ import annotations
@@ -42,11 +44,15 @@ def find_llama_bench(explicit: str | None) -> Path:
     raise SystemExit("llama-bench not found next to the loaded libraries: run `python build_native.py --with-tools`")
 
 
-def default_model() -> Path:
+def resolve_model(given: str | None) -> Path:
+    """``given``, or the test model when None, or the fast stand-in for ``fast``."""
+    if given is not None and given != "fast":
+        return Path(given)
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
     from conftest import smollm2_path
+    from fast_model import fast_model_path
 
-    return smollm2_path()
+    return fast_model_path() if given == "fast" else smollm2_path()
 
 
 def llama_bench_round(exe: Path, model: Path, threads: int) -> tuple[float, float]:
@@ -76,13 +82,13 @@ def engine_round(model: mullama.Model, rng: random.Random) -> tuple[float, float
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", type=Path, help="GGUF file (default: the SmolLM2-135M test model)")
+    parser.add_argument("--model", help="GGUF file, or `fast` for the fast stand-in (default: the test model)")
     parser.add_argument("--threads", type=int, default=default_threads())
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--llama-bench", help="path of llama-bench (default: from the build cache)")
     parser.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
     args = parser.parse_args()
-    model_path = args.model or default_model()
+    model_path = resolve_model(args.model)
     exe = find_llama_bench(args.llama_bench)
     rng = random.Random(0)
     ours, theirs = [], []

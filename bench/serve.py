@@ -2,7 +2,7 @@
 """Mullama's daemon against llama-server, same GGUF, threads and slots, in one run.
 
     python build_native.py --with-tools      # once: llama-server from the same llama.cpp source
-    python bench/serve.py [--model PATH] [--threads N] [--slots 8] [--tokens 64] [--json]
+    python bench/serve.py [--model PATH|fast] [--threads N] [--slots 8] [--tokens 64] [--json]
 
 Both servers get the same load through the same OpenAI-compatible streaming
 endpoint, interleaved run by run: streaming chat at concurrency 1, 4 and 8
@@ -11,7 +11,9 @@ grows for 10 turns (TTFT per turn), and embeddings (inputs/s). Every run asks
 new questions (only the system prompt is shared, as with new users), and an
 unrecorded first round warms both servers up. Prints a table and the ratios
 (Mullama / llama-server; for TTFT, llama-server / Mullama, so that above 1.0
-always means Mullama is better), medians over ``--rounds``.
+always means Mullama is better), medians over ``--rounds``. ``--model fast``
+is the test model cut to two layers (tests/fast_model.py), whose short
+decode step shows each server's own work per token, as on a GPU.
 """
 
 from __future__ import annotations
@@ -191,7 +193,7 @@ def percentile(values: list[float], q: float) -> float:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", type=Path, help="GGUF file (default: the SmolLM2-135M test model)")
+    parser.add_argument("--model", help="GGUF file, or `fast` for the fast stand-in (default: the test model)")
     parser.add_argument("--threads", type=int, default=default_threads())
     parser.add_argument("--slots", type=int, default=8)
     parser.add_argument("--ctx", type=int, default=2048, help="context per slot")
@@ -199,11 +201,13 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    if args.model is None:
+    if args.model is None or args.model == "fast":
         sys.path.insert(0, str(ROOT / "tests"))
         from conftest import smollm2_path
+        from fast_model import fast_model_path
 
-        args.model = smollm2_path()
+        args.model = fast_model_path() if args.model == "fast" else smollm2_path()
+    args.model = Path(args.model)
     exe = loader.load().directory.parent / "bin" / "llama-server"
     if not exe.exists():
         raise SystemExit("llama-server not found: run `python build_native.py --with-tools`")
