@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 
 import pytest
-from fast_model import fast_model_path, write_pruned
+from fast_model import f16_model_path, fast_model_path, write_pruned
 
 import mullama
 from mullama.store import gguf
@@ -72,3 +72,11 @@ def test_it_refuses_a_layer_count_that_leaves_no_model_or_prunes_nothing(model_p
     with pytest.raises(ValueError, match="between 1 and 29"):
         write_pruned(model_path, tmp_path / "x.gguf", layers)
     assert not list(tmp_path.iterdir())
+
+
+def test_the_f16_target_is_the_test_model_at_f16(model_path):
+    full, target = gguf.read_gguf(model_path), gguf.read_gguf(f16_model_path())
+    assert target.metadata["general.file_type"] == 1 and target.block_count == full.block_count
+    assert {t.name: t.shape for t in target.tensors} == {t.name: t.shape for t in full.tensors}
+    # Every matrix F16 (type 1); the norms stay F32 (type 0), as llama.cpp's quantize keeps them.
+    assert {t.type for t in target.tensors if len(t.shape) == 2} == {1}
