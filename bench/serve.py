@@ -107,15 +107,28 @@ class Server:
 
 
 def start_mullama(model: Path, threads: int, slots: int, ctx: int, home: Path) -> Server:
+    """A daemon serving ``model`` as the model ``bench``, made by ``/api/create`` from its path."""
     port = free_port()
     env = {**os.environ, "MULLAMA_HOST": f"127.0.0.1:{port}", "MULLAMA_HOME": str(home),
-           "MULLAMA_MODELS": str(home / "models"), "MULLAMA_NUM_PARALLEL": str(slots)}
+           "MULLAMA_MODELS": str(home / "models"), "MULLAMA_NUM_PARALLEL": str(slots),
+           # A request names no server file; /api/create may, from this machine, under these directories.
+           "MULLAMA_ALLOWED_DIRS": str(model.resolve().parent)}
     process = subprocess.Popen([sys.executable, "-m", "mullama", "serve"], env=env, cwd=ROOT,
                                stdout=subprocess.DEVNULL, stderr=open(home / "mullama.log", "w"))
-    return Server("mullama", port, str(model), process,
-                  {"options": {"num_ctx": ctx, "num_thread": threads, "num_parallel": slots,
-                               # llama-server does not penalise repeats by default; Ollama does.
-                               "repeat_penalty": 1.0}})
+    server = Server("mullama", port, "bench", process,
+                    {"options": {"num_ctx": ctx, "num_thread": threads, "num_parallel": slots,
+                                 # llama-server does not penalise repeats by default; Ollama does.
+                                 "repeat_penalty": 1.0}})
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            server.post("/api/create", {"model": "bench", "from": str(model.resolve()), "stream": False})
+            return server
+        except OSError:
+            if time.monotonic() > deadline or process.poll() is not None:
+                server.stop()
+                raise RuntimeError("mullama did not start: see its log") from None
+            time.sleep(0.2)
 
 
 def start_llama_server(exe: Path, model: Path, threads: int, slots: int, ctx: int, log: Path,
