@@ -11,7 +11,10 @@ grows for 10 turns (TTFT per turn), and embeddings (inputs/s). Every run asks
 new questions (only the system prompt is shared, as with new users), and an
 unrecorded first round warms both servers up. Prints a table and the ratios
 (Mullama / llama-server; for TTFT, llama-server / Mullama, so that above 1.0
-always means Mullama is better), medians over ``--rounds``. ``--model fast``
+always means Mullama is better), medians over ``--rounds``. On Linux each
+concurrency run also records the server process's CPU time per generated
+token (``cN_cpu_ms``, user + system, every thread): a figure that other work
+on a shared machine moves far less than throughput. ``--model fast``
 is the test model cut to two layers (tests/fast_model.py), whose short
 decode step shows each server's own work per token, as on a GPU.
 """
@@ -142,7 +145,16 @@ def start_llama_server(exe: Path, model: Path, threads: int, slots: int, ctx: in
     return Server("llama-server", port, str(model), process)
 
 
-def chat_load(server: Server, concurrency: int, tokens: int, tag: str) -> tuple[float, list[float]]:
+def cpu_seconds(server: Server) -> float | None:
+    """User + system CPU seconds of the server's process so far (Linux), else None."""
+    try:
+        fields = Path(f"/proc/{server.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, AttributeError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def chat_load(server: Server, concurrency: int, tokens: int, tag: str) -> tuple[float, list[float], int]:
     """Aggregate generated tokens/s and the TTFTs of ``concurrency`` simultaneous streams.
 
     ``tag`` opens every question, so that each run asks questions neither
@@ -168,7 +180,8 @@ def chat_load(server: Server, concurrency: int, tokens: int, tag: str) -> tuple[
     for t in threads:
         t.join()
     elapsed = time.perf_counter() - started
-    return sum(g for _, g in results) / elapsed, [t for t, _ in results if t is not None]
+    generated = sum(g for _, g in results)
+    return generated / elapsed, [t for t, _ in results if t is not None], generated
 
 
 def growing_chat(server: Server, turns: int, tokens: int, opening: str) -> tuple[list[float], list[dict]]:
@@ -239,7 +252,13 @@ def main() -> int:
                 for server in servers:
                     row = table[server.name] if round_number else {}
                     for concurrency in (1, 4, 8):
-                        tps, ttfts = chat_load(server, concurrency, args.tokens, f"round {round_number} c{concurrency}")
+                        cpu_before = cpu_seconds(server)
+                        tps, ttfts, generated = chat_load(server, concurrency, args.tokens,
+                                                          f"round {round_number} c{concurrency}")
+                        cpu_after = cpu_seconds(server)
+                        if cpu_before is not None and cpu_after is not None and generated:
+                            row.setdefault(f"c{concurrency}_cpu_ms", []).append(
+                                1e3 * (cpu_after - cpu_before) / generated)
                         row.setdefault(f"c{concurrency}_tps", []).append(tps)
                         row.setdefault(f"c{concurrency}_ttft_p50", []).append(percentile(ttfts, 0.5))
                         row.setdefault(f"c{concurrency}_ttft_p95", []).append(percentile(ttfts, 0.95))
