@@ -2,7 +2,7 @@
 """Mullama's daemon against llama-server, same GGUF, threads and slots, in one run.
 
     python build_native.py --with-tools      # once: llama-server from the same llama.cpp source
-    python bench/serve.py [--model PATH] [--threads N] [--slots 8] [--tokens 64] [--json]
+    python bench/serve.py [--model PATH|fast] [--threads N] [--slots 8] [--tokens 64] [--json]
 
 Both servers get the same load through the same OpenAI-compatible streaming
 endpoint, interleaved run by run: streaming chat at concurrency 1, 4 and 8
@@ -11,13 +11,17 @@ grows for 10 turns (TTFT per turn), and embeddings (inputs/s). Every run asks
 new questions (only the system prompt is shared, as with new users), and an
 unrecorded first round warms both servers up. Prints a table and the ratios
 (Mullama / llama-server; for TTFT, llama-server / Mullama, so that above 1.0
-always means Mullama is better), medians over ``--rounds``.
+always means Mullama is better), medians over ``--rounds``. On Linux each
+concurrency run also records the server process's CPU time per generated
+token (``cN_cpu_ms``, user + system, every thread): a figure that other work
+on a shared machine moves far less than throughput. ``--model fast``
+is the test model cut to two layers (tests/fast_model.py), whose short
+decode step shows each server's own work per token, as on a GPU.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import http.client
 import json
 import os
@@ -106,43 +110,28 @@ class Server:
 
 
 def start_mullama(model: Path, threads: int, slots: int, ctx: int, home: Path) -> Server:
-    """``mullama serve`` in ``home``, with ``model`` uploaded and created as ``bench`` (clients name no paths)."""
+    """A daemon serving ``model`` as the model ``bench``, made by ``/api/create`` from its path."""
     port = free_port()
     env = {**os.environ, "MULLAMA_HOST": f"127.0.0.1:{port}", "MULLAMA_HOME": str(home),
-           "MULLAMA_MODELS": str(home / "models"), "MULLAMA_NUM_PARALLEL": str(slots)}
+           "MULLAMA_MODELS": str(home / "models"), "MULLAMA_NUM_PARALLEL": str(slots),
+           # A request names no server file; /api/create may, from this machine, under these directories.
+           "MULLAMA_ALLOWED_DIRS": str(model.resolve().parent)}
     process = subprocess.Popen([sys.executable, "-m", "mullama", "serve"], env=env, cwd=ROOT,
                                stdout=subprocess.DEVNULL, stderr=open(home / "mullama.log", "w"))
     server = Server("mullama", port, "bench", process,
                     {"options": {"num_ctx": ctx, "num_thread": threads, "num_parallel": slots,
                                  # llama-server does not penalise repeats by default; Ollama does.
                                  "repeat_penalty": 1.0}})
-    upload_model(server, model)
-    return server
-
-
-def upload_model(server: Server, model: Path, timeout: float = 120) -> None:
-    """Wait for the daemon to answer, then upload ``model`` as a blob and create ``server.model`` from it."""
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + 120
     while True:
         try:
-            conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
-            conn.request("GET", "/api/version")
-            conn.getresponse().read()
-            break
+            server.post("/api/create", {"model": "bench", "from": str(model.resolve()), "stream": False})
+            return server
         except OSError:
-            if time.monotonic() > deadline or (server.process and server.process.poll() is not None):
-                raise RuntimeError("mullama did not start") from None
+            if time.monotonic() > deadline or process.poll() is not None:
+                server.stop()
+                raise RuntimeError("mullama did not start: see its log") from None
             time.sleep(0.2)
-    digest = "sha256:" + hashlib.sha256(model.read_bytes()).hexdigest()
-    with model.open("rb") as data:
-        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=600)
-        conn.request("POST", f"/api/blobs/{digest}", data, {"Content-Type": "application/octet-stream",
-                                                          "Content-Length": str(model.stat().st_size)})
-        answer = conn.getresponse()
-        answer.read()
-    if answer.status not in (200, 201):
-        raise RuntimeError(f"uploading {model} failed: HTTP {answer.status}")
-    server.post("/api/create", {"model": server.model, "files": {model.name: digest}, "stream": False})
 
 
 def start_llama_server(exe: Path, model: Path, threads: int, slots: int, ctx: int, log: Path,
@@ -156,7 +145,16 @@ def start_llama_server(exe: Path, model: Path, threads: int, slots: int, ctx: in
     return Server("llama-server", port, str(model), process)
 
 
-def chat_load(server: Server, concurrency: int, tokens: int, tag: str) -> tuple[float, list[float]]:
+def cpu_seconds(server: Server) -> float | None:
+    """User + system CPU seconds of the server's process so far (Linux), else None."""
+    try:
+        fields = Path(f"/proc/{server.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, AttributeError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def chat_load(server: Server, concurrency: int, tokens: int, tag: str) -> tuple[float, list[float], int]:
     """Aggregate generated tokens/s and the TTFTs of ``concurrency`` simultaneous streams.
 
     ``tag`` opens every question, so that each run asks questions neither
@@ -182,7 +180,8 @@ def chat_load(server: Server, concurrency: int, tokens: int, tag: str) -> tuple[
     for t in threads:
         t.join()
     elapsed = time.perf_counter() - started
-    return sum(g for _, g in results) / elapsed, [t for t, _ in results if t is not None]
+    generated = sum(g for _, g in results)
+    return generated / elapsed, [t for t, _ in results if t is not None], generated
 
 
 def growing_chat(server: Server, turns: int, tokens: int, opening: str) -> tuple[list[float], list[dict]]:
@@ -220,7 +219,7 @@ def percentile(values: list[float], q: float) -> float:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", type=Path, help="GGUF file (default: the SmolLM2-135M test model)")
+    parser.add_argument("--model", help="GGUF file, or `fast` for the fast stand-in (default: the test model)")
     parser.add_argument("--threads", type=int, default=default_threads())
     parser.add_argument("--slots", type=int, default=8)
     parser.add_argument("--ctx", type=int, default=2048, help="context per slot")
@@ -228,11 +227,13 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    if args.model is None:
+    if args.model is None or args.model == "fast":
         sys.path.insert(0, str(ROOT / "tests"))
         from conftest import smollm2_path
+        from fast_model import fast_model_path
 
-        args.model = smollm2_path()
+        args.model = fast_model_path() if args.model == "fast" else smollm2_path()
+    args.model = Path(args.model)
     exe = loader.load().directory.parent / "bin" / "llama-server"
     if not exe.exists():
         raise SystemExit("llama-server not found: run `python build_native.py --with-tools`")
@@ -251,7 +252,13 @@ def main() -> int:
                 for server in servers:
                     row = table[server.name] if round_number else {}
                     for concurrency in (1, 4, 8):
-                        tps, ttfts = chat_load(server, concurrency, args.tokens, f"round {round_number} c{concurrency}")
+                        cpu_before = cpu_seconds(server)
+                        tps, ttfts, generated = chat_load(server, concurrency, args.tokens,
+                                                          f"round {round_number} c{concurrency}")
+                        cpu_after = cpu_seconds(server)
+                        if cpu_before is not None and cpu_after is not None and generated:
+                            row.setdefault(f"c{concurrency}_cpu_ms", []).append(
+                                1e3 * (cpu_after - cpu_before) / generated)
                         row.setdefault(f"c{concurrency}_tps", []).append(tps)
                         row.setdefault(f"c{concurrency}_ttft_p50", []).append(percentile(ttfts, 0.5))
                         row.setdefault(f"c{concurrency}_ttft_p95", []).append(percentile(ttfts, 0.95))

@@ -200,6 +200,8 @@ class Request:
         self._pieces: list[str] = []
         #: Logprobs of sampled tokens whose text the stream still holds back.
         self._held: list[TokenLogprob] = []
+        #: Pieces of this step not yet handed to the reader (see :meth:`Batcher._publish`).
+        self._outbox: list[tuple[str, list[TokenLogprob]]] = []
         self._completion = Completion(truncated=truncated, timings=Timings())
         self._submitted = time.perf_counter_ns()
         self._started = 0
@@ -758,6 +760,8 @@ class Batcher:
                     continue
                 if reason:
                     ended.append((request, reason))
+        for request in running:
+            self._publish(request)
         for request, outcome in ended:
             if isinstance(outcome, str):
                 self._finish(request, outcome)
@@ -826,6 +830,8 @@ class Batcher:
             return
         if reason:
             self._finish(request, reason)
+        else:
+            self._publish(request)
 
     def _wait_for_an_image(self) -> None:
         """Wait (briefly, so cancels and new requests are seen) for an image a request waits for to be encoded."""
@@ -876,17 +882,36 @@ class Batcher:
 
     @staticmethod
     def _emit(request: Request, text: str) -> None:
-        """Hand ``text`` to the caller with the logprobs of the tokens it completes."""
+        """Record ``text`` for the caller with the logprobs of the tokens it completes; see :meth:`_publish`."""
         logprobs, request._held = request._held, []
         request._completion.logprobs += logprobs
         request._pieces.append(text)
-        request._output.put((text, logprobs))
+        request._outbox.append((text, logprobs))
+
+    @staticmethod
+    def _publish(request: Request) -> None:
+        """Hand the pieces recorded for ``request`` to its reader.
+
+        Called once the step has sampled every sequence, so a reader (an
+        HTTP thread, which then wants the GIL) wakes after the engine's
+        work for the step is done, and once per step.
+        """
+        outbox = request._outbox
+        if not outbox:
+            return
+        if len(outbox) == 1:
+            request._output.put(outbox[0])
+        else:
+            texts, logprobs = zip(*outbox)
+            request._output.put(("".join(texts), [entry for held in logprobs for entry in held]))
+        outbox.clear()
 
     def _finish(self, request: Request, reason: str) -> None:
         """Complete a running request and free its sequence."""
         tail = request._stream.finish()
         if tail:
             self._emit(request, tail)
+        self._publish(request)
         now = time.perf_counter_ns()
         completion = request._completion
         completion.done_reason = reason
@@ -910,6 +935,7 @@ class Batcher:
                 continue
             request.error = error
             self._release(request)
+            self._publish(request)
             request._output.put(error)
             request._done.set()
 

@@ -513,6 +513,7 @@ class Model:
         self.n_embd = lib.llama_model_n_embd(self.ptr)
         self.n_params = lib.llama_model_n_params(self.ptr)
         self._piece_cache: dict[int, bytes] = {}
+        self._eog_cache: dict[int, bool] = {}
         self._lock = threading.Lock()
         self._context: Context | None = None
         self._embed_context: Context | None = None
@@ -678,7 +679,11 @@ class Model:
         return buffer.raw[:n].decode("utf-8", "replace")
 
     def is_end_of_generation(self, token: int) -> bool:
-        return bool(self.lib.llama_vocab_is_eog(self.vocab, token))
+        """Whether ``token`` ends a generation (end of turn, end of text); asked of libllama once per token id."""
+        eog = self._eog_cache.get(token)
+        if eog is None:
+            eog = self._eog_cache[token] = bool(self.lib.llama_vocab_is_eog(self.vocab, token))
+        return eog
 
     # --- generation ----------------------------------------------------------
 

@@ -1,0 +1,153 @@
+#!/usr/bin/env python3
+"""Speculative decoding: what llama-server gains with a draft model, next to Mullama's target alone.
+
+    python build_native.py --with-tools      # once: llama-server from the same llama.cpp source
+    python bench/spec.py [--threads N] [--tokens 128] [--rounds 3] [--draft-max 3] [--json]
+
+The pair is made from the test model (tests/fast_model.py): the target is
+it re-quantized to F16, the draft is the Q4_1 test model itself, so the two
+share their vocabulary and mostly agree. Greedy generation of ``--tokens``
+tokens for a few prompts, interleaved round by round: the target alone in
+Mullama's engine, the target alone in llama-server, and the pair in
+llama-server (``--model-draft``, ``--spec-type draft-simple``,
+``--spec-draft-n-max``), with its draft
+acceptance rate. Mullama does not decode speculatively yet: the figure to
+beat is llama-server's speed-up (pair / target alone).
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import mullama  # noqa: E402
+from conftest import smollm2_path  # noqa: E402
+from fast_model import f16_model_path  # noqa: E402
+from mullama.engine.model import default_threads  # noqa: E402
+from mullama.ffi import loader  # noqa: E402
+from serve import free_port  # noqa: E402
+
+PROMPTS = ["Write a short story about a lighthouse keeper.", "Explain how a refrigerator works.",
+           "Describe the water cycle in detail."]
+CHAT = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
+
+
+def start_llama_server(exe: Path, target: Path, draft: Path | None, threads: int, draft_max: int,
+                       log: Path) -> tuple[subprocess.Popen, int]:
+    port = free_port()
+    command = [str(exe), "-m", str(target), "--port", str(port), "-t", str(threads), "-tb", str(threads),
+               "-np", "1", "-c", "2048", "--no-webui"]
+    if draft is not None:
+        command += ["--model-draft", str(draft), "--spec-type", "draft-simple", "--spec-draft-n-max", str(draft_max),
+                    "-td", str(threads)]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=open(log, "w"))
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(f"llama-server exited with {process.returncode}; see {log}")
+        try:
+            complete(port, "hi", 1)
+            return process, port
+        except (OSError, RuntimeError):
+            time.sleep(0.5)
+    process.terminate()
+    raise SystemExit(f"llama-server did not start; see {log}")
+
+
+def complete(port: int, prompt: str, tokens: int) -> dict:
+    """llama-server's /completion, greedy; its answer (with ``timings``)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+    body = {"prompt": prompt, "n_predict": tokens, "temperature": 0, "cache_prompt": False, "ignore_eos": True}
+    conn.request("POST", "/completion", json.dumps(body), {"Content-Type": "application/json"})
+    response = conn.getresponse()
+    data = response.read()
+    conn.close()
+    if response.status != 200:
+        raise RuntimeError(f"HTTP {response.status}: {data[:200]!r}")
+    return json.loads(data)
+
+
+def server_round(port: int, tokens: int) -> tuple[float, int, int]:
+    """(decode tokens/s, drafted, accepted) over the prompts."""
+    seconds, generated, drafted, accepted = 0.0, 0, 0, 0
+    for question in PROMPTS:
+        timings = complete(port, CHAT.format(question), tokens)["timings"]
+        seconds += timings["predicted_ms"] / 1000
+        generated += timings["predicted_n"]
+        drafted += timings.get("draft_n", 0)
+        accepted += timings.get("draft_n_accepted", 0)
+    return generated / seconds, drafted, accepted
+
+
+def engine_round(model: mullama.Model, tokens: int) -> float:
+    """Decode tokens/s of Mullama's engine over the prompts, greedy."""
+    seconds, generated = 0.0, 0
+    for question in PROMPTS:
+        model.context.forget(0)
+        timings = model.complete(CHAT.format(question), temperature=0, num_predict=tokens).timings
+        seconds += timings.eval_duration / 1e9
+        generated += timings.eval_count
+    return generated / seconds
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--threads", type=int, default=default_threads())
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--draft-max", type=int, default=3, help="tokens drafted per step (llama-server's default)")
+    parser.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
+    args = parser.parse_args()
+    exe = loader.load().directory.parent / "bin" / "llama-server"
+    if not exe.exists():
+        raise SystemExit("llama-server not found: run `python build_native.py --with-tools`")
+    target, draft = f16_model_path(), smollm2_path()
+    rows: dict[str, list[float]] = {"mullama_target_tps": [], "server_target_tps": [], "server_pair_tps": []}
+    drafted = accepted = 0
+    with tempfile.TemporaryDirectory(prefix="mullama-spec-") as tmp, \
+            mullama.Model(target, num_ctx=2048, num_thread=args.threads) as model:
+        servers = {"target": start_llama_server(exe, target, None, args.threads, args.draft_max, Path(tmp, "t.log")),
+                   "pair": start_llama_server(exe, target, draft, args.threads, args.draft_max, Path(tmp, "p.log"))}
+        try:
+            engine_round(model, 8)
+            for _, port in servers.values():
+                server_round(port, 8)
+            for i in range(args.rounds):
+                rows["mullama_target_tps"].append(engine_round(model, args.tokens))
+                rows["server_target_tps"].append(server_round(servers["target"][1], args.tokens)[0])
+                tps, n_drafted, n_accepted = server_round(servers["pair"][1], args.tokens)
+                rows["server_pair_tps"].append(tps)
+                drafted, accepted = drafted + n_drafted, accepted + n_accepted
+                print(f"round {i + 1}: " + "  ".join(f"{k} {v[-1]:.1f}" for k, v in rows.items()), flush=True)
+        finally:
+            for process, _ in servers.values():
+                process.terminate()
+                process.wait(30)
+    summary: dict[str, float | str] = {k: statistics.median(v) for k, v in rows.items()}
+    summary["server_speedup"] = summary["server_pair_tps"] / summary["server_target_tps"]
+    summary["server_acceptance"] = accepted / drafted if drafted else 0.0
+    summary["mullama_vs_server_target"] = summary["mullama_target_tps"] / summary["server_target_tps"]
+    print(f"target alone: Mullama {summary['mullama_target_tps']:.1f}, llama-server "
+          f"{summary['server_target_tps']:.1f} tokens/s")
+    print(f"with the Q4_1 draft: llama-server {summary['server_pair_tps']:.1f} tokens/s, speed-up "
+          f"{summary['server_speedup']:.2f}, acceptance {summary['server_acceptance']:.2f}")
+    print("Mullama with a draft: not implemented yet")
+    if args.json:
+        print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
