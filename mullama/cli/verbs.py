@@ -26,6 +26,7 @@ from mullama.cli.format import list_table, ps_table, show_info
 from mullama.cli.generate import RunOptions, generate_once, load_model
 from mullama.cli.interactive import History, Session, apply_show, last_model, remember_model, use_readline
 from mullama.cli.keys import add_keys_verb
+from mullama.cli.rpcserver import add_rpc_server_verb
 from mullama.cli.stats import add_stats_verb
 from mullama.cli.progress import Progress, follow
 from mullama.client import APIError, Client, ConnectError
@@ -47,9 +48,13 @@ def _show_or_pull(client: Client, name: str) -> dict[str, Any]:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    """Run the daemon in the foreground."""
+    """Run the daemon in the foreground; ``--rpc`` spreads models over RPC workers (as ``MULLAMA_RPC`` does)."""
+    from mullama.engine.rpc import parse_endpoints
     from mullama.http.app import serve
 
+    if args.rpc is not None:
+        # The daemon reads its settings from the environment; the flag is one more way to set this one.
+        os.environ["MULLAMA_RPC"] = ",".join(parse_endpoints(args.rpc))
     return serve()
 
 
@@ -365,7 +370,9 @@ def build_parser() -> argparse.ArgumentParser:
         sub.set_defaults(handler=handler)
         return sub
 
-    verb("serve", cmd_serve, "Start the server", ["start"])
+    sub = verb("serve", cmd_serve, "Start the server", ["start"])
+    sub.add_argument("--rpc", metavar="HOST:PORT,...",
+                     help="spread models over these `mullama rpc-server` workers (default: MULLAMA_RPC)")
     sub = verb("create", cmd_create, "Create a model from a Modelfile")
     sub.add_argument("model", metavar="MODEL")
     sub.add_argument("-f", "--file", help='name of the Modelfile (default "Modelfile")')
@@ -408,6 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("models", metavar="MODEL", nargs="+")
     add_stats_verb(verb)
     add_keys_verb(verb)
+    add_rpc_server_verb(verb)
     sub = verb("tui", cmd_tui, "Open the terminal UI: chat, models, running models")
     sub.add_argument("model", metavar="MODEL", nargs="?", help="the model to chat with first")
     return parser

@@ -35,6 +35,7 @@ from mullama.store import gguf
 from mullama.errors import BadRequestError, CancelledError, ModelLoadError, MullamaError
 from mullama.ffi import llama as L
 from mullama.ffi import load
+from mullama.ffi.rpc import device_array
 from mullama.options import Options
 from mullama.engine.sampling import TokenLogprob
 
@@ -435,13 +436,16 @@ class Model:
     ``flash_attention``, ``kv_cache_type``, ``num_parallel``. ``projector``
     is a vision projector (``mmproj``) GGUF: when it loads, :attr:`projector`
     reads images; when it does not, the model loads without it and
-    :attr:`projector_error` says why. Use it as a context manager or call
-    :meth:`close`.
+    :attr:`projector_error` says why. ``devices`` are the ggml devices the
+    offloaded layers go to, in order (RPC workers' among them, see
+    :mod:`mullama.engine.rpc`); None leaves the choice to llama.cpp (this
+    machine's GPUs), an empty list keeps every layer on the CPU. Use it as
+    a context manager or call :meth:`close`.
     """
 
     def __init__(self, path: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], options: Any = None, *,
                  adapters: Sequence[str | os.PathLike[str]] = (), projector: str | os.PathLike[str] | None = None,
-                 **overrides: Any) -> None:
+                 devices: Sequence[int] | None = None, **overrides: Any) -> None:
         started = time.perf_counter_ns()
         parts = [Path(p) for p in path] if isinstance(path, (list, tuple)) else [Path(path)]
         if not parts:
@@ -461,6 +465,10 @@ class Model:
         params.main_gpu = self.options.main_gpu
         params.load_mode = (L.LLAMA_LOAD_MODE_MMAP_MLOCK if self.options.use_mlock else L.LLAMA_LOAD_MODE_MMAP) \
             if self.options.use_mmap else (L.LLAMA_LOAD_MODE_MLOCK if self.options.use_mlock else L.LLAMA_LOAD_MODE_NONE)
+        # llama.cpp copies the list while loading; the array must live until then.
+        device_list = device_array(list(devices)) if devices is not None else None
+        if device_list is not None:
+            params.devices = ctypes.cast(device_list, ctypes.POINTER(ctypes.c_void_p))
         if len(parts) == 1:
             self.ptr = lib.llama_model_load_from_file(str(self.path).encode(), params)
         else:
