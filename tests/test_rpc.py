@@ -35,8 +35,12 @@ GREEDY = {"temperature": 0, "seed": 1, "num_predict": 24}
 
 @pytest.fixture(scope="module")
 def rpc_library() -> Path:
-    """The directory of an RPC-enabled build of the pinned llama.cpp (built on first use, then cached)."""
-    result = subprocess.run([sys.executable, str(REPO / "build_native.py"), "--backend", "rpc", "--print-lib-dir"],
+    """The directory of an RPC-enabled build of the pinned llama.cpp (built on first use, then cached).
+
+    With whisper too: the loader prefers the newest build, so the RPC build must hold all the default one does.
+    """
+    result = subprocess.run([sys.executable, str(REPO / "build_native.py"), "--backend", "rpc", "--with-whisper",
+                             "--print-lib-dir"],
                             capture_output=True, text=True, timeout=3600)
     assert result.returncode == 0, result.stderr[-3000:]
     return Path(result.stdout.strip().splitlines()[-1])

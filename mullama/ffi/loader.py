@@ -1,8 +1,9 @@
 """Find and load libllama (and libmtmd, and libwhisper when asked), once per process.
 
 Search order: ``MULLAMA_LIBRARY_PATH`` (a directory or the libllama file),
-then the newest build in the user cache made by ``build_native.py``, then a
-libllama the system linker knows. ggml's backends are loaded from the
+then the libraries a wheel carries (``mullama/_native/lib``, from
+``build_native.py --wheel``), then the newest build in the user cache made
+by ``build_native.py``, then a libllama the system linker knows. ggml's backends are loaded from the
 directory libllama came from, never from the current directory (which ggml
 would search by default: a stray ``libggml-*.so`` there would run its code
 in the daemon), and the devices they expose are reported, so a user sees at
@@ -39,6 +40,9 @@ else:
 
 #: Loaded first and globally so libllama and the backends resolve their ggml symbols.
 _GGML_LIBRARIES = ["ggml-base", "ggml"]
+#: Where a wheel made by ``build_native.py --wheel`` carries the libraries. Its manifest's ``preload``
+#: lists every linked library in dependency order: their build-time RUNPATH does not exist here.
+BUNDLED = Path(__file__).resolve().parent.parent / "_native" / "lib"
 
 
 @dataclass(frozen=True)
@@ -87,6 +91,7 @@ def candidate_directories() -> list[Path]:
         # Absolute now: a relative directory must not follow later changes of directory.
         path = Path(explicit).expanduser().absolute()
         found.append(path.parent if path.is_file() else path)
+    found.append(BUNDLED)
     builds = config.native_build_dir()
     if builds.is_dir():
         manifests = sorted(builds.glob("*/manifest.json"), key=lambda p: p.stat().st_mtime, reverse=True)
@@ -183,7 +188,7 @@ def load() -> Native:
     mode = ctypes.RTLD_GLOBAL
     try:
         if directory is not None:
-            for stem in _GGML_LIBRARIES:
+            for stem in _read_manifest(directory).get("preload", _GGML_LIBRARIES):
                 path = directory / _libname(stem)
                 if path.exists():
                     ctypes.CDLL(str(path), mode=mode)
