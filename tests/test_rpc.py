@@ -27,6 +27,9 @@ from pathlib import Path
 import pytest
 from daemon import REPO, Serving, cli, create_model, environment, free_port, serve
 
+from mullama.engine.rpc import _closed_workers, parse_endpoints
+from mullama.errors import BadRequestError
+
 pytestmark = pytest.mark.slow
 
 PROMPT = "Write a story about a lighthouse keeper."
@@ -179,6 +182,47 @@ def test_serve_refuses_a_bad_worker_address(tmp_path):
     result = cli(env, "serve", "--rpc", "10.0.0.1")
     assert result.returncode == 1
     assert "bad RPC worker address '10.0.0.1': expected host:port" in result.stderr
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("10.0.0.1:50052", ["10.0.0.1:50052"]),
+    (" a.example:1 , b-2.example:65535,a.example:1,", ["a.example:1", "b-2.example:65535"]),
+])
+def test_worker_addresses_are_parsed(text, expected):
+    assert parse_endpoints(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", ",", "host", "host:0", "host:65536", "[::1]:50052", "::1:50052", "h st:1",
+                                  "host:port"])
+def test_bad_worker_addresses_are_refused(text):
+    with pytest.raises(BadRequestError):
+        parse_endpoints(text)
+
+
+def test_serve_with_workers_refuses_libraries_without_rpc(tmp_path):
+    """A daemon told to use workers fails at start, naming the build to make, when its libraries lack RPC."""
+    plain = subprocess.run([sys.executable, str(REPO / "build_native.py"), "--print-lib-dir"], capture_output=True,
+                           text=True, timeout=3600)
+    assert plain.returncode == 0, plain.stderr[-2000:]
+    env = environment(tmp_path, free_port()) | {"MULLAMA_LIBRARY_PATH": plain.stdout.strip().splitlines()[-1]}
+    result = cli(env, "serve", "--rpc", "127.0.0.1:9")
+    assert result.returncode == 1
+    assert "no RPC backend: build them with `python build_native.py --backend rpc`" in result.stderr
+
+
+def test_a_worker_that_closed_its_connection_is_told_from_one_that_did_not():
+    """The kernel's view of this process's connections picks the failed worker out (no probe: a busy worker only queues)."""
+    with socket.create_server(("127.0.0.1", 0)) as dead, socket.create_server(("127.0.0.1", 0)) as alive:
+        endpoints = {f"127.0.0.1:{server.getsockname()[1]}": frozenset({("127.0.0.1", server.getsockname()[1])})
+                     for server in (dead, alive)}
+        with socket.create_connection(dead.getsockname()) as to_dead, socket.create_connection(alive.getsockname()):
+            accepted_dead, _ = dead.accept()
+            accepted_alive, _ = alive.accept()
+            assert _closed_workers(endpoints) == set()
+            accepted_dead.close()
+            to_dead.recv(1)  # the FIN has arrived: the connection is in CLOSE_WAIT
+            assert _closed_workers(endpoints) == {f"127.0.0.1:{dead.getsockname()[1]}"}
+            accepted_alive.close()
 
 
 def test_layers_split_across_two_workers_answer_as_this_machine_does(cluster):

@@ -117,9 +117,18 @@ class RpcWorkers:
 
     @classmethod
     def from_env(cls, on_failure: Callable[[frozenset[str], RpcWorkerError], None]) -> RpcWorkers | None:
-        """The workers ``MULLAMA_RPC`` names, or None when it is unset."""
+        """The workers ``MULLAMA_RPC`` names, or None when it is unset.
+
+        Raises :class:`BadRequestError` for a bad address and
+        :class:`NativeLibraryError` when the libraries have no RPC backend,
+        so a daemon told to use workers fails at start, not at its first load.
+        """
         text = config.env("RPC")
-        return cls(parse_endpoints(text), on_failure) if text and text.strip() else None
+        if not text or not text.strip():
+            return None
+        workers = cls(parse_endpoints(text), on_failure)
+        bind_rpc(load().llama)
+        return workers
 
     @property
     def endpoints(self) -> list[str]:
