@@ -465,10 +465,9 @@ class Model:
         params.main_gpu = self.options.main_gpu
         params.load_mode = (L.LLAMA_LOAD_MODE_MMAP_MLOCK if self.options.use_mlock else L.LLAMA_LOAD_MODE_MMAP) \
             if self.options.use_mmap else (L.LLAMA_LOAD_MODE_MLOCK if self.options.use_mlock else L.LLAMA_LOAD_MODE_NONE)
-        # llama.cpp copies the list while loading; the array must live until then.
-        device_list = device_array(list(devices)) if devices is not None else None
-        if device_list is not None:
-            params.devices = ctypes.cast(device_list, ctypes.POINTER(ctypes.c_void_p))
+        if devices is not None:
+            # llama.cpp copies the list while loading; params keeps the array alive until then.
+            params.devices = ctypes.cast(device_array(list(devices)), ctypes.POINTER(ctypes.c_void_p))
         if len(parts) == 1:
             self.ptr = lib.llama_model_load_from_file(str(self.path).encode(), params)
         else:
