@@ -6,6 +6,8 @@
     python build_native.py --source ~/llama.cpp  # a local checkout or tarball (air-gapped machines)
     python build_native.py --with-tools          # also llama-bench and llama-server, for bench/
     python build_native.py --with-whisper        # also libwhisper (speech), on the same ggml
+    python build_native.py --wheel               # a platform wheel of Mullama carrying the libraries (dist/)
+    python build_native.py --wheelhouse DIR      # that wheel and every dependency, for an air-gapped install
 
 The pinned source is described in ``native/source.json``: an archive on the
 Python package index whose sha256 is checked before anything is extracted.
@@ -18,6 +20,13 @@ whisper.cpp (``native/whisper.json``, pinned the same way) is built against
 the ggml that llama.cpp's build produced, headers and shared libraries both,
 so one process holds one ggml for text and speech. Its build lives inside
 the llama.cpp build folder, keyed by its own ``whisper.json`` manifest.
+
+``--wheel`` packs Mullama with the built libraries (``mullama/_native``,
+which the loader searches before the user cache) into a wheel for this
+platform; ``--wheelhouse DIR`` puts it in DIR with a wheel of every
+dependency, so ``pip install --no-index --find-links DIR mullama`` works
+with no network. A wheelhouse records its key (the libraries' build and
+Mullama's files); a second run with nothing changed returns at once.
 """
 
 from __future__ import annotations
@@ -194,6 +203,10 @@ class WhisperPlan:
     @property
     def manifest_path(self) -> Path:
         return self.llama.root / "whisper.json"
+
+
+#: The file in the build cache naming the build ``mullama`` loads (see :func:`select_build`).
+SELECTED_FILE = "selected"
 
 
 def cache_root() -> Path:
@@ -512,6 +525,142 @@ def write_manifest(plan: BuildPlan, files: list[str]) -> None:
     os.replace(tmp, plan.root / "manifest.json")
 
 
+# --- a wheel carrying the libraries, and a wheelhouse for air-gapped installs --
+
+#: Where the wheel's libraries go inside the package (mullama/ffi/loader.py looks there first).
+BUNDLE = "_native"
+#: What of the repository goes into the wheel, besides the libraries.
+WHEEL_SOURCES = ("mullama", "setup.cfg", "pyproject.toml", "README.md")
+#: Bump when the way wheels or wheelhouses are made changes.
+WHEEL_BUILDER_VERSION = 1
+
+
+def platform_tag() -> str:
+    """This platform's wheel tag (``linux_x86_64``, ``macosx_14_0_arm64``): the libraries run here, not elsewhere."""
+    import sysconfig
+
+    return re.sub(r"[-.]", "_", sysconfig.get_platform())
+
+
+def _linked_libraries(lib_dir: Path) -> list[str]:
+    """The libraries other libraries link by soname, in an order that loads each after what it needs.
+
+    A build's RUNPATH names its build folder, which a wheel does not carry;
+    the loader preloads these by path instead, and the dynamic linker
+    matches later dependencies on the sonames already loaded.
+    """
+    stems = {m.group(1) for f in lib_dir.iterdir() if (m := re.match(r"lib([\w-]+)\.so\.\d+$", f.name))}
+    stems |= {m.group(1) for f in lib_dir.iterdir() if (m := re.match(r"lib([\w-]+)\.\d+\.dylib$", f.name))}
+    first = ["ggml-base"]
+    backends = sorted(s for s in stems if s.startswith("ggml-") and s not in first)
+    last = ["ggml", "llama", "mtmd", "whisper"]
+    return [s for s in first + backends + last if s in stems]
+
+
+def _stage_bundle(plan: BuildPlan, package: Path) -> None:
+    """Copy the libraries (one file each, under the name the loader opens), the manifests and the VAD model."""
+    bundle = package / BUNDLE
+    (bundle / "lib").mkdir(parents=True)
+    for item in sorted(plan.lib_dir.iterdir()):
+        # Wheels cannot hold symbolic links: each library goes in once, under its unversioned name.
+        # Only what Mullama loads: ggml and its backends, libllama, libmtmd, libwhisper (not the tools' libraries).
+        if re.match(r"(lib)?(ggml[\w-]*|llama|mtmd|whisper)\.(so|dylib|dll)$", item.name):
+            shutil.copy2(item.resolve(), bundle / "lib" / item.name)
+    manifest = read_manifest(plan) or {}
+    manifest["preload"] = _linked_libraries(plan.lib_dir)
+    (bundle / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    whisper = plan.root / "whisper.json"
+    if whisper.exists():
+        shutil.copy2(whisper, bundle / "whisper.json")
+        if (plan.root / "models").is_dir():
+            shutil.copytree(plan.root / "models", bundle / "models")
+
+
+def _stage_sources(staging: Path) -> None:
+    for name in WHEEL_SOURCES:
+        source = HERE / name
+        if source.is_dir():
+            shutil.copytree(source, staging / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc", BUNDLE))
+        else:
+            shutil.copy2(source, staging / name)
+    setup_cfg = staging / "setup.cfg"
+    text = setup_cfg.read_text()
+    text, found = re.subn(r"(?m)^(mullama = .*)$", rf"\1, {BUNDLE}/*.json, {BUNDLE}/lib/*, {BUNDLE}/models/*", text)
+    if found != 1:
+        raise BuildError("setup.cfg has no `mullama = ...` package_data line to add the libraries to")
+    text += f"\n[bdist_wheel]\npython_tag = py3\nplat_name = {platform_tag()}\n"
+    setup_cfg.write_text(text)
+
+
+def sources_digest() -> str:
+    """Hash of what goes into the wheel from this repository, so a changed file gives a new wheel."""
+    digest = hashlib.sha256()
+    for name in WHEEL_SOURCES:
+        base = HERE / name
+        files = [base] if base.is_file() else sorted(
+            p for p in base.rglob("*") if p.is_file() and "__pycache__" not in p.parts and BUNDLE not in p.parts)
+        for file in files:
+            digest.update(str(file.relative_to(HERE)).encode() + b"\0" + file.read_bytes())
+    return digest.hexdigest()
+
+
+def build_wheel(plan: BuildPlan, out_dir: Path) -> Path:
+    """Build Mullama's wheel for this platform with ``plan``'s libraries inside; return its path."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="mullama-wheel-") as tmp:
+        staging = Path(tmp) / "src"
+        staging.mkdir()
+        _stage_sources(staging)
+        _stage_bundle(plan, staging / "mullama")
+        built = Path(tmp) / "out"
+        say(f"building the wheel ({platform_tag()}) with the libraries of {plan.root.name}")
+        _run_logged([sys.executable, "-m", "pip", "wheel", "--no-deps", "--disable-pip-version-check",
+                     "-w", str(built), str(staging)], Path(tmp) / "wheel.log")
+        wheels = list(built.glob("mullama-*.whl"))
+        if len(wheels) != 1:
+            raise BuildError(f"pip wheel made {len(wheels)} Mullama wheels, expected one")
+        target = out_dir / wheels[0].name
+        shutil.copy2(wheels[0], target)
+    say(f"wheel: {target}")
+    return target
+
+
+def wheelhouse_key(plan: BuildPlan) -> str:
+    """What a wheelhouse is made of: the libraries' build, Mullama's files, this Python and platform."""
+    identity = {"build": plan.root.name, "manifest": (read_manifest(plan) or {}).get("built_at"),
+                "whisper": (plan.root / "whisper.json").exists(), "sources": sources_digest(),
+                "python": f"{sys.version_info.major}.{sys.version_info.minor}", "platform": platform_tag(),
+                "builder": WHEEL_BUILDER_VERSION}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def build_wheelhouse(plan: BuildPlan, directory: Path) -> Path:
+    """Fill ``directory`` with Mullama's wheel and a wheel of each dependency; skip it when its key matches."""
+    key = wheelhouse_key(plan)
+    record = directory / "wheelhouse.json"
+    try:
+        previous = json.loads(record.read_text())
+    except (OSError, ValueError):
+        previous = {}
+    if previous.get("key") == key and all((directory / name).exists() for name in previous.get("files", [])):
+        say(f"wheelhouse up to date: {directory}")
+        return directory
+    directory.mkdir(parents=True, exist_ok=True)
+    for old in directory.glob("*.whl"):
+        old.unlink()
+    wheel = build_wheel(plan, directory)
+    say("downloading the dependencies' wheels (pip download)")
+    # A dependency without a wheel would need a compiler on the air-gapped machine: pip builds one here.
+    _run_logged([sys.executable, "-m", "pip", "wheel", "--disable-pip-version-check", "--prefer-binary",
+                 "-w", str(directory), str(wheel)], directory / "pip.log")
+    files = sorted(p.name for p in directory.glob("*.whl"))
+    record.write_text(json.dumps({"key": key, "files": files, "python": sys.version.split()[0],
+                                  "platform": platform_tag()}, indent=2) + "\n")
+    say(f"wheelhouse: {directory} ({len(files)} wheels); install with "
+        f"`pip install --no-index --find-links {directory} mullama`")
+    return directory
+
+
 # --- whisper.cpp, on llama.cpp's ggml ----------------------------------------
 
 
@@ -674,6 +823,26 @@ def build(source_arg: str | None, backends: list[str], with_tools: bool, extra_o
     return plan
 
 
+def select_build(plan: BuildPlan) -> None:
+    """Make ``plan``'s build the one ``mullama`` loads: the last build asked for wins, not the newest made.
+
+    Written as ``<cache>/native/selected`` (the build's folder name), read by
+    ``mullama.ffi.loader``.
+    """
+    selected = plan.root.parent / SELECTED_FILE
+    tmp = selected.with_name(f".{SELECTED_FILE}.{os.getpid()}")
+    tmp.write_text(plan.root.name + "\n")
+    os.replace(tmp, selected)
+
+
+def package_wheels(plan: BuildPlan, wheel: bool, wheel_dir: Path, wheelhouse: str | None) -> None:
+    """``--wheel`` and ``--wheelhouse``, after the libraries are built."""
+    if wheelhouse:
+        build_wheelhouse(plan, Path(wheelhouse).expanduser().absolute())
+    elif wheel:
+        build_wheel(plan, wheel_dir.expanduser().absolute())
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Build llama.cpp's shared libraries for Mullama.")
     parser.add_argument("--backend", action="append", choices=sorted(BACKENDS), default=None,
@@ -689,6 +858,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="an extra CMake option (repeatable)")
     parser.add_argument("--jobs", "-j", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--print-lib-dir", action="store_true", help="print only the library directory on success")
+    parser.add_argument("--keep-selection", action="store_true",
+                        help="build without making this the build `mullama` loads (for a variant used through "
+                             "MULLAMA_LIBRARY_PATH, such as a test's)")
+    parser.add_argument("--wheel", action="store_true",
+                        help="also build a wheel of Mullama for this platform carrying the libraries")
+    parser.add_argument("--wheel-dir", metavar="DIR", default=str(HERE / "dist"),
+                        help="where --wheel puts the wheel (default: dist/)")
+    parser.add_argument("--wheelhouse", metavar="DIR",
+                        help="build the wheel into DIR with a wheel of every dependency (an air-gapped install's "
+                             "`pip install --no-index --find-links DIR mullama`)")
     return parser.parse_args(argv)
 
 
@@ -701,6 +880,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         plan = build(args.source, backends, args.with_tools, args.cmake_option, max(1, args.jobs),
                      args.with_whisper, args.whisper_source)
+        package_wheels(plan, args.wheel, Path(args.wheel_dir), args.wheelhouse)
+        if not args.keep_selection:
+            select_build(plan)
     except BuildError as exc:
         print(f"build_native: error: {exc}", file=sys.stderr)
         return 1

@@ -114,6 +114,13 @@ class StorageFullError(MullamaError):
     kind = "storage_full"
 
 
+class RpcWorkerError(MullamaError):
+    """An RPC worker holding part of a model stopped answering; the model was unloaded."""
+
+    status = 502
+    kind = "rpc_worker_error"
+
+
 class DownloadError(MullamaError):
     """A pull failed: network, authentication, or bytes that do not match their hash."""
 

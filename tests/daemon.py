@@ -42,7 +42,8 @@ _CLEARED = ("MULLAMA_API_KEY", "MULLAMA_MAX_BODY", "MULLAMA_ORIGINS", "OLLAMA_OR
             "MULLAMA_ALLOWED_HOSTS", "MULLAMA_ALLOWED_DIRS", "MULLAMA_MAX_CONNECTIONS", "MULLAMA_HEADER_TIMEOUT",
             "MULLAMA_BODY_TIMEOUT", *(prefix + name for prefix in ("MULLAMA_", "OLLAMA_") for name in (
                 "CONTEXT_LENGTH", "NUM_PARALLEL", "FLASH_ATTENTION", "KV_CACHE_TYPE", "GPU_OVERHEAD",
-                "MAX_LOADED_MODELS", "LOAD_TIMEOUT")))
+                "MAX_LOADED_MODELS", "LOAD_TIMEOUT")),
+            "MULLAMA_OFFLINE", "OLLAMA_OFFLINE", "MULLAMA_RPC", "OLLAMA_RPC")
 #: Seconds a ``mullama serve`` gets to answer, and to exit once signalled.
 _START_TIMEOUT, _STOP_TIMEOUT = 30.0, 15.0
 

@@ -59,3 +59,22 @@ def test_source_that_is_not_llama_cpp_is_refused(tmp_path):
     assert result.returncode == 1
     assert "no llama.cpp tree found" in result.stderr
     assert run("--source", str(tmp_path / "missing")).stderr.count("no such file") == 1
+
+
+def test_the_build_asked_for_last_is_loaded_not_the_newest(tmp_path, monkeypatch):
+    """A variant built for a test (``--keep-selection``) never replaces the build the test command selected."""
+    import build_native
+    from mullama.ffi import loader
+
+    monkeypatch.setenv("MULLAMA_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("MULLAMA_LIBRARY_PATH", raising=False)
+    native = tmp_path / "native"
+    for name in ("cpu-aaaa", "cpu-rpc-bbbb"):
+        (native / name / "lib").mkdir(parents=True)
+        (native / name / "manifest.json").write_text("{}")
+    os.utime(native / "cpu-aaaa" / "manifest.json", (1, 1))  # the selected build is the older one
+    assert loader.candidate_directories()[1] == native / "cpu-rpc-bbbb" / "lib"  # nothing selected: the newest
+    plan = build_native.BuildPlan(None, ["cpu"], [], [], native / "cpu-aaaa", 1, {})
+    build_native.select_build(plan)
+    directories = loader.candidate_directories()
+    assert directories[1:] == [native / "cpu-aaaa" / "lib", native / "cpu-rpc-bbbb" / "lib"]

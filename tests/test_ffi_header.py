@@ -20,6 +20,7 @@ from conftest import llama_cpp_source
 
 from mullama.ffi import llama as L
 from mullama.ffi import mtmd as M
+from mullama.ffi import rpc as R
 
 
 def _source_root() -> Path:
@@ -101,9 +102,10 @@ CALLBACKS = {
     "ggml_backend_sched_eval_callback": L.ggml_backend_sched_eval_callback,
     "llama_progress_callback": L.llama_progress_callback,
     "mtmd_progress_callback": M.mtmd_progress_callback,
+    "ggml_abort_callback_t": R.ggml_abort_callback_t,
 }
 #: Types that are pointers in C although their name has no ``*``.
-HANDLES = {"llama_memory_t", "ggml_backend_dev_t", "ggml_threadpool_t", "ggml_backend_buffer_type_t",
+HANDLES = {"llama_memory_t", "ggml_backend_dev_t", "ggml_backend_reg_t", "ggml_threadpool_t", "ggml_backend_buffer_type_t",
            "llama_sampler_context_t"}
 #: Structs declared for writing one in Python, whose pointers functions still pass as ``c_void_p``.
 OPAQUE_POINTEES = {"llama_sampler"}
@@ -190,6 +192,18 @@ def test_llama_functions_match_header():
     problems = _check_functions(headers[0], "LLAMA_API", L.FUNCTIONS)
     problems += _check_functions(root / "ggml" / "include" / "ggml-backend.h", "GGML_API", L.GGML_FUNCTIONS)
     assert problems == []
+
+
+def test_rpc_functions_match_headers():
+    """The RPC layer's declarations: registry calls, the abort callback, and ggml-rpc.h reached by proc address."""
+    include = _source_root() / "ggml" / "include"
+    problems = _check_functions(include / "ggml-backend.h", "GGML_API", R.BACKEND_FUNCTIONS)
+    problems += _check_functions(include / "ggml.h", "GGML_API", R.GGML_FUNCTIONS)
+    problems += _check_functions(_source_root() / "include" / "llama.h", "LLAMA_API", R.LLAMA_FUNCTIONS)
+    problems += _check_functions(include / "ggml-rpc.h", "GGML_BACKEND_API", R.RPC_FUNCTIONS)
+    assert problems == []
+    rpc_header = (include / "ggml-rpc.h").read_text()
+    assert f"#define RPC_PROTO_MAJOR_VERSION    {R.RPC_PROTO_MAJOR_VERSION}\n" in rpc_header
 
 
 def test_functions_that_keep_the_gil_are_declared_and_short():

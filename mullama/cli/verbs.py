@@ -26,6 +26,7 @@ from mullama.cli.format import list_table, ps_table, show_info
 from mullama.cli.generate import RunOptions, generate_once, load_model
 from mullama.cli.interactive import History, Session, apply_show, last_model, remember_model, use_readline
 from mullama.cli.keys import add_keys_verb
+from mullama.cli.rpcserver import add_rpc_server_verb
 from mullama.cli.speech import add_speech_verbs
 from mullama.cli.stats import add_stats_verb
 from mullama.cli.unsupported import add_refused_flags, check_verb
@@ -49,9 +50,16 @@ def _show_or_pull(client: Client, name: str) -> dict[str, Any]:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    """Run the daemon in the foreground, with the ``--model`` models loaded and pinned first."""
+    """Run the daemon in the foreground, with the ``--model`` models loaded and pinned first.
+
+    ``--rpc`` spreads models over RPC workers (as ``MULLAMA_RPC`` does).
+    """
+    from mullama.engine.rpc import parse_endpoints
     from mullama.http.app import serve
 
+    if args.rpc is not None:
+        # The daemon reads its settings from the environment; the flag is one more way to set this one.
+        os.environ["MULLAMA_RPC"] = ",".join(parse_endpoints(args.rpc))
     return serve(models=args.model)
 
 
@@ -381,6 +389,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = verb("serve", cmd_serve, "Start the server", ["start"])
     sub.add_argument("--model", action="append", default=[], metavar="MODEL",
                      help="load this model at start and keep it loaded (repeat for several)")
+    sub.add_argument("--rpc", metavar="HOST:PORT,...",
+                     help="spread models over these `mullama rpc-server` workers (default: MULLAMA_RPC)")
     sub = verb("create", cmd_create, "Create a model from a Modelfile")
     sub.add_argument("model", metavar="MODEL")
     sub.add_argument("-f", "--file", help='name of the Modelfile (default "Modelfile")')
@@ -425,6 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_stats_verb(verb)
     add_keys_verb(verb)
     add_speech_verbs(verb)
+    add_rpc_server_verb(verb)
     sub = verb("tui", cmd_tui, "Open the terminal UI: chat, models, running models")
     sub.add_argument("model", metavar="MODEL", nargs="?", help="the model to chat with first")
     return parser

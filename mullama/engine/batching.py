@@ -480,6 +480,24 @@ class Batcher:
         if self.model._batcher is self:
             self.model._batcher = None
 
+    def strand(self, error: BaseException) -> None:
+        """End every queued and running request with ``error`` and take no more, without waiting for the engine.
+
+        For a model whose engine thread can never come back (an RPC worker
+        under it stopped answering mid-decode): :meth:`close` would wait for it.
+        """
+        with self._wakeup:
+            self._closing = True
+            waiting = list(self._waiting)
+            self._waiting.clear()
+        for request in waiting:
+            request.error = error
+            request._sampler.close()
+            request._release_images()
+            request._output.put(error)
+            request._done.set()
+        self._fail(list(self._running), error)
+
     @property
     def threaded(self) -> bool:
         """True when an engine thread of its own runs the decode loop (the daemon's batchers)."""

@@ -35,6 +35,7 @@ from mullama.store import gguf
 from mullama.errors import BadRequestError, CancelledError, ModelLoadError, MullamaError
 from mullama.ffi import llama as L
 from mullama.ffi import load
+from mullama.ffi.rpc import device_array
 from mullama.options import Options
 from mullama.engine.sampling import TokenLogprob
 
@@ -458,12 +459,17 @@ class Model:
     reads images; when it does not, the model loads without it and
     :attr:`projector_error` says why. ``stall_timeout`` gives the load up
     (:class:`ModelLoadError`) once llama.cpp reports no progress for that
-    many seconds. Use it as a context manager or call :meth:`close`.
+    many seconds. ``devices`` are the ggml devices the offloaded layers go
+    to, in order (RPC workers' among them, see :mod:`mullama.engine.rpc`);
+    None leaves the choice to llama.cpp (this machine's GPUs), an empty list
+    keeps every layer on the CPU. Use it as a context manager or call
+    :meth:`close`.
     """
 
     def __init__(self, path: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], options: Any = None, *,
                  adapters: Sequence[str | os.PathLike[str]] = (), projector: str | os.PathLike[str] | None = None,
-                 stall_timeout: float = math.inf, **overrides: Any) -> None:
+                 stall_timeout: float = math.inf, devices: Sequence[int] | None = None,
+                 **overrides: Any) -> None:
         started = time.perf_counter_ns()
         parts = [Path(p) for p in path] if isinstance(path, (list, tuple)) else [Path(path)]
         if not parts:
@@ -488,6 +494,9 @@ class Model:
             # Kept referenced until the load returns: llama.cpp calls it throughout.
             callback = L.llama_progress_callback(guard)
             params.progress_callback = callback
+        if devices is not None:
+            # llama.cpp copies the list while loading; params keeps the array alive until then.
+            params.devices = ctypes.cast(device_array(list(devices)), ctypes.POINTER(ctypes.c_void_p))
         if len(parts) == 1:
             self.ptr = lib.llama_model_load_from_file(str(self.path).encode(), params)
         else:

@@ -30,7 +30,9 @@ from mullama.engine import memory, probe
 from mullama.engine.batching import Batcher
 from mullama.engine.memory import Estimate
 from mullama.engine.model import LoadOptions, Model
-from mullama.errors import BadRequestError, ModelLoadError, ModelNotFoundError, MullamaError, OverloadedError
+from mullama.engine.rpc import Placement, RpcWorkers
+from mullama.errors import (BadRequestError, ModelLoadError, ModelNotFoundError, MullamaError, OverloadedError,
+                            RpcWorkerError)
 from mullama.engine.reloads import busy_reload_refusal
 from mullama.engine.vision import projector_problem
 from mullama.ffi import load as load_native
@@ -123,6 +125,10 @@ class LoadedModel:
     in_use: int = 0
     #: The memory the model was expected to take when it was loaded.
     estimate: Estimate | None = None
+    #: The devices its layers went to, when RPC workers are configured.
+    placement: Placement | None = None
+    #: True once an RPC worker under it failed: a thread of it is stuck in ggml, so it is never freed.
+    stranded: bool = False
 
     @property
     def pinned(self) -> bool:
@@ -224,6 +230,8 @@ class ModelManager:
         self._loading: dict[str, int] = {}
         self._lock = threading.Condition()
         self._closed = threading.Event()
+        #: The RPC workers models are spread over (``MULLAMA_RPC``), or None.
+        self.rpc = RpcWorkers.from_env(self._strand)
         self._reaper = threading.Thread(target=self._reap, name="mullama-keepalive", daemon=True)
         self._reaper.start()
 
@@ -327,6 +335,8 @@ class ModelManager:
                 else:
                     self._evict(loaded, "shutdown")
             self._lock.notify_all()
+        if self.rpc is not None:
+            self.rpc.close()
 
     # --- internals -----------------------------------------------------------
 
@@ -459,9 +469,12 @@ class ModelManager:
         log.info("loading %s (%s, num_ctx=%d%s, num_parallel=%d, about %s)", record.name, record.model_path,
                  load_options.num_ctx, capped, load_options.num_parallel, memory.describe(need.total))
         with self.metrics.loading(record.name):
-            model, batcher = self._open(record, load_options)
+            placement = self.rpc.placement(load_options.num_gpu) if self.rpc is not None and not record.speech \
+                else None
+            model, batcher = self._open(record, load_options, placement)
         loaded = LoadedModel(record=record, model=model, batcher=batcher, load_options=load_options,
-                             keep_alive=keep_alive, last_used=time.monotonic(), in_use=1, estimate=need)
+                             keep_alive=keep_alive, last_used=time.monotonic(), in_use=1, estimate=need,
+                             placement=placement)
         with self._lock:
             if self._closed.is_set():
                 self._evict(loaded, "shutdown")
@@ -469,8 +482,12 @@ class ModelManager:
             self._loaded[record.name] = loaded
         return loaded
 
-    def _open(self, record: ModelRecord, load_options: LoadOptions) -> tuple[Model | SpeechModel, Batcher | None]:
-        """The model of ``record`` in memory, with its batcher (a speech model has none)."""
+    def _open(self, record: ModelRecord, load_options: LoadOptions,
+              placement: Placement | None) -> tuple[Model | SpeechModel, Batcher | None]:
+        """The model of ``record`` in memory (its layers on ``placement``'s devices), with its batcher.
+
+        A speech model has no batcher, and runs on this machine.
+        """
         if record.speech:
             # The file is validated in Python before whisper.cpp reads it (see mullama.speech.model_file).
             return SpeechModel(record.model_path, num_thread=load_options.num_thread or None,
@@ -478,7 +495,7 @@ class ModelManager:
         # A file that aborts llama.cpp kills a child, not the daemon.
         probe.verify(record.model_paths, record.digest, self.stall_timeout)
         model = Model(record.model_paths, load_options, adapters=record.adapters, projector=record.projector_path,
-                      stall_timeout=self.stall_timeout)
+                      stall_timeout=self.stall_timeout, devices=placement.devices if placement is not None else None)
         try:
             return model, Batcher(model, max_queue=self.max_queue)
         except BaseException:
@@ -488,11 +505,27 @@ class ModelManager:
     def _evict(self, loaded: LoadedModel, reason: str = "unload") -> None:
         if self._loaded.get(loaded.record.name) is loaded:
             del self._loaded[loaded.record.name]
+        if loaded.stranded:
+            return
         log.info("unloading %s", loaded.record.name)
         started = time.monotonic()
         loaded.close()
         self.metrics.model_evicted(loaded.record.name, reason, time.monotonic() - started)
         self._lock.notify_all()
+
+    def _strand(self, endpoints: frozenset[str], error: RpcWorkerError) -> None:
+        """Fail and drop every model with layers on the failed RPC workers ``endpoints``, without freeing them."""
+        with self._lock:
+            victims = [loaded for loaded in self._loaded.values()
+                       if loaded.placement is not None and loaded.placement.endpoints & endpoints]
+            for loaded in victims:
+                loaded.stranded = True
+                del self._loaded[loaded.record.name]
+            self._lock.notify_all()
+        for loaded in victims:
+            log.error("%s had layers on the failed RPC worker: unloaded (its memory stays taken)", loaded.record.name)
+            loaded.batcher.strand(error)
+            self.metrics.model_evicted(loaded.record.name, "rpc_failure", 0.0)
 
     def _reap(self) -> None:
         """Unload models whose keep-alive ran out."""

@@ -1,7 +1,11 @@
 """Find and load libllama (and libmtmd, and libwhisper when asked), once per process.
 
 Search order: ``MULLAMA_LIBRARY_PATH`` (a directory or the libllama file),
-then the newest build in the user cache made by ``build_native.py``, then a
+then the libraries a wheel carries (``mullama/_native/lib``, from
+``build_native.py --wheel``), then the build in the user cache that
+``build_native.py`` last built or found up to date (its ``selected`` file;
+a variant built with ``--keep-selection`` is used only through
+``MULLAMA_LIBRARY_PATH``), then the newest other build there, then a
 libllama the system linker knows. ggml's backends are loaded from the
 directory libllama came from, never from the current directory (which ggml
 would search by default: a stray ``libggml-*.so`` there would run its code
@@ -39,6 +43,9 @@ else:
 
 #: Loaded first and globally so libllama and the backends resolve their ggml symbols.
 _GGML_LIBRARIES = ["ggml-base", "ggml"]
+#: Where a wheel made by ``build_native.py --wheel`` carries the libraries. Its manifest's ``preload``
+#: lists every linked library in dependency order: their build-time RUNPATH does not exist here.
+BUNDLED = Path(__file__).resolve().parent.parent / "_native" / "lib"
 
 
 @dataclass(frozen=True)
@@ -87,10 +94,15 @@ def candidate_directories() -> list[Path]:
         # Absolute now: a relative directory must not follow later changes of directory.
         path = Path(explicit).expanduser().absolute()
         found.append(path.parent if path.is_file() else path)
+    found.append(BUNDLED)
     builds = config.native_build_dir()
     if builds.is_dir():
+        try:
+            found.append(builds / (builds / "selected").read_text().strip() / "lib")
+        except OSError:
+            pass  # nothing selected yet (a cache from before selections): the newest build is used
         manifests = sorted(builds.glob("*/manifest.json"), key=lambda p: p.stat().st_mtime, reverse=True)
-        found += [m.parent / "lib" for m in manifests]
+        found += [m.parent / "lib" for m in manifests if m.parent / "lib" not in found]
     return found
 
 
@@ -183,7 +195,7 @@ def load() -> Native:
     mode = ctypes.RTLD_GLOBAL
     try:
         if directory is not None:
-            for stem in _GGML_LIBRARIES:
+            for stem in _read_manifest(directory).get("preload", _GGML_LIBRARIES):
                 path = directory / _libname(stem)
                 if path.exists():
                     ctypes.CDLL(str(path), mode=mode)

@@ -10,6 +10,11 @@ file per digest makes concurrent pulls of the same blob share one download.
 ``huggingface_hub`` is imported only inside the functions that talk to the
 Hub, and ``HF_ENDPOINT``, ``HF_TOKEN`` and ``HF_HUB_OFFLINE`` are read at
 each pull, so a running server sees changes to them.
+
+In offline mode (``MULLAMA_OFFLINE`` or ``HF_HUB_OFFLINE``), a pull takes
+what this machine holds (Ollama's store) and otherwise fails at once, before
+any connection is tried: on an air-gapped network a connection may hang
+until it times out instead of failing.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mullama import config
 from mullama.filelock import exclusive
 from mullama.store import ollama_store
 from mullama.errors import BadRequestError, DownloadError, MullamaError, NotFoundError, StorageFullError
@@ -55,7 +61,7 @@ class _Hub:
 
     @classmethod
     def from_env(cls) -> _Hub:
-        offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+        offline = _truthy(os.environ.get("HF_HUB_OFFLINE"))
         endpoint = (os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
         return cls(endpoint, os.environ.get("HF_TOKEN") or None, offline)
 
@@ -114,6 +120,10 @@ def pull(name: str, store: Store | None = None, progress: Progress | None = None
                               param="model")
     if ollama_store.import_model(resolved.name, store, emit):
         return resolved.name
+    setting = offline_setting()
+    if setting:
+        raise DownloadError(f"cannot pull {resolved.name}: {setting} is set (offline mode), so nothing is "
+                            "downloaded; copy the GGUF to this machine and `mullama create` a model from it")
     hub = _Hub.from_env()
     specs = resolved.files or _hub_repo_files(resolved, hub)
     if not specs:
@@ -141,6 +151,18 @@ def pull(name: str, store: Store | None = None, progress: Progress | None = None
         raise StorageFullError(f"the disk holding {store.root} is full; {resolved.name} was not pulled") from exc
     emit({"status": "success"})
     return resolved.name
+
+
+def offline_setting() -> str | None:
+    """The variable that puts pulls in offline mode (``MULLAMA_OFFLINE``, then ``HF_HUB_OFFLINE``), or None."""
+    for name, value in (("MULLAMA_OFFLINE", config.env("OFFLINE")), ("HF_HUB_OFFLINE", os.environ.get("HF_HUB_OFFLINE"))):
+        if _truthy(value):
+            return name
+    return None
+
+
+def _truthy(value: str | None) -> bool:
+    return (value or "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def _ignore(event: dict[str, Any]) -> None:
