@@ -249,7 +249,8 @@ def test_import_from_ollama_without_download(hub, monkeypatch, tmp_path, model_p
     store = Store()
     imported = store.read_manifest(ModelName.parse("smollm2:135m"))
     assert [layer.digest for layer in imported.layers] == [manifest.layers[0].digest]
-    assert imported.layers[0].from_path is None
+    # The layer's parent model is kept by name (show's details.parent_model), never a path into Ollama's store.
+    assert imported.layers[0].from_path == "smollm2:latest"
     blob = store.blob_path(manifest.layers[0].digest)
     assert os.stat(blob).st_ino == os.stat(ollama.blob_path(manifest.layers[0].digest)).st_ino
 

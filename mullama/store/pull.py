@@ -120,6 +120,9 @@ def pull(name: str, store: Store | None = None, progress: Progress | None = None
                               param="model")
     if ollama_store.import_model(resolved.name, store, emit):
         return resolved.name
+    if not resolved.files and resolved.hub_repo is None:
+        # Known to nothing, online or not: say that (and what is close), rather than that the network is off.
+        raise NotFoundError(missing_model_message(resolved.name), param="model")
     setting = offline_setting()
     if setting:
         raise DownloadError(f"cannot pull {resolved.name}: {setting} is set (offline mode), so nothing is "
