@@ -221,6 +221,19 @@ def load() -> Native:
     return native
 
 
+def build_manifest() -> dict:
+    """The manifest of the build :func:`load` loads, read without loading it when it is not loaded yet.
+
+    The daemon labels its metrics with it at start-up, before any model
+    needs the libraries: loading them (and through them every GPU runtime
+    the build has) costs resident memory an idle daemon need not hold.
+    """
+    if load.cache_info().currsize:
+        return load().manifest
+    directory = _find_directory()
+    return _read_manifest(directory) if directory is not None else {}
+
+
 @dataclass
 class Whisper:
     """libwhisper, loaded beside libllama on the same ggml, and what its build recorded."""
