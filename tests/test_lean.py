@@ -111,3 +111,32 @@ def test_mullama_serve_maps_llama_cpp_with_its_first_model_only(tmp_path: Path, 
         assert any(name.startswith("libllama") for name in _native(maps.read_text()))
     finally:
         serving.stop()
+
+
+_CONCURRENT_LOADS = """
+import threading
+from mullama.ffi import loader
+barrier = threading.Barrier(8)
+found = []
+def first_load():
+    barrier.wait()
+    found.append(loader.load())
+threads = [threading.Thread(target=first_load) for _ in range(8)]
+for thread in threads:
+    thread.start()
+for thread in threads:
+    thread.join()
+print(len({id(native) for native in found}), len(found[0].devices))
+"""
+
+
+def test_first_loads_at_once_load_the_libraries_once(tmp_path: Path) -> None:
+    # The daemon loads llama.cpp with its first model, and two requests may bring two first models at once.
+    result = subprocess.run([sys.executable, "-c", _CONCURRENT_LOADS], env=environment(tmp_path, free_port()),
+                            cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stderr
+    natives, devices = map(int, result.stdout.split())
+    alone = subprocess.run([sys.executable, "-c", "from mullama.ffi import loader; print(len(loader.load().devices))"],
+                           env=environment(tmp_path, free_port()), cwd=REPO, capture_output=True, text=True,
+                           timeout=120, check=True)
+    assert (natives, devices) == (1, int(alone.stdout))
