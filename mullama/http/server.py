@@ -535,12 +535,9 @@ class Handler(BaseHTTPRequestHandler):
         for name, value in (headers or {}).items():
             self.send_header(name, value)
         self._common_headers()
-        # What end_headers() does, with the body joined to the headers (the buffer send_header fills):
-        # one write, one segment and one wake-up of the client rather than two.
-        self._headers_buffer.append(b"\r\n")
+        self.end_headers()
         if self.command != "HEAD":
-            self._headers_buffer.append(body)
-        self.flush_headers()
+            self.wfile.write(body)
 
     def send_json(self, status: int, obj: Any, headers: dict[str, str] | None = None) -> None:
         """A complete JSON response."""
