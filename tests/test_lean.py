@@ -17,7 +17,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from daemon import REPO, create_model, environment, free_port, serve
 
 #: Loaded only for the work that needs them: none is needed to build a ``mullama.Model``.
@@ -37,7 +36,10 @@ _LIBRARY_PROBE = """
 import json, sys
 import mullama
 mullama.Model
-print(json.dumps({"modules": sorted(sys.modules), "maps": open("/proc/self/maps").read()}))
+imported = {"modules": sorted(sys.modules), "maps": open("/proc/self/maps").read()}
+with mullama.Model(sys.argv[1], num_ctx=256) as model:
+    model.complete("Hi", num_predict=2)
+print(json.dumps({**imported, "used": sorted(sys.modules)}))
 """
 
 _DAEMON_PROBE = """
@@ -59,9 +61,9 @@ server.shutdown()
 linux_only = pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads /proc/<pid>/maps")
 
 
-def _probe(code: str, tmp: Path) -> dict[str, object]:
-    """Run ``code`` in a fresh interpreter with a store of its own; the JSON it prints."""
-    result = subprocess.run([sys.executable, "-c", code], env=environment(tmp, free_port()), cwd=REPO,
+def _probe(code: str, tmp: Path, *args: str) -> dict[str, object]:
+    """Run ``code`` with ``args`` in a fresh interpreter with a store of its own; the JSON it prints."""
+    result = subprocess.run([sys.executable, "-c", code, *args], env=environment(tmp, free_port()), cwd=REPO,
                             capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
@@ -79,10 +81,12 @@ def _native(maps: str) -> list[str]:
 
 
 @linux_only
-def test_importing_mullama_for_the_engine_imports_no_server_and_loads_no_library(tmp_path: Path) -> None:
-    found = _probe(_LIBRARY_PROBE, tmp_path)
+def test_the_in_process_api_imports_no_server_and_loads_llama_cpp_with_its_first_model(tmp_path: Path,
+                                                                                         model_path: Path) -> None:
+    found = _probe(_LIBRARY_PROBE, tmp_path, str(model_path))
     assert _loaded(found["modules"], NOT_FOR_THE_LIBRARY) == []
     assert _native(str(found["maps"])) == []  # libllama loads with the first Model, not with the import
+    assert _loaded(found["used"], NOT_FOR_THE_LIBRARY) == []  # nor does generating bring the server in
 
 
 @linux_only
