@@ -19,25 +19,24 @@ import time
 from collections.abc import Callable, Generator, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from mullama.prompt import grammar as grammars
-from mullama.prompt.jinja import render_jinja
 from mullama.engine.model import Completion, Model, Timings
 from mullama.errors import BadRequestError
 from mullama.engine.residency import LoadedModel, ModelManager, Resolution
 from mullama.ops.operations import RequestContext
-from mullama.prompt.templates import render_chat, render_generate
 from mullama.store.records import ModelRecord
 from mullama.engine.sampling import TokenLogprob
 from mullama.engine.vision import ImageChunk, place_images
 from mullama.prompt.thinking import ThinkingSplitter, prompt_opens_thinking
-from mullama.prompt.harmony import HarmonyParser, ThinkingDelta, render_harmony, renamed_tools
 from mullama.prompt.toolcalls import HARMONY, TextDelta, ToolCallEvent, ToolCallParser, ToolFormat, detect_format
 from mullama.speech.audio import decode_audio
 from mullama.speech.transcribe import Segment, SpeechModel, Transcript
 from mullama.types import (ChatRequest, GenerateRequest, Message, Think, Tool, ToolCall, TranscriptionRequest,
                            split_think)
+
+if TYPE_CHECKING:
+    from mullama.prompt.harmony import HarmonyParser
 
 log = logging.getLogger("mullama.service")
 
@@ -184,16 +183,17 @@ class Reply:
             return
         events = self._parser.feed(text) if not final else self._parser.finish()
         for event in events:
-            if isinstance(event, ThinkingDelta) and event.text:
-                message.thinking += event.text
-                yield Delta(thinking=event.text)
-            elif isinstance(event, TextDelta) and event.text:
-                message.content += event.text
-                yield Delta(content=event.text)
-            elif isinstance(event, ToolCallEvent):
+            if isinstance(event, ToolCallEvent):
                 event.call.index = len(message.tool_calls)
                 message.tool_calls.append(event.call)
                 yield Delta(tool_calls=[event.call])
+            elif isinstance(event, TextDelta):
+                if event.text:
+                    message.content += event.text
+                    yield Delta(content=event.text)
+            elif event.text:  # harmony's ThinkingDelta, the one other event
+                message.thinking += event.text
+                yield Delta(thinking=event.text)
 
 
 def _resolve_think(resolution: Resolution, think: Think) -> Think:
@@ -260,6 +260,11 @@ def render_prompt(record: ModelRecord, model: Model, messages: list[Message], to
     template as ``.ThinkLevel``, harmony as its ``Reasoning:`` line, a Jinja
     template as ``reasoning_effort`` (see :func:`_jinja_thinking`).
     """
+    # The template engines load with the first prompt: an idle daemon need not hold them.
+    from mullama.prompt.harmony import render_harmony, renamed_tools
+    from mullama.prompt.jinja import render_jinja
+    from mullama.prompt.templates import render_chat
+
     messages = _with_defaults(record, messages)
     harmony = tool_format(record, model).name == HARMONY
     enabled, level = split_think(think)
@@ -320,6 +325,8 @@ def tool_format(record: ModelRecord, model: Model) -> ToolFormat:
 
 def grammar_for(fmt: Any, tools: list[Tool], tool_choice: str, calls: ToolFormat, parallel: bool = False) -> str | None:
     """A GBNF grammar for ``format`` (JSON or a schema) or for forced tool calls."""
+    from mullama.prompt import grammar as grammars  # loaded with the first grammar, as the templates are
+
     if tools and tool_choice not in ("auto", "none", ""):
         if calls.name != "hermes":
             open_tag, close_tag = {"mistral": ("[TOOL_CALLS]", ""), "granite": ("<|tool_call|>", "")}.get(
@@ -433,6 +440,8 @@ def chat(manager: ModelManager, req: ChatRequest, *, context: RequestContext | N
         splitter = None
         parser: ToolCallParser | HarmonyParser | None = None
         if calls.name == HARMONY:
+            from mullama.prompt.harmony import HarmonyParser
+
             # Channels carry the thinking, the answer and the calls alike.
             parser = HarmonyParser(tools, prompt)
         else:
@@ -459,6 +468,8 @@ def generate(manager: ModelManager, req: GenerateRequest, *, context: RequestCon
         if req.raw:
             prompt = user
         elif req.template is not None or record.template is not None:
+            from mullama.prompt.templates import render_generate
+
             system = req.system if req.system is not None else record.system
             enabled, level = split_think(think)
             prompt = render_generate(req.template if req.template is not None else record.template, user,
@@ -477,6 +488,8 @@ def generate(manager: ModelManager, req: GenerateRequest, *, context: RequestCon
                                           top_logprobs=req.top_logprobs, images=chunks)
         splitter, parser = None, None
         if not req.raw and tool_format(record, model).name == HARMONY:
+            from mullama.prompt.harmony import HarmonyParser
+
             parser = HarmonyParser([], prompt)
         elif not req.raw and _thinking_enabled(record, model, think) and not grammar:
             splitter = ThinkingSplitter(starts_inside=prompt_opens_thinking(prompt))

@@ -7,6 +7,7 @@ import pytest
 import mullama
 from mullama import service
 from mullama.errors import BadRequestError
+from mullama.prompt.harmony import HarmonyParser
 from mullama.store.records import ModelRecord
 from mullama.types import Message, Tool, ToolCall
 
@@ -110,7 +111,7 @@ def test_harmony_output_becomes_thinking_content_and_calls(model, model_path):
     recorded = json.loads((Path(__file__).parent / "data" / "harmony" / "thinking-tool-call.json").read_text())
     fmt = service.tool_format(record(model_path, name="gpt-oss-tiny"), model)
     assert fmt.name == "harmony"
-    parser = service.HarmonyParser([Tool(name="get_current_weather")], "")
+    parser = HarmonyParser([Tool(name="get_current_weather")], "")
     reply = service.Reply("gpt-oss-tiny", ExitStack(), RecordedRequest(recorded["output"]), None, parser, 0, 0, 1)
     deltas = list(reply)
     message = reply.result.message

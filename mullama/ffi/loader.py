@@ -188,9 +188,19 @@ def _devices(llama: ctypes.CDLL) -> list[Device]:
     return devices
 
 
-@functools.lru_cache(maxsize=1)
+#: Held while the libraries load: the daemon loads them with its first model, and two models may be asked for at
+#: once; both must not register the backends and the log callback.
+_LOADING = threading.Lock()
+
+
 def load() -> Native:
     """Load the libraries once; later calls return the same :class:`Native`."""
+    with _LOADING:
+        return _load()
+
+
+@functools.lru_cache(maxsize=1)
+def _load() -> Native:
     directory = _find_directory()
     mode = ctypes.RTLD_GLOBAL
     try:
@@ -231,6 +241,19 @@ def load() -> Native:
     )
     log.info("%s", native.describe())
     return native
+
+
+def build_manifest() -> dict:
+    """The manifest of the build :func:`load` loads, read without loading it when it is not loaded yet.
+
+    The daemon labels its metrics with it at start-up, before any model
+    needs the libraries: loading them (and through them every GPU runtime
+    the build has) costs resident memory an idle daemon need not hold.
+    """
+    if _load.cache_info().currsize:
+        return load().manifest
+    directory = _find_directory()
+    return _read_manifest(directory) if directory is not None else {}
 
 
 @dataclass

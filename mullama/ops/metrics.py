@@ -60,11 +60,14 @@ class BuildInfo:
 
     @classmethod
     def current(cls) -> "BuildInfo":
-        """This installation: Mullama's version and the native build the daemon loads ("unknown" without one)."""
+        """This installation: Mullama's version and the native build the daemon loads ("unknown" without one).
+
+        Read from the build's manifest: the libraries load with the first model, not here.
+        """
         from mullama.ffi import loader
 
         try:
-            manifest: dict[str, Any] = loader.load().manifest
+            manifest: dict[str, Any] = loader.build_manifest()
         except MullamaError:
             manifest = {}
         backends = manifest.get("backends") or []
