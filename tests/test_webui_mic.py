@@ -102,3 +102,37 @@ def test_a_spoken_question_is_transcribed_and_answered(ui: Page) -> None:
     page.get_by_role("button", name="Stop listening").click()
     mic.wait_for()
     assert page.locator("#mic").get_attribute("aria-pressed") == "false"
+
+
+#: The page's own utterance cutter on a made-up signal: (the utterances' lengths in samples, starts seen, PCM bytes).
+CUT = """async () => {
+    const { Utterances, pcm16, SPEECH_RATE } = await import("/ui/mic.js");
+    const seconds = (s) => Math.round(s * SPEECH_RATE);
+    const tone = (s, level) => Float32Array.from({ length: seconds(s) }, (_, i) => level * Math.sin(i / 4));
+    const quiet = (s) => new Float32Array(seconds(s));
+    const found = [];
+    let starts = 0;
+    const cutter = new Utterances({ onStart: () => { starts += 1; }, onUtterance: (s) => found.push(s.length) });
+    // A 40 ms click, a second of speech, a second of silence, then speech the user stops listening to.
+    const signal = [quiet(0.5), tone(0.04, 0.5), quiet(0.5), tone(1, 0.3), quiet(1), tone(0.5, 0.3)];
+    for (const part of signal) {
+        for (let i = 0; i < part.length; i += 1600) cutter.feed(part.slice(i, i + 1600));
+    }
+    const before = found.length;
+    cutter.flush();
+    return [found, before, starts, Array.from(pcm16(Float32Array.from([0, 0.5, -1, 2])))];
+}"""
+
+
+def test_utterances_are_cut_out_by_loudness(ui: Page) -> None:
+    ui.open("chat")
+    found, before_flush, starts, pcm = ui.page.evaluate(CUT)
+    # The click started nothing. The speech is one utterance: 0.3 s up to where it was seen to start (the 60 ms
+    # that confirmed it among them), the rest of it, and the 0.7 s of silence that ended it.
+    assert starts == 2 and before_flush == 1
+    frame = 320  # 20 ms
+    assert found[0] == frame * (12 + 50 + 35)
+    # Stopping hands over the speech going on, with what came before it.
+    assert found[1] == frame * (12 + 25)
+    # 16-bit little-endian, clipped to [-1, 1].
+    assert pcm == [0, 0, 0x00, 0x40, 0x01, 0x80, 0xFF, 0x7F]

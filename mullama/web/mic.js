@@ -19,7 +19,8 @@ const OVER_NOISE = 3;
 const START_FRAMES = 3;
 /** Quiet frames in a row that end one (0.7 s: the pauses between words are shorter). */
 const END_FRAMES = 35;
-/** Frames kept from before the start (0.3 s), so that a soft first sound is not cut. */
+/** Frames kept from before the start was seen (0.3 s, the loud ones that showed it included), so that a soft
+ * first sound is not cut. */
 const PREROLL_FRAMES = 15;
 /** The longest utterance (30 s, Whisper's window): a longer one is cut there. */
 const MAX_FRAMES = 30 * 50;
