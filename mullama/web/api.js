@@ -97,24 +97,12 @@ export const post = (path, body, signal) => call("POST", path, body, signal);
  */
 export async function stream(path, body, onEvent, signal) {
   const response = await send("POST", path, body, signal);
-  const reader = response.body.getReader();
-  const decoder = new TextDecoder();
-  let pending = "";
-  const handle = (line) => {
+  await read(response, "\n", (line) => {
     if (!line.trim()) return;
     const event = JSON.parse(line);
     if (event.error) throw new ApiError(response.status, event.error);
     onEvent(event);
-  };
-  for (;;) {
-    const { value, done } = await reader.read();
-    if (done) break;
-    pending += decoder.decode(value, { stream: true });
-    const lines = pending.split("\n");
-    pending = lines.pop();
-    lines.forEach(handle);
-  }
-  handle(pending + decoder.decode());
+  });
 }
 
 /**
@@ -123,10 +111,7 @@ export async function stream(path, body, onEvent, signal) {
  */
 export async function events(path, bytes, onEvent, signal) {
   const response = await send("POST", path, bytes, signal, "application/octet-stream");
-  const reader = response.body.getReader();
-  const decoder = new TextDecoder();
-  let pending = "";
-  const handle = (block) => {
+  await read(response, "\n\n", (block) => {
     if (!block.trim()) return;
     const fields = {};
     for (const line of block.split("\n")) {
@@ -136,14 +121,21 @@ export async function events(path, bytes, onEvent, signal) {
     const data = fields.data ? JSON.parse(fields.data) : {};
     if (fields.event === "error") throw new ApiError(response.status, data.error || "the stream failed");
     onEvent(fields.event || "message", data);
-  };
+  });
+}
+
+/** Call `handle` with each piece of a streamed answer's text, cut at `separator`, as the pieces arrive. */
+async function read(response, separator, handle) {
+  const reader = response.body.getReader();
+  const decoder = new TextDecoder();
+  let pending = "";
   for (;;) {
     const { value, done } = await reader.read();
     if (done) break;
-    pending += decoder.decode(value, { stream: true }).replaceAll("\r\n", "\n");
-    const blocks = pending.split("\n\n");
-    pending = blocks.pop();
-    blocks.forEach(handle);
+    pending += decoder.decode(value, { stream: true });
+    const pieces = pending.split(separator);
+    pending = pieces.pop();
+    pieces.forEach(handle);
   }
   handle(pending + decoder.decode());
 }

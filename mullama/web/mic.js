@@ -112,6 +112,8 @@ export async function listen({ onStart, onUtterance }) {
   let context;
   try {
     context = new AudioContext();
+    // A context made after the click's await may start suspended (the autoplay rules).
+    await context.resume();
     await context.audioWorklet.addModule("/ui/mic-worklet.js");
     const node = new AudioWorkletNode(context, "mullama-downsampler", {
       numberOfInputs: 1, numberOfOutputs: 0, processorOptions: { rate: SPEECH_RATE },
