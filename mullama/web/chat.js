@@ -382,7 +382,7 @@ export function chatPage(root) {
     }
     view.mic.disabled = true;
     try {
-      state.listening = await listen({ onStart: bargeIn, onUtterance: onUtterance });
+      state.listening = await listen({ onStart: bargeIn, onUtterance });
       view.notice.textContent = "Listening: speak, then pause.";
     } catch (error) {
       view.notice.textContent = `The microphone is not available: ${error.message}`;
