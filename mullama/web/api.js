@@ -1,4 +1,4 @@
-// The daemon's public API, from the page: JSON calls, NDJSON streams, the API key.
+// The daemon's public API, from the page: JSON calls, NDJSON and server-sent event streams, the API key.
 //
 // The key, when the daemon wants one, is asked for once and kept in
 // sessionStorage only: it is gone when the tab closes.
@@ -15,9 +15,11 @@ export class ApiError extends Error {
   }
 }
 
-function headers(body, key) {
+const JSON_TYPE = "application/json";
+
+function headers(type, key) {
   const result = {};
-  if (body !== undefined) result["Content-Type"] = "application/json";
+  if (type) result["Content-Type"] = type;
   if (key) result.Authorization = `Bearer ${key}`;
   return result;
 }
@@ -49,14 +51,18 @@ async function errorOf(response) {
   }
 }
 
-/** Send one request; on 401 ask for the API key and try again. Returns the Response. */
-async function send(method, path, body, signal) {
+/**
+ * Send one request; on 401 ask for the API key and try again. Returns the Response.
+ * The body is JSON, or bytes sent as they are when `type` names another type.
+ */
+async function send(method, path, body, signal, type = JSON_TYPE) {
   for (;;) {
     const key = sessionStorage.getItem(KEY_STORAGE);
     let response;
     try {
       response = await fetch(path, {
-        method, signal, headers: headers(body, key), body: body === undefined ? undefined : JSON.stringify(body),
+        method, signal, headers: headers(body === undefined ? null : type, key),
+        body: body === undefined || type !== JSON_TYPE ? body : JSON.stringify(body),
       });
     } catch (error) {
       if (error.name === "AbortError") throw error;
@@ -91,22 +97,45 @@ export const post = (path, body, signal) => call("POST", path, body, signal);
  */
 export async function stream(path, body, onEvent, signal) {
   const response = await send("POST", path, body, signal);
-  const reader = response.body.getReader();
-  const decoder = new TextDecoder();
-  let pending = "";
-  const handle = (line) => {
+  await read(response, "\n", (line) => {
     if (!line.trim()) return;
     const event = JSON.parse(line);
     if (event.error) throw new ApiError(response.status, event.error);
     onEvent(event);
-  };
+  });
+}
+
+/**
+ * POST `bytes` (application/octet-stream) and call `onEvent(name, data)` with each server-sent event of the
+ * answer as it arrives. An `error` event throws. Aborting `signal` ends the stream.
+ */
+export async function events(path, bytes, onEvent, signal) {
+  const response = await send("POST", path, bytes, signal, "application/octet-stream");
+  await read(response, "\n\n", (block) => {
+    if (!block.trim()) return;
+    const fields = {};
+    for (const line of block.split("\n")) {
+      const colon = line.indexOf(":");
+      if (colon > 0) fields[line.slice(0, colon)] = line.slice(colon + 1).trimStart();
+    }
+    const data = fields.data ? JSON.parse(fields.data) : {};
+    if (fields.event === "error") throw new ApiError(response.status, data.error || "the stream failed");
+    onEvent(fields.event || "message", data);
+  });
+}
+
+/** Call `handle` with each piece of a streamed answer's text, cut at `separator`, as the pieces arrive. */
+async function read(response, separator, handle) {
+  const reader = response.body.getReader();
+  const decoder = new TextDecoder();
+  let pending = "";
   for (;;) {
     const { value, done } = await reader.read();
     if (done) break;
     pending += decoder.decode(value, { stream: true });
-    const lines = pending.split("\n");
-    pending = lines.pop();
-    lines.forEach(handle);
+    const pieces = pending.split(separator);
+    pending = pieces.pop();
+    pieces.forEach(handle);
   }
   handle(pending + decoder.decode());
 }

@@ -1,12 +1,13 @@
-// The Chat page: conversations, a model picker, streamed answers from /api/chat.
+// The Chat page: conversations, a model picker, streamed answers from /api/chat, spoken turns via /api/voice.
 
-import { canChat, modelsWithInfo, stream } from "./api.js";
+import { canChat, events, modelsWithInfo, stream } from "./api.js";
 import * as store from "./conversations.js";
 import { field, h, replace } from "./dom.js";
 import { rate } from "./format.js";
 import { attachmentTray } from "./attachments.js";
 import { canSee, dataUrl } from "./images.js";
 import { renderMarkdown } from "./markdown.js";
+import { canHear, listen, pcm16, SPEECH_RATE } from "./mic.js";
 import { ask } from "./ui.js";
 
 /** Render the chat page into `root`; returns the function that leaves it. */
@@ -17,11 +18,17 @@ export function chatPage(root) {
     models: [],
     // The generation under way: its conversation, message and AbortController.
     running: null,
+    speechModels: [],
+    // While the microphone is on: the function that turns it off.
+    listening: null,
+    // The spoken turns, one after another.
+    voiceTurns: Promise.resolve(),
   };
   const view = buildView();
   replace(root, view.element);
   loadModels();
   selectConversation(state.conversations[0] || null);
+  return () => stopListening();
 
   function buildView() {
     const list = h("ul", { class: "conversation-list" });
@@ -49,8 +56,10 @@ export function chatPage(root) {
     const send = h("button", { type: "submit", class: "primary", id: "send", text: "Send" });
     const stop = h("button", { type: "button", id: "stop", class: "danger", text: "Stop", hidden: true,
       on: { click: stopGeneration } });
+    const mic = h("button", { type: "button", id: "mic", "aria-pressed": "false", text: "Speak", hidden: true,
+      on: { click: toggleMicrophone } });
     const composer = h("form", { class: "composer", on: { submit: onSubmit } }, tray.list,
-      h("div", { class: "compose-row" }, input, h("div", { class: "buttons" }, tray.button, send, stop)), tray.input);
+      h("div", { class: "compose-row" }, input, h("div", { class: "buttons" }, tray.button, mic, send, stop)), tray.input);
     const notice = h("p", { class: "notice", role: "status" });
     const element = h("div", { class: "chat" },
       h("aside", { class: "sidebar", "aria-label": "Conversations" },
@@ -62,7 +71,7 @@ export function chatPage(root) {
         h("div", { class: "toolbar" }, field("Model", picker), settingsButton),
         settings, notice, messages, composer));
     return { element, composer, list, picker, settingsButton, settings, system, think, thinkField, optionInputs, messages,
-      input, send, stop, notice, tray };
+      input, send, stop, mic, notice, tray };
   }
 
   // --- models -----------------------------------------------------------
@@ -70,7 +79,9 @@ export function chatPage(root) {
   async function loadModels() {
     view.notice.textContent = "Loading models…";
     try {
-      state.models = (await modelsWithInfo()).filter(canChat);
+      const models = await modelsWithInfo();
+      state.models = models.filter(canChat);
+      state.speechModels = models.filter(canHear);
       view.notice.textContent = state.models.length ? ""
         : "No model that can chat is installed yet: pull or create one on the Models page.";
     } catch (error) {
@@ -164,6 +175,8 @@ export function chatPage(root) {
     const info = modelInfo(conversation.model);
     view.thinkField.hidden = !(info?.capabilities || []).includes("thinking");
     view.tray.setVisible(canSee(info));
+    view.mic.hidden = !state.speechModels.length;
+    view.mic.title = state.speechModels.length ? `Talk to the model (heard by ${state.speechModels[0].name})` : "";
   }
 
   function onSettingsInput() {
@@ -211,7 +224,8 @@ export function chatPage(root) {
         on: { click: () => regenerate(conversation) } }));
     }
     replace(item,
-      h("div", { class: "role", text: message.role === "user" ? "You" : conversation.model || "Assistant" }),
+      h("div", { class: "role", text: message.role === "user" ? (message.spoken ? "You (spoken)" : "You")
+        : conversation.model || "Assistant" }),
       message.thinking ? h("details", { class: "thinking" }, h("summary", { text: "Thinking" }),
         h("div", { class: "thinking-text", text: message.thinking })) : null,
       images.some(Boolean) ? h("div", { class: "images" }, images.map((url, number) => (url
@@ -317,14 +331,7 @@ export function chatPage(root) {
     state.running = { conversation, message, controller };
     persist();
     renderMessages();
-    let frame = 0;
-    const update = () => {
-      frame = 0;
-      if (state.current !== conversation) return;
-      const item = view.messages.querySelector(`li[data-index="${conversation.messages.indexOf(message)}"]`);
-      if (item) fillMessage(item, conversation, message, conversation.messages.indexOf(message));
-      scrollToEnd(false);
-    };
+    const redraw = redrawer(conversation, message);
     try {
       await stream("/api/chat", store.chatRequest(conversation, history), (event) => {
         const delta = event.message || {};
@@ -335,14 +342,136 @@ export function chatPage(root) {
           message.stats = { eval_count: event.eval_count, eval_duration: event.eval_duration,
             prompt_eval_count: event.prompt_eval_count, done_reason: event.done_reason };
         }
-        frame ||= requestAnimationFrame(update);
+        redraw.soon();
       }, controller.signal);
     } catch (error) {
       if (error.name === "AbortError") message.stopped = true;
       else message.error = error.message;
     } finally {
-      cancelAnimationFrame(frame);
+      redraw.cancel();
       state.running = null;
+      persist();
+      if (state.current === conversation) renderMessages();
+      updateButtons();
+    }
+  }
+
+  /** Redraws `message` while it streams, at most once a frame: `soon()` asks for one, `cancel()` drops it. */
+  function redrawer(conversation, message) {
+    let frame = 0;
+    const update = () => {
+      frame = 0;
+      if (state.current !== conversation) return;
+      const index = conversation.messages.indexOf(message);
+      const item = view.messages.querySelector(`li[data-index="${index}"]`);
+      if (item) fillMessage(item, conversation, message, index);
+      scrollToEnd(false);
+    };
+    return { soon: () => { frame ||= requestAnimationFrame(update); }, cancel: () => cancelAnimationFrame(frame) };
+  }
+
+  // --- speaking -------------------------------------------------------------------
+  //
+  // Each utterance the microphone hears goes to POST /api/voice as one body: the daemon transcribes it (the
+  // transcript becomes the user's message) and streams the chat model's answer (the assistant's).
+
+  async function toggleMicrophone() {
+    if (state.listening) {
+      stopListening(true);
+      return;
+    }
+    view.mic.disabled = true;
+    try {
+      state.listening = await listen({ onStart: bargeIn, onUtterance });
+      view.notice.textContent = "Listening: speak, then pause.";
+    } catch (error) {
+      view.notice.textContent = `The microphone is not available: ${error.message}`;
+    } finally {
+      view.mic.disabled = false;
+      renderMicrophone();
+    }
+  }
+
+  /** Turn the microphone off; `handOver`: the words being said still get their turn (not when leaving). */
+  function stopListening(handOver = false) {
+    const stop = state.listening;
+    state.listening = null;
+    if (!stop) return;
+    stop(handOver);
+    if (view.notice.textContent.startsWith("Listening")) view.notice.textContent = "";
+    renderMicrophone();
+  }
+
+  function renderMicrophone() {
+    const on = Boolean(state.listening);
+    view.mic.setAttribute("aria-pressed", String(on));
+    view.mic.textContent = on ? "Stop listening" : "Speak";
+    view.mic.classList.toggle("listening", on);
+  }
+
+  /** Speech started: an answer streaming now is cut short, as the voice loop does (not a turn still being heard). */
+  function bargeIn() {
+    if (state.running && state.running.heard !== false) state.running.controller.abort();
+  }
+
+  function onUtterance(samples) {
+    const conversation = ensureConversation();
+    state.voiceTurns = state.voiceTurns.then(() => voiceTurn(conversation, samples));
+  }
+
+  function voiceQuery(conversation) {
+    const body = store.chatRequest(conversation, []);
+    const query = new URLSearchParams({ model: conversation.model, speech_model: state.speechModels[0].name,
+      rate: String(SPEECH_RATE), channels: "1", options: JSON.stringify(body.options) });
+    if (conversation.system.trim()) query.set("system", conversation.system);
+    if (body.think) query.set("think", "true");
+    return query;
+  }
+
+  async function voiceTurn(conversation, samples) {
+    if (!conversation.model || !state.speechModels.length) {
+      view.notice.textContent = "Choose a model first.";
+      return;
+    }
+    const running = { conversation, message: null, controller: new AbortController(), heard: false };
+    state.running = running;
+    updateButtons();
+    view.notice.textContent = "Transcribing…";
+    let redraw = null;
+    const onEvent = (name, data) => {
+      if (name === "transcript" && data.text && !running.message) {
+        conversation.messages.push({ role: "user", content: data.text, spoken: true });
+        conversation.title = store.titleOf(conversation);
+        running.message = { role: "assistant", content: "", thinking: "", tool_calls: [] };
+        running.heard = true;
+        conversation.messages.push(running.message);
+        conversation.updated = Date.now();
+        redraw = redrawer(conversation, running.message);
+        view.notice.textContent = "";
+        persist();
+        renderMessages();
+      } else if (name === "answer.delta" && running.message) {
+        running.message.content += data.content || "";
+        redraw.soon();
+      } else if (name === "answer.done" && running.message) {
+        running.message.content = data.text;
+        running.message.stats = { done_reason: data.done_reason };
+      }
+    };
+    try {
+      await events(`/api/voice?${voiceQuery(conversation)}`, pcm16(samples), onEvent, running.controller.signal);
+      if (!running.message) view.notice.textContent = "No words were heard in that.";
+    } catch (error) {
+      if (error.name === "AbortError") {
+        if (running.message) running.message.stopped = true;
+      } else if (running.message) {
+        running.message.error = error.message;
+      } else {
+        view.notice.textContent = `Could not hear that: ${error.message}`;
+      }
+    } finally {
+      redraw?.cancel();
+      if (state.running === running) state.running = null;
       persist();
       if (state.current === conversation) renderMessages();
       updateButtons();
