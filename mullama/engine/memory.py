@@ -4,7 +4,7 @@
 given :class:`~mullama.engine.model.LoadOptions`: the weights, the KV cache of
 every sequence, and the compute buffers of one batch. :func:`budget` is
 what the daemon's models may occupy together: ``MULLAMA_MAX_MEMORY`` when
-set, else the GPUs' memory when the model is offloaded, else system RAM.
+set, else system RAM plus the GPUs' memory when the model is offloaded.
 
 The formulas follow what llama.cpp reports when it loads a model (its
 ``model buffer``, ``KV buffer`` and ``compute buffer`` lines). They are
@@ -125,11 +125,11 @@ def parse_size(text: str) -> int:
 def budget(load: LoadOptions | None = None, *, in_use: int = 0) -> int:
     """Bytes the daemon's loaded models may occupy together.
 
-    ``MULLAMA_MAX_MEMORY`` wins. Otherwise a model that offloads layers
-    (``num_gpu`` not 0) on a machine with GPUs gets their total memory, and
-    any other gets system RAM: what is available now plus ``in_use``, the
-    bytes the daemon's own loaded models hold (they can be unloaded to make
-    room), never more than physical memory.
+    ``MULLAMA_MAX_MEMORY`` wins. Otherwise system RAM: what is available
+    now plus ``in_use``, the bytes the daemon's own loaded models hold (they
+    can be unloaded to make room), never more than physical memory; plus,
+    for a model that offloads layers (``num_gpu`` not 0), the GPUs' memory,
+    since a model larger than the GPUs runs split between them and the CPU.
 
     Available rather than total memory, so that other programs' memory is
     respected; plus our own models, or an idle model would never be evicted
@@ -142,20 +142,36 @@ def budget(load: LoadOptions | None = None, *, in_use: int = 0) -> int:
         except ValueError as exc:
             raise MullamaError(f"MULLAMA_MAX_MEMORY: {exc}") from None
     load = load or LoadOptions()
-    if load.num_gpu != 0:
-        vram = gpu_memory()
-        if vram:
-            return vram
     total, available = system_memory()
-    return min(total, available + in_use)
+    ram = min(total, available + in_use)
+    # What does not fit on the GPUs runs from RAM (see mullama.engine.offload), so both count.
+    return ram + (gpu_memory() if load.num_gpu != 0 else 0)
 
 
 def gpu_memory() -> int:
-    """Total memory of the GPUs llama.cpp sees; 0 when there are none."""
+    """Total memory of the GPUs models may use, each capped by ``MULLAMA_GPU_MEMORY``; 0 when there are none."""
+    limit = gpu_memory_limit()
     try:
-        return sum(device.memory_total for device in load_native().gpu_devices)
+        devices = load_native().gpu_devices
     except NativeLibraryError:
         return 0
+    return sum(d.memory_total if limit is None else min(d.memory_total, limit) for d in devices)
+
+
+def gpu_memory_limit() -> int | None:
+    """``MULLAMA_GPU_MEMORY``: the most memory of each GPU models may plan on; None when unset."""
+    return size_setting("GPU_MEMORY")
+
+
+def size_setting(name: str) -> int | None:
+    """The size ``MULLAMA_<name>`` (or ``OLLAMA_<name>``) gives; None when unset."""
+    text = config.env(name)
+    if text is None:
+        return None
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise MullamaError(f"MULLAMA_{name} (or OLLAMA_{name}): {exc}") from None
 
 
 def system_memory() -> tuple[int, int]:

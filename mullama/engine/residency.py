@@ -124,14 +124,13 @@ class LoadedModel:
 
     @property
     def size_vram(self) -> int:
-        """Estimated bytes in GPU memory: all when every layer is offloaded, a share when some are."""
-        num_gpu = self.load_options.num_gpu
-        if num_gpu == 0 or not self.model.native.gpu_devices:
+        """Estimated bytes in GPU memory: all when every layer is offloaded, the offloaded layers' when some are."""
+        placement = self.model.placement
+        if not placement.num_gpu:
             return 0
-        layers = self.model.info.block_count or 0
-        if num_gpu < 0 or num_gpu >= layers:
+        if placement.gpu_bytes >= placement.total_bytes:
             return self.size
-        return self.size * num_gpu // layers
+        return min(self.size, placement.gpu_bytes)
 
     @property
     def context_length(self) -> int:

@@ -1,0 +1,187 @@
+"""The Vulkan backend, really run: on Mesa's software Vulkan device (lavapipe) where nothing better exists.
+
+These tests need a Vulkan build of the native libraries
+(``python build_native.py --backend vulkan --backend-modules``; CI builds
+one into a cache of its own and names it with
+``MULLAMA_VULKAN_LIBRARY_PATH``) and a Vulkan device; without either they
+skip, saying which is missing. Each run happens in a child process, since
+a process loads one build of llama.cpp: the same build with the CPU alone
+(``MULLAMA_BACKENDS=cpu``) is the reference the Vulkan answers are held to.
+
+Run as a script (``python tests/test_vulkan.py MODEL``), this file is that
+child: it loads the model, answers one prompt greedily and measures the
+perplexity of a fixed text, and prints what it found as JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from functools import lru_cache
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+#: The greedy answers must agree on this many tokens at least: lavapipe's float order differs from the CPU's.
+AGREEING_TOKENS = 16
+#: Perplexities on the fixed text may differ by this fraction at most (measured here: under 0.5%).
+PERPLEXITY_TOLERANCE = 0.02
+PROMPT = "The capital of France is"
+TEXT = ("The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris, France. It is named "
+        "after the engineer Gustave Eiffel, whose company designed and built the tower from 1887 to 1889.")
+
+
+def probe(model_path: str, options: dict) -> dict:
+    """Load the model in this process; its devices, placement, greedy answer and perplexity on :data:`TEXT`."""
+    from mullama.engine.model import Batch, Model
+    from mullama.ffi import loader
+
+    native = loader.load()
+    with Model(model_path, options) as model:
+        tokens = model.complete(PROMPT, temperature=0, num_predict=32, seed=1).tokens
+        text = model.tokenize(TEXT)
+        context = model.context
+        context.forget(0)
+        batch = Batch(model.lib, len(text), 1)
+        for i, token in enumerate(text):
+            batch.add(token, i, 0, True)
+        context.decode(batch)
+        nll = 0.0
+        for i in range(len(text) - 1):
+            row = model.lib.llama_get_logits_ith(context.ptr, i)
+            logits = [row[j] for j in range(model.n_vocab)]
+            top = max(logits)
+            nll += top + math.log(sum(math.exp(x - top) for x in logits)) - logits[text[i + 1]]
+        return {"devices": [[d.backend, d.name, d.kind] for d in native.devices], "modules": native.modules,
+                "num_gpu": model.placement.num_gpu, "gpu_devices": [d.name for d in model.placement.devices],
+                "tokens": tokens, "perplexity": math.exp(nll / (len(text) - 1))}
+
+
+# --- finding a Vulkan build and device --------------------------------------
+
+
+@lru_cache(maxsize=1)
+def vulkan_library() -> Path | None:
+    """The library directory of a Vulkan build: ``MULLAMA_VULKAN_LIBRARY_PATH``, else the newest in the cache."""
+    explicit = os.environ.get("MULLAMA_VULKAN_LIBRARY_PATH")
+    if explicit:
+        return Path(explicit)
+    from mullama import config
+
+    manifests = sorted(config.native_build_dir().glob("*/manifest.json"), key=lambda p: p.stat().st_mtime,
+                       reverse=True)
+    for manifest in manifests:
+        if "vulkan" in json.loads(manifest.read_text()).get("backends", []):
+            return manifest.parent / "lib"
+    return None
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """The environment of a child on the Vulkan build; lavapipe counts as a device only when named.
+
+    ggml's Vulkan backend passes over CPU-type devices unless
+    ``GGML_VK_VISIBLE_DEVICES`` names them, so that a real GPU is not shadowed.
+    """
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MULLAMA_", "OLLAMA_"))}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    env["MULLAMA_LIBRARY_PATH"] = str(vulkan_library())
+    env.setdefault("GGML_VK_VISIBLE_DEVICES", "0")
+    return env | extra
+
+
+def run_probe(model_path: Path, options: dict | None = None, **env: str) -> dict:
+    """:func:`probe` in a child with ``env``."""
+    result = subprocess.run([sys.executable, __file__, str(model_path), json.dumps(options or {})],
+                            env=child_env(**env), capture_output=True, text=True, timeout=600, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@lru_cache(maxsize=1)
+def vulkan_devices() -> tuple[str, ...]:
+    """The Vulkan devices the Vulkan build sees (with lavapipe named), by name; empty when none."""
+    code = ("from mullama.ffi import loader\n"
+            "print('\\n'.join(d.name for d in loader.load().devices if d.backend == 'Vulkan'))")
+    result = subprocess.run([sys.executable, "-c", code], env=child_env(), capture_output=True, text=True,
+                            timeout=120, check=False)
+    return tuple(result.stdout.split()) if result.returncode == 0 else ()
+
+
+def require_vulkan() -> None:
+    """Skip, saying why, unless a Vulkan build and a Vulkan device are here."""
+    library = vulkan_library()
+    if library is None or not library.is_dir():
+        pytest.skip("no Vulkan build: run `python build_native.py --backend vulkan --backend-modules` "
+                    "(needs glslc, libvulkan-dev, spirv-headers) or set MULLAMA_VULKAN_LIBRARY_PATH")
+    if not vulkan_devices():
+        pytest.skip("the Vulkan build sees no Vulkan device (install mesa-vulkan-drivers for lavapipe)")
+
+
+@pytest.fixture(scope="module")
+def vulkan(model_path):
+    """The model's answers on the CPU (same build, ``MULLAMA_BACKENDS=cpu``) and on the Vulkan device."""
+    require_vulkan()
+    return {"cpu": run_probe(model_path, MULLAMA_BACKENDS="cpu"), "vulkan": run_probe(model_path)}
+
+
+# --- tests ------------------------------------------------------------------
+
+
+def test_module_builds_leave_native_out_and_plain_builds_keep_their_options():
+    sys.path.insert(0, str(REPO))
+    try:
+        import build_native
+    finally:
+        sys.path.remove(str(REPO))
+    # A plain build's options, hence its cache key, are what they were before modules existed.
+    assert build_native.build_options(["cpu"], False, False) == build_native.COMMON_OPTIONS
+    modules = build_native.build_options(["cpu", "vulkan"], True, False)
+    assert {"-DGGML_BACKEND_DL=ON", "-DGGML_NATIVE=OFF", "-DGGML_VULKAN=ON"} <= set(modules)
+    assert "-DGGML_NATIVE=ON" not in modules and "-DGGML_CPU_ALL_VARIANTS=ON" not in modules
+    assert "-DGGML_CPU_ALL_VARIANTS=ON" in build_native.build_options(["cpu"], True, True)
+
+
+def test_the_build_loads_its_backends_as_modules_and_sees_the_device(vulkan):
+    on_vulkan = vulkan["vulkan"]
+    assert {"libggml-vulkan.so", "libggml-cpu.so"} <= set(on_vulkan["modules"])
+    assert any(backend == "Vulkan" and kind in ("gpu", "igpu") for backend, _, kind in on_vulkan["devices"])
+
+
+def test_forcing_the_cpu_loads_no_vulkan_module(vulkan):
+    on_cpu = vulkan["cpu"]
+    assert on_cpu["modules"] == ["libggml-cpu.so"]
+    assert [backend for backend, _, _ in on_cpu["devices"]] == ["CPU"]
+    assert on_cpu["num_gpu"] == 0
+
+
+def test_every_layer_goes_to_the_vulkan_device(vulkan, model_path):
+    from mullama.store.gguf import read_gguf
+
+    assert vulkan["vulkan"]["num_gpu"] == read_gguf(model_path).block_count + 1
+    assert vulkan["vulkan"]["gpu_devices"] == [vulkan_devices()[0]]
+
+
+def test_vulkan_answers_agree_with_the_cpu(vulkan):
+    cpu, gpu = vulkan["cpu"], vulkan["vulkan"]
+    agreeing = next((i for i, (a, b) in enumerate(zip(cpu["tokens"], gpu["tokens"])) if a != b), len(cpu["tokens"]))
+    assert agreeing >= AGREEING_TOKENS, (cpu["tokens"], gpu["tokens"])
+    assert abs(gpu["perplexity"] - cpu["perplexity"]) <= PERPLEXITY_TOLERANCE * cpu["perplexity"], \
+        (cpu["perplexity"], gpu["perplexity"])
+
+
+def test_a_device_memory_limit_splits_the_model_and_the_answer_stays(vulkan, model_path):
+    # 40 MiB holds about half of SmolLM2-135M's layers with a 2048-token cache.
+    split = run_probe(model_path, {"num_ctx": 2048}, MULLAMA_GPU_MEMORY="40MiB")
+    assert 0 < split["num_gpu"] < vulkan["vulkan"]["num_gpu"]
+    agreeing = next((i for i, (a, b) in enumerate(zip(vulkan["cpu"]["tokens"], split["tokens"])) if a != b),
+                    len(split["tokens"]))
+    assert agreeing >= AGREEING_TOKENS
+    assert abs(split["perplexity"] - vulkan["cpu"]["perplexity"]) <= PERPLEXITY_TOLERANCE * vulkan["cpu"]["perplexity"]
+
+
+if __name__ == "__main__":
+    print(json.dumps(probe(sys.argv[1], json.loads(sys.argv[2]) if len(sys.argv) > 2 else {})))
