@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from functools import lru_cache
@@ -66,13 +67,17 @@ def probe(model_path: str, options: dict) -> dict:
 
 @lru_cache(maxsize=1)
 def vulkan_library() -> Path | None:
-    """The library directory of a Vulkan build: ``MULLAMA_VULKAN_LIBRARY_PATH``, else the newest in the cache."""
+    """The library directory of a Vulkan build: ``MULLAMA_VULKAN_LIBRARY_PATH``, else the newest in the cache.
+
+    The cache searched is the user cache's own, and the ``vulkan`` cache root inside it that CI builds in.
+    """
     explicit = os.environ.get("MULLAMA_VULKAN_LIBRARY_PATH")
     if explicit:
         return Path(explicit)
     from mullama import config
 
-    manifests = sorted(config.native_build_dir().glob("*/manifest.json"), key=lambda p: p.stat().st_mtime,
+    roots = [config.native_build_dir(), config.user_cache_dir() / "vulkan" / "native"]
+    manifests = sorted((m for root in roots for m in root.glob("*/manifest.json")), key=lambda p: p.stat().st_mtime,
                        reverse=True)
     for manifest in manifests:
         if "vulkan" in json.loads(manifest.read_text()).get("backends", []):
@@ -173,14 +178,58 @@ def test_vulkan_answers_agree_with_the_cpu(vulkan):
         (cpu["perplexity"], gpu["perplexity"])
 
 
+def split_limit(model_path: Path, options: dict) -> int:
+    """A device-memory limit that holds about half of the model's layers with ``options``."""
+    from mullama.engine.model import LoadOptions
+    from mullama.engine.offload import layer_costs
+    from mullama.store.gguf import read_gguf
+
+    costs, compute, _ = layer_costs(read_gguf(model_path), LoadOptions.from_options(options))
+    return compute + sum(costs) // 2
+
+
 def test_a_device_memory_limit_splits_the_model_and_the_answer_stays(vulkan, model_path):
-    # 40 MiB holds about half of SmolLM2-135M's layers with a 2048-token cache.
-    split = run_probe(model_path, {"num_ctx": 2048}, MULLAMA_GPU_MEMORY="40MiB")
+    options = {"num_ctx": 2048}
+    split = run_probe(model_path, options, MULLAMA_GPU_MEMORY=str(split_limit(model_path, options)))
     assert 0 < split["num_gpu"] < vulkan["vulkan"]["num_gpu"]
-    agreeing = next((i for i, (a, b) in enumerate(zip(vulkan["cpu"]["tokens"], split["tokens"])) if a != b),
+    cpu = vulkan["cpu"]
+    agreeing = next((i for i, (a, b) in enumerate(zip(cpu["tokens"], split["tokens"])) if a != b),
                     len(split["tokens"]))
     assert agreeing >= AGREEING_TOKENS
-    assert abs(split["perplexity"] - vulkan["cpu"]["perplexity"]) <= PERPLEXITY_TOLERANCE * vulkan["cpu"]["perplexity"]
+    assert abs(split["perplexity"] - cpu["perplexity"]) <= PERPLEXITY_TOLERANCE * cpu["perplexity"]
+
+
+def test_the_daemon_serves_a_split_model_through_the_three_apis_and_ps_shows_it(vulkan, model_path, tmp_path):
+    import anthropic
+    import ollama
+    import openai
+    from daemon import cli, create_model, serve
+
+    env = child_env()
+    daemon = serve(tmp_path, MULLAMA_LIBRARY_PATH=env["MULLAMA_LIBRARY_PATH"],
+                   GGML_VK_VISIBLE_DEVICES=env["GGML_VK_VISIBLE_DEVICES"],
+                   MULLAMA_GPU_MEMORY=str(split_limit(model_path, {"num_ctx": 2048})))
+    try:
+        create_model(daemon.port, model_path, "smol", parameters={"num_ctx": 2048, "temperature": 0})
+        base = f"http://127.0.0.1:{daemon.port}"
+        answer = ollama.Client(host=base, timeout=300).generate(model="smol", prompt=PROMPT, raw=True,
+                                                                 options={"num_predict": 4})
+        assert "Paris" in answer.response
+        chat = openai.OpenAI(base_url=base + "/v1", api_key="x", max_retries=0, timeout=300).chat.completions.create(
+            model="smol", messages=[{"role": "user", "content": "Say hello."}], max_tokens=8)
+        assert chat.choices[0].message.content
+        message = anthropic.Anthropic(base_url=base, api_key="x", max_retries=0, timeout=300).messages.create(
+            model="smol", max_tokens=8, messages=[{"role": "user", "content": "Say hello."}])
+        assert message.content[0].text
+        running = ollama.Client(host=base).ps().models
+        assert len(running) == 1 and 0 < running[0].size_vram < running[0].size
+        table = cli(daemon.env, "ps")
+        assert table.returncode == 0, table.stderr
+        assert re.search(r"\b\d+%/\d+% CPU/GPU\b", table.stdout), table.stdout
+    finally:
+        daemon.stop()
+    log = daemon.log.read_text()
+    assert "libggml-vulkan.so" in log and vulkan_devices()[0] in log, log[-2000:]
 
 
 if __name__ == "__main__":

@@ -31,6 +31,8 @@ from mullama.ffi import mtmd as M
 from mullama.ffi import whisper as W
 
 log = logging.getLogger("mullama.native")
+#: What was loaded and found: a logger of its own, since the daemon quiets llama.cpp's own (``mullama.native``).
+found = logging.getLogger("mullama.ffi.loader")
 
 if sys.platform == "darwin":
     _SUFFIX = ".dylib"
@@ -242,8 +244,8 @@ def load() -> Native:
         modules=modules,
     )
     if modules:
-        log.info("backend modules: %s", ", ".join(modules))
-    log.info("%s", native.describe())
+        found.info("backend modules: %s", ", ".join(modules))
+    found.info("%s", native.describe())
     return native
 
 
