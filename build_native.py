@@ -249,6 +249,33 @@ def check_toolchain(backends: list[str]) -> None:
         for header, what in backend.headers:
             if not _header_exists(header):
                 raise BuildError(f"{header} not found for the {name} backend: install {what}")
+    if "vulkan" in backends:
+        _check_vulkan_headers()
+
+
+#: The oldest Vulkan headers the pinned llama.cpp compiles with: it uses VK_EXT_layer_settings.
+VULKAN_HEADERS_MINIMUM = (1, 3, 272)
+
+
+def _check_vulkan_headers() -> None:
+    """Refuse Vulkan headers older than the pinned llama.cpp needs, naming a way out (CMake would fail late)."""
+    roots = ([os.path.join(os.environ["VULKAN_SDK"], "include")] if os.environ.get("VULKAN_SDK") else []) + \
+        ["/usr/include", "/usr/local/include", "/opt/homebrew/include"]
+    core = next((Path(root, "vulkan", "vulkan_core.h") for root in roots
+                 if Path(root, "vulkan", "vulkan_core.h").exists()), None)
+    if core is None:
+        return
+    text = core.read_text(errors="replace")
+    patch = re.search(r"#define VK_HEADER_VERSION (\d+)", text)
+    complete = re.search(r"#define VK_HEADER_VERSION_COMPLETE VK_MAKE_API_VERSION\(0, (\d+), (\d+),", text)
+    if not (patch and complete):
+        return
+    version = (int(complete.group(1)), int(complete.group(2)), int(patch.group(1)))
+    if version < VULKAN_HEADERS_MINIMUM:
+        found, needed = ".".join(map(str, version)), ".".join(map(str, VULKAN_HEADERS_MINIMUM))
+        raise BuildError(f"the Vulkan headers in {core.parent} are {found}; the pinned llama.cpp needs {needed} or "
+                         "newer: install newer ones (the Vulkan SDK, or a newer distribution's libvulkan-dev) "
+                         "and set VULKAN_SDK to the directory holding their include/")
 
 
 def _header_exists(header: str) -> bool:
