@@ -136,12 +136,32 @@ def vulkan(model_path):
 # --- tests ------------------------------------------------------------------
 
 
-def test_module_builds_leave_native_out_and_plain_builds_keep_their_options():
+def build_native_module():
+    """``build_native.py``, imported."""
     sys.path.insert(0, str(REPO))
     try:
         import build_native
     finally:
         sys.path.remove(str(REPO))
+    return build_native
+
+
+def test_vulkan_headers_too_old_for_the_pin_are_refused_with_a_way_out(tmp_path, monkeypatch):
+    build_native = build_native_module()
+    core = tmp_path / "include" / "vulkan" / "vulkan_core.h"
+    core.parent.mkdir(parents=True)
+    # The two lines of Debian 12's vulkan_core.h that name its version.
+    core.write_text("#define VK_HEADER_VERSION 239\n"
+                    "#define VK_HEADER_VERSION_COMPLETE VK_MAKE_API_VERSION(0, 1, 3, VK_HEADER_VERSION)\n")
+    monkeypatch.setenv("VULKAN_SDK", str(tmp_path))
+    with pytest.raises(build_native.BuildError, match=r"are 1\.3\.239; .* needs 1\.3\.272 or newer.*VULKAN_SDK"):
+        build_native._check_vulkan_headers()
+    core.write_text(core.read_text().replace("239", "275"))
+    build_native._check_vulkan_headers()
+
+
+def test_module_builds_leave_native_out_and_plain_builds_keep_their_options():
+    build_native = build_native_module()
     # A plain build's options, hence its cache key, are what they were before modules existed.
     assert build_native.build_options(["cpu"], False, False) == build_native.COMMON_OPTIONS
     modules = build_native.build_options(["cpu", "vulkan"], True, False)
