@@ -8,6 +8,8 @@
     python build_native.py --with-whisper        # also libwhisper (speech), on the same ggml
     python build_native.py --wheel               # a platform wheel of Mullama carrying the libraries (dist/)
     python build_native.py --wheelhouse DIR      # that wheel and every dependency, for an air-gapped install
+    python build_native.py --backend vulkan --backend-modules   # backends as run-time modules
+    python build_native.py --cpu-variants        # modules, with the CPU backend for every x86/ARM generation
 
 The pinned source is described in ``native/source.json``: an archive on the
 Python package index whose sha256 is checked before anything is extracted.
@@ -116,6 +118,12 @@ COMMON_OPTIONS = [
     "-DGGML_NATIVE=ON",
 ]
 
+#: Backends as modules that libggml loads at run time (``GGML_BACKEND_DL``), so one install holds several
+#: and the best is picked at start. ggml refuses GGML_NATIVE with it: the CPU module is built for a
+#: portable x86-64 level (AVX2 on x86), or in every variant with ``--cpu-variants``.
+MODULE_OPTIONS = ["-DGGML_BACKEND_DL=ON", "-DGGML_NATIVE=OFF"]
+CPU_VARIANT_OPTIONS = ["-DGGML_CPU_ALL_VARIANTS=ON"]
+
 
 class BuildError(Exception):
     """A problem the user can fix; printed as one line."""
@@ -139,7 +147,8 @@ BACKENDS: dict[str, Backend] = {
     "vulkan": Backend(
         ("-DGGML_VULKAN=ON",),
         programs=(("glslc", "the Vulkan SDK or your distribution's glslc package"),),
-        headers=(("vulkan/vulkan.h", "the Vulkan headers (libvulkan-dev or the Vulkan SDK)"),),
+        headers=(("vulkan/vulkan.h", "the Vulkan headers (libvulkan-dev or the Vulkan SDK)"),
+                 ("spirv/unified1/spirv.hpp", "the SPIR-V headers (spirv-headers or the Vulkan SDK)")),
     ),
     "rocm": Backend(("-DGGML_HIP=ON",), programs=(("hipcc", "ROCm (hipcc)"),)),
     "sycl": Backend(
@@ -253,6 +262,33 @@ def check_toolchain(backends: list[str]) -> None:
         for header, what in backend.headers:
             if not _header_exists(header):
                 raise BuildError(f"{header} not found for the {name} backend: install {what}")
+    if "vulkan" in backends:
+        _check_vulkan_headers()
+
+
+#: The oldest Vulkan headers the pinned llama.cpp compiles with: it uses VK_EXT_layer_settings.
+VULKAN_HEADERS_MINIMUM = (1, 3, 272)
+
+
+def _check_vulkan_headers() -> None:
+    """Refuse Vulkan headers older than the pinned llama.cpp needs, naming a way out (CMake would fail late)."""
+    roots = ([os.path.join(os.environ["VULKAN_SDK"], "include")] if os.environ.get("VULKAN_SDK") else []) + \
+        ["/usr/include", "/usr/local/include", "/opt/homebrew/include"]
+    core = next((Path(root, "vulkan", "vulkan_core.h") for root in roots
+                 if Path(root, "vulkan", "vulkan_core.h").exists()), None)
+    if core is None:
+        return
+    text = core.read_text(errors="replace")
+    patch = re.search(r"#define VK_HEADER_VERSION (\d+)", text)
+    complete = re.search(r"#define VK_HEADER_VERSION_COMPLETE VK_MAKE_API_VERSION\(0, (\d+), (\d+),", text)
+    if not (patch and complete):
+        return
+    version = (int(complete.group(1)), int(complete.group(2)), int(patch.group(1)))
+    if version < VULKAN_HEADERS_MINIMUM:
+        found, needed = ".".join(map(str, version)), ".".join(map(str, VULKAN_HEADERS_MINIMUM))
+        raise BuildError(f"the Vulkan headers in {core.parent} are {found}; the pinned llama.cpp needs {needed} or "
+                         "newer: install newer ones (the Vulkan SDK, or a newer distribution's libvulkan-dev) "
+                         "and set VULKAN_SDK to the directory holding their include/")
 
 
 def _header_exists(header: str) -> bool:
@@ -423,8 +459,16 @@ def cpu_fingerprint() -> str:
     return flags + ":" + platform.processor()
 
 
-def make_plan(source: Source, backends: list[str], with_tools: bool, extra_options: list[str], jobs: int) -> BuildPlan:
-    options = list(COMMON_OPTIONS) + [o for b in backends for o in BACKENDS[b].options] + extra_options
+def build_options(backends: list[str], modules: bool, cpu_variants: bool) -> list[str]:
+    """The CMake options of a build: the common ones, each backend's, and the module options when asked."""
+    common = [o for o in COMMON_OPTIONS if not (modules and o.startswith("-DGGML_NATIVE="))]
+    module = (MODULE_OPTIONS if modules else []) + (CPU_VARIANT_OPTIONS if cpu_variants else [])
+    return common + [o for b in backends for o in BACKENDS[b].options] + module
+
+
+def make_plan(source: Source, backends: list[str], with_tools: bool, extra_options: list[str], jobs: int,
+              modules: bool = False, cpu_variants: bool = False) -> BuildPlan:
+    options = build_options(backends, modules or cpu_variants, cpu_variants) + extra_options
     identity = {"source": source.digest, "backends": sorted(backends), "options": options,
                 "cpu": cpu_fingerprint(), "builder": BUILDER_VERSION}
     key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
@@ -697,7 +741,9 @@ def run_whisper_build(plan: WhisperPlan, ggml_include: Path) -> None:
     if not configured.exists():
         say(f"configuring whisper.cpp on {plan.llama.lib_dir}'s ggml in {build}")
         (build / "CMakeCache.txt").unlink(missing_ok=True)
-        definitions = ";".join(GGML_BACKEND_DEFINITIONS[b] for b in plan.llama.backends)
+        # A module build links no backend into libggml, so ggml makes no GGML_USE_* public either.
+        modular = "-DGGML_BACKEND_DL=ON" in plan.llama.options
+        definitions = "" if modular else ";".join(GGML_BACKEND_DEFINITIONS[b] for b in plan.llama.backends)
         _run_logged(["cmake", "-S", str(plan.root), "-B", str(build), *WHISPER_OPTIONS,
                      f"-DMULLAMA_GGML_LIB_DIR={plan.llama.lib_dir}", f"-DMULLAMA_GGML_INCLUDE_DIR={ggml_include}",
                      f"-DMULLAMA_GGML_DEFINITIONS={definitions}", f"-DMULLAMA_WHISPER_SOURCE={plan.source.path}"],
@@ -794,7 +840,8 @@ def build_whisper(llama: BuildPlan, llama_source_arg: str | None, source: Source
 
 
 def build(source_arg: str | None, backends: list[str], with_tools: bool, extra_options: list[str], jobs: int,
-          with_whisper: bool = False, whisper_source_arg: str | None = None) -> BuildPlan:
+          with_whisper: bool = False, whisper_source_arg: str | None = None, modules: bool = False,
+          cpu_variants: bool = False) -> BuildPlan:
     """Build (or find already built) the libraries; return the plan describing them."""
     check_toolchain(backends)
     # A local whisper.cpp is checked before llama.cpp's build, which may take minutes.
@@ -806,7 +853,7 @@ def build(source_arg: str | None, backends: list[str], with_tools: bool, extra_o
     else:
         source = local_source(Path(source_arg))
         say(f"found llama.cpp at {source.path} (commit {source.commit}, content sha256 {source.digest[:16]}...)")
-    plan = make_plan(source, backends, with_tools, extra_options, jobs)
+    plan = make_plan(source, backends, with_tools, extra_options, jobs, modules, cpu_variants)
     if is_up_to_date(plan):
         say(f"up to date: {plan.lib_dir}")
     else:
@@ -854,6 +901,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="also build whisper.cpp's libwhisper (speech) on the same ggml")
     parser.add_argument("--whisper-source", metavar="PATH",
                         help="a whisper.cpp checkout or tarball instead of the pinned one (implies --with-whisper)")
+    parser.add_argument("--backend-modules", action="store_true",
+                        help="build the backends as modules loaded at run time (GGML_BACKEND_DL)")
+    parser.add_argument("--cpu-variants", action="store_true",
+                        help="with --backend-modules, build the CPU backend for every CPU generation "
+                             "(GGML_CPU_ALL_VARIANTS; implies --backend-modules)")
     parser.add_argument("--cmake-option", action="append", default=[], metavar="-DNAME=VALUE",
                         help="an extra CMake option (repeatable)")
     parser.add_argument("--jobs", "-j", type=int, default=os.cpu_count() or 2)
@@ -879,7 +931,7 @@ def main(argv: list[str] | None = None) -> int:
         backends = ["cpu", *backends]
     try:
         plan = build(args.source, backends, args.with_tools, args.cmake_option, max(1, args.jobs),
-                     args.with_whisper, args.whisper_source)
+                     args.with_whisper, args.whisper_source, args.backend_modules, args.cpu_variants)
         package_wheels(plan, args.wheel, Path(args.wheel_dir), args.wheelhouse)
         if not args.keep_selection:
             select_build(plan)

@@ -35,12 +35,9 @@ NOT_APPLICABLE: dict[str, str] = {
                           "otherwise); Ollama's alternative, its built-in renderers, does not exist here",
     "OLLAMA_IGPU_ENABLE": "llama.cpp chooses the devices; hide a device with its runtime's variable "
                           "(CUDA_VISIBLE_DEVICES, GGML_VK_VISIBLE_DEVICES...)",
-    "OLLAMA_LLM_LIBRARY": "llama.cpp runs in-process from one build; MULLAMA_LIBRARY_PATH names another",
     "OLLAMA_MAX_TRANSFER_STREAMS": "it limits safetensors transfers; Mullama pulls GGUF files only",
     "OLLAMA_NO_CLOUD": "Mullama has no cloud features: it always behaves as if this were set",
     "OLLAMA_REMOTES": "Mullama runs no remote models",
-    "OLLAMA_SCHED_SPREAD": "llama.cpp always splits a model's layers over every visible GPU; hide GPUs with "
-                           "CUDA_VISIBLE_DEVICES to use fewer",
     "OLLAMA_VULKAN": "the Vulkan backend is chosen when llama.cpp is built (build_native.py), not at run time",
     "LLAMA_ARG_FIT": "llama-server's own memory fitting; Mullama estimates each load itself (MULLAMA_MAX_MEMORY)",
     "LLAMA_ARG_FIT_TARGET": "llama-server's own memory fitting; Mullama estimates each load itself "

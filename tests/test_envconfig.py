@@ -251,7 +251,7 @@ def test_serve_model_loads_and_pins_before_answering(tmp_path: Path, model_path:
         create_model(port, model_path, "smol")
         create_model(port, model_path, "other", parameters={"temperature": 0})
     port = free_port()
-    env = environment(tmp_path, port) | {"OLLAMA_CONTEXT_LENGTH": "1024", "OLLAMA_SCHED_SPREAD": "1"}
+    env = environment(tmp_path, port) | {"OLLAMA_CONTEXT_LENGTH": "1024", "OLLAMA_REMOTES": "ollama.com"}
     log = tmp_path / "serve.log"
     with log.open("wb") as output:
         process = subprocess.Popen([sys.executable, "-m", "mullama", "serve", "--model", "smol", "--model", "other"],
@@ -263,7 +263,7 @@ def test_serve_model_loads_and_pins_before_answering(tmp_path: Path, model_path:
         chat(port, "smol", keep_alive=0)
         assert len(running_models(port)) == 2
         text = log.read_text()
-        assert "OLLAMA_SCHED_SPREAD is set but has no effect on Mullama" in text
+        assert "OLLAMA_REMOTES is set but has no effect on Mullama" in text
         assert "settings: num_ctx 1024, num_parallel 1," in text and "keep_alive 300s, load timeout 300s" in text
     finally:
         process.terminate()

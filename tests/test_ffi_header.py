@@ -105,8 +105,8 @@ CALLBACKS = {
     "ggml_abort_callback_t": R.ggml_abort_callback_t,
 }
 #: Types that are pointers in C although their name has no ``*``.
-HANDLES = {"llama_memory_t", "ggml_backend_dev_t", "ggml_backend_reg_t", "ggml_threadpool_t", "ggml_backend_buffer_type_t",
-           "llama_sampler_context_t"}
+HANDLES = {"llama_memory_t", "ggml_backend_dev_t", "ggml_backend_reg_t", "ggml_threadpool_t",
+           "ggml_backend_buffer_type_t", "llama_sampler_context_t"}
 #: Structs declared for writing one in Python, whose pointers functions still pass as ``c_void_p``.
 OPAQUE_POINTEES = {"llama_sampler"}
 STRUCTS = {cls.__name__: cls for cls in L.STRUCTS + M.STRUCTS}

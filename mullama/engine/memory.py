@@ -5,7 +5,7 @@ given :class:`~mullama.engine.model.LoadOptions`: the weights, the KV cache of
 every sequence, and the compute buffers of one batch (:func:`estimate_speech`
 the same for a whisper.cpp speech model). :func:`budget` is
 what the daemon's models may occupy together: ``MULLAMA_MAX_MEMORY`` when
-set, else the GPUs' memory when the model is offloaded, else system RAM.
+set, else system RAM plus the GPUs' memory when the model is offloaded.
 
 The formulas follow what llama.cpp reports when it loads a model (its
 ``model buffer``, ``KV buffer`` and ``compute buffer`` lines). They are
@@ -22,13 +22,16 @@ import re
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from mullama import config
 from mullama.engine.model import LoadOptions
 from mullama.errors import NativeLibraryError
 from mullama.ffi import load as load_native
-from mullama.speech.model_file import WhisperFile
 from mullama.store.gguf import GGML_TYPES, GGUFInfo, SkippedArray
+
+if TYPE_CHECKING:  # the in-process text API imports this module, and needs nothing of speech
+    from mullama.speech.model_file import WhisperFile
 
 #: Elements per block and bytes per block of each KV cache type, from ggml's type table.
 _KV_BLOCKS = {name.lower(): (elements, size) for name, elements, size in GGML_TYPES.values()}
@@ -149,11 +152,11 @@ def parse_size(text: str) -> int:
 def budget(load: LoadOptions | None = None, *, in_use: int = 0) -> int:
     """Bytes the daemon's loaded models may occupy together.
 
-    ``MULLAMA_MAX_MEMORY`` wins. Otherwise a model that offloads layers
-    (``num_gpu`` not 0) on a machine with GPUs gets their total memory, and
-    any other gets system RAM: what is available now plus ``in_use``, the
-    bytes the daemon's own loaded models hold (they can be unloaded to make
-    room), never more than physical memory.
+    ``MULLAMA_MAX_MEMORY`` wins. Otherwise system RAM: what is available
+    now plus ``in_use``, the bytes the daemon's own loaded models hold (they
+    can be unloaded to make room), never more than physical memory; plus,
+    for a model that offloads layers (``num_gpu`` not 0), the GPUs' memory,
+    since a model larger than the GPUs runs split between them and the CPU.
 
     Available rather than total memory, so that other programs' memory is
     respected; plus our own models, or an idle model would never be evicted
@@ -163,12 +166,10 @@ def budget(load: LoadOptions | None = None, *, in_use: int = 0) -> int:
     if explicit:
         return explicit
     load = load or LoadOptions()
-    if load.num_gpu != 0:
-        vram = gpu_memory()
-        if vram:
-            return vram
     total, available = system_memory()
-    return min(total, available + in_use)
+    ram = min(total, available + in_use)
+    # What does not fit on the GPUs runs from RAM (see mullama.engine.offload), so both count.
+    return ram + (gpu_memory() if load.num_gpu != 0 else 0)
 
 
 def max_memory() -> int:
@@ -182,12 +183,16 @@ def gpu_overhead() -> int:
 
 
 def gpu_memory() -> int:
-    """Total memory of the GPUs llama.cpp sees, less the overhead kept free on each; 0 when there are none."""
-    overhead = gpu_overhead()
+    """Total memory of the GPUs models may use: each capped by ``MULLAMA_GPU_MEMORY``, less the overhead kept free.
+
+    0 when there are none (or no native library).
+    """
+    limit, overhead = gpu_memory_limit(), gpu_overhead()
     try:
-        return sum(max(0, device.memory_total - overhead) for device in load_native().gpu_devices)
+        devices = load_native().gpu_devices
     except NativeLibraryError:
         return 0
+    return sum(max(0, (d.memory_total if limit is None else min(d.memory_total, limit)) - overhead) for d in devices)
 
 
 def gpu_count() -> int:
@@ -196,6 +201,11 @@ def gpu_count() -> int:
         return len(load_native().gpu_devices)
     except NativeLibraryError:
         return 0
+
+
+def gpu_memory_limit() -> int | None:
+    """``MULLAMA_GPU_MEMORY``: the most memory of each GPU models may plan on; None when unset."""
+    return config.setting("GPU_MEMORY", None, parse_size)
 
 
 def system_memory() -> tuple[int, int]:

@@ -479,14 +479,26 @@ class Model:
         if self.options.num_ctx < 16 or self.options.num_batch < 1 or self.options.num_parallel < 1:
             raise BadRequestError("num_ctx must be at least 16, num_batch and num_parallel at least 1")
         self.info = gguf.read_gguf(self.path)
-        for extra in [*parts[1:], *adapters]:
-            gguf.read_gguf(extra)
+        others = [gguf.read_gguf(extra) for extra in parts[1:]]
+        for adapter in adapters:
+            gguf.read_gguf(adapter)
         native = load()
         self.native = native
         lib = self.lib = native.llama
+        from mullama.engine.offload import place  # the placement estimates with this module's LoadOptions
+
+        #: Where the layers went: which GPUs hold how many, and the bytes in GPU memory.
+        self.placement = place(self.info, self.options, native.current_gpu_devices(), parts=others)
+        log.info("%s: %s", self.path.name, self.placement.describe())
         params = lib.llama_model_default_params()
-        params.n_gpu_layers = self.options.num_gpu if self.options.num_gpu >= 0 else 999
-        params.main_gpu = self.options.main_gpu
+        # The devices are named, so that llama.cpp uses exactly those the placement chose (none: the CPU).
+        devices = (ctypes.c_void_p * (len(self.placement.devices) + 1))(*(d.handle for d in self.placement.devices))
+        params.devices = ctypes.cast(devices, ctypes.POINTER(ctypes.c_void_p))
+        params.n_gpu_layers = self.placement.num_gpu
+        params.main_gpu = 0
+        split = (ctypes.c_float * max(1, len(self.placement.tensor_split)))(*self.placement.tensor_split)
+        if self.placement.tensor_split:
+            params.tensor_split = split
         params.load_mode = (L.LLAMA_LOAD_MODE_MMAP_MLOCK if self.options.use_mlock else L.LLAMA_LOAD_MODE_MMAP) \
             if self.options.use_mmap else (L.LLAMA_LOAD_MODE_MLOCK if self.options.use_mlock else L.LLAMA_LOAD_MODE_NONE)
         guard = _StallGuard(stall_timeout)
@@ -549,7 +561,7 @@ class Model:
             gguf.read_gguf(path)
             self.projector = Projector(self.native, self.ptr, str(path),
                                        threads=self.options.num_thread or default_threads(),
-                                       use_gpu=self.options.num_gpu != 0,
+                                       use_gpu=self.placement.num_gpu > 0,
                                        flash_attention=self.options.flash_attention)
         except MullamaError as exc:
             self.projector_error = exc.message

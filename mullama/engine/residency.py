@@ -170,16 +170,15 @@ class LoadedModel:
 
     @property
     def size_vram(self) -> int:
-        """Estimated bytes in GPU memory: all when every layer is offloaded, a share when some are."""
-        num_gpu = self.load_options.num_gpu
+        """Estimated bytes in GPU memory: all when every layer is offloaded, the offloaded layers' when some are."""
         if isinstance(self.model, SpeechModel):
-            return self.size if num_gpu != 0 and load_native().gpu_devices else 0
-        if num_gpu == 0 or not self.model.native.gpu_devices:
+            return self.size if self.load_options.num_gpu != 0 and load_native().gpu_devices else 0
+        placement = self.model.placement
+        if not placement.num_gpu:
             return 0
-        layers = self.model.info.block_count or 0
-        if num_gpu < 0 or num_gpu >= layers:
+        if placement.gpu_bytes >= placement.total_bytes:
             return self.size
-        return self.size * num_gpu // layers
+        return min(self.size, placement.gpu_bytes)
 
     @property
     def context_length(self) -> int:
@@ -204,9 +203,9 @@ class ModelManager:
     def __init__(self, store: Store | None = None, *, max_loaded: int | None = None, max_queue: int | None = None,
                  load_timeout: float | None = None) -> None:
         self.store = store or Store()
-        # 0 means "the default", as in Ollama.
-        self.max_loaded = max_loaded or config.setting("MAX_LOADED_MODELS", 0, _count) or \
-            MODELS_PER_GPU * max(1, memory.gpu_count())
+        # Every setting is read before the GPUs are discovered (which loads llama.cpp and logs its devices), so
+        # a bad value stops the daemon with its one line.
+        max_loaded = max_loaded or config.setting("MAX_LOADED_MODELS", 0, _count)
         self.max_queue = max_queue or config.setting("MAX_QUEUE", 0, _count) or 512
         #: Largest num_ctx any request may ask for; 0 for no cap.
         self.max_context = config.setting("MAX_CONTEXT", 0, _count)
@@ -217,6 +216,9 @@ class ModelManager:
         # Read here so that a bad value stops the daemon at startup, not every request or load that reads it.
         config.setting("KEEP_ALIVE", DEFAULT_KEEP_ALIVE, parse_keep_alive)
         memory.max_memory()
+        memory.gpu_memory_limit()
+        # 0 means "the default", as in Ollama.
+        self.max_loaded = max_loaded or MODELS_PER_GPU * max(1, memory.gpu_count())
         #: The options every model starts from, before its Modelfile's and a request's.
         self.defaults = default_options()
         #: True when num_ctx is Ollama's automatic default (no MULLAMA_/OLLAMA_CONTEXT_LENGTH).
@@ -563,10 +565,13 @@ def default_options() -> Options:
     ``KV_CACHE_TYPE`` set what their names say. Raises
     :class:`~mullama.config.SettingError` for a value that does not parse.
     """
+    num_parallel = config.setting("NUM_PARALLEL", 0, _count) or 1
+    flash_attention = config.optional_flag("FLASH_ATTENTION")
+    kv_cache_type = config.setting("KV_CACHE_TYPE", "f16", _kv_cache_type)
+    # Last: the automatic rule discovers the GPUs, after every value was checked.
     num_ctx = config.setting("CONTEXT_LENGTH", 0, _count) or automatic_context(memory.gpu_memory())
-    return Options(num_ctx=min(num_ctx, MAX_NUM_CTX), num_parallel=config.setting("NUM_PARALLEL", 0, _count) or 1,
-                   flash_attention=config.optional_flag("FLASH_ATTENTION"),
-                   kv_cache_type=config.setting("KV_CACHE_TYPE", "f16", _kv_cache_type))
+    return Options(num_ctx=min(num_ctx, MAX_NUM_CTX), num_parallel=num_parallel, flash_attention=flash_attention,
+                   kv_cache_type=kv_cache_type)
 
 
 def automatic_context(gpu_bytes: int) -> int:

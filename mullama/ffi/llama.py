@@ -457,9 +457,11 @@ FUNCTIONS: dict[str, tuple[object, list[object]]] = {
     "llama_perf_sampler_reset": (None, [p]),
 }
 
-#: From ggml-backend.h (included by llama.h): enough to report devices.
+#: From ggml-backend.h (included by llama.h): enough to load backend modules and report devices.
 GGML_FUNCTIONS: dict[str, tuple[object, list[object]]] = {
-    "ggml_backend_load_all_from_path": (None, [c_char_p]),
+    "ggml_backend_load": (p, [c_char_p]),
+    "ggml_backend_dev_backend_reg": (p, [p]),
+    "ggml_backend_reg_name": (c_char_p, [p]),
     "ggml_backend_dev_count": (c_size_t, []),
     "ggml_backend_dev_get": (p, [c_size_t]),
     "ggml_backend_dev_name": (c_char_p, [p]),

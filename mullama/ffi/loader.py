@@ -6,11 +6,12 @@ then the libraries a wheel carries (``mullama/_native/lib``, from
 ``build_native.py`` last built or found up to date (its ``selected`` file;
 a variant built with ``--keep-selection`` is used only through
 ``MULLAMA_LIBRARY_PATH``), then the newest other build there, then a
-libllama the system linker knows. ggml's backends are loaded from the
+libllama the system linker knows. ggml's backend modules are loaded from the
 directory libllama came from, never from the current directory (which ggml
 would search by default: a stray ``libggml-*.so`` there would run its code
-in the daemon), and the devices they expose are reported, so a user sees at
-once whether the GPU was found.
+in the daemon), only those ``MULLAMA_BACKENDS`` allows
+(:mod:`mullama.ffi.backends`), and the devices they expose are reported, so
+a user sees at once whether the GPU was found.
 """
 
 from __future__ import annotations
@@ -28,11 +29,14 @@ from pathlib import Path
 
 from mullama import config
 from mullama.errors import NativeLibraryError
+from mullama.ffi import backends
 from mullama.ffi import llama as L
 from mullama.ffi import mtmd as M
 from mullama.ffi import whisper as W
 
 log = logging.getLogger("mullama.native")
+#: What was loaded and found: a logger of its own, since the daemon quiets llama.cpp's own (``mullama.native``).
+found = logging.getLogger("mullama.ffi.loader")
 
 if sys.platform == "darwin":
     _SUFFIX = ".dylib"
@@ -57,6 +61,10 @@ class Device:
     kind: str
     memory_total: int
     memory_free: int
+    #: The backend it belongs to, as registered ("CPU", "Vulkan", "CUDA").
+    backend: str = ""
+    #: ggml's handle (``ggml_backend_dev_t``), for naming the device to llama.cpp.
+    handle: int = field(default=0, compare=False, repr=False)
 
 
 @dataclass
@@ -71,10 +79,19 @@ class Native:
     manifest: dict = field(default_factory=dict)
     #: The C side keeps the log callback's pointer forever, so Python must keep the object.
     log_callback: object = None
+    #: The backends ``MULLAMA_BACKENDS`` allows (all when unset).
+    selection: backends.Selection = field(default_factory=lambda: backends.Selection(None))
+    #: The backend modules loaded at start (empty for a build whose backends are linked in).
+    modules: list[str] = field(default_factory=list)
 
     @property
     def gpu_devices(self) -> list[Device]:
+        """The GPUs found at start that models may be offloaded to."""
         return [d for d in self.devices if d.kind in ("gpu", "igpu")]
+
+    def current_gpu_devices(self) -> list[Device]:
+        """The GPUs models may use, asked now: their free memory is as it is at this moment."""
+        return [d for d in _devices(self.llama, self.selection) if d.kind in ("gpu", "igpu")]
 
     def describe(self) -> str:
         """One line for logs: where the libraries came from and the devices they see."""
@@ -170,12 +187,16 @@ def _route_logs(llama: ctypes.CDLL, mtmd: ctypes.CDLL | None) -> object:
     return c_callback
 
 
-def _devices(llama: ctypes.CDLL) -> list[Device]:
+def _devices(llama: ctypes.CDLL, selection: backends.Selection) -> list[Device]:
+    """The devices of the backends ``selection`` allows, in ggml's order."""
     kinds = {L.GGML_BACKEND_DEVICE_TYPE_CPU: "cpu", L.GGML_BACKEND_DEVICE_TYPE_GPU: "gpu",
              L.GGML_BACKEND_DEVICE_TYPE_IGPU: "igpu", L.GGML_BACKEND_DEVICE_TYPE_ACCEL: "accel"}
     devices = []
     for i in range(llama.ggml_backend_dev_count()):
         dev = llama.ggml_backend_dev_get(i)
+        backend = llama.ggml_backend_reg_name(llama.ggml_backend_dev_backend_reg(dev)).decode(errors="replace")
+        if not selection.allows(backend):
+            continue
         free, total = ctypes.c_size_t(), ctypes.c_size_t()
         llama.ggml_backend_dev_memory(dev, ctypes.byref(free), ctypes.byref(total))
         devices.append(Device(
@@ -184,6 +205,8 @@ def _devices(llama: ctypes.CDLL) -> list[Device]:
             kind=kinds.get(llama.ggml_backend_dev_type(dev), "unknown"),
             memory_total=total.value,
             memory_free=free.value,
+            backend=backend,
+            handle=dev,
         ))
     return devices
 
@@ -228,18 +251,23 @@ def _load() -> Native:
     if mtmd is not None:
         L.bind(mtmd, M.FUNCTIONS)
     log_callback = _route_logs(llama, mtmd)
-    llama.ggml_backend_load_all_from_path(str(directory).encode())
+    selection = backends.selection()
+    modules = backends.load_modules(llama, directory, selection)
     llama.llama_backend_init()
     native = Native(
         llama=llama,
         mtmd=mtmd,
         directory=directory,
-        devices=_devices(llama),
+        devices=_devices(llama, selection),
         system_info=llama.llama_print_system_info().decode(errors="replace"),
         manifest=_read_manifest(directory),
         log_callback=log_callback,
+        selection=selection,
+        modules=modules,
     )
-    log.info("%s", native.describe())
+    if modules:
+        found.info("backend modules: %s", ", ".join(modules))
+    found.info("%s", native.describe())
     return native
 
 
