@@ -487,15 +487,24 @@ class Model:
         lib = self.lib = native.llama
         from mullama.engine.offload import place  # the placement estimates with this module's LoadOptions
 
-        #: Where the layers went: which GPUs hold how many, and the bytes in GPU memory.
-        self.placement = place(self.info, self.options, native.current_gpu_devices(), parts=others)
-        log.info("%s: %s", self.path.name, self.placement.describe())
         params = lib.llama_model_default_params()
-        # The devices are named, so that llama.cpp uses exactly those the placement chose (none: the CPU).
-        devices = (ctypes.c_void_p * (len(self.placement.devices) + 1))(*(d.handle for d in self.placement.devices))
-        params.devices = ctypes.cast(devices, ctypes.POINTER(ctypes.c_void_p))
-        params.n_gpu_layers = self.placement.num_gpu
         params.main_gpu = 0
+        if devices is None:
+            #: Where the layers went: which GPUs hold how many, and the bytes in GPU memory.
+            self.placement = place(self.info, self.options, native.current_gpu_devices(), parts=others)
+            handles = [d.handle for d in self.placement.devices]
+            params.n_gpu_layers = self.placement.num_gpu
+        else:
+            # Devices given (RPC workers'): llama.cpp spreads the layers over them by their free memory, and this
+            # machine's GPUs hold none.
+            self.placement = place(self.info, self.options, [], parts=others)
+            handles = list(devices)
+            params.n_gpu_layers = self.options.num_gpu if self.options.num_gpu >= 0 else 999
+        log.info("%s: %s", self.path.name, self.placement.describe())
+        # The devices are named, so that llama.cpp uses exactly those chosen (none: the CPU); llama.cpp copies
+        # the list while loading, and ``device_list`` keeps it alive until then.
+        device_list = device_array(handles)
+        params.devices = ctypes.cast(device_list, ctypes.POINTER(ctypes.c_void_p))
         split = (ctypes.c_float * max(1, len(self.placement.tensor_split)))(*self.placement.tensor_split)
         if self.placement.tensor_split:
             params.tensor_split = split
@@ -506,9 +515,6 @@ class Model:
             # Kept referenced until the load returns: llama.cpp calls it throughout.
             callback = L.llama_progress_callback(guard)
             params.progress_callback = callback
-        if devices is not None:
-            # llama.cpp copies the list while loading; params keeps the array alive until then.
-            params.devices = ctypes.cast(device_array(list(devices)), ctypes.POINTER(ctypes.c_void_p))
         if len(parts) == 1:
             self.ptr = lib.llama_model_load_from_file(str(self.path).encode(), params)
         else:

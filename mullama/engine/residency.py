@@ -15,6 +15,7 @@ runs on a whisper.cpp state of its own.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import re
@@ -205,7 +206,7 @@ class ModelManager:
         self.store = store or Store()
         # Every setting is read before the GPUs are discovered (which loads llama.cpp and logs its devices), so
         # a bad value stops the daemon with its one line.
-        max_loaded = max_loaded or config.setting("MAX_LOADED_MODELS", 0, _count)
+        self._max_loaded = max_loaded or config.setting("MAX_LOADED_MODELS", 0, _count)
         self.max_queue = max_queue or config.setting("MAX_QUEUE", 0, _count) or 512
         #: Largest num_ctx any request may ask for; 0 for no cap.
         self.max_context = config.setting("MAX_CONTEXT", 0, _count)
@@ -217,10 +218,8 @@ class ModelManager:
         config.setting("KEEP_ALIVE", DEFAULT_KEEP_ALIVE, parse_keep_alive)
         memory.max_memory()
         memory.gpu_memory_limit()
-        # 0 means "the default", as in Ollama.
-        self.max_loaded = max_loaded or MODELS_PER_GPU * max(1, memory.gpu_count())
-        #: The options every model starts from, before its Modelfile's and a request's.
-        self.defaults = default_options()
+        memory.gpu_overhead()
+        _option_settings()
         #: True when num_ctx is Ollama's automatic default (no MULLAMA_/OLLAMA_CONTEXT_LENGTH).
         self.automatic_context = config.setting("CONTEXT_LENGTH", 0, _count) == 0
         #: Operations hooks: a model's limits (``limits.json``) and where loads and evictions are counted.
@@ -238,6 +237,20 @@ class ModelManager:
         self._reaper.start()
 
     # --- public --------------------------------------------------------------
+
+    @functools.cached_property
+    def max_loaded(self) -> int:
+        """Models kept loaded at once: ``MAX_LOADED_MODELS``, else Ollama's 3 per GPU (3 without one).
+
+        Found on first use: discovering the GPUs loads llama.cpp, which a
+        daemon that fails to start, or has yet to load a model, need not do.
+        """
+        return self._max_loaded or MODELS_PER_GPU * max(1, memory.gpu_count())
+
+    @functools.cached_property
+    def defaults(self) -> Options:
+        """The options every model starts from, before its Modelfile's and a request's (found on first use)."""
+        return default_options()
 
     def resolve(self, name: str, request_options: dict[str, Any] | None = None,
                 defaults: dict[str, Any] | None = None) -> Resolution:
@@ -565,13 +578,17 @@ def default_options() -> Options:
     ``KV_CACHE_TYPE`` set what their names say. Raises
     :class:`~mullama.config.SettingError` for a value that does not parse.
     """
-    num_parallel = config.setting("NUM_PARALLEL", 0, _count) or 1
-    flash_attention = config.optional_flag("FLASH_ATTENTION")
-    kv_cache_type = config.setting("KV_CACHE_TYPE", "f16", _kv_cache_type)
+    context_length, num_parallel, flash_attention, kv_cache_type = _option_settings()
     # Last: the automatic rule discovers the GPUs, after every value was checked.
-    num_ctx = config.setting("CONTEXT_LENGTH", 0, _count) or automatic_context(memory.gpu_memory())
+    num_ctx = context_length or automatic_context(memory.gpu_memory())
     return Options(num_ctx=min(num_ctx, MAX_NUM_CTX), num_parallel=num_parallel, flash_attention=flash_attention,
                    kv_cache_type=kv_cache_type)
+
+
+def _option_settings() -> tuple[int, int, bool | None, str]:
+    """The settings :func:`default_options` reads, checked: context length (0: automatic), parallel, FA, KV type."""
+    return (config.setting("CONTEXT_LENGTH", 0, _count), config.setting("NUM_PARALLEL", 0, _count) or 1,
+            config.optional_flag("FLASH_ATTENTION"), config.setting("KV_CACHE_TYPE", "f16", _kv_cache_type))
 
 
 def automatic_context(gpu_bytes: int) -> int:
