@@ -14,9 +14,11 @@ target's bonus token after them).
 
 from __future__ import annotations
 
+import ollama
 import pytest
 
 import mullama
+from daemon import create_model, file_digest, running
 from fast_model import fast_model_path
 from mullama.engine.batching import Batcher
 from test_sampling_outputs import CHAT, N_CTX, N_PREDICT, QUESTIONS, reference
@@ -106,3 +108,28 @@ def test_grammar_and_logprobs_requests_do_not_draft(pair):
     plain = model.complete(prompt, temperature=0, num_predict=8, draft_num_predict=0)
     assert plain.timings.draft_proposed == 0
 
+
+
+def test_a_modelfile_draft_loads_with_its_model_in_the_daemon(tmp_path, model_path):
+    draft = fast_model_path(2)
+    stat = draft.stat()
+    with running(tmp_path) as server:
+        port = server.server_address[1]
+        create_model(port, draft, "the-draft")  # uploads the draft's blob
+        create_model(port, model_path, "smol-spec", draft_files={draft.name: file_digest(draft, stat.st_size,
+                                                                                         stat.st_mtime_ns)})
+        client = ollama.Client(host=f"http://127.0.0.1:{port}")
+        assert "DRAFT" in client.show("smol-spec").modelfile
+        prompt = CHAT.format(QUESTIONS[0])
+        options = {"temperature": 0, "num_predict": 24, "num_thread": 1, "num_ctx": N_CTX}
+        drafted = client.generate(model="smol-spec", prompt=prompt, raw=True, options=options)
+        [loaded] = server.app.manager.running()
+        assert loaded.model.draft is not None
+        weights = [sum(t.nbytes for t in loaded.record.read_header(path).tensors)
+                   for path in (loaded.record.model_path, loaded.record.draft_path)]
+        assert loaded.estimate.weights == sum(weights)
+        plain = client.generate(model="smol-spec", prompt=prompt, raw=True, options={**options, "draft": False})
+        create_model(port, model_path, "smol")
+        alone = client.generate(model="smol", prompt=prompt, raw=True, options=options)
+        assert drafted.response == plain.response == alone.response
+        assert drafted.eval_count == alone.eval_count
