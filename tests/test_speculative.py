@@ -21,6 +21,7 @@ import mullama
 from daemon import create_model, file_digest, running
 from fast_model import fast_model_path
 from mullama.engine.batching import Batcher
+from mullama.errors import ModelLoadError
 from test_sampling_outputs import CHAT, N_CTX, N_PREDICT, QUESTIONS, reference
 
 DRAFTS = {"pruned": lambda target: fast_model_path(2), "self": lambda target: target}
@@ -133,3 +134,15 @@ def test_a_modelfile_draft_loads_with_its_model_in_the_daemon(tmp_path, model_pa
         alone = client.generate(model="smol", prompt=prompt, raw=True, options=options)
         assert drafted.response == plain.response == alone.response
         assert drafted.eval_count == alone.eval_count
+
+
+def test_a_draft_with_another_vocabulary_is_refused(tmp_path, model_path):
+    """The 2-layer draft with one token's text changed (" Paris" to " Qaris", same length, in place)."""
+    data = bytearray(fast_model_path(2).read_bytes())
+    token = "\u0120Paris".encode()
+    at = data.index(len(token).to_bytes(8, "little") + token) + 8
+    data[at:at + len(token)] = "\u0120Qaris".encode()
+    other = tmp_path / "other-vocabulary.gguf"
+    other.write_bytes(data)
+    with pytest.raises(ModelLoadError, match="does not share the vocabulary"):
+        mullama.Model(model_path, num_ctx=64, num_thread=1, draft=other)

@@ -724,7 +724,10 @@ class Model:
         ``logprobs=True`` (with ``top_logprobs``, 0 to 20) fills
         ``Completion.logprobs``; ``truncate=False`` refuses a prompt that
         does not fit the context instead of cutting it (see
-        :func:`mullama.engine.batching.fit_prompt`). Bad options, a bad
+        :func:`mullama.engine.batching.fit_prompt`); on a model with a draft,
+        ``draft=False`` turns speculative decoding off and
+        ``draft_num_predict`` sets how many tokens the draft proposes per
+        step (see :mod:`mullama.engine.speculative`). Bad options, a bad
         grammar or such a prompt raise :class:`BadRequestError` here. The
         returned :class:`Generation` yields text as it is produced and holds
         the :class:`Completion` in ``.result`` once done; ``cancel()`` from
