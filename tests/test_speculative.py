@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import ollama
 import pytest
-
-import mullama
 from daemon import create_model, file_digest, running
 from fast_model import fast_model_path
+from test_sampling_outputs import CHAT, N_CTX, N_PREDICT, QUESTIONS, reference
+
+import mullama
 from mullama.engine.batching import Batcher
 from mullama.errors import ModelLoadError
-from test_sampling_outputs import CHAT, N_CTX, N_PREDICT, QUESTIONS, reference
 
 DRAFTS = {"pruned": lambda target: fast_model_path(2), "self": lambda target: target}
 GREEDY = {"temperature": 0}

@@ -27,8 +27,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from mullama.errors import ModelLoadError
 from mullama.engine.model import common_prefix
+from mullama.errors import ModelLoadError
 
 if TYPE_CHECKING:
     from mullama.engine.model import Model
@@ -95,7 +95,7 @@ class Draft:
         generation stops before it. A failed decode drafts nothing more, and
         the sequences it touched are read again next time.
         """
-        ctx, lib = self.ctx, self.model.lib
+        ctx = self.ctx
         batch = ctx.batch
         batch.clear()
         fed: list[tuple[int, int]] = []
@@ -128,7 +128,7 @@ class Draft:
                 # The target ends at an end of generation it samples itself: checking one proposed gains nothing.
                 if proposal.drafted and self.model.is_end_of_generation(proposal.drafted[-1]):
                     proposal.drafted.pop()
-        except Exception:  # noqa: BLE001 - drafting is an optimisation: the target goes on without it
+        except Exception:  # drafting is an optimisation: the target goes on without it
             log.exception("the draft model failed; these sequences go on without drafts")
             for proposal in proposals:
                 ctx.forget(proposal.seq, 0)
