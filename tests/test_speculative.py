@@ -146,3 +146,13 @@ def test_a_draft_with_another_vocabulary_is_refused(tmp_path, model_path):
     other.write_bytes(data)
     with pytest.raises(ModelLoadError, match="does not share the vocabulary"):
         mullama.Model(model_path, num_ctx=64, num_thread=1, draft=other)
+
+
+def test_a_prompt_longer_than_a_batch_is_read_by_the_draft_over_several_steps(model_path, single):
+    prompt = CHAT.format(" ".join(QUESTIONS) + " Answer the first.")
+    tokens, text = reference(single, prompt, GREEDY)
+    with mullama.Model(model_path, num_ctx=N_CTX, num_batch=8, num_thread=1, draft=model_path) as model:
+        assert len(model.tokenize(prompt)) > 4 * 8
+        result = model.complete(prompt, temperature=0, num_predict=N_PREDICT)
+    assert (result.tokens, result.text) == (tokens, text)
+    assert result.timings.draft_accepted > 0

@@ -91,7 +91,10 @@ class Draft:
 
         First the draft reads what it lacks of each sequence (all of a new
         prompt, or the last accepted tokens), then one token per still
-        drafting sequence per decode. A proposal that reaches an end of
+        drafting sequence per decode. What it reads first is one batch at
+        most, so a long prompt does not hold up every sequence's step: a
+        sequence whose tokens do not all fit drafts nothing this time and
+        goes on reading at its next proposal. A proposal that reaches an end of
         generation stops before it. A failed decode drafts nothing more, and
         the sequences it touched are read again next time.
         """
@@ -109,7 +112,7 @@ class Draft:
                     ctx.forget(proposal.seq, keep)
                 for i in range(keep, len(tokens)):
                     if batch.n == batch.capacity:
-                        self._decode(fed, outputs)
+                        break
                     last = i == len(tokens) - 1
                     index = batch.add(tokens[i], i, proposal.seq, last)
                     fed.append((proposal.seq, tokens[i]))
