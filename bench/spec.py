@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Speculative decoding: what llama-server gains with a draft model, next to Mullama's target alone.
+"""Speculative decoding: what Mullama and llama-server each gain with the same draft model.
 
     python build_native.py --with-tools      # once: llama-server from the same llama.cpp source
     python bench/spec.py [--threads N] [--tokens 128] [--rounds 3] [--draft-max 3] [--json]
@@ -7,12 +7,16 @@
 The pair is made from the test model (tests/fast_model.py): the target is
 it re-quantized to F16, the draft is the Q4_1 test model itself, so the two
 share their vocabulary and mostly agree. Greedy generation of ``--tokens``
-tokens for a few prompts, interleaved round by round: the target alone in
-Mullama's engine, the target alone in llama-server, and the pair in
-llama-server (``--model-draft``, ``--spec-type draft-simple``,
-``--spec-draft-n-max``), with its draft
-acceptance rate. Mullama does not decode speculatively yet: the figure to
-beat is llama-server's speed-up (pair / target alone).
+tokens for a few prompts, interleaved round by round: the target alone and
+the pair in Mullama's engine (``Model(target, draft=...)``, the request
+option ``draft`` false for the target alone, ``draft_num_predict`` set to
+``--draft-max``), and the same two in llama-server (``--model-draft``,
+``--spec-type draft-simple``, ``--spec-draft-n-max``), with each one's
+draft acceptance rate. The figure to compare is each one's speed-up (pair
+/ target alone). Mullama drafts greedily up to ``--draft-max`` tokens every
+step; llama-server also stops a draft at a token the draft is unsure of
+(``--spec-draft-p-min``), so their acceptance rates count different
+proposals.
 """
 
 from __future__ import annotations
@@ -91,15 +95,20 @@ def server_round(port: int, tokens: int) -> tuple[float, int, int]:
     return generated / seconds, drafted, accepted
 
 
-def engine_round(model: mullama.Model, tokens: int) -> float:
-    """Decode tokens/s of Mullama's engine over the prompts, greedy."""
-    seconds, generated = 0.0, 0
+def engine_round(model: mullama.Model, tokens: int, draft_max: int) -> tuple[float, int, int]:
+    """(decode tokens/s, drafted, accepted) of Mullama's engine over the prompts, greedy; no draft if ``draft_max`` is 0."""
+    seconds, generated, drafted, accepted = 0.0, 0, 0, 0
     for question in PROMPTS:
         model.context.forget(0)
-        timings = model.complete(CHAT.format(question), temperature=0, num_predict=tokens).timings
+        if model.draft is not None:
+            model.draft.ctx.forget(0)
+        timings = model.complete(CHAT.format(question), temperature=0, num_predict=tokens, draft=draft_max > 0,
+                                 draft_num_predict=draft_max).timings
         seconds += timings.eval_duration / 1e9
         generated += timings.eval_count
-    return generated / seconds
+        drafted += timings.draft_proposed
+        accepted += timings.draft_accepted
+    return generated / seconds, drafted, accepted
 
 
 def main() -> int:
@@ -114,36 +123,43 @@ def main() -> int:
     if not exe.exists():
         raise SystemExit("llama-server not found: run `python build_native.py --with-tools`")
     target, draft = f16_model_path(), smollm2_path()
-    rows: dict[str, list[float]] = {"mullama_target_tps": [], "server_target_tps": [], "server_pair_tps": []}
-    drafted = accepted = 0
+    rows: dict[str, list[float]] = {"mullama_target_tps": [], "mullama_pair_tps": [], "server_target_tps": [],
+                                    "server_pair_tps": []}
+    counts = {"mullama": [0, 0], "server": [0, 0]}
     with tempfile.TemporaryDirectory(prefix="mullama-spec-") as tmp, \
-            mullama.Model(target, num_ctx=2048, num_thread=args.threads) as model:
+            mullama.Model(target, num_ctx=2048, num_thread=args.threads, draft=draft) as model:
         servers = {"target": start_llama_server(exe, target, None, args.threads, args.draft_max, Path(tmp, "t.log")),
                    "pair": start_llama_server(exe, target, draft, args.threads, args.draft_max, Path(tmp, "p.log"))}
         try:
-            engine_round(model, 8)
+            engine_round(model, 8, args.draft_max)
             for _, port in servers.values():
                 server_round(port, 8)
             for i in range(args.rounds):
-                rows["mullama_target_tps"].append(engine_round(model, args.tokens))
+                rows["mullama_target_tps"].append(engine_round(model, args.tokens, 0)[0])
+                tps, n_drafted, n_accepted = engine_round(model, args.tokens, args.draft_max)
+                rows["mullama_pair_tps"].append(tps)
+                counts["mullama"] = [counts["mullama"][0] + n_drafted, counts["mullama"][1] + n_accepted]
                 rows["server_target_tps"].append(server_round(servers["target"][1], args.tokens)[0])
                 tps, n_drafted, n_accepted = server_round(servers["pair"][1], args.tokens)
                 rows["server_pair_tps"].append(tps)
-                drafted, accepted = drafted + n_drafted, accepted + n_accepted
+                counts["server"] = [counts["server"][0] + n_drafted, counts["server"][1] + n_accepted]
                 print(f"round {i + 1}: " + "  ".join(f"{k} {v[-1]:.1f}" for k, v in rows.items()), flush=True)
         finally:
             for process, _ in servers.values():
                 process.terminate()
                 process.wait(30)
     summary: dict[str, float | str] = {k: statistics.median(v) for k, v in rows.items()}
-    summary["server_speedup"] = summary["server_pair_tps"] / summary["server_target_tps"]
-    summary["server_acceptance"] = accepted / drafted if drafted else 0.0
+    for who in ("mullama", "server"):
+        summary[f"{who}_speedup"] = summary[f"{who}_pair_tps"] / summary[f"{who}_target_tps"]
+        drafted, accepted = counts[who]
+        summary[f"{who}_acceptance"] = accepted / drafted if drafted else 0.0
     summary["mullama_vs_server_target"] = summary["mullama_target_tps"] / summary["server_target_tps"]
+    summary["mullama_vs_server_pair"] = summary["mullama_pair_tps"] / summary["server_pair_tps"]
     print(f"target alone: Mullama {summary['mullama_target_tps']:.1f}, llama-server "
           f"{summary['server_target_tps']:.1f} tokens/s")
-    print(f"with the Q4_1 draft: llama-server {summary['server_pair_tps']:.1f} tokens/s, speed-up "
-          f"{summary['server_speedup']:.2f}, acceptance {summary['server_acceptance']:.2f}")
-    print("Mullama with a draft: not implemented yet")
+    for who, label in (("mullama", "Mullama"), ("server", "llama-server")):
+        print(f"with the Q4_1 draft: {label} {summary[who + '_pair_tps']:.1f} tokens/s, speed-up "
+              f"{summary[who + '_speedup']:.2f}, acceptance {summary[who + '_acceptance']:.2f}")
     if args.json:
         print(json.dumps(summary))
     return 0

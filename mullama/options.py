@@ -127,6 +127,8 @@ class Options:
     mirostat_eta: float = 0.1
     stop: tuple[str, ...] = field(default_factory=tuple)
     think: bool = False
+    #: Mullama's own: false keeps a request from using the model's draft model (speculative decoding).
+    draft: bool = True
 
     def merged(self, *layers: dict[str, Any]) -> Options:
         """Return a copy with each layer of parsed values applied in turn.

@@ -61,7 +61,9 @@ from typing import TYPE_CHECKING, Any
 from mullama.engine.model import Batch, Completion, Context, Model, Timings, common_prefix, l2_normalize
 from mullama.errors import BadRequestError, CancelledError, MullamaError, OverloadedError
 from mullama.engine.sampling import LogprobReader, Sampler, SamplingParams, TokenLogprob, check_top_logprobs
+from mullama.engine.speculative import Proposal
 from mullama.engine.textstream import TextStream
+from mullama.options import Options
 
 if TYPE_CHECKING:
     from mullama.engine.vision import ImageChunk
@@ -165,7 +167,7 @@ class Request:
 
     def __init__(self, batcher: Batcher, tokens: list[int], truncated: int, sampler: Sampler,
                  stream: TextStream, num_predict: int, logprobs: bool = False, top_logprobs: int = 0,
-                 images: Sequence[ImageChunk] = ()) -> None:
+                 images: Sequence[ImageChunk] = (), draft_limit: int = 0) -> None:
         #: The prompt as the model reads it (after any truncation); placeholder ids where images go.
         self.tokens = tokens
         #: The prompt's images, in order.
@@ -197,6 +199,10 @@ class Request:
         self._awaited = 0
         self._pending = -1
         self._out = -1
+        #: The most tokens the model's draft proposes per step for this request (0: it does not draft),
+        #: and its proposals of the current step, decoded after ``_pending``.
+        self._draft_limit = draft_limit
+        self._drafted: list[int] = []
         self._pieces: list[str] = []
         #: Logprobs of sampled tokens whose text the stream still holds back.
         self._held: list[TokenLogprob] = []
@@ -349,6 +355,7 @@ class Batcher:
         self._admissions = 0
         self._closing = False
         self._logprobs = LogprobReader(model.lib, model.token_bytes)
+        self._draft = model.draft
         self._embedder = EmbeddingBatcher(model)
         self._projector = model.projector
         self._thread: threading.Thread | None = None
@@ -400,6 +407,7 @@ class Batcher:
             num_predict = int(_value(get, "num_predict", -1))
             num_keep = int(_value(get, "num_keep", DEFAULT_NUM_KEEP))
             params = SamplingParams.from_options(options or {})
+            draft_limit = self._draft_limit(get, grammar, logprobs, images)
         except (TypeError, ValueError) as exc:
             raise BadRequestError(f"invalid option: {exc}") from None
         top_logprobs = check_top_logprobs(top_logprobs)
@@ -413,7 +421,7 @@ class Batcher:
         stream = TextStream(stop=[stop] if isinstance(stop, str) else list(stop))
         sampler = Sampler(self.model.lib, self.model.vocab, params, grammar)
         request = Request(self, tokens, truncated, sampler, stream, num_predict, bool(logprobs), top_logprobs,
-                          images)
+                          images, draft_limit)
         with self._wakeup:
             if self._closing:
                 sampler.close()
@@ -425,6 +433,18 @@ class Batcher:
             self._waiting.append(request)
             self._wakeup.notify()
         return request
+
+    def _draft_limit(self, get: Any, grammar: str | None, logprobs: bool, images: list[ImageChunk]) -> int:
+        """How many tokens the draft model may propose per step for a request (0: none).
+
+        The option ``draft`` false turns drafting off, ``draft_num_predict``
+        (Ollama's name) sets the count. A grammar would reject most of an
+        unconstrained draft's proposals, and logprobs and images are left
+        to the plain path: such requests do not draft.
+        """
+        if self._draft is None or grammar or logprobs or images or not _value(get, "draft", True):
+            return 0
+        return max(0, int(_value(get, "draft_num_predict", Options.draft_num_predict)))
 
     def _check_prompt(self, tokens: list[int], images: list[ImageChunk]) -> None:
         """Every id a token of the vocabulary, except exactly the images' placeholders where they go."""
@@ -715,14 +735,18 @@ class Batcher:
         running = self._running
         self._take_awaited_prefixes()
         read_image = self._projector is not None and self._read_image()
+        if self._draft is not None:
+            self._propose(running)
         batch = ctx.batch
         batch.clear()
         # llama.cpp splits a batch whose sequences are out of order into several
         # ubatches (one compute each): in sequence order the step is ~40% faster.
         for request in sorted(running, key=_seq_of):
             if request._pending >= 0:
-                request._out = batch.add(request._pending, ctx.position(request._seq, len(request._cached)),
-                                         request._seq, True)
+                seq, n = request._seq, len(request._cached)
+                request._out = batch.add(request._pending, ctx.position(seq, n), seq, True)
+                for i, token in enumerate(request._drafted, 1):
+                    batch.add(token, ctx.position(seq, n + i), seq, True)
             else:
                 request._out = -1
         generating = batch.n
@@ -772,7 +796,7 @@ class Batcher:
         for request in running:
             if request._out >= 0:
                 try:
-                    reason = self._advance(request)
+                    reason = self._verify(request) if request._drafted else self._advance(request)
                 except Exception as exc:  # noqa: BLE001 - fail this request only
                     ended.append((request, exc))
                     continue
@@ -874,6 +898,62 @@ class Batcher:
         finally:
             with self._lock:
                 self._abortable = []
+
+    def _propose(self, running: list[Request]) -> None:
+        """Have the draft model propose the next tokens of each drafting request, in room the step has.
+
+        A request drafts no further than its ``num_predict`` or its context
+        allow; the proposals of all requests share the target's batch with
+        every generating sequence's token.
+        """
+        ctx = self._ctx
+        room = ctx.batch.capacity - sum(1 for r in running if r._pending >= 0)
+        proposals: list[tuple[Request, Proposal]] = []
+        for request in sorted(running, key=_seq_of):
+            request._drafted = []
+            if request._pending < 0 or not request._draft_limit:
+                continue
+            limit = min(request._draft_limit, ctx.n_ctx_seq - len(request._cached) - 1, room)
+            if request._num_predict > 0:
+                # This step samples up to limit + 1 tokens.
+                limit = min(limit, request._num_predict - request._completion.timings.eval_count - 1)
+            if limit > 0:
+                proposals.append((request, Proposal(request._seq, request._cached + [request._pending], limit)))
+                room -= limit
+        if not proposals:
+            return
+        assert self._draft is not None
+        self._draft.propose([proposal for _, proposal in proposals])
+        for request, proposal in proposals:
+            request._drafted = proposal.drafted
+
+    def _verify(self, request: Request) -> str:
+        """Sample ``request``'s tokens along its proposals, decoded this step; keep them while they agree.
+
+        Each token is sampled as :meth:`_advance` samples one step's, from the
+        logits after the tokens kept so far, so the output is exactly what it
+        would be without a draft. What was decoded after the first
+        disagreement leaves the KV cache. Returns a done reason, or "".
+        """
+        drafted, request._drafted = request._drafted, []
+        timings = request._completion.timings
+        timings.draft_proposed += len(drafted)
+        accepted = 0
+        try:
+            for token in drafted:
+                reason = self._advance(request)
+                if reason or request._pending != token:
+                    return reason
+                # The model picked the proposal, which this step decoded already: it is cached.
+                request._cached.append(token)
+                request._pending = -1
+                request._out += 1
+                accepted += 1
+            return self._advance(request)
+        finally:
+            timings.draft_accepted += accepted
+            if accepted < len(drafted):
+                self._ctx.forget(request._seq, len(request._cached))
 
     def _advance(self, request: Request) -> str:
         """Sample the next token of ``request``; return a done reason, or "" to go on."""

@@ -41,6 +41,7 @@ from mullama.engine.sampling import TokenLogprob
 
 if TYPE_CHECKING:
     from mullama.engine.batching import Batcher, Request
+    from mullama.engine.speculative import Draft
     from mullama.engine.vision import Projector
 
 log = logging.getLogger("mullama.engine.model")
@@ -91,6 +92,9 @@ class Timings:
     eval_count: int = 0
     eval_duration: int = 0
     total_duration: int = 0
+    #: Speculative decoding: tokens the draft model proposed, and how many of them the model kept.
+    draft_proposed: int = 0
+    draft_accepted: int = 0
 
 
 @dataclass
@@ -462,14 +466,16 @@ class Model:
     many seconds. ``devices`` are the ggml devices the offloaded layers go
     to, in order (RPC workers' among them, see :mod:`mullama.engine.rpc`);
     None leaves the choice to llama.cpp (this machine's GPUs), an empty list
-    keeps every layer on the CPU. Use it as a context manager or call
-    :meth:`close`.
+    keeps every layer on the CPU. ``draft`` is a draft model for
+    speculative decoding (:mod:`mullama.engine.speculative`), loaded with
+    the same options; it must share this model's vocabulary. Use it as a
+    context manager or call :meth:`close`.
     """
 
     def __init__(self, path: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], options: Any = None, *,
                  adapters: Sequence[str | os.PathLike[str]] = (), projector: str | os.PathLike[str] | None = None,
                  stall_timeout: float = math.inf, devices: Sequence[int] | None = None,
-                 **overrides: Any) -> None:
+                 draft: str | os.PathLike[str] | None = None, **overrides: Any) -> None:
         started = time.perf_counter_ns()
         parts = [Path(p) for p in path] if isinstance(path, (list, tuple)) else [Path(path)]
         if not parts:
@@ -550,10 +556,16 @@ class Model:
         self.projector: Projector | None = None
         #: Why the projector given did not load ("" when it did, or none was given).
         self.projector_error = ""
+        #: The draft model for speculative decoding, when one was given.
+        self.draft: Draft | None = None
         try:
             self._context = Context(self, self.options)
             if projector is not None:
                 self._load_projector(Path(projector))
+            if draft is not None:
+                from mullama.engine import speculative  # speculative builds on this module
+
+                self.draft = speculative.Draft(self, draft, stall_timeout=stall_timeout, devices=devices)
         except BaseException:
             self.close()
             raise
@@ -588,6 +600,9 @@ class Model:
         if getattr(self, "projector", None) is not None:
             self.projector.close()
             self.projector = None
+        if getattr(self, "draft", None) is not None:
+            self.draft.close()
+            self.draft = None
         for ctx in (self._context, self._embed_context):
             if ctx is not None:
                 ctx.close()
@@ -727,7 +742,10 @@ class Model:
         ``logprobs=True`` (with ``top_logprobs``, 0 to 20) fills
         ``Completion.logprobs``; ``truncate=False`` refuses a prompt that
         does not fit the context instead of cutting it (see
-        :func:`mullama.engine.batching.fit_prompt`). Bad options, a bad
+        :func:`mullama.engine.batching.fit_prompt`); on a model with a draft,
+        ``draft=False`` turns speculative decoding off and
+        ``draft_num_predict`` sets how many tokens the draft proposes per
+        step (see :mod:`mullama.engine.speculative`). Bad options, a bad
         grammar or such a prompt raise :class:`BadRequestError` here. The
         returned :class:`Generation` yields text as it is produced and holds
         the :class:`Completion` in ``.result`` once done; ``cancel()`` from

@@ -509,8 +509,12 @@ class ModelManager:
                                use_gpu=load_options.num_gpu != 0), None
         # A file that aborts llama.cpp kills a child, not the daemon.
         probe.verify(record.model_paths, record.digest, self.stall_timeout)
+        if record.draft_path is not None:
+            # A blob's name is its digest.
+            probe.verify([record.draft_path], record.draft_path.name, self.stall_timeout)
         model = Model(record.model_paths, load_options, adapters=record.adapters, projector=record.projector_path,
-                      stall_timeout=self.stall_timeout, devices=placement.devices if placement is not None else None)
+                      stall_timeout=self.stall_timeout, devices=placement.devices if placement is not None else None,
+                      draft=record.draft_path)
         try:
             return model, Batcher(model, max_queue=self.max_queue)
         except BaseException:
@@ -558,15 +562,23 @@ def _no_limits(name: str) -> ModelLimits:
 
 
 def estimate_record(record: ModelRecord, load_options: LoadOptions) -> Estimate:
-    """The memory ``record``'s GGUF (all its parts) takes with ``load_options``, its projector's weights included."""
+    """The memory ``record``'s GGUF (all its parts) takes with ``load_options``.
+
+    Its projector's weights are included, and its draft model (loaded with
+    the same options, so with a KV cache of its own) whole.
+    """
     if record.speech:
         return memory.estimate_speech(record.whisper, load_options)
     first, *rest = record.headers()
     need = memory.estimate(first, load_options, parts=rest)
-    if record.projector_path is None:
-        return need
-    projector = sum(t.nbytes for t in record.read_header(record.projector_path).tensors)
-    return replace(need, weights=need.weights + projector)
+    if record.projector_path is not None:
+        projector = sum(t.nbytes for t in record.read_header(record.projector_path).tensors)
+        need = replace(need, weights=need.weights + projector)
+    if record.draft_path is not None:
+        draft = memory.estimate(record.read_header(record.draft_path), load_options)
+        need = Estimate(weights=need.weights + draft.weights, kv_cache=need.kv_cache + draft.kv_cache,
+                        compute=need.compute + draft.compute)
+    return need
 
 
 def default_options() -> Options:
