@@ -20,6 +20,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +28,7 @@ from pathlib import Path
 import pytest
 from daemon import REPO, Serving, cli, create_model, environment, free_port, serve
 
-from mullama.engine.rpc import _closed_workers, parse_endpoints
+from mullama.engine.rpc import _closed_workers, check_worker, parse_endpoints
 from mullama.errors import BadRequestError
 
 pytestmark = pytest.mark.slow
@@ -111,23 +112,24 @@ class Worker:
 
 
 def start_worker(machine: Machine, library: Path, tmp: Path) -> Worker:
-    """``mullama rpc-server`` on the machine's address; returns once it accepts connections."""
+    """``mullama rpc-server`` on the machine's address; returns once it accepts connections (at most 60 s)."""
     port = 50052
     env = environment(tmp, free_port()) | {"MULLAMA_LIBRARY_PATH": str(library)}
     log = tmp / f"{machine.namespace}.log"
-    process = subprocess.Popen(
-        ["ip", "netns", "exec", machine.namespace, sys.executable, "-m", "mullama", "rpc-server", "--host",
-         machine.address, "--port", str(port), "--threads", "1", "--allow-remote"],
-        env=env, stdout=subprocess.PIPE, stderr=log.open("w"), text=True)
-    assert process.stdout is not None
-    for line in process.stdout:
-        if line.startswith("mullama rpc-server: serving"):
-            break
-    else:
-        pytest.fail(f"the worker in {machine.namespace} did not start: {log.read_text()[-2000:]}")
-    # Keep reading its output, so a full pipe never blocks it.
-    subprocess.Popen(["cat"], stdin=process.stdout, stdout=subprocess.DEVNULL)
-    return Worker(process, f"{machine.address}:{port}", log)
+    with log.open("w") as errors:
+        process = subprocess.Popen(
+            ["ip", "netns", "exec", machine.namespace, sys.executable, "-m", "mullama", "rpc-server", "--host",
+             machine.address, "--port", str(port), "--threads", "1", "--allow-remote"],
+            env=env, stdout=subprocess.DEVNULL, stderr=errors, text=True)
+    endpoint = f"{machine.address}:{port}"
+    deadline = time.monotonic() + 60
+    # Ready when its port accepts a connection from this machine, over the veth pair, as the daemon's will.
+    while check_worker(endpoint, timeout=1.0) is not None:
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"the worker in {machine.namespace} did not start: {log.read_text()[-2000:]}")
+        time.sleep(0.1)
+    return Worker(process, endpoint, log)
 
 
 @pytest.fixture
