@@ -84,8 +84,11 @@ def test_listen_to_a_file_prints_each_transcript_and_its_answer(daemon, tmp_path
     heard = [line[4:] for line in result.stdout.splitlines() if line.startswith(">>> ")]
     assert len(heard) == 2 and word_errors(SENTENCES[12], heard[0])[0] <= 1
     assert word_errors(SENTENCES[17], heard[1])[0] <= 1
-    blocks = [block for block in result.stdout.split("\n\n") if block.strip()]
-    assert len(blocks) == 2 and all(len(block.splitlines()) >= 2 for block in blocks), result.stdout
+    # Each transcript is followed by its answer (cut short with "[interrupted]" when the next utterance starts
+    # first, as on a slow machine); an answer may hold blank lines of its own.
+    turns = result.stdout.split(">>> ")[1:]
+    assert len(turns) == 2, result.stdout
+    assert all(any(line.strip() for line in turn.splitlines()[1:]) for turn in turns), result.stdout
 
 
 def test_listen_reads_raw_pcm_from_stdin(daemon):
