@@ -144,7 +144,8 @@ def _same(declared: object, expected: object) -> bool:
     return expected is ctypes.POINTER(ctypes.c_char) and declared is ctypes.c_char_p
 
 
-def _check_functions(header: Path, api: str, declared: dict) -> list[str]:
+def _check_functions(header: Path, api: str, declared: dict, expected_ctype=expected_ctype) -> list[str]:
+    """The differences between ``declared`` and the ``api`` functions of ``header``, as ``expected_ctype`` maps C types."""
     parsed = parse_functions(header.read_text(), api)
     problems = []
     for name, (restype, argtypes) in declared.items():

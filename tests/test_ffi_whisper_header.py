@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from speech_helpers import whisper_cpp_source
-from test_ffi_header import SCALARS, _normalise, _same, _strip, parse_functions
+from test_ffi_header import SCALARS, _check_functions, _normalise, _same, _strip
 
 from mullama.ffi import llama as L
 from mullama.ffi import whisper as W
@@ -118,22 +118,8 @@ def check_structs(header: Path, classes: dict[str, type]) -> list[str]:
 
 
 def check_functions(header: Path, declared: dict) -> list[str]:
-    parsed = parse_functions(header.read_text(), "WHISPER_API")
-    problems = []
-    for name, (restype, argtypes) in declared.items():
-        if name not in parsed:
-            problems.append(f"{name}: not declared in {header.name}")
-            continue
-        c_res, c_args = parsed[name]
-        if not _same(restype, expected_ctype(c_res)):
-            problems.append(f"{name}: returns {c_res!r} in C, declared {restype}")
-        if len(c_args) != len(argtypes):
-            problems.append(f"{name}: {len(c_args)} arguments in C, {len(argtypes)} declared")
-            continue
-        for i, (c_arg, mine) in enumerate(zip(c_args, argtypes)):
-            if not _same(mine, expected_ctype(c_arg)):
-                problems.append(f"{name}: argument {i} is {c_arg!r} in C, declared {mine}")
-    return problems
+    """The differences between ``declared`` and ``whisper.h``'s functions, with whisper.h's own type mapping."""
+    return _check_functions(header, "WHISPER_API", declared, expected_ctype)
 
 
 def test_whisper_functions_match_header():

@@ -7,8 +7,9 @@ import re
 
 import pytest
 from daemon import create_model, exchange, running
-from hub_server import HubServer, sha256_of
+from hub_server import sha256_of
 from speech_helpers import whisper_cpp_source
+from test_pull import hub  # noqa: F401 - the same fresh store and local Hub as the pull tests
 from whisper_weights import whisper_tiny_en_path
 
 from mullama.errors import InvalidModelFileError
@@ -20,17 +21,6 @@ from mullama.store.registry import HubSource, load_aliases, resolve
 WHISPER_REPO = "ggerganov/whisper.cpp"
 
 
-@pytest.fixture
-def hub(tmp_path, monkeypatch):
-    """A fresh store, no Ollama store, and a local Hub serving whisper.cpp's repository as HF_ENDPOINT."""
-    monkeypatch.setenv("MULLAMA_MODELS", str(tmp_path / "models"))
-    monkeypatch.setenv("MULLAMA_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("OLLAMA_MODELS", str(tmp_path / "no-ollama"))
-    for variable in ("HF_TOKEN", "HF_HUB_OFFLINE", "MULLAMA_ALIASES"):
-        monkeypatch.delenv(variable, raising=False)
-    with HubServer() as server:
-        monkeypatch.setenv("HF_ENDPOINT", server.endpoint)
-        yield server
 
 
 # --- the catalogue -------------------------------------------------------------------------------------
