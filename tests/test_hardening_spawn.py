@@ -125,3 +125,18 @@ def test_relative_paths_keep_their_meaning_in_a_child(tmp_path, monkeypatch):
     env = child_environment()
     assert env["MULLAMA_MODELS"] == str(tmp_path / "store")
     assert env["PYTHONPATH"] == os.pathsep.join([str(tmp_path / "lib"), "/abs"])
+
+
+def test_a_child_imports_the_package_its_parent_runs(tmp_path):
+    """``python -m mullama`` in a checkout that was never installed: its children find the same code."""
+    checkout = tmp_path / "checkout"
+    shutil.copytree(REPO / "mullama", checkout / "mullama", ignore=shutil.ignore_patterns("__pycache__"))
+    # Only this copy has the module, so the child can run it only from the parent's package.
+    (checkout / "mullama" / "_where.py").write_text("import mullama\nprint(mullama.__file__)\n")
+    parent = ("import subprocess\nfrom mullama.spawn import module_command\n"
+              "child = subprocess.run(module_command('mullama._where'), cwd='/', capture_output=True, text=True)\n"
+              "print(child.stdout, child.stderr)\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    result = subprocess.run([sys.executable, "-c", parent], cwd=checkout, env=env, capture_output=True, text=True,
+                            timeout=60, check=True)
+    assert result.stdout.split()[0] == str(checkout / "mullama" / "__init__.py"), result.stdout
