@@ -2,7 +2,7 @@
 """Speculative decoding: what Mullama and llama-server each gain with the same draft model.
 
     python build_native.py --with-tools      # once: llama-server from the same llama.cpp source
-    python bench/spec.py [--threads N] [--tokens 128] [--rounds 3] [--draft-max 3] [--json]
+    python bench/spec.py [--threads N] [--tokens 128] [--rounds 3] [--draft-max 3] [--draft-p-min 0] [--json]
 
 The pair is made from the test model (tests/fast_model.py): the target is
 it re-quantized to F16, the draft is the Q4_1 test model itself, so the two
@@ -13,10 +13,11 @@ option ``draft`` false for the target alone, ``draft_num_predict`` set to
 ``--draft-max``), and the same two in llama-server (``--model-draft``,
 ``--spec-type draft-simple``, ``--spec-draft-n-max``), with each one's
 draft acceptance rate. The figure to compare is each one's speed-up (pair
-/ target alone). Mullama drafts greedily up to ``--draft-max`` tokens every
-step; llama-server also stops a draft at a token the draft is unsure of
-(``--spec-draft-p-min``), so their acceptance rates count different
-proposals.
+/ target alone). Both draft greedily up to ``--draft-max`` tokens every
+step, and stop a draft at a token the draft gives less than
+``--draft-p-min`` among its ten likeliest (Mullama's option
+``draft_p_min``, llama-server's ``--spec-draft-p-min``; 0, llama-server's
+default, never stops early).
 """
 
 from __future__ import annotations
@@ -49,13 +50,13 @@ CHAT = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
 
 
 def start_llama_server(exe: Path, target: Path, draft: Path | None, threads: int, draft_max: int,
-                       log: Path) -> tuple[subprocess.Popen, int]:
+                       p_min: float, log: Path) -> tuple[subprocess.Popen, int]:
     port = free_port()
     command = [str(exe), "-m", str(target), "--port", str(port), "-t", str(threads), "-tb", str(threads),
                "-np", "1", "-c", "2048", "--no-webui"]
     if draft is not None:
         command += ["--model-draft", str(draft), "--spec-type", "draft-simple", "--spec-draft-n-max", str(draft_max),
-                    "-td", str(threads)]
+                    "--spec-draft-p-min", str(p_min), "-td", str(threads)]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=open(log, "w"))
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -95,7 +96,7 @@ def server_round(port: int, tokens: int) -> tuple[float, int, int]:
     return generated / seconds, drafted, accepted
 
 
-def engine_round(model: mullama.Model, tokens: int, draft_max: int) -> tuple[float, int, int]:
+def engine_round(model: mullama.Model, tokens: int, draft_max: int, p_min: float) -> tuple[float, int, int]:
     """(decode tokens/s, drafted, accepted) of Mullama's engine over the prompts, greedy; no draft if ``draft_max`` is 0."""
     seconds, generated, drafted, accepted = 0.0, 0, 0, 0
     for question in PROMPTS:
@@ -103,7 +104,7 @@ def engine_round(model: mullama.Model, tokens: int, draft_max: int) -> tuple[flo
         if model.draft is not None:
             model.draft.ctx.forget(0)
         timings = model.complete(CHAT.format(question), temperature=0, num_predict=tokens, draft=draft_max > 0,
-                                 draft_num_predict=draft_max).timings
+                                 draft_num_predict=draft_max, draft_p_min=p_min).timings
         seconds += timings.eval_duration / 1e9
         generated += timings.eval_count
         drafted += timings.draft_proposed
@@ -117,6 +118,8 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--draft-max", type=int, default=3, help="tokens drafted per step (llama-server's default)")
+    parser.add_argument("--draft-p-min", type=float, default=0.0,
+                        help="stop a draft at a token it is less sure of (llama-server's default: 0, never)")
     parser.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
     args = parser.parse_args()
     exe = loader.load().directory.parent / "bin" / "llama-server"
@@ -128,15 +131,17 @@ def main() -> int:
     counts = {"mullama": [0, 0], "server": [0, 0]}
     with tempfile.TemporaryDirectory(prefix="mullama-spec-") as tmp, \
             mullama.Model(target, num_ctx=2048, num_thread=args.threads, draft=draft) as model:
-        servers = {"target": start_llama_server(exe, target, None, args.threads, args.draft_max, Path(tmp, "t.log")),
-                   "pair": start_llama_server(exe, target, draft, args.threads, args.draft_max, Path(tmp, "p.log"))}
+        servers = {"target": start_llama_server(exe, target, None, args.threads, args.draft_max, args.draft_p_min,
+                                                     Path(tmp, "t.log")),
+                   "pair": start_llama_server(exe, target, draft, args.threads, args.draft_max, args.draft_p_min,
+                                                   Path(tmp, "p.log"))}
         try:
-            engine_round(model, 8, args.draft_max)
+            engine_round(model, 8, args.draft_max, args.draft_p_min)
             for _, port in servers.values():
                 server_round(port, 8)
             for i in range(args.rounds):
-                rows["mullama_target_tps"].append(engine_round(model, args.tokens, 0)[0])
-                tps, n_drafted, n_accepted = engine_round(model, args.tokens, args.draft_max)
+                rows["mullama_target_tps"].append(engine_round(model, args.tokens, 0, 0.0)[0])
+                tps, n_drafted, n_accepted = engine_round(model, args.tokens, args.draft_max, args.draft_p_min)
                 rows["mullama_pair_tps"].append(tps)
                 counts["mullama"] = [counts["mullama"][0] + n_drafted, counts["mullama"][1] + n_accepted]
                 rows["server_target_tps"].append(server_round(servers["target"][1], args.tokens)[0])

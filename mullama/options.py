@@ -61,6 +61,7 @@ _RANGES: dict[str, tuple[float | None, float | None]] = {
     "num_gpu": (-1, 100_000),
     "main_gpu": (0, 1024),
     "draft_num_predict": (0, 1024),
+    "draft_p_min": (0.0, 1.0),
     # -1 keeps the whole prompt, as in Ollama.
     "num_keep": (-1, MAX_NUM_CTX),
     # -1 is endless and -2 fills the context, as in Ollama; the context ends a generation anyway.
@@ -106,6 +107,9 @@ class Options:
     use_mmap: bool | None = None
     num_thread: int = 0
     draft_num_predict: int = 4
+    #: Mullama's own (llama-server's ``--spec-draft-p-min``): a draft stops proposing at a token it
+    #: gives less than this probability among its ten likeliest; 0 never stops early, as llama-server.
+    draft_p_min: float = 0.0
     num_parallel: int = 1
     kv_cache_type: str = "f16"
     flash_attention: bool | None = None

@@ -14,6 +14,8 @@ target's bonus token after them).
 
 from __future__ import annotations
 
+import math
+
 import ollama
 import pytest
 from daemon import create_model, file_digest, running
@@ -22,7 +24,7 @@ from test_sampling_outputs import CHAT, N_CTX, N_PREDICT, QUESTIONS, reference
 
 import mullama
 from mullama.engine.batching import Batcher
-from mullama.errors import ModelLoadError
+from mullama.errors import BadRequestError, ModelLoadError
 
 DRAFTS = {"pruned": lambda target: fast_model_path(2), "self": lambda target: target}
 GREEDY = {"temperature": 0}
@@ -156,3 +158,44 @@ def test_a_prompt_longer_than_a_batch_is_read_by_the_draft_over_several_steps(mo
         result = model.complete(prompt, temperature=0, num_predict=N_PREDICT)
     assert (result.tokens, result.text) == (tokens, text)
     assert result.timings.draft_accepted > 0
+
+
+def test_a_draft_unsure_of_its_next_token_stops_proposing(pair, single):
+    """``draft_p_min``: fewer proposals the surer the draft must be, and the output stays the model's own."""
+    _, model = pair
+    prompt = CHAT.format(QUESTIONS[0])
+    expected = reference(single, prompt, GREEDY)
+    proposed = []
+    for p_min in (0.0, 0.5, 0.9, 1.0):
+        forget_all(model)
+        result = model.complete(prompt, dict(GREEDY, num_predict=N_PREDICT, draft_p_min=p_min))
+        assert (result.tokens, result.text) == expected
+        proposed.append(result.timings.draft_proposed)
+    assert proposed == sorted(proposed, reverse=True)
+    assert proposed[0] > proposed[2]
+    # No token is certain among ten with finite logits.
+    assert proposed[-1] == 0
+
+
+def test_the_draft_s_confidence_is_its_likeliest_token_s_probability_among_its_ten_likeliest(model_path):
+    from mullama.engine.speculative import Draft, Proposal
+
+    with mullama.Model(model_path, num_ctx=N_CTX, num_parallel=1, num_thread=1) as target:
+        draft = Draft(target, fast_model_path(2))
+        try:
+            tokens = target.tokenize(CHAT.format(QUESTIONS[2]))
+            proposal = Proposal(0, tokens, limit=1, p_min=1e-9)
+            draft.propose([proposal])
+            logits = draft.model.lib.llama_get_logits_ith(draft.ctx.ptr, -1)
+            values = sorted((logits[i] for i in range(draft.model.n_vocab)), reverse=True)
+            top = values[:10]
+            assert proposal.drafted and logits[proposal.drafted[0]] == top[0]
+            assert draft._top_p == pytest.approx(1 / sum(math.exp(v - top[0]) for v in top), rel=1e-9)
+        finally:
+            draft.close()
+
+
+def test_draft_p_min_out_of_range_is_a_bad_request(pair):
+    _, model = pair
+    with pytest.raises(BadRequestError, match="draft_p_min"):
+        model.complete(CHAT.format(QUESTIONS[0]), temperature=0, num_predict=2, draft_p_min=1.5)

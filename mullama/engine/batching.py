@@ -167,7 +167,7 @@ class Request:
 
     def __init__(self, batcher: Batcher, tokens: list[int], truncated: int, sampler: Sampler,
                  stream: TextStream, num_predict: int, logprobs: bool = False, top_logprobs: int = 0,
-                 images: Sequence[ImageChunk] = (), draft_limit: int = 0) -> None:
+                 images: Sequence[ImageChunk] = (), draft_limit: int = 0, draft_p_min: float = 0.0) -> None:
         #: The prompt as the model reads it (after any truncation); placeholder ids where images go.
         self.tokens = tokens
         #: The prompt's images, in order.
@@ -202,6 +202,8 @@ class Request:
         #: The most tokens the model's draft proposes per step for this request (0: it does not draft),
         #: and its proposals of the current step, decoded after ``_pending``.
         self._draft_limit = draft_limit
+        #: The draft stops proposing at a token it is less sure of than this (see mullama.engine.speculative).
+        self._draft_p_min = draft_p_min
         self._drafted: list[int] = []
         self._pieces: list[str] = []
         #: Logprobs of sampled tokens whose text the stream still holds back.
@@ -408,6 +410,9 @@ class Batcher:
             num_keep = int(_value(get, "num_keep", DEFAULT_NUM_KEEP))
             params = SamplingParams.from_options(options or {})
             draft_limit = self._draft_limit(get, grammar, logprobs, images)
+            draft_p_min = float(_value(get, "draft_p_min", Options.draft_p_min))
+            if not 0.0 <= draft_p_min <= 1.0:
+                raise ValueError(f"draft_p_min must be between 0 and 1, not {draft_p_min}")
         except (TypeError, ValueError) as exc:
             raise BadRequestError(f"invalid option: {exc}") from None
         top_logprobs = check_top_logprobs(top_logprobs)
@@ -421,7 +426,7 @@ class Batcher:
         stream = TextStream(stop=[stop] if isinstance(stop, str) else list(stop))
         sampler = Sampler(self.model.lib, self.model.vocab, params, grammar)
         request = Request(self, tokens, truncated, sampler, stream, num_predict, bool(logprobs), top_logprobs,
-                          images, draft_limit)
+                          images, draft_limit, draft_p_min)
         with self._wakeup:
             if self._closing:
                 sampler.close()
@@ -918,7 +923,8 @@ class Batcher:
                 # This step samples up to limit + 1 tokens.
                 limit = min(limit, request._num_predict - request._completion.timings.eval_count - 1)
             if limit > 0:
-                proposals.append((request, Proposal(request._seq, request._cached + [request._pending], limit)))
+                proposals.append((request, Proposal(request._seq, request._cached + [request._pending], limit,
+                                                    request._draft_p_min)))
                 room -= limit
         if not proposals:
             return

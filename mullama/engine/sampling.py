@@ -149,7 +149,7 @@ class Sampler:
             self._candidates = None
 
 
-class _PythonSampler:
+class PythonSampler:
     """A libllama sampler whose ``apply`` selects the first candidate and calls ``collect`` with them all.
 
     libllama keeps pointers into this object: it must outlive the chain that owns :attr:`handle`.
@@ -185,7 +185,7 @@ class _Candidates:
         self._lib = lib
         self._data = (L.llama_token_data * n_vocab)()
         self._array = L.llama_token_data_array(self._data, 0, -1, False)
-        self._copier = _PythonSampler(lib, self._copy)
+        self._copier = PythonSampler(lib, self._copy)
         self._chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
         lib.llama_sampler_chain_add(self._chain, self._copier.handle)
 
@@ -297,7 +297,7 @@ class LogprobReader:
         self._lib = lib
         self._piece = piece
         self._top: list[tuple[int, float, float]] = []
-        self._collector = _PythonSampler(lib, self._collect)
+        self._collector = PythonSampler(lib, self._collect)
         self._chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
         # The dist sampler's seed only moves its unused draw; a fixed one spares a random_device read.
         lib.llama_sampler_chain_add(self._chain, lib.llama_sampler_init_dist(0))

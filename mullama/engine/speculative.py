@@ -10,7 +10,11 @@ sequence's step, with logits at each; the batcher then samples the
 target's own token at each position in turn, exactly as it would one step
 at a time, and keeps a proposal only while it equals that token. So the
 output is the target's own, token for token (greedy or seeded), and a step
-yields from one to ``draft_num_predict + 1`` tokens. What was decoded past
+yields from one to ``draft_num_predict + 1`` tokens. With ``draft_p_min``
+above 0 a draft also stops at a token it is unsure of, as llama-server's
+``--spec-draft-p-min``: one whose probability among the draft's ten
+likeliest tokens is below it (a proposal that would likely be rejected
+costs a decode of the draft and a position of the target's batch). What was decoded past
 the first disagreement is cut from the target's KV cache; the draft's cache
 is brought back in step with the target's at its next proposal (its common
 prefix kept, the rest read again).
@@ -22,18 +26,23 @@ neither does a request with the option ``draft`` false.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from mullama.engine.model import common_prefix
+from mullama.engine.sampling import PythonSampler
 from mullama.errors import ModelLoadError
 
 if TYPE_CHECKING:
     from mullama.engine.model import Model
 
 log = logging.getLogger("mullama.engine.speculative")
+
+#: How many of the draft's likeliest tokens its confidence is measured among, as llama-server's draft sampler.
+_TOP_K = 10
 
 
 @dataclass
@@ -44,8 +53,12 @@ class Proposal:
     #: The target's cached tokens of the sequence plus its pending (sampled, not yet decoded) token.
     tokens: list[int]
     limit: int
+    #: Stop at a proposal whose probability among the draft's ten likeliest tokens is below this (0: never).
+    p_min: float = 0.0
     #: The draft's proposals, filled by :meth:`Draft.propose`.
     drafted: list[int] = field(default_factory=list)
+    #: Set once the draft was unsure of its next token (see ``p_min``).
+    unsure: bool = False
 
 
 def check_vocabulary(target: Model, draft: Model) -> None:
@@ -78,12 +91,20 @@ class Draft:
             # Rejected proposals are cut from the KV cache, which a recurrent state cannot be.
             raise ModelLoadError(f"{target.path.name} is a recurrent model: it cannot decode speculatively")
         self.model = Model(path, target.options, stall_timeout=stall_timeout, devices=devices)
+        lib = self.model.lib
+        self._greedy = self._confident = None
         try:
             check_vocabulary(target, self.model)
-            self._greedy = self.model.lib.llama_sampler_init_greedy()
+            self._greedy = lib.llama_sampler_init_greedy()
+            # llama-server's draft sampler: the ten likeliest tokens, the first of them drafted.
+            self._top = PythonSampler(lib, self._note_top)
+            self._confident = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
+            lib.llama_sampler_chain_add(self._confident, lib.llama_sampler_init_top_k(_TOP_K))
+            lib.llama_sampler_chain_add(self._confident, self._top.handle)
         except BaseException:
-            self.model.close()
+            self.close()
             raise
+        self._top_p = 1.0
         self.ctx = self.model.context
 
     def propose(self, proposals: list[Proposal]) -> None:
@@ -139,8 +160,27 @@ class Draft:
             batch.clear()
 
     def _goes_on(self, proposal: Proposal) -> bool:
-        return 0 < len(proposal.drafted) < proposal.limit \
+        return 0 < len(proposal.drafted) < proposal.limit and not proposal.unsure \
             and not self.model.is_end_of_generation(proposal.drafted[-1])
+
+    def _note_top(self, candidates: Any) -> None:
+        """Record the probability of the likeliest of the (top-k) candidates, and select it."""
+        logits = [candidates.data[i].logit for i in range(candidates.size)]
+        best = max(range(len(logits)), key=logits.__getitem__)
+        candidates.selected = best
+        self._top_p = 1.0 / math.fsum(math.exp(logit - logits[best]) for logit in logits)
+
+    def _pick(self, proposal: Proposal, index: int) -> None:
+        """Draft the next token of ``proposal`` at output ``index``, unless the draft is unsure of it."""
+        lib, ctx = self.model.lib, self.ctx.ptr
+        if proposal.p_min <= 0:
+            proposal.drafted.append(lib.llama_sampler_sample(self._greedy, ctx, index))
+            return
+        token = lib.llama_sampler_sample(self._confident, ctx, index)
+        if self._top_p < proposal.p_min:
+            proposal.unsure = True
+        else:
+            proposal.drafted.append(token)
 
     def _decode(self, fed: list[tuple[int, int]], outputs: list[tuple[Proposal, int]]) -> None:
         """Decode the batch, record what it fed, and draft a token at each of ``outputs``; empties all three."""
@@ -150,14 +190,16 @@ class Draft:
         for seq, token in fed:
             ctx.cached[seq].append(token)
         for proposal, index in outputs:
-            proposal.drafted.append(self.model.lib.llama_sampler_sample(self._greedy, ctx.ptr, index))
+            self._pick(proposal, index)
         ctx.batch.clear()
         fed.clear()
         outputs.clear()
 
     def close(self) -> None:
         """Free the draft model and its context; safe to call twice."""
-        if self._greedy:
-            self.model.lib.llama_sampler_free(self._greedy)
-            self._greedy = None
+        for name in ("_greedy", "_confident"):
+            sampler = getattr(self, name, None)
+            if sampler:
+                self.model.lib.llama_sampler_free(sampler)
+                setattr(self, name, None)
         self.model.close()
