@@ -2,11 +2,12 @@
 """Mullama's daemon against llama-server, same GGUF, threads and slots, in one run.
 
     python build_native.py --with-tools      # once: llama-server from the same llama.cpp source
-    python bench/serve.py [--model PATH|fast] [--threads N] [--slots 8] [--tokens 64] [--json]
+    python bench/serve.py [--model PATH|fast] [--threads N] [--slots 8] [--tokens 64] [--requests 4] [--json]
 
 Both servers get the same load through the same OpenAI-compatible streaming
-endpoint, interleaved run by run: streaming chat at concurrency 1, 4 and 8
-(aggregate generated tokens/s, time to first token p50/p95), a chat that
+endpoint, interleaved run by run: streaming chat at concurrency 1, 4 and 8,
+each stream asking ``--requests`` questions in turn (aggregate generated
+tokens/s, time to first token p50/p95), a chat that
 grows for 10 turns (TTFT per turn), and embeddings (inputs/s). Every run asks
 new questions (only the system prompt is shared, as with new users), and an
 unrecorded first round warms both servers up. Prints a table and the ratios
@@ -154,24 +155,28 @@ def cpu_seconds(server: Server) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def chat_load(server: Server, concurrency: int, tokens: int, tag: str) -> tuple[float, list[float], int]:
+def chat_load(server: Server, concurrency: int, tokens: int, tag: str,
+              per_stream: int) -> tuple[float, list[float], int]:
     """Aggregate generated tokens/s and the TTFTs of ``concurrency`` simultaneous streams.
 
-    ``tag`` opens every question, so that each run asks questions neither
-    server has seen (only the chat template's system prompt is shared), as
-    new users do.
+    Each stream asks ``per_stream`` questions one after the other, so that
+    even concurrency 1 gives several TTFTs to take a median of (one request
+    is one sample of a figure that moves by milliseconds). ``tag`` opens
+    every question, so that each run asks questions neither server has seen
+    (only the chat template's system prompt is shared), as new users do.
     """
     results: list[tuple[float | None, int]] = []
     lock = threading.Lock()
 
     def one(i: int) -> None:
-        question = f"[{tag}] {QUESTIONS[i % len(QUESTIONS)]}"
-        body = {"model": server.model, "max_tokens": tokens, "temperature": 0, "stream": True,
-                "stream_options": {"include_usage": True},
-                "messages": [{"role": "user", "content": question}]}
-        ttft, generated, _ = server.post("/v1/chat/completions", body, stream=True)
-        with lock:
-            results.append((ttft, generated))
+        for n in range(per_stream):
+            question = f"[{tag} {n}] {QUESTIONS[(i + n) % len(QUESTIONS)]}"
+            body = {"model": server.model, "max_tokens": tokens, "temperature": 0, "stream": True,
+                    "stream_options": {"include_usage": True},
+                    "messages": [{"role": "user", "content": question}]}
+            ttft, generated, _ = server.post("/v1/chat/completions", body, stream=True)
+            with lock:
+                results.append((ttft, generated))
 
     started = time.perf_counter()
     threads = [threading.Thread(target=one, args=(i,)) for i in range(concurrency)]
@@ -225,6 +230,7 @@ def main() -> int:
     parser.add_argument("--ctx", type=int, default=2048, help="context per slot")
     parser.add_argument("--tokens", type=int, default=64, help="tokens generated per request")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--requests", type=int, default=4, help="questions each stream asks in turn")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     if args.model is None or args.model == "fast":
@@ -254,7 +260,7 @@ def main() -> int:
                     for concurrency in (1, 4, 8):
                         cpu_before = cpu_seconds(server)
                         tps, ttfts, generated = chat_load(server, concurrency, args.tokens,
-                                                          f"round {round_number} c{concurrency}")
+                                                          f"round {round_number} c{concurrency}", args.requests)
                         cpu_after = cpu_seconds(server)
                         if cpu_before is not None and cpu_after is not None and generated:
                             row.setdefault(f"c{concurrency}_cpu_ms", []).append(
