@@ -154,3 +154,46 @@ def test_first_loads_at_once_load_the_libraries_once(tmp_path: Path) -> None:
                            env=environment(tmp_path, free_port()), cwd=REPO, capture_output=True, text=True,
                            timeout=120, check=True)
     assert (natives, devices) == (1, int(alone.stdout))
+
+
+@linux_only
+def test_an_idle_daemon_finds_the_gpus_for_ollama_s_defaults_without_loading_llama_cpp(tmp_path: Path) -> None:
+    """Without CONTEXT_LENGTH and MAX_LOADED_MODELS the defaults need the GPUs: a child process finds them."""
+    serving = serve(tmp_path)
+    try:
+        log = serving.log.read_text()
+        assert "num_ctx" in log and "(automatic)" in log, log
+        assert _native(Path(f"/proc/{serving.process.pid}/maps").read_text()) == []
+    finally:
+        serving.stop()
+
+
+_DISCOVERY = """
+import json
+from dataclasses import asdict
+from mullama.engine import gpus
+from mullama.ffi import loader
+child = gpus.gpus()
+assert not loader.is_loaded()
+loader.load()
+here = gpus.gpus()
+same = lambda found: [(g.name, g.description, g.backend, g.memory_total) for g in found]
+print(json.dumps({"child": same(child), "here": same(here)}))
+"""
+
+
+@pytest.mark.parametrize("library", ["selected", "vulkan"])
+def test_the_gpus_a_child_finds_are_those_llama_cpp_finds_here(library: str, tmp_path: Path) -> None:
+    env = environment(tmp_path, free_port())
+    if library == "vulkan":
+        from test_vulkan import child_env, require_vulkan
+
+        require_vulkan()  # lavapipe: a GPU as llama.cpp's Vulkan backend sees it, on any machine
+        env = child_env(MULLAMA_HOME=env["MULLAMA_HOME"], MULLAMA_MODELS=env["MULLAMA_MODELS"])
+    result = subprocess.run([sys.executable, "-c", _DISCOVERY], env=env, cwd=tmp_path, capture_output=True,
+                            text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr
+    found = json.loads(result.stdout)
+    assert found["child"] == found["here"]
+    if library == "vulkan":
+        assert found["child"] and found["child"][0][2] == "Vulkan"

@@ -26,8 +26,8 @@ from typing import TYPE_CHECKING
 
 from mullama import config
 from mullama.engine.model import LoadOptions
+from mullama.engine.gpus import gpus
 from mullama.errors import NativeLibraryError
-from mullama.ffi import load as load_native
 from mullama.store.gguf import GGML_TYPES, GGUFInfo, SkippedArray
 
 if TYPE_CHECKING:  # the in-process text API imports this module, and needs nothing of speech
@@ -189,7 +189,7 @@ def gpu_memory() -> int:
     """
     limit, overhead = gpu_memory_limit(), gpu_overhead()
     try:
-        devices = load_native().gpu_devices
+        devices = gpus()
     except NativeLibraryError:
         return 0
     return sum(max(0, (d.memory_total if limit is None else min(d.memory_total, limit)) - overhead) for d in devices)
@@ -198,7 +198,7 @@ def gpu_memory() -> int:
 def gpu_count() -> int:
     """How many GPUs llama.cpp sees; 0 when none (or no native library)."""
     try:
-        return len(load_native().gpu_devices)
+        return len(gpus())
     except NativeLibraryError:
         return 0
 

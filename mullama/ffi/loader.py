@@ -222,6 +222,11 @@ def load() -> Native:
         return _load()
 
 
+def is_loaded() -> bool:
+    """Whether :func:`load` has loaded the libraries in this process."""
+    return _load.cache_info().currsize > 0
+
+
 @functools.lru_cache(maxsize=1)
 def _load() -> Native:
     directory = _find_directory()
