@@ -242,8 +242,8 @@ class ModelManager:
     def max_loaded(self) -> int:
         """Models kept loaded at once: ``MAX_LOADED_MODELS``, else Ollama's 3 per GPU (3 without one).
 
-        Found on first use: discovering the GPUs loads llama.cpp, which a
-        daemon that fails to start, or has yet to load a model, need not do.
+        Found on first use: discovering the GPUs starts a child process
+        (:mod:`mullama.engine.gpus`), which a daemon that fails to start need not do.
         """
         return self._max_loaded or MODELS_PER_GPU * max(1, memory.gpu_count())
 
