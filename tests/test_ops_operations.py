@@ -147,8 +147,10 @@ def test_status_and_stats_routes_on_a_daemon(tmp_path: Path) -> None:
             with running(tmp_path / f"daemon-{stopping}") as server:
                 server.app.ops = ops
                 status, body = get(server.server_address[1], "/api/status")
+                health = [get(server.server_address[1], path) for path in ("/health", "/v1/health")]
         finally:
             ops.close()
+        assert health == [(503, {"status": "stopping"})] * 2 if stopping else [(200, {"status": "ok"})] * 2
         assert status == (503 if stopping else 200)
         assert body["status"] == ("stopping" if stopping else "ok") and body["queued"] == 3
         assert body["models"] == [{"name": "smollm2:135m", "memory_bytes": 100_000_000, "slots": 4, "busy_slots": 1,

@@ -97,6 +97,9 @@ def build_router() -> Router:
     router.add("GET", "/metrics", metrics_route)
     router.add("GET", "/api/stats", stats_route)
     router.add("GET", "/api/status", status_route)
+    # llama-server's liveness probe, for the containers and load balancers set up for it.
+    router.add("GET", "/health", health_route)
+    router.add("GET", "/v1/health", health_route)
     return router
 
 
@@ -113,6 +116,11 @@ def stats_route(request: Request) -> None:
 def status_route(request: Request) -> None:
     """``GET /api/status``: health, loaded models and queue (see :meth:`Operations.status_route`)."""
     request.handler.app.ops.status_route(request)
+
+
+def health_route(request: Request) -> None:
+    """``GET /health``: llama-server's liveness answer, ``{"status": "ok"}``; 503 while stopping."""
+    request.handler.app.ops.health_route(request)
 
 
 @dataclass

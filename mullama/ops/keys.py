@@ -55,7 +55,7 @@ _KEY_PREFIX = "mk-"
 # Which scope each route needs. "public" needs no key; "read" any valid key (listings a client
 # makes before it chooses a model). A route missing here needs "admin": unknown means closed.
 _ROUTE_SCOPES: tuple[tuple[str, str], ...] = (
-    ("/", "public"),
+    ("/", "public"), ("/health", "public"), ("/v1/health", "public"),
     # The web UI's static files: a browser opening the page cannot send a key; the page asks for one for the API.
     ("/ui", "public"), ("/ui/*", "public"),
     ("/api/version", "read"), ("/api/tags", "read"), ("/api/ps", "read"), ("/api/show", "read"),

@@ -306,6 +306,11 @@ class Operations:
             "total": total[0].as_dict() if total else None,
         })
 
+    def health_route(self, request: Any) -> None:
+        """``GET /health``: ``{"status": "ok"}`` as llama-server answers it, without a key; 503 while stopping."""
+        stopping = self._stopping()
+        request.handler.send_json(503 if stopping else 200, {"status": "stopping" if stopping else "ok"})
+
     def status_route(self, request: Any) -> None:
         """``GET /api/status``: health, loaded models with their use and limits, the queue; 503 while stopping."""
         models = self._models()
