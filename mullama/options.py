@@ -62,6 +62,7 @@ _RANGES: dict[str, tuple[float | None, float | None]] = {
     "main_gpu": (0, 1024),
     "draft_num_predict": (0, 1024),
     "draft_p_min": (0.0, 1.0),
+    "draft_ngram": (0, 1024),
     # -1 keeps the whole prompt, as in Ollama.
     "num_keep": (-1, MAX_NUM_CTX),
     # -1 is endless and -2 fills the context, as in Ollama; the context ends a generation anyway.
@@ -110,6 +111,9 @@ class Options:
     #: Mullama's own (llama-server's ``--spec-draft-p-min``): a draft stops proposing at a token it
     #: gives less than this probability among its ten likeliest; 0 never stops early, as llama-server.
     draft_p_min: float = 0.0
+    #: Mullama's own (llama-server's ``--spec-type ngram-simple``): draft from the sequence's own text, by
+    #: looking up its last this many tokens earlier in it; 0 (the default) does not.
+    draft_ngram: int = 0
     num_parallel: int = 1
     kv_cache_type: str = "f16"
     flash_attention: bool | None = None

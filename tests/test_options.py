@@ -209,6 +209,7 @@ _MEANINGFUL = {
     "num_predict": (-2, 2**31 - 1), "top_k": (-1, 2**31 - 1), "repeat_last_n": (-1, 2**21),
     "seed": (-(2**63) + 1, 2**63 - 1), "mirostat": (0, 2),
     "temperature": (0.0, _FLT_MAX), "top_p": (0.0, 1.0), "min_p": (0.0, 1.0), "draft_p_min": (0.0, 1.0),
+    "draft_ngram": (0, 1024),
     "typical_p": (0.0, 1.0), "repeat_penalty": (0.0, _FLT_MAX), "presence_penalty": (-_FLT_MAX, _FLT_MAX),
     "frequency_penalty": (-_FLT_MAX, _FLT_MAX), "mirostat_tau": (0.0, _FLT_MAX), "mirostat_eta": (0.0, _FLT_MAX),
 }
@@ -223,7 +224,7 @@ def test_every_numeric_option_is_bounded():
     ("repeat_last_n", 2**31 - 1), ("repeat_last_n", -2), ("num_keep", 2**40), ("num_predict", 2**40),
     ("num_predict", -3), ("top_k", 2**31), ("draft_num_predict", 10**9), ("seed", -(2**63)),
     ("temperature", -0.5), ("temperature", 1e39), ("top_p", 1.5), ("min_p", -0.1), ("draft_p_min", 1.01),
-    ("typical_p", 2.0),
+    ("typical_p", 2.0), ("draft_ngram", 1025),
     ("repeat_penalty", -1.0), ("frequency_penalty", 1e300), ("presence_penalty", -1e300),
     ("mirostat_tau", -1.0), ("mirostat_eta", 1e40),
 ])

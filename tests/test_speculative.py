@@ -18,12 +18,15 @@ import math
 
 import ollama
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from daemon import create_model, file_digest, running
 from fast_model import fast_model_path
 from test_sampling_outputs import CHAT, N_CTX, N_PREDICT, QUESTIONS, reference
 
 import mullama
 from mullama.engine.batching import Batcher
+from mullama.engine.speculative import ngram_proposal
 from mullama.errors import BadRequestError, ModelLoadError
 
 DRAFTS = {"pruned": lambda target: fast_model_path(2), "self": lambda target: target}
@@ -199,3 +202,52 @@ def test_draft_p_min_out_of_range_is_a_bad_request(pair):
     _, model = pair
     with pytest.raises(BadRequestError, match="draft_p_min"):
         model.complete(CHAT.format(QUESTIONS[0]), temperature=0, num_predict=2, draft_p_min=1.5)
+
+
+def _ngram_reference(tokens: list[int], sampled: int, n: int, m: int) -> list[int]:
+    """llama.cpp's ``common_ngram_simple_draft`` (common/ngram-map.cpp), line for line."""
+    cur_len = len(tokens)
+    if cur_len <= n + m + 1:
+        return []
+    pattern = tokens[cur_len - n + 1:] + [sampled]
+    match_pos = 0
+    for j in range(cur_len - n - 1, 0, -1):
+        if all(tokens[j + k] == pattern[k] for k in range(len(pattern))):
+            match_pos = j
+            break
+    if match_pos == 0:
+        return []
+    copy_max = min(m, cur_len - (match_pos + n))
+    if copy_max < n:
+        return []
+    return tokens[match_pos + n:match_pos + n + copy_max]
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.integers(1, 300).flatmap(lambda vocab: st.tuples(
+    st.lists(st.integers(0, vocab), max_size=80), st.integers(0, vocab))), st.integers(1, 6), st.integers(1, 16))
+def test_an_ngram_proposal_is_llama_server_s(history_and_pending, n, m):
+    history, pending = history_and_pending
+    assert ngram_proposal(history, pending, n, m) == _ngram_reference(history, pending, n, m)
+
+
+#: A prompt whose answer repeats its own text: what n-gram drafting is for.
+REPEAT = CHAT.format("Repeat this text exactly, word for word:\n\nThe quick brown fox jumps over the lazy dog. "
+                     "A journey of a thousand miles begins with a single step. All that glitters is not gold.")
+
+
+def test_drafting_from_the_text_itself_gives_the_model_s_own_output(single):
+    """``draft_ngram``: no draft model; proposals found in the prompt are kept, the output is unchanged."""
+    cases = [GREEDY, *OTHERS]
+    expected = [reference(single, REPEAT, o) for o in cases]
+    with mullama.Model(single.path, num_ctx=N_CTX, num_parallel=4, num_thread=1) as model:
+        assert model.draft is None
+        with Batcher(model) as batcher:
+            # The last request does not draft: it shares every step with three that do.
+            requests = [batcher.submit(model.tokenize(REPEAT), dict(o, num_predict=N_PREDICT, draft_num_predict=8,
+                                                                    draft_ngram=3 if i < 3 else 0))
+                        for i, o in enumerate(cases)]
+            results = [r.wait(300) for r in requests]
+    assert [(r.tokens, r.text) for r in results] == expected
+    assert results[0].timings.draft_accepted > len(results[0].tokens) // 3
+    assert results[3].timings.draft_proposed == 0

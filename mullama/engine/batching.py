@@ -61,7 +61,7 @@ from typing import TYPE_CHECKING, Any
 from mullama.engine.model import Batch, Completion, Context, Model, Timings, common_prefix, l2_normalize
 from mullama.errors import BadRequestError, CancelledError, MullamaError, OverloadedError
 from mullama.engine.sampling import LogprobReader, Sampler, SamplingParams, TokenLogprob, check_top_logprobs
-from mullama.engine.speculative import Proposal
+from mullama.engine.speculative import Proposal, ngram_proposal
 from mullama.engine.textstream import TextStream
 from mullama.options import Options
 
@@ -167,7 +167,8 @@ class Request:
 
     def __init__(self, batcher: Batcher, tokens: list[int], truncated: int, sampler: Sampler,
                  stream: TextStream, num_predict: int, logprobs: bool = False, top_logprobs: int = 0,
-                 images: Sequence[ImageChunk] = (), draft_limit: int = 0, draft_p_min: float = 0.0) -> None:
+                 images: Sequence[ImageChunk] = (), draft_limit: int = 0, draft_p_min: float = 0.0,
+                 draft_ngram: int = 0) -> None:
         #: The prompt as the model reads it (after any truncation); placeholder ids where images go.
         self.tokens = tokens
         #: The prompt's images, in order.
@@ -204,6 +205,8 @@ class Request:
         self._draft_limit = draft_limit
         #: The draft stops proposing at a token it is less sure of than this (see mullama.engine.speculative).
         self._draft_p_min = draft_p_min
+        #: Draft from the sequence's own text with n-grams of this size instead of the draft model (0: not).
+        self._draft_ngram = draft_ngram
         self._drafted: list[int] = []
         self._pieces: list[str] = []
         #: Logprobs of sampled tokens whose text the stream still holds back.
@@ -409,7 +412,8 @@ class Batcher:
             num_predict = int(_value(get, "num_predict", -1))
             num_keep = int(_value(get, "num_keep", DEFAULT_NUM_KEEP))
             params = SamplingParams.from_options(options or {})
-            draft_limit = self._draft_limit(get, grammar, logprobs, images)
+            draft_ngram = max(0, int(_value(get, "draft_ngram", Options.draft_ngram)))
+            draft_limit = self._draft_limit(get, grammar, logprobs, images, draft_ngram)
             draft_p_min = float(_value(get, "draft_p_min", Options.draft_p_min))
             if not 0.0 <= draft_p_min <= 1.0:
                 raise ValueError(f"draft_p_min must be between 0 and 1, not {draft_p_min}")
@@ -426,7 +430,7 @@ class Batcher:
         stream = TextStream(stop=[stop] if isinstance(stop, str) else list(stop))
         sampler = Sampler(self.model.lib, self.model.vocab, params, grammar)
         request = Request(self, tokens, truncated, sampler, stream, num_predict, bool(logprobs), top_logprobs,
-                          images, draft_limit, draft_p_min)
+                          images, draft_limit, draft_p_min, draft_ngram)
         with self._wakeup:
             if self._closing:
                 sampler.close()
@@ -439,15 +443,16 @@ class Batcher:
             self._wakeup.notify()
         return request
 
-    def _draft_limit(self, get: Any, grammar: str | None, logprobs: bool, images: list[ImageChunk]) -> int:
-        """How many tokens the draft model may propose per step for a request (0: none).
+    def _draft_limit(self, get: Any, grammar: str | None, logprobs: bool, images: list[ImageChunk],
+                     ngram: int) -> int:
+        """How many tokens the draft model, or the n-gram lookup, may propose per step for a request (0: none).
 
         The option ``draft`` false turns drafting off, ``draft_num_predict``
         (Ollama's name) sets the count. A grammar would reject most of an
         unconstrained draft's proposals, and logprobs and images are left
         to the plain path: such requests do not draft.
         """
-        if self._draft is None or grammar or logprobs or images or not _value(get, "draft", True):
+        if (self._draft is None and not ngram) or grammar or logprobs or images or not _value(get, "draft", True):
             return 0
         return max(0, int(_value(get, "draft_num_predict", Options.draft_num_predict)))
 
@@ -740,7 +745,7 @@ class Batcher:
         running = self._running
         self._take_awaited_prefixes()
         read_image = self._projector is not None and self._read_image()
-        if self._draft is not None:
+        if any(request._draft_limit for request in running):
             self._propose(running)
         batch = ctx.batch
         batch.clear()
@@ -905,11 +910,12 @@ class Batcher:
                 self._abortable = []
 
     def _propose(self, running: list[Request]) -> None:
-        """Have the draft model propose the next tokens of each drafting request, in room the step has.
+        """Draft the next tokens of each drafting request, in room the step has.
 
-        A request drafts no further than its ``num_predict`` or its context
-        allow; the proposals of all requests share the target's batch with
-        every generating sequence's token.
+        A request with ``draft_ngram`` drafts from its own text, the others
+        with the draft model. A request drafts no further than its
+        ``num_predict`` or its context allow; the proposals of all requests
+        share the target's batch with every generating sequence's token.
         """
         ctx = self._ctx
         room = ctx.batch.capacity - sum(1 for r in running if r._pending >= 0)
@@ -922,7 +928,12 @@ class Batcher:
             if request._num_predict > 0:
                 # This step samples up to limit + 1 tokens.
                 limit = min(limit, request._num_predict - request._completion.timings.eval_count - 1)
-            if limit > 0:
+            if limit <= 0:
+                continue
+            if request._draft_ngram:
+                request._drafted = ngram_proposal(request._cached, request._pending, request._draft_ngram, limit)
+                room -= len(request._drafted)
+            else:
                 proposals.append((request, Proposal(request._seq, request._cached + [request._pending], limit,
                                                     request._draft_p_min)))
                 room -= limit

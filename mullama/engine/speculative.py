@@ -19,12 +19,22 @@ the first disagreement is cut from the target's KV cache; the draft's cache
 is brought back in step with the target's at its next proposal (its common
 prefix kept, the rest read again).
 
+Without a draft model, a request may draft from its own text
+(``draft_ngram`` N, llama-server's ``--spec-type ngram-simple``): when the
+last N tokens (its pending token last) occurred earlier in the sequence,
+the tokens that followed them there are proposed, up to
+``draft_num_predict``. Text that repeats what came before (code being
+edited, a document being quoted or summarised, a list in a set format) is
+then read several tokens per step, and verified exactly as a draft model's
+proposals are.
+
 Requests with a grammar, with logprobs or with images do not draft, and
 neither does a request with the option ``draft`` false.
 """
 
 from __future__ import annotations
 
+import array
 import logging
 import math
 import os
@@ -59,6 +69,36 @@ class Proposal:
     drafted: list[int] = field(default_factory=list)
     #: Set once the draft was unsure of its next token (see ``p_min``).
     unsure: bool = False
+
+
+def ngram_proposal(history: Sequence[int], pending: int, n: int, limit: int) -> list[int]:
+    """The tokens that followed the latest earlier occurrence of the last ``n`` tokens, as llama-server finds them.
+
+    The last ``n`` tokens are ``history``'s last ``n - 1`` and ``pending``.
+    As llama.cpp's ``common_ngram_simple_draft``: the history must hold more
+    than ``n + limit + 1`` tokens, the occurrence must start after the first
+    token and end before the last, and fewer than ``n`` tokens after it
+    propose nothing. Returns at most ``limit`` tokens.
+    """
+    length = len(history)
+    if n < 1 or limit < 1 or length <= n + limit + 1:
+        return []
+    tokens = array.array("i", history)
+    pattern = array.array("i", history[length - n + 1:])
+    pattern.append(pending)
+    # bytes.rfind searches at C speed; a match that does not start on a token boundary is searched past.
+    haystack, needle, size = tokens.tobytes(), pattern.tobytes(), tokens.itemsize
+    end = (length - 1) * size
+    while True:
+        found = haystack.rfind(needle, size, end)
+        if found < 0:
+            return []
+        if found % size == 0:
+            break
+        end = found + len(needle) - 1
+    after = found // size + n
+    count = min(limit, length - after)
+    return list(history[after:after + count]) if count >= n else []
 
 
 def check_vocabulary(target: Model, draft: Model) -> None:
