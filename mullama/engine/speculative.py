@@ -10,14 +10,14 @@ sequence's step, with logits at each; the batcher then samples the
 target's own token at each position in turn, exactly as it would one step
 at a time, and keeps a proposal only while it equals that token. So the
 output is the target's own, token for token (greedy or seeded), and a step
-yields from one to ``draft_num_predict + 1`` tokens. With ``draft_p_min``
-above 0 a draft also stops at a token it is unsure of, as llama-server's
-``--spec-draft-p-min``: one whose probability among the draft's ten
-likeliest tokens is below it (a proposal that would likely be rejected
-costs a decode of the draft and a position of the target's batch). What was decoded past
+yields from one to ``draft_num_predict + 1`` tokens. What was decoded past
 the first disagreement is cut from the target's KV cache; the draft's cache
 is brought back in step with the target's at its next proposal (its common
-prefix kept, the rest read again).
+prefix kept, the rest read again). With ``draft_p_min`` above 0 a draft
+also stops at a token it is unsure of, as llama-server's
+``--spec-draft-p-min``: one whose probability among the draft's ten
+likeliest tokens is below it (a proposal likely to be rejected costs a
+decode of the draft and a position in the target's batch).
 
 Without a draft model, a request may draft from its own text
 (``draft_ngram`` N, llama-server's ``--spec-type ngram-simple``): when the
