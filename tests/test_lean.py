@@ -18,6 +18,7 @@ import http.client
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -161,8 +162,12 @@ def test_an_idle_daemon_finds_the_gpus_for_ollama_s_defaults_without_loading_lla
     """Without CONTEXT_LENGTH and MAX_LOADED_MODELS the defaults need the GPUs: a child process finds them."""
     serving = serve(tmp_path)
     try:
+        # The daemon answers while the child looks for GPUs; the settings line follows.
+        deadline = time.monotonic() + 120
+        while "settings: " not in serving.log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.1)
         log = serving.log.read_text()
-        assert "num_ctx" in log and "(automatic)" in log, log
+        assert "settings: num_ctx" in log and "(automatic)" in log, log
         assert _native(Path(f"/proc/{serving.process.pid}/maps").read_text()) == []
     finally:
         serving.stop()

@@ -323,7 +323,10 @@ def serve(address: str | None = None, models: Sequence[str] = ()) -> int:
         return 1
     host, port = server.server_address[:2]
     log.info("Mullama %s listening on %s:%s (models in %s)", __version__, host, port, app.manager.store.root)
-    log.info("%s", describe_settings(app.manager))
+    # Ollama's GPU-based defaults may need a child process to find the GPUs (mullama.engine.gpus): the
+    # daemon answers meanwhile, and the first request that needs them waits for the same discovery.
+    threading.Thread(target=lambda: log.info("%s", describe_settings(app.manager)), name="mullama-settings",
+                     daemon=True).start()
     hurry = threading.Event()
 
     def stop(signum: int, _frame: Any) -> None:
