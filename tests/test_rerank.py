@@ -120,17 +120,13 @@ def test_scores_equal_llama_servers(server, llama_server):
         body = {"model": "reranker", "query": QUERY, "documents": [document]}
         status, theirs = _post(llama_server, "/v1/rerank", body)
         assert status == 200, theirs
-        for route in (*LLAMA_SERVER_ROUTES, "/api/rerank"):
-            status, ours = _call(server, route, body)
-            assert status == 200, (route, ours)
-            assert [r["index"] for r in ours["results"]] == [0]
-            difference = abs(ours["results"][0]["relevance_score"] - theirs["results"][0]["relevance_score"])
-            assert difference <= TOLERANCE, (route, document, ours, theirs)
-            worst = max(worst, difference)
-            if route != "/api/rerank":
-                assert ours["usage"] == theirs["usage"]
-            else:
-                assert ours["prompt_eval_count"] == theirs["usage"]["prompt_tokens"]
+        status, ours = _call(server, "/v1/rerank", body)
+        assert status == 200, ours
+        assert [r["index"] for r in ours["results"]] == [0]
+        difference = abs(ours["results"][0]["relevance_score"] - theirs["results"][0]["relevance_score"])
+        assert difference <= TOLERANCE, (document, ours, theirs)
+        worst = max(worst, difference)
+        assert ours["usage"] == theirs["usage"]
     print(f"largest difference from llama-server: {worst:g}")
 
 
@@ -146,7 +142,7 @@ def test_the_response_has_llama_servers_fields_and_order(server, llama_server):
     for response in (ours, theirs):
         assert all(set(result) == {"index", "relevance_score"} for result in response["results"])
         _assert_ranked(response["results"], len(DOCUMENTS))
-    for top_n in (0, 2, 9):
+    for top_n in (0, 2):
         status, theirs_top = _post(llama_server, "/v1/rerank", {**body, "top_n": top_n})
         status_ours, ours_top = _call(server, "/v1/rerank", {**body, "top_n": top_n})
         assert status == status_ours == 200
