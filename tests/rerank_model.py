@@ -98,17 +98,15 @@ def _skip_value(data: bytes, kind: int, at: int) -> int:
 
 def token_id(data: bytes, text: str) -> int:
     """The id of the vocabulary token spelled exactly ``text`` in the GGUF ``data``."""
-    info_tokens = None
     at = 24
     _, _, n_kv = struct.unpack_from("<IQQ", data, 4)
     for _ in range(n_kv):
         key, value_at = _read_string(data, at)
         (kind,) = struct.unpack_from("<I", data, value_at)
         if key == b"tokenizer.ggml.tokens":
-            info_tokens = value_at + 4 + 12
             (count,) = struct.unpack_from("<Q", data, value_at + 8)
             wanted = text.encode()
-            cursor = info_tokens
+            cursor = value_at + 4 + 12
             for index in range(count):
                 token, cursor = _read_string(data, cursor)
                 if token == wanted:
@@ -190,8 +188,8 @@ def reranker_bytes(data: bytes, norm: float = NORM_WEIGHT) -> bytes:
         blob = blob_of(offset)
         if name.endswith((b".attn_q.weight", b".attn_k.weight")):
             rows = shape[1]
-            size = gguf.GGML_TYPES[kind]
-            blob = _neox_rows(blob[:rows * shape[0] * size[2] // size[1]], rows, head_dim)
+            _, block_elements, block_bytes = gguf.GGML_TYPES[kind]
+            blob = _neox_rows(blob[:rows * shape[0] // block_elements * block_bytes], rows, head_dim)
         out.append((name, shape, kind, blob))
         if name.endswith(b".attn_norm.weight"):
             block = name[:-len(b"attn_norm.weight")]

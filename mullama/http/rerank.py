@@ -10,6 +10,11 @@ The request is Jina's and Cohere's, as llama-server reads it: ``model``,
 relevant first, each with the document's ``index`` in the request and its
 ``relevance_score``. Errors have OpenAI's body, as llama-server's do.
 
+A body with ``texts`` instead of ``documents`` is Hugging Face TEI's
+request, which llama-server also takes: the answer is then TEI's, a bare
+list of ``{"index", "score"}`` (with ``"text"`` when ``return_text`` is
+true).
+
 Ollama has no rerank route; Mullama's ``/api/rerank`` (in
 :mod:`mullama.http.ollama`) reads the same body through :func:`parse`.
 """
@@ -36,20 +41,20 @@ def register(router: Router) -> None:
     router.add_error_format("/rerank", openai.error_body)
 
 
-def parse(body: dict[str, Any], name: str, options: dict[str, Any] | None = None) -> RerankRequest:
-    """The request body's query and documents, for the model ``name``; a 400 for anything else."""
+def parse(body: dict[str, Any], name: str, options: dict[str, Any] | None = None, *,
+          field: str = "documents") -> RerankRequest:
+    """The request body's query and documents (under ``field``), for the model ``name``; a 400 for anything else."""
     query = body.get("query")
     if not isinstance(query, str):
         raise BadRequestError('"query" must be a string', param="query")
-    documents = body.get("documents")
+    documents = body.get(field)
     if not isinstance(documents, list) or not documents:
-        raise BadRequestError('"documents" must be a non-empty list of strings', param="documents")
+        raise BadRequestError(f'"{field}" must be a non-empty list of strings', param=field)
     texts = []
     for document in documents:
         text = document.get("text") if isinstance(document, dict) else document
         if not isinstance(text, str):
-            raise BadRequestError('"documents" must hold strings, or objects with a "text" string',
-                                  param="documents")
+            raise BadRequestError(f'"{field}" must hold strings, or objects with a "text" string', param=field)
         texts.append(text)
     return RerankRequest(model=name, query=query, documents=texts, top_n=typed(body, "top_n", int),
                          options=options or {}, keep_alive=keep_alive(body))
@@ -72,8 +77,11 @@ def results_json(reranking: service.Reranking, documents: list[str], with_text: 
 
 
 def rerank(request: Request) -> None:
-    """``POST /v1/rerank`` (and its aliases): llama-server's response."""
+    """``POST /v1/rerank`` (and its aliases): llama-server's response, or TEI's to a TEI request."""
     body = request.json()
+    if "texts" in body:
+        _rerank_tei(request, body)
+        return
     req = parse(body, model_name(body))
     with_text = returns_documents(body)
     result = service.rerank(request.handler.app.manager, req, context=request.context)
@@ -81,3 +89,17 @@ def rerank(request: Request) -> None:
                                     "usage": {"prompt_tokens": result.prompt_tokens,
                                               "total_tokens": result.prompt_tokens},
                                     "results": results_json(result, req.documents, with_text)})
+
+
+def _rerank_tei(request: Request, body: dict[str, Any]) -> None:
+    """TEI's request (``texts``, ``return_text``) and answer, as llama-server gives them."""
+    req = parse(body, model_name(body), field="texts")
+    with_text = typed(body, "return_text", bool, False)
+    result = service.rerank(request.handler.app.manager, req, context=request.context)
+    answer = []
+    for ranked in result.results:
+        entry: dict[str, Any] = {"index": ranked.index, "score": ranked.relevance_score}
+        if with_text:
+            entry["text"] = req.documents[ranked.index]
+        answer.append(entry)
+    request.handler.send_json(200, answer)
