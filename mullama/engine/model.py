@@ -995,7 +995,7 @@ def rank(scores: Sequence[float], top_n: int | None = None) -> list[RankedDocume
     """
     check_top_n(top_n)
     ranked = sorted((RankedDocument(index, score) for index, score in enumerate(scores)),
-                    key=lambda ranked: -ranked.relevance_score)
+                    key=lambda document: -document.relevance_score)
     return ranked if top_n is None else ranked[:top_n]
 
 
