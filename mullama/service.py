@@ -4,7 +4,9 @@ Ollama's ``/api/chat``, OpenAI's chat completions and Anthropic's messages
 all build a :class:`ChatRequest`; this module renders the prompt with the
 model's template, turns ``format`` and forced tool calls into a grammar,
 submits the tokens to the model's batcher, and splits the output into
-thinking, content and tool calls. OpenAI's audio routes build a
+thinking, content and tool calls. The rerank routes build a
+:class:`RerankRequest`, which :func:`rerank` scores with a reranking model.
+OpenAI's audio routes build a
 :class:`TranscriptionRequest`, which :func:`transcribe` runs on a speech
 model. The API modules only translate.
 """
@@ -21,8 +23,9 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from mullama.engine.model import Completion, Model, Timings
+from mullama.engine.model import Completion, Model, Timings, check_top_n, rank
 from mullama.errors import BadRequestError
+from mullama.ffi import llama as L
 from mullama.engine.residency import LoadedModel, ModelManager, Resolution
 from mullama.ops.operations import RequestContext
 from mullama.store.records import ModelRecord
@@ -32,8 +35,8 @@ from mullama.prompt.thinking import ThinkingSplitter, prompt_opens_thinking
 from mullama.prompt.toolcalls import HARMONY, TextDelta, ToolCallEvent, ToolCallParser, ToolFormat, detect_format
 from mullama.speech.audio import decode_audio
 from mullama.speech.transcribe import Segment, SpeechModel, Transcript
-from mullama.types import (ChatRequest, GenerateRequest, Message, Think, Tool, ToolCall, TranscriptionRequest,
-                           split_think)
+from mullama.types import (ChatRequest, GenerateRequest, Message, RankedDocument, RerankRequest, Think, Tool, ToolCall,
+                           TranscriptionRequest, split_think)
 
 if TYPE_CHECKING:
     from mullama.prompt.harmony import HarmonyParser
@@ -347,10 +350,11 @@ def grammar_for(fmt: Any, tools: list[Tool], tool_choice: str, calls: ToolFormat
 
 def _start(manager: ModelManager, model_name: str, options: dict[str, Any], keep_alive: Any,
            context: RequestContext | None = None, defaults: dict[str, Any] | None = None, *, text: bool = True,
-           ) -> tuple[ExitStack, Resolution, LoadedModel, int]:
+           require: Callable[[ModelRecord], None] | None = None) -> tuple[ExitStack, Resolution, LoadedModel, int]:
     """Resolve the request's model once and hold it loaded; also the nanoseconds that took.
 
-    ``text`` False is a request that only loads the model (any model may be loaded so).
+    ``text`` False is a request that only loads the model (any model may be loaded so); otherwise ``require``
+    refuses a model unfit for the request's work, before anything loads.
     """
     started = time.perf_counter_ns()
     resolution = manager.resolve(model_name, options, defaults)
@@ -358,6 +362,8 @@ def _start(manager: ModelManager, model_name: str, options: dict[str, Any], keep
         context.admit(resolution.record.name)
     if text:
         require_text_model(resolution.record)
+        if require is not None:
+            require(resolution.record)
     stack = ExitStack()
     try:
         loaded = stack.enter_context(manager.hold(resolution, keep_alive))
@@ -373,6 +379,32 @@ def require_text_model(record: ModelRecord) -> None:
         raise BadRequestError(f'"{record.name}" is a speech model: it transcribes audio (POST '
                               '/v1/audio/transcriptions, `mullama transcribe`) and does not generate text',
                               param="model")
+
+
+def is_reranker(record: ModelRecord) -> bool:
+    """Whether the model's GGUF has pooling type rank: it scores documents against a query, and only that."""
+    return not record.speech and record.info.pooling_type == L.LLAMA_POOLING_TYPE_RANK
+
+
+def require_generative_model(record: ModelRecord) -> None:
+    """Refuse generation (chat, generate) with a reranking model, saying what it is for."""
+    if is_reranker(record):
+        raise BadRequestError(f'"{record.name}" is a reranking model: it scores documents against a query (POST '
+                              '/api/rerank or /v1/rerank) and does not generate text', param="model")
+
+
+def require_embedding_model(record: ModelRecord) -> None:
+    """Refuse embeddings from a reranking model, saying what it is for."""
+    if is_reranker(record):
+        raise BadRequestError(f'"{record.name}" is a reranking model: it scores documents against a query (POST '
+                              '/api/rerank or /v1/rerank) and does not embed', param="model")
+
+
+def require_reranker(record: ModelRecord) -> None:
+    """Refuse reranking with a model whose pooling type is not rank."""
+    if not is_reranker(record):
+        raise BadRequestError(f'"{record.name}" is not a reranking model: reranking needs a model whose pooling '
+                              "type is rank, such as Qwen3-Reranker or bge-reranker", param="model")
 
 
 def require_speech_model(record: ModelRecord) -> None:
@@ -418,7 +450,8 @@ def chat(manager: ModelManager, req: ChatRequest, *, context: RequestContext | N
     """Start a chat reply (an empty ``messages`` just loads the model); ``context`` is the request's operations."""
     started = time.perf_counter_ns()
     stack, resolution, loaded, load_duration = _start(manager, req.model, req.options, req.keep_alive, context,
-                                                      req.defaults, text=bool(req.messages))
+                                                      req.defaults, text=bool(req.messages),
+                                                      require=require_generative_model)
     try:
         record, model = resolution.record, loaded.model
         if not req.messages:
@@ -458,7 +491,8 @@ def generate(manager: ModelManager, req: GenerateRequest, *, context: RequestCon
     """Start a generate reply (an empty prompt just loads the model); ``context`` is the request's operations."""
     started = time.perf_counter_ns()
     stack, resolution, loaded, load_duration = _start(manager, req.model, req.options, req.keep_alive, context,
-                                                      req.defaults, text=bool(req.prompt or req.context))
+                                                      req.defaults, text=bool(req.prompt or req.context),
+                                                      require=require_generative_model)
     try:
         record, model = resolution.record, loaded.model
         if not req.prompt and not req.context:
@@ -545,7 +579,8 @@ def embed(manager: ModelManager, model_name: str, inputs: list[str], *, truncate
           context: RequestContext | None = None) -> Embeddings:
     """Embed ``inputs`` (several per decode); ``dimensions`` keeps the first N, re-normalised."""
     started = time.perf_counter_ns()
-    stack, resolution, loaded, load_duration = _start(manager, model_name, options or {}, keep_alive, context)
+    stack, resolution, loaded, load_duration = _start(manager, model_name, options or {}, keep_alive, context,
+                                                      require=require_embedding_model)
     with stack:
         model = loaded.model
         for text in inputs:
@@ -559,6 +594,44 @@ def embed(manager: ModelManager, model_name: str, inputs: list[str], *, truncate
         if context is not None:
             context.embedded(tokens)
         return Embeddings(resolution.record.name, vectors, tokens, load_duration, time.perf_counter_ns() - started)
+
+
+@dataclass
+class Reranking:
+    """The documents of a :class:`RerankRequest`, the most relevant first, with what the APIs report about them."""
+
+    model: str
+    results: list[RankedDocument]
+    #: Tokens of every (query, document) pair scored: llama-server's ``usage.prompt_tokens``.
+    prompt_tokens: int
+    load_duration: int
+    total_duration: int
+
+
+def rerank(manager: ModelManager, req: RerankRequest, *, context: RequestContext | None = None) -> Reranking:
+    """Score ``req.documents`` against ``req.query`` with a reranking model, loading it if needed.
+
+    Each pair is put together as llama-server does (:meth:`Model.rerank_tokens`) and the pairs of concurrent
+    requests share decodes (:meth:`Batcher.score`). A model that is not a reranker, no documents or a negative
+    ``top_n`` is a :class:`BadRequestError`, before anything loads.
+    """
+    started = time.perf_counter_ns()
+    if not req.documents:
+        raise BadRequestError("documents must be a non-empty list of strings", param="documents")
+    check_top_n(req.top_n)
+    stack, resolution, loaded, load_duration = _start(manager, req.model, req.options, req.keep_alive, context,
+                                                      require=require_reranker)
+    with stack:
+        model = loaded.model
+        for text in (req.query, *req.documents):
+            check_prompt_length(text, loaded.context_length)
+        token_lists = [model.rerank_tokens(req.query, document) for document in req.documents]
+        scores = loaded.batcher.score(token_lists)
+        tokens = sum(map(len, token_lists))
+        if context is not None:
+            context.embedded(tokens)
+        return Reranking(resolution.record.name, rank(scores, req.top_n), tokens, load_duration,
+                         time.perf_counter_ns() - started)
 
 
 def _renormalise(vector: list[float]) -> list[float]:

@@ -4,7 +4,9 @@ Ollama's ``/api/chat``, OpenAI's ``/v1/chat/completions`` and Anthropic's
 ``/v1/messages`` all become a :class:`ChatRequest` (a list of :class:`Message`
 plus a list of :class:`Tool`); Ollama's ``/api/generate`` and OpenAI's legacy
 completions become a :class:`GenerateRequest`. Templates, tool-call parsing
-and batching only ever see these.
+and batching only ever see these. Every rerank route (llama-server's
+``/v1/rerank`` and ``/rerank``, Mullama's ``/api/rerank``) becomes a
+:class:`RerankRequest`, answered with :class:`RankedDocument` entries.
 """
 
 from __future__ import annotations
@@ -150,3 +152,27 @@ class VoiceRequest:
     keep_alive: Any = None
     #: Seconds of speech between two partial transcripts of an utterance going on; None for none.
     partial_every: float | None = None
+
+
+@dataclass
+class RerankRequest:
+    """Documents to score against a query with a reranking model (pooling type rank)."""
+
+    model: str
+    query: str
+    documents: list[str]
+    #: How many of the best documents to return; None returns them all.
+    top_n: int | None = None
+    #: Ollama's ``options`` (already parsed): only the load-time ones (``num_ctx``...) matter to a reranker.
+    options: dict[str, Any] = field(default_factory=dict)
+    keep_alive: Any = None
+
+
+@dataclass(frozen=True)
+class RankedDocument:
+    """One document's relevance to a query: its place in the request and the model's score."""
+
+    #: The document's index in the request's ``documents``.
+    index: int
+    #: llama-server's ``relevance_score``: the first of the model's classes (for Qwen3-Reranker, P("yes")).
+    relevance_score: float

@@ -48,6 +48,9 @@ DEEPSEEK_R1_JINJA = ("{% set content = message['content'] %}{% if '</think>' in 
     (header("qwen3", pooling_type=0), ["embedding"]),
     (header("bert", pooling_type=2), ["embedding"]),
     (header("bert"), ["completion"]),
+    # Pooling type rank is a reranker's (Mullama's capability: Ollama has no rerankers).
+    (header("qwen3", pooling_type=4), ["rerank"]),
+    (header("bert", pooling_type=4), ["rerank"]),
     (header("qwen3", QWEN3_JINJA), ["tools", "thinking", "completion"]),
     (header("qwen2", DEEPSEEK_R1_JINJA), ["thinking", "completion"]),
     # Reasoning kept in its own field is not thinking inside the content.

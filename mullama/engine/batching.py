@@ -44,7 +44,8 @@ chunk of text prompt would.
 A model has one batcher at a time (:attr:`Model.batcher`), the only user of
 ``model.context``. Embeddings use their own context and run alongside:
 :meth:`Batcher.embed` packs the inputs of concurrent calls into shared
-decodes.
+decodes, and so does :meth:`Batcher.score` with a reranker's (query,
+document) pairs.
 """
 
 from __future__ import annotations
@@ -482,6 +483,12 @@ class Batcher:
         Runs alongside generation, on the model's embedding context.
         """
         return self._embedder.embed(texts, truncate=truncate, normalize=normalize)
+
+    def score(self, token_lists: list[list[int]]) -> list[float]:
+        """Relevance scores of tokenized (query, document) pairs (:meth:`Model.rerank_tokens`), as
+        :meth:`Model.score_tokens` gives them; concurrent calls share decodes, with embedding calls' batcher.
+        """
+        return [vector[0] for vector in self._embedder.pooled(token_lists)]
 
     def cancel_all(self) -> None:
         """End every queued and running generation with done_reason "cancel"."""
@@ -1074,7 +1081,7 @@ class _EmbedJob:
 
 
 class EmbeddingBatcher:
-    """Packs the inputs of concurrent embedding calls into shared decodes.
+    """Packs the inputs of concurrent embedding (or reranking) calls into shared decodes.
 
     Callers tokenize in their own thread and queue a job; one worker thread
     takes every job waiting, gives later callers ``window`` seconds to join
@@ -1102,7 +1109,19 @@ class EmbeddingBatcher:
         texts = [texts] if isinstance(texts, str) else list(texts)
         if not texts:
             return []
-        job = _EmbedJob([self.model.embedding_tokens(text, truncate=truncate) for text in texts])
+        vectors = self.pooled([self.model.embedding_tokens(text, truncate=truncate) for text in texts])
+        return [l2_normalize(v) for v in vectors] if normalize else vectors
+
+    def pooled(self, token_lists: list[list[int]]) -> list[list[float]]:
+        """What pooling gives for each tokenized input, as :meth:`Model.embed_tokens` does, sharing decodes.
+
+        An embedding (not normalised) for an embedding model, the classes'
+        scores for a reranker. Raises :class:`OverloadedError` once the
+        batcher is closed.
+        """
+        if not token_lists:
+            return []
+        job = _EmbedJob(token_lists)
         with self._wakeup:
             if self._closing:
                 raise OverloadedError("the model is shutting down")
@@ -1116,7 +1135,7 @@ class EmbeddingBatcher:
         job.done.wait()
         if job.error is not None:
             raise job.error
-        return [l2_normalize(v) for v in job.vectors] if normalize else job.vectors
+        return job.vectors
 
     def close(self) -> None:
         """Finish the queued jobs and stop the worker thread; safe to call twice."""

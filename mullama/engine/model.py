@@ -1,4 +1,4 @@
-"""The in-process engine: a GGUF model, its contexts, generation and embeddings.
+"""The in-process engine: a GGUF model, its contexts, generation, embeddings and reranking.
 
 ``Model`` is public: a program can load a model in its own process and use
 it with no server::
@@ -15,7 +15,8 @@ which drives all of them at once with :class:`Batch` and
 :meth:`Context.decode`. A model loaded with a vision projector
 (``projector=``, an ``mmproj`` GGUF) also reads images
 (:mod:`mullama.engine.vision`): ``model.generate("What is this? [img]",
-images=[png_bytes])``.
+images=[png_bytes])``. A reranking model (pooling type rank) scores
+documents against a query instead: ``model.rerank(query, documents)``.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from mullama.ffi import load
 from mullama.ffi.rpc import device_array
 from mullama.options import Options
 from mullama.engine.sampling import TokenLogprob
+from mullama.types import RankedDocument
 
 if TYPE_CHECKING:
     from mullama.engine.batching import Batcher, Request
@@ -829,6 +831,9 @@ class Model:
         Raises :class:`BadRequestError` for an input with no tokens, or one
         longer than the context when ``truncate`` is False.
         """
+        if self.is_reranker:
+            raise BadRequestError(f"{self.path.name} is a reranking model (pooling type rank): it scores documents "
+                                  "against a query (Model.rerank; POST /api/rerank or /v1/rerank) and does not embed")
         tokens = self.tokenize(text)
         if not tokens:
             raise BadRequestError("an embedding input is empty: there is nothing to embed")
@@ -853,11 +858,8 @@ class Model:
         if self._embed_context is None:
             if not self.ptr:
                 raise MullamaError("the model is closed")
+            # A reranker's (rank) pools each input into n_cls_out scores, read by :meth:`score_tokens`.
             pooling = self.info.pooling_type
-            if pooling == L.LLAMA_POOLING_TYPE_RANK:
-                # llama.cpp pools such a model into n_cls_out relevance scores per input, not an embedding.
-                raise BadRequestError(f"{self.path.name} is a reranking model (pooling type rank): it scores "
-                                      "inputs instead of embedding them, and Mullama has no rerank API yet")
             if pooling is None or pooling == L.LLAMA_POOLING_TYPE_NONE:
                 pooling = L.LLAMA_POOLING_TYPE_MEAN
             n_seq = 16
@@ -893,13 +895,108 @@ class Model:
             pending = pending[len(group):]
             self.lib.llama_memory_clear(ctx.memory, True)
             ctx.decode(batch)
-            n_embd = self.lib.llama_model_n_embd_out(self.ptr) or self.n_embd
+            width = self._pooled_width()
             for seq, index in enumerate(group):
                 vector = self.lib.llama_get_embeddings_seq(ctx.ptr, seq)
                 if not vector:
                     raise MullamaError("llama.cpp returned no pooled embedding for this model")
-                results[index] = vector[:n_embd]
+                results[index] = vector[:width]
         return results
+
+    def _pooled_width(self) -> int:
+        """Floats per input that pooling gives: a reranker's classes, else the embedding's width."""
+        if self.is_reranker:
+            return self.lib.llama_model_n_cls_out(self.ptr) or 1
+        return self.lib.llama_model_n_embd_out(self.ptr) or self.n_embd
+
+    # --- reranking -----------------------------------------------------------
+
+    @property
+    def is_reranker(self) -> bool:
+        """Whether the GGUF's pooling type is rank: the model scores (query, document) pairs and does not embed."""
+        return self.info.pooling_type == L.LLAMA_POOLING_TYPE_RANK
+
+    def rerank(self, query: str, documents: Sequence[str], *, top_n: int | None = None) -> list[RankedDocument]:
+        """Score each of ``documents`` against ``query``: the best first, at most ``top_n`` (None: all).
+
+        For a reranking model (pooling type rank: Qwen3-Reranker,
+        bge-reranker...). Each pair is put together as llama-server puts it
+        (:meth:`rerank_tokens`), so each :class:`RankedDocument` carries
+        llama-server's ``relevance_score``: the first of the model's
+        classes, which is the probability of "yes" for Qwen3-Reranker and a
+        logit for a BERT cross-encoder. Several pairs share each decode;
+        documents with equal scores keep their order. Raises
+        :class:`BadRequestError` for a model that is not a reranker, a pair
+        longer than the context, or a negative ``top_n``::
+
+            with mullama.Model("Qwen3-Reranker-0.6B.Q8_0.gguf") as reranker:
+                best = reranker.rerank("capital of France?", ["Paris is...", "Bananas..."], top_n=1)[0]
+                print(best.index, best.relevance_score)
+        """
+        check_top_n(top_n)
+        token_lists = [self.rerank_tokens(query, document) for document in documents]
+        return rank(self.score_tokens(token_lists) if token_lists else [], top_n)
+
+    def rerank_tokens(self, query: str, document: str) -> list[int]:
+        """The tokens of one (query, document) pair, as llama-server's ``format_prompt_rerank`` makes them.
+
+        With a ``rerank`` template in the GGUF (``tokenizer.chat_template.rerank``,
+        as Qwen3-Reranker's carries), that template with ``{query}`` and
+        then ``{document}`` replaced, special tokens parsed and none added;
+        otherwise BOS, the query, EOS, SEP, the document and EOS, each special
+        token only where the vocabulary adds it (a BERT cross-encoder's
+        ``[CLS] query [SEP] document [SEP]``). Raises
+        :class:`BadRequestError` for a model that is not a reranker, or a pair
+        that does not fit the context (cutting it would cut what the score is read from).
+        """
+        if not self.is_reranker:
+            raise BadRequestError(f"{self.path.name} is not a reranking model (its pooling type is not rank): "
+                                  "reranking needs a model such as Qwen3-Reranker or bge-reranker", param="model")
+        lib, vocab = self.lib, self.vocab
+        template = lib.llama_model_chat_template(self.ptr, b"rerank")
+        if template is not None:
+            prompt = template.decode("utf-8", "replace").replace("{query}", query).replace("{document}", document)
+            tokens = self.tokenize(prompt, add_special=False, parse_special=True)
+        else:
+            eos = lib.llama_vocab_eos(vocab)
+            if eos == L.LLAMA_TOKEN_NULL:
+                eos = lib.llama_vocab_sep(vocab)
+            add_eos = lib.llama_vocab_get_add_eos(vocab)
+            tokens = [lib.llama_vocab_bos(vocab)] if lib.llama_vocab_get_add_bos(vocab) else []
+            tokens += self.tokenize(query, add_special=False, parse_special=False)
+            tokens += [eos] if add_eos else []
+            tokens += [lib.llama_vocab_sep(vocab)] if lib.llama_vocab_get_add_sep(vocab) else []
+            tokens += self.tokenize(document, add_special=False, parse_special=False)
+            tokens += [eos] if add_eos else []
+        if not tokens:
+            raise BadRequestError("the query and the document are empty: there is nothing to score")
+        context = self.embedding_context
+        limit = min(context.n_ctx_seq, context.batch.capacity)
+        if len(tokens) > limit:
+            raise BadRequestError(f"a query with its document is {len(tokens)} tokens, more than the context "
+                                  f"length {limit}")
+        return tokens
+
+    def score_tokens(self, token_lists: Sequence[Sequence[int]]) -> list[float]:
+        """The relevance score of each tokenized pair (see :meth:`rerank_tokens`), in as few decodes as fit."""
+        return [vector[0] for vector in self.embed_tokens(token_lists)]
+
+
+def check_top_n(top_n: int | None) -> None:
+    """Refuse a negative ``top_n`` (0 asks for no documents, as llama-server reads it)."""
+    if top_n is not None and top_n < 0:
+        raise BadRequestError("top_n must be 0 or more", param="top_n")
+
+
+def rank(scores: Sequence[float], top_n: int | None = None) -> list[RankedDocument]:
+    """Documents by score, the best first, cut to ``top_n``, as llama-server's ``format_response_rerank`` orders them.
+
+    Equal scores keep the documents' order (llama-server's sort leaves theirs unspecified).
+    """
+    check_top_n(top_n)
+    ranked = sorted((RankedDocument(index, score) for index, score in enumerate(scores)),
+                    key=lambda document: -document.relevance_score)
+    return ranked if top_n is None else ranked[:top_n]
 
 
 def l2_normalize(vector: list[float]) -> list[float]:

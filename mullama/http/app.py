@@ -79,11 +79,12 @@ def _api(name: str) -> ModuleType:
 ollama = _api("ollama")
 openai = _api("openai")
 anthropic = _api("anthropic")
+rerank = _api("rerank")
 audio = _api("audio")
 voice = _api("voice")
 webui = _api("webui")
 #: Every API family (and the web UI's static files), each a module with ``register(router)``.
-API_FAMILIES = (ollama, openai, anthropic, audio, voice, webui)
+API_FAMILIES = (ollama, openai, anthropic, rerank, audio, voice, webui)
 
 
 def build_router() -> Router:

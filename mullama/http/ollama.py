@@ -51,6 +51,7 @@ from mullama.http.common import (
     stream_reply,
     typed,
 )
+from mullama.http import rerank
 from mullama.http.server import Request, Router
 from mullama.options import parse_options
 from mullama.store import gguf
@@ -79,6 +80,7 @@ def register(router: Router) -> None:
     router.add("POST", "/api/chat", chat_route)
     router.add("POST", "/api/embed", embed)
     router.add("POST", "/api/embeddings", embeddings_legacy)
+    router.add("POST", "/api/rerank", rerank_route)
     router.add("GET", "/api/tags", tags)
     router.add("HEAD", "/api/tags", tags)
     router.add("GET", "/api/ps", ps)
@@ -354,6 +356,20 @@ def embed(request: Request) -> None:
                         dimensions=dimensions, options=_options(body), keep_alive=keep_alive(body),
                         context=request.context)
     request.handler.send_json(200, {"model": result.model, "embeddings": result.vectors,
+                                    "total_duration": result.total_duration, "load_duration": result.load_duration,
+                                    "prompt_eval_count": result.prompt_tokens})
+
+
+def rerank_route(request: Request) -> None:
+    """``POST /api/rerank``: Ollama has none; llama-server's body (:mod:`mullama.http.rerank`) plus Ollama's
+    ``options`` and ``keep_alive``, answered with Ollama's durations beside the results.
+    """
+    body = request.json()
+    req = rerank.parse(body, model_or_path(request, body, "name"), _options(body))
+    with_text = rerank.returns_documents(body)
+    result = service.rerank(request.handler.app.manager, req, context=request.context)
+    results = rerank.results_json(result, req.documents, with_text)
+    request.handler.send_json(200, {"model": result.model, "results": results,
                                     "total_duration": result.total_duration, "load_duration": result.load_duration,
                                     "prompt_eval_count": result.prompt_tokens})
 

@@ -43,7 +43,7 @@ from mullama.ops.ratelimit import TokenBucket, retry_after
 
 log = logging.getLogger("mullama.keys")
 
-#: ``inference``: generate, chat, embeddings, the OpenAI and Anthropic routes; ``admin``: everything;
+#: ``inference``: generate, chat, embeddings, reranking, the OpenAI and Anthropic routes; ``admin``: everything;
 #: ``metrics``: ``/metrics`` and ``/api/stats`` (for a scraper that should not run models).
 SCOPES = ("inference", "admin", "metrics")
 #: The identity of ``MULLAMA_API_KEY``; no key in the file may take the name.
@@ -61,7 +61,8 @@ _ROUTE_SCOPES: tuple[tuple[str, str], ...] = (
     ("/api/version", "read"), ("/api/tags", "read"), ("/api/ps", "read"), ("/api/show", "read"),
     ("/api/status", "read"), ("/v1/models", "read"), ("/v1/models/*", "read"),
     ("/api/generate", "inference"), ("/api/chat", "inference"), ("/api/embed", "inference"),
-    ("/api/embeddings", "inference"), ("/api/apply-template", "inference"),
+    ("/api/embeddings", "inference"), ("/api/apply-template", "inference"), ("/api/rerank", "inference"),
+    ("/v1/rerank", "inference"), ("/v1/reranking", "inference"), ("/rerank", "inference"), ("/reranking", "inference"),
     ("/v1/chat/completions", "inference"), ("/v1/completions", "inference"), ("/v1/embeddings", "inference"),
     ("/v1/responses", "inference"), ("/v1/messages", "inference"), ("/v1/messages/count_tokens", "inference"),
     ("/v1/audio/transcriptions", "inference"), ("/v1/audio/translations", "inference"), ("/api/voice", "inference"),

@@ -4,7 +4,9 @@ The rules are Ollama's (``server/images.go``: ``Capabilities``), applied to
 the prompt source Mullama uses: a Modelfile TEMPLATE (a Go template) when the
 model has one, else the GGUF's own chat template.
 
-- ``completion``, or ``embedding`` when the GGUF sets ``{arch}.pooling_type``;
+- ``completion``, or ``embedding`` when the GGUF sets ``{arch}.pooling_type``, or ``rerank`` when that
+  pooling type is rank (4): Ollama has no rerankers, so Mullama names their capability as it names the route
+  (``/api/rerank``);
 - with a Go template: ``tools`` when it mentions ``.Tools``, ``insert`` when
   it mentions ``.Suffix``, ``thinking`` when Ollama's heuristic finds the tags
   around ``.Thinking`` in the loop over ``.Messages``;
@@ -36,6 +38,8 @@ from mullama.prompt.templates import parse_template, template_vars
 from mullama.store.gguf import GGUFInfo
 from mullama.store.records import ModelRecord
 
+#: llama.cpp's ``LLAMA_POOLING_TYPE_RANK``: a reranker's pooling type.
+RANK_POOLING = 4
 #: Architectures whose output is harmony, where Ollama reports thinking whatever the template says.
 HARMONY_FAMILIES = ("gptoss", "gpt-oss")
 
@@ -49,7 +53,10 @@ def capabilities(record: ModelRecord, info: GGUFInfo, *, vision: bool) -> list[s
     arch = info.architecture or ""
     if record.template is None:
         found += chat_template_capabilities(info.chat_template or "")
-    found.append("embedding" if f"{arch}.pooling_type" in info.metadata else "completion")
+    if f"{arch}.pooling_type" not in info.metadata:
+        found.append("completion")
+    else:
+        found.append("rerank" if info.pooling_type == RANK_POOLING else "embedding")
     if vision:
         found.append("vision")
     if record.template is not None:
