@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The voice loop's reply latency: from the end of a spoken question to the first word of the answer.
 
-    python bench/voice.py [--model PATH] [--rounds 3] [--threads N] [--json]
+    python bench/voice.py [--model PATH] [--rounds 3] [--threads N] [--speech-window off] [--json]
 
 A ``mullama serve`` daemon gets Whisper tiny.en (tests/whisper_weights.py)
 and a chat model (the test model unless ``--model``, answering greedily, 24
@@ -136,13 +136,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=default_threads())
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--json", action="store_true", help="end with one JSON line of the results")
+    parser.add_argument("--speech-window", help="the daemon's MULLAMA_SPEECH_WINDOW (off, or a margin in seconds)")
     args = parser.parse_args()
 
     query = {"model": CHAT, "speech_model": SPEECH,
              "options": json.dumps({"temperature": 0, "num_predict": 24, "num_thread": args.threads})}
     parts: dict[str, list[float]] = {"vad": [], "transcribe": [], "first_token": [], "total": []}
     with tempfile.TemporaryDirectory(prefix="mullama-voice-bench-") as tmp:
-        daemon = serve(Path(tmp))
+        daemon = serve(Path(tmp), **({"MULLAMA_SPEECH_WINDOW": args.speech_window} if args.speech_window else {}))
         try:
             create_model(daemon.port, whisper_tiny_en_path(), SPEECH)
             create_model(daemon.port, args.model or smollm2_path(), CHAT)

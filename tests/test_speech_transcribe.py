@@ -14,6 +14,7 @@ from whisper_weights import mel_filters, whisper_tiny_en_path
 from mullama.errors import BadRequestError, CancelledError, InvalidModelFileError, ModelLoadError
 from mullama.speech import Audio, SpeechModel, load_audio
 from mullama.speech.model_file import read_whisper_file
+from mullama.speech.transcribe import TRANSCRIPTION_VAD
 
 
 @pytest.fixture(scope="module")
@@ -80,12 +81,26 @@ def test_timestamps_point_into_the_original_recording(speech_model, tmp_path):
     sox(tmp_path / "lead.wav", spoken_sentence(12), placed)
     result = speech_model.transcribe(load_audio(placed), word_timestamps=True)
     assert word_errors(SENTENCES[12], result.text)[0] <= 1
-    assert result.speech[0].start == pytest.approx(6.0, abs=0.3)
-    assert result.segments[0].start >= 5.8
+    # The VAD's segment starts its padding ahead of the speech; Whisper's times are the recording's.
+    pad = TRANSCRIPTION_VAD.pad_ms / 1000
+    assert result.speech[0].start == pytest.approx(6.0 - pad, abs=0.3)
+    assert result.segments[0].start >= 6.0 - pad - 0.2
     spoken = [w for s in result.segments for w in s.words]
     assert [w.word.strip(".,").lower() for w in spoken] == words(result.text)
-    assert all(6.0 - 0.3 <= w.start <= w.end <= result.duration for w in spoken)
+    assert all(6.0 - pad - 0.3 <= w.start <= w.end <= result.duration for w in spoken)
     assert [w.start for w in spoken] == sorted(w.start for w in spoken)
+
+
+def test_the_vad_before_a_transcription_pads_the_speech_more_than_whisper_cpp_does(speech_model):
+    """whisper.cpp's 30 ms clips word starts; a transcription reads its speech with TRANSCRIPTION_VAD's padding."""
+    second = array("f", bytes(4 * 16000))
+    audio = Audio(second + load_audio(spoken_sentence(12)).samples + second, 16000)
+    result = speech_model.transcribe(audio)
+    assert result.speech == speech_model.detect_speech(audio, TRANSCRIPTION_VAD)
+    (tight,) = speech_model.detect_speech(audio)
+    (padded,) = result.speech
+    assert TRANSCRIPTION_VAD.pad_ms >= 200 and padded.start < tight.start - 0.1 and padded.end > tight.end + 0.1
+    assert word_errors(SENTENCES[12], result.text)[0] <= 1
 
 
 def test_without_vad_the_whole_recording_is_read(speech_model):

@@ -13,9 +13,13 @@ from urllib.parse import urlencode
 
 import pytest
 from daemon import create_model, exchange, running
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from speech_helpers import SENTENCES, sox, spoken_sentence, word_errors
 from whisper_weights import whisper_tiny_en_path
 
+from mullama.errors import BadRequestError
+from mullama.http.voice import MAX_HISTORY_CHARS, Query, voice_request
 from mullama.speech.audio import SAMPLE_RATE, PcmStream
 from mullama.speech.utterances import UtteranceDetector, UtteranceEnded, UtteranceStarted
 from mullama.speech.vad import VoiceDetector
@@ -231,6 +235,12 @@ def test_a_streamed_wav_at_another_rate(server):
     ({"model": "smol", "speech_model": SPEECH, "options": "[1]"}, 400, "options"),
     ({"model": "smol", "speech_model": SPEECH, "rate": "fast"}, 400, "rate"),
     ({"model": "smol", "speech_model": SPEECH, "channels": "0"}, 400, "channel"),
+    ({"model": "smol", "speech_model": SPEECH, "messages": '{"role": "user"}'}, 400, "JSON list of messages"),
+    ({"model": "smol", "speech_model": SPEECH, "messages": "[{"}, 400, "JSON list of messages"),
+    ({"model": "smol", "speech_model": SPEECH, "messages": '[{"content": "hi"}]'}, 400, "messages[0]"),
+    ({"model": "smol", "speech_model": SPEECH, "messages": '[{"role": "user", "content": 7}]'}, 400, "content"),
+    ({"model": "smol", "speech_model": SPEECH,
+      "messages": json.dumps([{"role": "user", "content": "x" * MAX_HISTORY_CHARS}])}, 400, "fewer"),
 ])
 def test_bad_sessions_are_refused_before_the_stream(server, query, status, message):
     answer_status, body = exchange(server, "POST", f"/api/voice?{urlencode(query)}")
@@ -251,3 +261,74 @@ def test_partial_transcripts_while_an_utterance_goes_on(server):
     # Each second of the 2.6 s sentence: the first words, then more of them.
     assert len(partials) == 2 and partials[0] and len(partials[1]) > len(partials[0])
     assert word_errors(SENTENCES[12], dict(events)["transcript"]["text"])[0] <= 1
+
+
+# --- the conversation so far ------------------------------------------------------------------------------------
+
+HISTORY = [{"role": "system", "content": "You are a pirate. Answer every message as a pirate would."},
+           {"role": "user", "content": "My name is Ada and my cat is called Biscuit."},
+           {"role": "assistant", "content": "Arr, Ada! Biscuit be a fine name for a ship's cat."}]
+
+
+def chat_answer(server, messages: list[dict]) -> str:
+    """The test model's greedy answer to ``messages`` through ``/api/chat``, with the voice tests' options."""
+    status, body = exchange(server, "POST", "/api/chat", {
+        "model": "smol", "messages": messages, "stream": False, "options": {"temperature": 0, "num_predict": 24}})
+    assert status == 200, body
+    return json.loads(body)["message"]["content"]
+
+
+def test_each_answer_sees_the_history_sent_and_the_turns_before_it(server):
+    client = session(server, messages=json.dumps(HISTORY))
+    try:
+        client.send(pcm(spoken_sentence(12)) + silence(1.5))
+        first = dict(client.until("answer.done"))
+        client.send(pcm(spoken_sentence(17)) + silence(1.5))
+        second = dict(client.until("answer.done"))
+        client.end()
+        client.until("done")
+    finally:
+        client.close()
+    heard = [first["transcript"]["text"], second["transcript"]["text"]]
+    said = [first["answer.done"]["text"], second["answer.done"]["text"]]
+    # Greedy decoding: each answer is the one /api/chat gives the same conversation, and not the one without it.
+    turn = [{"role": "user", "content": heard[0]}]
+    assert said[0] == chat_answer(server, HISTORY + turn)
+    assert said[0] != chat_answer(server, turn)
+    later = HISTORY + turn + [{"role": "assistant", "content": said[0]}, {"role": "user", "content": heard[1]}]
+    assert said[1] == chat_answer(server, later)
+
+
+def test_the_system_parameter_comes_ahead_of_the_history():
+    query = Query("model=m&system=Be+brief.&" + urlencode({"messages": json.dumps(HISTORY[1:])}))
+    messages = voice_request(query).messages
+    assert [(m.role, m.content) for m in messages] == [("system", "Be brief.")] + [
+        (m["role"], m["content"]) for m in HISTORY[1:]]
+
+
+JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+                    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(
+                        st.sampled_from(["role", "content", "images", "tool_calls", "thinking", "x"]), inner,
+                        max_size=4), max_leaves=12)
+MESSAGE = st.fixed_dictionaries({"role": st.sampled_from(["system", "user", "assistant", "tool"]),
+                                 "content": st.text(max_size=40)})
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(MESSAGE, max_size=6))
+def test_a_history_arrives_as_it_was_sent(history):
+    query = Query(urlencode({"model": "m", "messages": json.dumps(history)}))
+    assert [(m.role, m.content) for m in voice_request(query).messages] == [
+        (m["role"], m["content"]) for m in history]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(JSON.map(json.dumps), st.text(max_size=60)))
+def test_any_messages_value_is_a_history_or_a_400(text):
+    try:
+        messages = voice_request(Query(urlencode({"model": "m", "messages": text}))).messages
+    except BadRequestError as error:
+        assert error.status == 400 and error.message
+        return
+    value = json.loads(text) if text else []
+    assert isinstance(value, list) and len(messages) == len(value)

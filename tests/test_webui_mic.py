@@ -13,6 +13,7 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 from daemon import create_model
@@ -23,6 +24,8 @@ from whisper_weights import whisper_tiny_en_path
 
 SPEECH = "whisper:tiny.en"
 QUESTION = "What is the capital of France?"
+SYSTEM = "You are a pirate. Answer every message as a pirate would."
+TYPED = "My name is Ada."
 
 
 def spoken_question() -> Path:
@@ -66,19 +69,26 @@ def test_a_spoken_question_is_transcribed_and_answered(ui: Page) -> None:
     page.reload()
     mic = page.get_by_role("button", name="Speak")
     mic.wait_for()
+    # A typed turn first, under a system prompt: the spoken turn is answered with both before it.
+    page.click("text=Settings")
+    page.get_by_label("System prompt").fill(SYSTEM)
+    page.fill("#prompt", TYPED)
+    page.press("#prompt", "Enter")
+    page.locator(".message.assistant .content").wait_for()
+    page.locator("#send").wait_for()
     sent: list[Any] = []
     page.on("request", lambda request: sent.append(request) if "/api/voice" in request.url else None)
     mic.click()
     page.get_by_role("button", name="Stop listening").wait_for()
     assert page.locator("#mic").get_attribute("aria-pressed") == "true"
 
-    question = page.locator(".message.user")
+    question = page.locator(".message.user").nth(1)
     question.wait_for()
     assert question.locator(".role").inner_text() == "You (spoken)"
     heard = question.locator(".content").inner_text()
     assert word_errors(QUESTION, heard)[0] <= 1, heard
     # The answer streams in, then the turn ends (Send is back).
-    answer = page.locator(".message.assistant .content")
+    answer = page.locator(".message.assistant .content").nth(1)
     answer.wait_for()
     page.locator("#send").wait_for()
     said = answer.inner_text().strip()
@@ -87,15 +97,26 @@ def test_a_spoken_question_is_transcribed_and_answered(ui: Page) -> None:
     # One utterance, sent as 16 kHz 16-bit PCM, answered for the conversation's model.
     (request,) = sent
     assert request.headers["content-type"] == "application/octet-stream"
-    assert f"model={MODEL}%3Alatest" in request.url and "speech_model=whisper%3Atiny.en" in request.url
+    query = parse_qs(urlsplit(request.url).query)
+    assert query["model"] == [f"{MODEL}:latest"] and query["speech_model"] == ["whisper:tiny.en"]
     body = request.post_data_buffer
     assert len(body) % 2 == 0 and 2.0 < len(body) / 32000 < 8.0
-    # The answer is the model's own (greedy) answer to the transcript.
-    expected = api(ui.daemon, "POST", "/api/chat", {"model": MODEL, "stream": False, "options": {},
-                                                     "messages": [{"role": "user", "content": heard}]})
-    assert said == expected["message"]["content"].strip()
     saved = json.loads(page.evaluate("localStorage.getItem('mullama.conversations')"))[0]["messages"]
-    assert [(m["role"], m.get("spoken")) for m in saved] == [("user", True), ("assistant", None)]
+    assert [(m["role"], m.get("spoken")) for m in saved] == [
+        ("user", None), ("assistant", None), ("user", True), ("assistant", None)]
+    # The conversation so far went with the audio: the system prompt, the typed question and its answer.
+    history = [{"role": "system", "content": SYSTEM}] + [
+        {"role": m["role"], "content": m["content"]} for m in saved[:2]]
+    assert json.loads(query["messages"][0]) == history
+    # The answer is the model's own (greedy) answer to that conversation and the transcript, not to the
+    # transcript alone.
+    def chat(messages: list[dict[str, str]]) -> str:
+        reply = api(ui.daemon, "POST", "/api/chat", {"model": MODEL, "stream": False, "options": {},
+                                                     "messages": messages})
+        return reply["message"]["content"].strip()
+
+    spoken = [{"role": "user", "content": heard}]
+    assert said == chat(history + spoken) != chat(spoken)
     ui.screenshot("mic")
 
     # A second click stops listening.

@@ -43,6 +43,7 @@ from mullama.store.records import ModelRecord, find_model
 from mullama.ops.limits import ModelLimits
 from mullama.ops.metrics import Metrics
 from mullama.speech.transcribe import SpeechModel
+from mullama.speech.window import speech_window
 
 log = logging.getLogger("mullama.engine.residency")
 
@@ -220,6 +221,8 @@ class ModelManager:
         memory.gpu_memory_limit()
         memory.gpu_overhead()
         _option_settings()
+        #: The encoder's window for short audio on speech models (``MULLAMA_SPEECH_WINDOW``).
+        self.speech_window = speech_window()
         #: True when num_ctx is Ollama's automatic default (no MULLAMA_/OLLAMA_CONTEXT_LENGTH).
         self.automatic_context = config.setting("CONTEXT_LENGTH", 0, _count) == 0
         #: Operations hooks: a model's limits (``limits.json``) and where loads and evictions are counted.
@@ -506,7 +509,7 @@ class ModelManager:
         if record.speech:
             # The file is validated in Python before whisper.cpp reads it (see mullama.speech.model_file).
             return SpeechModel(record.model_path, num_thread=load_options.num_thread or None,
-                               use_gpu=load_options.num_gpu != 0), None
+                               use_gpu=load_options.num_gpu != 0, window=self.speech_window), None
         # A file that aborts llama.cpp kills a child, not the daemon.
         probe.verify(record.model_paths, record.digest, self.stall_timeout)
         if record.draft_path is not None:

@@ -273,7 +273,8 @@ def generate(request: Request) -> None:
     _send_reply(request, reply, stream, shape, final)
 
 
-def _messages(value: Any) -> list[Message]:
+def chat_messages(value: Any) -> list[Message]:
+    """A chat history in Ollama's shape (``messages``): a 400 naming the first bad message."""
     messages = []
     for i, item in enumerate(listed(value, "messages", "messages")):
         where = f"messages[{i}]"
@@ -300,7 +301,7 @@ def tool_call_json(call: ToolCall) -> dict[str, Any]:
 def chat_route(request: Request) -> None:
     body = request.json()
     name = model_or_path(request, body, "name")
-    messages = _messages(body.get("messages"))
+    messages = chat_messages(body.get("messages"))
     logprobs, top_logprobs = _logprobs(body)
     if not messages and _unload_reply(request, name, keep_alive(body), "message"):
         return
@@ -561,7 +562,7 @@ def create(request: Request) -> None:
         adapters=typed(body, "adapters", dict, {}), draft_files=typed(body, "draft_files", dict, {}),
         template=typed(body, "template", str), system=typed(body, "system", str),
         parameters=parse_options(typed(body, "parameters", dict, {})),
-        messages=[{"role": m.role, "content": m.content} for m in _messages(body.get("messages"))],
+        messages=[{"role": m.role, "content": m.content} for m in chat_messages(body.get("messages"))],
         licenses=licenses, renderer=typed(body, "renderer", str, ""), parser=typed(body, "parser", str, ""),
         requires=typed(body, "requires", str, ""))
     source = body.get("from")
@@ -701,7 +702,7 @@ def model_recommendations(request: Request) -> None:
 
 def apply_template(request: Request) -> None:
     body = request.json()
-    req = ChatRequest(model=model_or_path(request, body, "name"), messages=_messages(body.get("messages")),
+    req = ChatRequest(model=model_or_path(request, body, "name"), messages=chat_messages(body.get("messages")),
                            tools=function_tools(body.get("tools")), think=_think(body), options=_options(body))
     request.handler.send_json(200, {"prompt": service.apply_template(request.handler.app.manager, req,
                                                                      context=request.context)})

@@ -4,7 +4,8 @@ The request body is the audio as it is captured, sent chunked: raw
 little-endian 16-bit PCM (``rate`` and ``channels`` in the query, 16 kHz
 mono by default) or a streamed WAV. Settings are query parameters, since the
 body is audio: ``model`` (the chat model, required), ``speech_model``
-(default ``whisper``), ``system``, ``language``, ``options`` (Ollama's
+(default ``whisper``), ``system``, ``messages`` (the conversation so far, as
+``/api/chat``'s ``messages`` in JSON), ``language``, ``options`` (Ollama's
 options as a JSON object), ``think``, ``keep_alive`` and ``partial``
 (``true``: partial transcripts of an utterance going on, each second). The answer is
 server-sent events, written while the audio is still arriving: the events of
@@ -23,6 +24,7 @@ from urllib.parse import parse_qs
 
 from mullama.errors import BadRequestError, MullamaError
 from mullama.http.common import INTERNAL_ERROR, generation_options, shutting_down, sse
+from mullama.http.ollama import chat_messages
 from mullama.http.server import Request, Router
 from mullama.speech.audio import PcmStream, limits
 from mullama.types import Message, VoiceRequest
@@ -35,6 +37,8 @@ SSE = "text/event-stream"
 DEFAULT_SPEECH_MODEL = "whisper"
 #: Seconds of speech between two partial transcripts, when asked for.
 PARTIAL_EVERY = 1.0
+#: Characters of ``messages`` JSON taken: a history rides in the request line, which the server caps at 64 KiB.
+MAX_HISTORY_CHARS = 48 * 1024
 _BOOLEANS = {"true": True, "1": True, "false": False, "0": False}
 
 
@@ -91,6 +95,22 @@ class Query:
             raise BadRequestError("options must be a JSON object", param="options")
         return generation_options({"options": value}, top_level=False)
 
+    def messages(self) -> list[Message]:
+        """``messages``: the conversation so far, a JSON list of ``/api/chat`` messages."""
+        text = self.get("messages")
+        if text is None:
+            return []
+        if len(text) > MAX_HISTORY_CHARS:
+            raise BadRequestError(f"messages is {len(text)} characters of JSON, more than {MAX_HISTORY_CHARS}: "
+                                  "send fewer (or shorter) earlier turns", param="messages")
+        try:
+            value = json.loads(text)
+        except (ValueError, RecursionError):
+            raise BadRequestError("messages must be a JSON list of messages", param="messages") from None
+        if not isinstance(value, list):
+            raise BadRequestError("messages must be a JSON list of messages", param="messages")
+        return chat_messages(value)
+
 
 def voice_request(query: Query) -> VoiceRequest:
     """The session a query describes."""
@@ -98,8 +118,9 @@ def voice_request(query: Query) -> VoiceRequest:
     if model is None:
         raise BadRequestError("model is required: the chat model that answers (?model=NAME)", param="model")
     system = query.get("system")
+    history = ([Message(role="system", content=system)] if system else []) + query.messages()
     return VoiceRequest(model=model, speech_model=query.get("speech_model", DEFAULT_SPEECH_MODEL) or "",
-                        messages=[Message(role="system", content=system)] if system else [],
+                        messages=history,
                         language=query.get("language"), options=query.options(), think=query.boolean("think"),
                         keep_alive=query.get("keep_alive"),
                         partial_every=PARTIAL_EVERY if query.boolean("partial") else None)

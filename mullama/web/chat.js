@@ -10,6 +10,9 @@ import { renderMarkdown } from "./markdown.js";
 import { canHear, listen, pcm16, SPEECH_RATE } from "./mic.js";
 import { ask } from "./ui.js";
 
+/** The most a spoken turn's history may take in its query, URL-encoded (the daemon takes 48 KiB of it). */
+const VOICE_HISTORY_CHARS = 48 * 1024;
+
 /** Render the chat page into `root`; returns the function that leaves it. */
 export function chatPage(root) {
   const state = {
@@ -420,10 +423,16 @@ export function chatPage(root) {
   }
 
   function voiceQuery(conversation) {
-    const body = store.chatRequest(conversation, []);
+    const body = store.chatRequest(conversation, conversation.messages);
     const query = new URLSearchParams({ model: conversation.model, speech_model: state.speechModels[0].name,
       rate: String(SPEECH_RATE), channels: "1", options: JSON.stringify(body.options) });
-    if (conversation.system.trim()) query.set("system", conversation.system);
+    // The conversation so far (system prompt first) rides in the query, as the body is the audio: images stay
+    // behind, and the oldest turns give way until it fits the daemon's limit.
+    const messages = body.messages.map(({ images, ...entry }) => entry);
+    const first = messages[0]?.role === "system" ? 1 : 0;
+    const size = () => new URLSearchParams({ messages: JSON.stringify(messages) }).toString().length;
+    while (messages.length > first && size() > VOICE_HISTORY_CHARS) messages.splice(first, 1);
+    if (messages.length) query.set("messages", JSON.stringify(messages));
     if (body.think) query.set("think", "true");
     return query;
   }
