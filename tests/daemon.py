@@ -154,6 +154,17 @@ def anthropic_client(server: Server, timeout: float = 300) -> Any:
                                timeout=timeout)
 
 
+def post_json(port: int, path: str, body: dict[str, Any], timeout: float = 180) -> tuple[int, Any]:
+    """POST ``body`` as JSON to the server on ``port``: its status and its decoded JSON answer."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        connection.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
+        response = connection.getresponse()
+        return response.status, json.loads(response.read())
+    finally:
+        connection.close()
+
+
 def free_port() -> int:
     """A loopback port nothing listens on now."""
     with socket.socket() as sock:

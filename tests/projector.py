@@ -193,7 +193,29 @@ def tiny_mrope_model_path(text_model: Path) -> Path:
     return path
 
 
+#: Bytes of each GGUF value type that has a fixed size.
 _SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+
+
+def read_string(data: bytes, at: int) -> tuple[bytes, int]:
+    """The GGUF string at ``at`` in ``data``, and where what follows it starts."""
+    (length,) = struct.unpack_from("<Q", data, at)
+    return data[at + 8:at + 8 + length], at + 8 + length
+
+
+def skip_value(data: bytes, kind: int, at: int) -> int:
+    """Where the GGUF value of type ``kind`` at ``at`` in ``data`` ends."""
+    if kind == _STRING:
+        return read_string(data, at)[1]
+    if kind == _ARRAY:
+        inner, count = struct.unpack_from("<IQ", data, at)
+        at += 12
+        if inner != _STRING:
+            return at + count * _SIZES[inner]
+        for _ in range(count):
+            at = read_string(data, at)[1]
+        return at
+    return at + _SIZES[kind]
 
 
 def _relabelled(data: bytes, layers: int) -> bytes:
@@ -202,28 +224,11 @@ def _relabelled(data: bytes, layers: int) -> bytes:
     version, n_tensors, n_kv = struct.unpack_from("<IQQ", data, at)
     at += 20
 
-    def string(at: int) -> tuple[bytes, int]:
-        (length,) = struct.unpack_from("<Q", data, at)
-        return data[at + 8:at + 8 + length], at + 8 + length
-
-    def skip(kind: int, at: int) -> int:
-        if kind == _STRING:
-            return string(at)[1]
-        if kind == _ARRAY:
-            inner, count = struct.unpack_from("<IQ", data, at)
-            at += 12
-            if inner != _STRING:
-                return at + count * _SIZES[inner]
-            for _ in range(count):
-                at = string(at)[1]
-            return at
-        return at + _SIZES[kind]
-
     entries = []
     for _ in range(n_kv):
-        key, value_at = string(at)
+        key, value_at = read_string(data, at)
         (kind,) = struct.unpack_from("<I", data, value_at)
-        end = skip(kind, value_at + 4)
+        end = skip_value(data, kind, value_at + 4)
         raw = data[value_at:end]
         if key == b"general.architecture":
             raw = struct.pack("<I", _STRING) + _string("qwen2vl")
@@ -235,7 +240,7 @@ def _relabelled(data: bytes, layers: int) -> bytes:
     alignment = _ALIGNMENT
     tensors = []
     for _ in range(n_tensors):
-        name, at = string(at)
+        name, at = read_string(data, at)
         (n_dims,) = struct.unpack_from("<I", data, at)
         shape = struct.unpack_from(f"<{n_dims}Q", data, at + 4)
         kind, offset = struct.unpack_from("<IQ", data, at + 4 + 8 * n_dims)

@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from conftest import SMOLLM2_SHA256, smollm2_path  # noqa: E402
 from fast_model import _partial  # noqa: E402
+from projector import read_string, skip_value  # noqa: E402
 
 from mullama.store import gguf  # noqa: E402
 
@@ -59,7 +60,6 @@ LABELS = ("yes", "no")
 _UINT32, _STRING, _ARRAY = 4, 8, 9
 _F32, _Q8_0 = 0, 8
 _POOLING_RANK = 4
-_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
 
 
 def rerank_model_path() -> Path:
@@ -77,42 +77,23 @@ def _string(text: str | bytes) -> bytes:
     return struct.pack("<Q", len(data)) + data
 
 
-def _read_string(data: bytes, at: int) -> tuple[bytes, int]:
-    (length,) = struct.unpack_from("<Q", data, at)
-    return data[at + 8:at + 8 + length], at + 8 + length
-
-
-def _skip_value(data: bytes, kind: int, at: int) -> int:
-    if kind == _STRING:
-        return _read_string(data, at)[1]
-    if kind == _ARRAY:
-        inner, count = struct.unpack_from("<IQ", data, at)
-        at += 12
-        if inner != _STRING:
-            return at + count * _SIZES[inner]
-        for _ in range(count):
-            at = _read_string(data, at)[1]
-        return at
-    return at + _SIZES[kind]
-
-
 def token_id(data: bytes, text: str) -> int:
     """The id of the vocabulary token spelled exactly ``text`` in the GGUF ``data``."""
     at = 24
     _, _, n_kv = struct.unpack_from("<IQQ", data, 4)
     for _ in range(n_kv):
-        key, value_at = _read_string(data, at)
+        key, value_at = read_string(data, at)
         (kind,) = struct.unpack_from("<I", data, value_at)
         if key == b"tokenizer.ggml.tokens":
             (count,) = struct.unpack_from("<Q", data, value_at + 8)
             wanted = text.encode()
             cursor = value_at + 4 + 12
             for index in range(count):
-                token, cursor = _read_string(data, cursor)
+                token, cursor = read_string(data, cursor)
                 if token == wanted:
                     return index
             break
-        at = _skip_value(data, kind, value_at + 4)
+        at = skip_value(data, kind, value_at + 4)
     raise ValueError(f"the vocabulary has no token {text!r}")
 
 
@@ -148,9 +129,9 @@ def reranker_bytes(data: bytes, norm: float = NORM_WEIGHT) -> bytes:
     entries: list[bytes] = []
     metadata: dict[bytes, int] = {}
     for _ in range(n_kv):
-        key, value_at = _read_string(data, at)
+        key, value_at = read_string(data, at)
         (kind,) = struct.unpack_from("<I", data, value_at)
-        end = _skip_value(data, kind, value_at + 4)
+        end = skip_value(data, kind, value_at + 4)
         raw = data[value_at:end]
         if kind == _UINT32:
             metadata[key] = struct.unpack_from("<I", raw, 4)[0]
@@ -170,7 +151,7 @@ def reranker_bytes(data: bytes, norm: float = NORM_WEIGHT) -> bytes:
     head_dim = n_embd // metadata[b"llama.attention.head_count"]
     tensors = []
     for _ in range(n_tensors):
-        name, at = _read_string(data, at)
+        name, at = read_string(data, at)
         (n_dims,) = struct.unpack_from("<I", data, at)
         shape = struct.unpack_from(f"<{n_dims}Q", data, at + 4)
         kind, offset = struct.unpack_from("<IQ", data, at + 4 + 8 * n_dims)

@@ -6,14 +6,12 @@ data is left sparse (zeros) unless a test loads the model for real.
 
 from __future__ import annotations
 
-import http.client
 import json
 import struct
 from pathlib import Path
-from typing import Any
 
 import pytest
-from daemon import create_model, running
+from daemon import create_model, post_json, running
 
 from mullama.engine import probe
 from mullama.errors import InvalidModelFileError
@@ -156,16 +154,6 @@ def duplicate_token(model_path: Path, dest: Path) -> Path:
     return dest
 
 
-def _post(port: int, path: str, body: dict[str, Any]) -> tuple[int, Any]:
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=180)
-    try:
-        connection.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
-        response = connection.getresponse()
-        return response.status, json.loads(response.read())
-    finally:
-        connection.close()
-
-
 def test_a_file_that_aborts_llama_cpp_is_refused_and_the_daemon_keeps_serving(model_path, tmp_path):
     hostile = duplicate_token(model_path, tmp_path / "duplicate.gguf")
     read_gguf(hostile)  # the validator cannot see it
@@ -174,9 +162,9 @@ def test_a_file_that_aborts_llama_cpp_is_refused_and_the_daemon_keeps_serving(mo
         create_model(port, hostile, "hostile", parameters={"num_ctx": 256})
         create_model(port, model_path, "smol", parameters={"num_ctx": 256, "num_predict": 4, "temperature": 0})
         for _ in range(2):  # the second answer comes from the cached verdict
-            status, body = _post(port, "/api/generate", {"model": "hostile", "prompt": "Hi", "stream": False})
+            status, body = post_json(port, "/api/generate", {"model": "hostile", "prompt": "Hi", "stream": False})
             assert status == 400 and "crashes llama.cpp" in body["error"] and "GGML_ASSERT" in body["error"]
-        status, body = _post(port, "/api/generate", {"model": "smol", "prompt": "Hi", "stream": False})
+        status, body = post_json(port, "/api/generate", {"model": "smol", "prompt": "Hi", "stream": False})
         assert status == 200 and body["done"]
 
 

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import http.client
-import json
 import time
-from typing import Any
 
 import pytest
 from gil import counter_rates
-from daemon import create_model, running
+from daemon import create_model, post_json, running
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
@@ -80,21 +77,11 @@ def test_a_hostile_pattern_is_a_400_and_the_daemon_keeps_serving(tmp_path, model
         port = server.server_address[1]
         create_model(port, model_path, parameters={"num_ctx": 256, "num_predict": 4, "temperature": 0})
         hostile = {"type": "string", "pattern": "^((a?){40}){40}$"}
-        status, body = _post(port, "/api/chat", {"model": "smol", "stream": False, "format": hostile,
+        status, body = post_json(port, "/api/chat", {"model": "smol", "stream": False, "format": hostile,
                                                  "messages": [{"role": "user", "content": "Say a."}]})
         assert status == 400 and "pattern" in body["error"]
-        status, body = _post(port, "/api/generate", {"model": "smol", "prompt": "Hi", "stream": False})
+        status, body = post_json(port, "/api/generate", {"model": "smol", "prompt": "Hi", "stream": False})
         assert status == 200 and body["done"]
-
-
-def _post(port: int, path: str, body: dict[str, Any]) -> tuple[int, Any]:
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
-    try:
-        connection.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
-        response = connection.getresponse()
-        return response.status, json.loads(response.read())
-    finally:
-        connection.close()
 
 
 def test_a_grammar_call_lets_other_python_threads_run(model, logits):

@@ -18,14 +18,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from daemon import create_model, exchange, free_port, running
+from daemon import create_model, exchange, free_port, post_json, running
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from rerank_model import rerank_model_path
 
 import mullama
 from mullama.errors import BadRequestError
-from mullama.http import rerank as rerank_api
+from mullama.http.common import rerank_request, returns_documents
 
 QUERY = "What is the capital of France?"
 DOCUMENTS = ["Paris is the capital of France.", "Bananas are a yellow fruit.", "The capital of Germany is Berlin.",
@@ -87,16 +87,6 @@ def _get_status(port: int, path: str) -> int | None:
         connection.close()
 
 
-def _post(port: int, path: str, body: dict[str, Any]) -> tuple[int, Any]:
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=180)
-    try:
-        connection.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
-        response = connection.getresponse()
-        return response.status, json.loads(response.read())
-    finally:
-        connection.close()
-
-
 def _call(server: Any, path: str, body: dict[str, Any]) -> tuple[int, Any]:
     status, data = exchange(server, "POST", path, body)
     return status, json.loads(data)
@@ -118,7 +108,7 @@ def test_scores_equal_llama_servers(server, llama_server):
     worst = 0.0
     for document in DOCUMENTS:
         body = {"model": "reranker", "query": QUERY, "documents": [document]}
-        status, theirs = _post(llama_server, "/v1/rerank", body)
+        status, theirs = post_json(llama_server, "/v1/rerank", body)
         assert status == 200, theirs
         status, ours = _call(server, "/v1/rerank", body)
         assert status == 200, ours
@@ -132,7 +122,7 @@ def test_scores_equal_llama_servers(server, llama_server):
 
 def test_the_response_has_llama_servers_fields_and_order(server, llama_server):
     body = {"model": "reranker", "query": QUERY, "documents": DOCUMENTS}
-    status, theirs = _post(llama_server, "/v1/rerank", body)
+    status, theirs = post_json(llama_server, "/v1/rerank", body)
     assert status == 200, theirs
     status, ours = _call(server, "/v1/rerank", body)
     assert status == 200, ours
@@ -143,7 +133,7 @@ def test_the_response_has_llama_servers_fields_and_order(server, llama_server):
         assert all(set(result) == {"index", "relevance_score"} for result in response["results"])
         _assert_ranked(response["results"], len(DOCUMENTS))
     for top_n in (0, 2):
-        status, theirs_top = _post(llama_server, "/v1/rerank", {**body, "top_n": top_n})
+        status, theirs_top = post_json(llama_server, "/v1/rerank", {**body, "top_n": top_n})
         status_ours, ours_top = _call(server, "/v1/rerank", {**body, "top_n": top_n})
         assert status == status_ours == 200
         assert len(ours_top["results"]) == len(theirs_top["results"]) == min(top_n, len(DOCUMENTS))
@@ -153,7 +143,7 @@ def test_the_response_has_llama_servers_fields_and_order(server, llama_server):
 
 def test_a_tei_request_gets_teis_answer(server, llama_server):
     single = {"model": "reranker", "query": QUERY, "texts": [DOCUMENTS[0]], "return_text": True}
-    status, theirs = _post(llama_server, "/rerank", single)
+    status, theirs = post_json(llama_server, "/rerank", single)
     assert status == 200, theirs
     status, ours = _call(server, "/rerank", single)
     assert status == 200, ours
@@ -286,8 +276,8 @@ _BODIES = _VALID | _ANY
 @settings(max_examples=200, deadline=None)
 def test_the_parser_gives_a_request_or_a_400(body):
     try:
-        request = rerank_api.parse(body, "reranker", field="texts" if "texts" in body else "documents")
-        rerank_api.returns_documents(body)
+        request = rerank_request(body, "reranker", field="texts" if "texts" in body else "documents")
+        returns_documents(body)
     except BadRequestError as error:
         assert error.status == 400 and error.message
         return

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from daemon import create_model, running
+from daemon import create_model, post_json, running
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -50,16 +50,6 @@ def file_access() -> Iterator[list[tuple[str, str]]]:
         _watched.remove(seen)
 
 
-def post(port: int, path: str, body: dict[str, Any]) -> tuple[int, Any]:
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=180)
-    try:
-        connection.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
-        response = connection.getresponse()
-        return response.status, json.loads(response.read())
-    finally:
-        connection.close()
-
-
 def tags(port: int) -> list[str]:
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
     try:
@@ -91,9 +81,9 @@ def test_a_chat_to_a_loaded_model_reads_no_manifest_layer_or_alias_file(tmp_path
         os.utime(home / "aliases.json", (time.time() - 3600,) * 2)
         chat = {"model": "smol", "stream": False, "messages": [{"role": "user", "content": "Hi"}],
                 "options": CHAT_OPTIONS}
-        assert post(port, "/api/chat", chat)[0] == 200  # loads the model
+        assert post_json(port, "/api/chat", chat)[0] == 200  # loads the model
         with file_access() as seen:
-            status, answer = post(port, "/api/chat", chat)
+            status, answer = post_json(port, "/api/chat", chat)
         assert status == 200 and answer["done"], answer
     store_root = str(tmp_path / "models")
     touched = [(event, path) for event, path in seen
@@ -110,7 +100,7 @@ def test_listing_known_models_again_opens_no_file(tmp_path: Path, model_path: Pa
         assert tags(port) == ["one:latest", "three:latest", "two:latest"]
         with file_access() as seen:
             assert tags(port) == ["one:latest", "three:latest", "two:latest"]
-            assert post(port, "/api/show", {"model": "two"})[1]["system"] == "I am two."
+            assert post_json(port, "/api/show", {"model": "two"})[1]["system"] == "I am two."
     # The directories are listed (to see new models); no manifest, layer or GGUF header is read again.
     assert [path for event, path in seen if event == "open" and path.startswith(str(tmp_path))] == []
 
@@ -130,25 +120,25 @@ def test_manifests_written_by_another_process_are_seen(tmp_path: Path, model_pat
 
         other.write_manifest(ModelName.parse("second"), with_system("first words"))
         assert tags(port) == ["second:latest", "smol:latest"]
-        assert post(port, "/api/show", {"model": "second"})[1]["system"] == "first words"
+        assert post_json(port, "/api/show", {"model": "second"})[1]["system"] == "first words"
 
         # Replaced (a new inode), then replaced again with bytes of the same length.
         other.write_manifest(ModelName.parse("second"), with_system("other words"))
-        assert post(port, "/api/show", {"model": "second"})[1]["system"] == "other words"
+        assert post_json(port, "/api/show", {"model": "second"})[1]["system"] == "other words"
         other.write_manifest(ModelName.parse("second"), with_system("third words"))
-        assert post(port, "/api/show", {"model": "second"})[1]["system"] == "third words"
+        assert post_json(port, "/api/show", {"model": "second"})[1]["system"] == "third words"
 
         # Written by hand, not through a Store: no cooperation from the writer.
         by_hand = root / "manifests" / "registry.ollama.ai" / "library" / "third" / "latest"
         by_hand.parent.mkdir(parents=True)
         by_hand.write_bytes(with_system("by hand").to_bytes())
-        assert post(port, "/api/show", {"model": "third"})[1]["system"] == "by hand"
+        assert post_json(port, "/api/show", {"model": "third"})[1]["system"] == "by hand"
         assert tags(port) == ["second:latest", "smol:latest", "third:latest"]
 
         by_hand.unlink()
         other.delete(ModelName.parse("second"))
-        assert post(port, "/api/show", {"model": "third"})[0] == 404
-        assert post(port, "/api/show", {"model": "second"})[0] == 404
+        assert post_json(port, "/api/show", {"model": "third"})[0] == 404
+        assert post_json(port, "/api/show", {"model": "second"})[0] == 404
         assert tags(port) == ["smol:latest"]
 
 

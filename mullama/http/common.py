@@ -40,7 +40,7 @@ from mullama.errors import BadRequestError, ModelNotFoundError, MullamaError, Ov
 from mullama.http.server import Request
 from mullama.options import PARAMETER_TYPES, parse_options
 from mullama.prompt.toolcalls import new_call_id
-from mullama.types import Message, Tool, ToolCall
+from mullama.types import Message, RerankRequest, Tool, ToolCall
 
 log = logging.getLogger("mullama.http")
 
@@ -377,3 +377,44 @@ def stream_reply(request: Request, reply: service.Reply, content_type: str, chun
             write(chunk)
 
     send_stream(request, content_type, produce, error_chunk, headers=truncation_headers(reply), reply=reply)
+
+
+# --- rerank bodies (llama-server's, read by /v1/rerank and Ollama-style /api/rerank) ---
+
+
+def rerank_request(body: dict[str, Any], name: str, options: dict[str, Any] | None = None, *,
+          field: str = "documents") -> RerankRequest:
+    """A rerank body's query and documents (under ``field``), for the model ``name``; a 400 for anything else.
+
+    The body is Jina's and Cohere's, as llama-server reads it (see :mod:`mullama.http.rerank`).
+    """
+    query = body.get("query")
+    if not isinstance(query, str):
+        raise BadRequestError('"query" must be a string', param="query")
+    documents = body.get(field)
+    if not isinstance(documents, list) or not documents:
+        raise BadRequestError(f'"{field}" must be a non-empty list of strings', param=field)
+    texts = []
+    for document in documents:
+        text = document.get("text") if isinstance(document, dict) else document
+        if not isinstance(text, str):
+            raise BadRequestError(f'"{field}" must hold strings, or objects with a "text" string', param=field)
+        texts.append(text)
+    return RerankRequest(model=name, query=query, documents=texts, top_n=typed(body, "top_n", int),
+                         options=options or {}, keep_alive=keep_alive(body))
+
+
+def returns_documents(body: dict[str, Any]) -> bool:
+    """The request's ``return_documents`` (false when absent)."""
+    return typed(body, "return_documents", bool, False)
+
+
+def rerank_results(reranking: service.Reranking, documents: list[str], with_text: bool) -> list[dict[str, Any]]:
+    """The ``results`` list, with each document's text when ``with_text``."""
+    results = []
+    for ranked in reranking.results:
+        result: dict[str, Any] = {"index": ranked.index, "relevance_score": ranked.relevance_score}
+        if with_text:
+            result["document"] = {"text": documents[ranked.index]}
+        results.append(result)
+    return results

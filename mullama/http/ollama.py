@@ -45,13 +45,15 @@ from mullama.http.common import (
     model_name,
     model_or_path,
     ndjson,
+    rerank_request,
+    rerank_results,
+    returns_documents,
     send_result,
     send_stream,
     server_path,
     stream_reply,
     typed,
 )
-from mullama.http import rerank
 from mullama.http.server import Request, Router
 from mullama.options import parse_options
 from mullama.store import gguf
@@ -366,10 +368,10 @@ def rerank_route(request: Request) -> None:
     ``options`` and ``keep_alive``, answered with Ollama's durations beside the results.
     """
     body = request.json()
-    req = rerank.parse(body, model_or_path(request, body, "name"), _options(body))
-    with_text = rerank.returns_documents(body)
+    req = rerank_request(body, model_or_path(request, body, "name"), _options(body))
+    with_text = returns_documents(body)
     result = service.rerank(request.handler.app.manager, req, context=request.context)
-    results = rerank.results_json(result, req.documents, with_text)
+    results = rerank_results(result, req.documents, with_text)
     request.handler.send_json(200, {"model": result.model, "results": results,
                                     "total_duration": result.total_duration, "load_duration": result.load_duration,
                                     "prompt_eval_count": result.prompt_tokens})

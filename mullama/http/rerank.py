@@ -16,7 +16,9 @@ list of ``{"index", "score"}`` (with ``"text"`` when ``return_text`` is
 true).
 
 Ollama has no rerank route; Mullama's ``/api/rerank`` (in
-:mod:`mullama.http.ollama`) reads the same body through :func:`parse`.
+:mod:`mullama.http.ollama`) reads the same body: both parse it with
+:func:`mullama.http.common.rerank_request`, so that neither API family's
+module imports the other's.
 """
 
 from __future__ import annotations
@@ -24,11 +26,9 @@ from __future__ import annotations
 from typing import Any
 
 from mullama import service
-from mullama.errors import BadRequestError
 from mullama.http import openai
-from mullama.http.common import keep_alive, model_name, typed
+from mullama.http.common import model_name, rerank_request, rerank_results, returns_documents, typed
 from mullama.http.server import Request, Router
-from mullama.types import RerankRequest
 
 #: llama-server's paths; the ``reranking`` ones are its aliases.
 ROUTES = ("/v1/rerank", "/v1/reranking", "/rerank", "/reranking")
@@ -41,59 +41,24 @@ def register(router: Router) -> None:
     router.add_error_format("/rerank", openai.error_body)
 
 
-def parse(body: dict[str, Any], name: str, options: dict[str, Any] | None = None, *,
-          field: str = "documents") -> RerankRequest:
-    """The request body's query and documents (under ``field``), for the model ``name``; a 400 for anything else."""
-    query = body.get("query")
-    if not isinstance(query, str):
-        raise BadRequestError('"query" must be a string', param="query")
-    documents = body.get(field)
-    if not isinstance(documents, list) or not documents:
-        raise BadRequestError(f'"{field}" must be a non-empty list of strings', param=field)
-    texts = []
-    for document in documents:
-        text = document.get("text") if isinstance(document, dict) else document
-        if not isinstance(text, str):
-            raise BadRequestError(f'"{field}" must hold strings, or objects with a "text" string', param=field)
-        texts.append(text)
-    return RerankRequest(model=name, query=query, documents=texts, top_n=typed(body, "top_n", int),
-                         options=options or {}, keep_alive=keep_alive(body))
-
-
-def returns_documents(body: dict[str, Any]) -> bool:
-    """The request's ``return_documents`` (false when absent)."""
-    return typed(body, "return_documents", bool, False)
-
-
-def results_json(reranking: service.Reranking, documents: list[str], with_text: bool) -> list[dict[str, Any]]:
-    """The ``results`` list, with each document's text when ``with_text``."""
-    results = []
-    for ranked in reranking.results:
-        result: dict[str, Any] = {"index": ranked.index, "relevance_score": ranked.relevance_score}
-        if with_text:
-            result["document"] = {"text": documents[ranked.index]}
-        results.append(result)
-    return results
-
-
 def rerank(request: Request) -> None:
     """``POST /v1/rerank`` (and its aliases): llama-server's response, or TEI's to a TEI request."""
     body = request.json()
     if "texts" in body:
         _rerank_tei(request, body)
         return
-    req = parse(body, model_name(body))
+    req = rerank_request(body, model_name(body))
     with_text = returns_documents(body)
     result = service.rerank(request.handler.app.manager, req, context=request.context)
     request.handler.send_json(200, {"model": req.model, "object": "list",
                                     "usage": {"prompt_tokens": result.prompt_tokens,
                                               "total_tokens": result.prompt_tokens},
-                                    "results": results_json(result, req.documents, with_text)})
+                                    "results": rerank_results(result, req.documents, with_text)})
 
 
 def _rerank_tei(request: Request, body: dict[str, Any]) -> None:
     """TEI's request (``texts``, ``return_text``) and answer, as llama-server gives them."""
-    req = parse(body, model_name(body), field="texts")
+    req = rerank_request(body, model_name(body), field="texts")
     with_text = typed(body, "return_text", bool, False)
     result = service.rerank(request.handler.app.manager, req, context=request.context)
     answer = []

@@ -73,6 +73,19 @@ class Query:
         except ValueError:
             raise BadRequestError(f"{name} must be a whole number", param=name) from None
 
+    def _json(self, name: str, kind: type, refusal: str) -> Any:
+        """The value of ``name`` read as JSON of ``kind``; None when absent; else a 400 saying ``refusal``."""
+        text = self.get(name)
+        if text is None:
+            return None
+        try:
+            value = json.loads(text)
+        except (ValueError, RecursionError):
+            raise BadRequestError(refusal, param=name) from None
+        if not isinstance(value, kind):
+            raise BadRequestError(refusal, param=name)
+        return value
+
     def boolean(self, name: str) -> bool | None:
         """``true`` or ``false``; None when absent."""
         value = self.get(name)
@@ -84,31 +97,18 @@ class Query:
 
     def options(self) -> dict[str, Any]:
         """``options``: Ollama's options as a JSON object."""
-        text = self.get("options")
-        if text is None:
-            return {}
-        try:
-            value = json.loads(text)
-        except (ValueError, RecursionError):
-            raise BadRequestError("options must be a JSON object", param="options") from None
-        if not isinstance(value, dict):
-            raise BadRequestError("options must be a JSON object", param="options")
-        return generation_options({"options": value}, top_level=False)
+        value = self._json("options", dict, "options must be a JSON object")
+        return {} if value is None else generation_options({"options": value}, top_level=False)
 
     def messages(self) -> list[Message]:
         """``messages``: the conversation so far, a JSON list of ``/api/chat`` messages."""
         text = self.get("messages")
-        if text is None:
-            return []
-        if len(text) > MAX_HISTORY_CHARS:
+        if text is not None and len(text) > MAX_HISTORY_CHARS:
             raise BadRequestError(f"messages is {len(text)} characters of JSON, more than {MAX_HISTORY_CHARS}: "
                                   "send fewer (or shorter) earlier turns", param="messages")
-        try:
-            value = json.loads(text)
-        except (ValueError, RecursionError):
-            raise BadRequestError("messages must be a JSON list of messages", param="messages") from None
-        if not isinstance(value, list):
-            raise BadRequestError("messages must be a JSON list of messages", param="messages")
+        value = self._json("messages", list, "messages must be a JSON list of messages")
+        if value is None:
+            return []
         return chat_messages(value)
 
 
