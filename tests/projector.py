@@ -218,6 +218,19 @@ def skip_value(data: bytes, kind: int, at: int) -> int:
     return at + _SIZES[kind]
 
 
+def read_tensor_infos(data: bytes, at: int, count: int) -> tuple[list[tuple[bytes, tuple[int, ...], int, int]], int]:
+    """The ``count`` tensor infos at ``at`` in ``data`` as (name, shape, type, offset), and where they end."""
+    tensors = []
+    for _ in range(count):
+        name, at = read_string(data, at)
+        (n_dims,) = struct.unpack_from("<I", data, at)
+        shape = struct.unpack_from(f"<{n_dims}Q", data, at + 4)
+        kind, offset = struct.unpack_from("<IQ", data, at + 4 + 8 * n_dims)
+        at += 4 + 8 * n_dims + 12
+        tensors.append((name, shape, kind, offset))
+    return tensors, at
+
+
 def _relabelled(data: bytes, layers: int) -> bytes:
     """A llama-architecture GGUF as ``qwen2vl`` with its first ``layers`` blocks, every other byte as it was."""
     at = 4
@@ -238,14 +251,7 @@ def _relabelled(data: bytes, layers: int) -> bytes:
         at = end
     entries.append(_string("qwen2vl.rope.dimension_sections") + struct.pack("<IIQ4i", _ARRAY, 5, 4, 16, 8, 8, 0))
     alignment = _ALIGNMENT
-    tensors = []
-    for _ in range(n_tensors):
-        name, at = read_string(data, at)
-        (n_dims,) = struct.unpack_from("<I", data, at)
-        shape = struct.unpack_from(f"<{n_dims}Q", data, at + 4)
-        kind, offset = struct.unpack_from("<IQ", data, at + 4 + 8 * n_dims)
-        at += 4 + 8 * n_dims + 12
-        tensors.append((name, shape, kind, offset))
+    tensors, at = read_tensor_infos(data, at, n_tensors)
     start = at + (-at % alignment)
     offsets = sorted(offset for *_, offset in tensors) + [len(data) - start]
     head = [b"GGUF", struct.pack("<IQQ", version, 0, len(entries)), *entries]

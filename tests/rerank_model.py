@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from conftest import SMOLLM2_SHA256, smollm2_path  # noqa: E402
 from fast_model import _partial  # noqa: E402
-from projector import read_string, skip_value  # noqa: E402
+from projector import read_string, read_tensor_infos, skip_value  # noqa: E402
 
 from mullama.store import gguf  # noqa: E402
 
@@ -149,14 +149,7 @@ def reranker_bytes(data: bytes, norm: float = NORM_WEIGHT) -> bytes:
 
     n_embd = metadata[b"llama.embedding_length"]
     head_dim = n_embd // metadata[b"llama.attention.head_count"]
-    tensors = []
-    for _ in range(n_tensors):
-        name, at = read_string(data, at)
-        (n_dims,) = struct.unpack_from("<I", data, at)
-        shape = struct.unpack_from(f"<{n_dims}Q", data, at + 4)
-        kind, offset = struct.unpack_from("<IQ", data, at + 4 + 8 * n_dims)
-        at += 4 + 8 * n_dims + 12
-        tensors.append((name, shape, kind, offset))
+    tensors, at = read_tensor_infos(data, at, n_tensors)
     alignment = 32
     start = at + (-at % alignment)
     ends = sorted(offset for *_, offset in tensors) + [len(data) - start]
