@@ -196,6 +196,31 @@ def test_connections_past_the_cap_wait_and_idle_ones_make_room(tmp_path: Path) -
             sock.close()
 
 
+def test_a_new_connection_is_not_closed_to_make_room(tmp_path: Path) -> None:
+    """Only a connection idle after a request makes room: a new one's request may be on its way."""
+    with running(tmp_path, MULLAMA_MAX_CONNECTIONS="2") as server:
+        port = server.server_address[1]
+        first = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
+        second = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
+        deadline = time.monotonic() + 60
+        while server.open_connections() < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        third = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
+        third.sendall(b"GET /api/version HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        assert not _closed_by_server(first, 1.0) and not _closed_by_server(second, 0.1)
+        # The first request of each arrives late and is answered.
+        for sock in (first, second):
+            sock.sendall(b"GET /api/version HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            assert sock.recv(12).startswith(b"HTTP/1.1 200")
+        # Now both are idle between requests: the third gets a slot.
+        answer = b""
+        while chunk := third.recv(65536):
+            answer += chunk
+        assert answer.startswith(b"HTTP/1.1 200")
+        for sock in (first, second, third):
+            sock.close()
+
+
 def test_the_cap_bounds_the_threads(tmp_path: Path) -> None:
     with running(tmp_path, MULLAMA_MAX_CONNECTIONS="4") as server:
         port = server.server_address[1]

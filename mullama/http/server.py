@@ -595,9 +595,12 @@ class _ConnectionReader(io.RawIOBase):
         self.sock = sock
         self.idle = idle
         self.deadline: float | None = None
-        #: True while blocked for the first byte of a request: closing the connection then loses nothing.
+        #: True while blocked for the first byte of a request after the first: closing the connection
+        #: then loses nothing (a client retries a request on a kept-alive connection that was closed,
+        #: not the first request of a new one, whose bytes may be on their way or already here).
         self.waiting = False
         self._fresh = False
+        self._requests = 0
 
     def readable(self) -> bool:
         return True
@@ -623,7 +626,8 @@ class _ConnectionReader(io.RawIOBase):
     def expect_request(self, timeout: float) -> None:
         """The next request's line and headers must arrive within ``timeout`` seconds."""
         self.deadline = time.monotonic() + timeout
-        self._fresh = True
+        self._requests += 1
+        self._fresh = self._requests > 1
 
     def headers_read(self) -> None:
         """The headers are in: back to the idle timeout for the body and the answer."""
