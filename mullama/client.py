@@ -72,6 +72,16 @@ class Host:
         return address.is_loopback or address.is_unspecified
 
 
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (a name or an address) is this machine's loopback."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def parse_host(text: str | None) -> Host:
     """Parse ``host``, ``host:port``, ``:port`` or ``scheme://host[:port][/path]``.
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import contextlib
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -130,3 +132,15 @@ def word_errors(reference: str, hypothesis: str) -> tuple[int, int]:
         for j, h in enumerate(hyp, 1):
             previous, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, previous + (r != h))
     return row[-1], len(ref)
+
+
+@contextlib.contextmanager
+def speech_daemon(tmp: Path, chat_model: Path) -> Iterator[object]:
+    """A daemon with Whisper tiny.en as ``whisper:tiny.en`` and ``chat_model`` as ``smol``."""
+    from daemon import create_model, running
+    from whisper_weights import whisper_tiny_en_path
+
+    with running(tmp) as server:
+        create_model(server.server_address[1], whisper_tiny_en_path(), "whisper:tiny.en")
+        create_model(server.server_address[1], chat_model, "smol")
+        yield server

@@ -11,11 +11,9 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import openai
 import pytest
-from daemon import create_model, running
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from speech_helpers import SENTENCES, sox, spoken_sentence, word_errors
-from whisper_weights import whisper_tiny_en_path
+from speech_helpers import SENTENCES, sox, speech_daemon, spoken_sentence, word_errors
 
 from mullama.speech.transcribe import TRANSCRIPTION_VAD
 
@@ -24,9 +22,7 @@ SPEECH = "whisper:tiny.en"
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, model_path):
-    with running(tmp_path_factory.mktemp("speech-api")) as server:
-        create_model(server.server_address[1], whisper_tiny_en_path(), SPEECH)
-        create_model(server.server_address[1], model_path, "smol")
+    with speech_daemon(tmp_path_factory.mktemp("speech-api"), model_path) as server:
         yield server
 
 

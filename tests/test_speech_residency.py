@@ -5,11 +5,11 @@ from __future__ import annotations
 import logging
 import re
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from speech_helpers import harvard_recording, spoken_sentence
+from test_models import environment, make_manager  # noqa: F401 - fixtures: the managers as test_models makes them
 from whisper_weights import whisper_tiny_en_path
 
 from mullama.engine import memory
@@ -34,30 +34,6 @@ def store(tmp_path_factory: pytest.TempPathFactory, model_path: Path) -> Store:
         layer = Layer(MEDIA_TYPES["model"], store.add_blob_from_file(path), path.stat().st_size)
         store.write_manifest(ModelName.parse(name), Manifest(config, (layer,)))
     return store
-
-
-@pytest.fixture(autouse=True)
-def environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setenv("MULLAMA_HOME", str(tmp_path / "home"))
-    for name in ("MAX_MEMORY", "MAX_LOADED_MODELS", "NUM_PARALLEL", "LOAD_TIMEOUT", "KEEP_ALIVE"):
-        monkeypatch.delenv(f"MULLAMA_{name}", raising=False)
-        monkeypatch.delenv(f"OLLAMA_{name}", raising=False)
-
-
-@pytest.fixture
-def make_manager(store: Store, monkeypatch: pytest.MonkeyPatch) -> Iterator[object]:
-    made: list[ModelManager] = []
-
-    def make(max_memory: int | None = None, **kwargs: object) -> ModelManager:
-        if max_memory is not None:
-            monkeypatch.setenv("MULLAMA_MAX_MEMORY", str(max_memory))
-        manager = ModelManager(store, **kwargs)  # type: ignore[arg-type]
-        made.append(manager)
-        return manager
-
-    yield make
-    for manager in made:
-        manager.close()
 
 
 def sizes(store: Store) -> tuple[int, int]:

@@ -12,11 +12,10 @@ from pathlib import Path
 from urllib.parse import urlencode
 
 import pytest
-from daemon import create_model, exchange, running
+from daemon import exchange
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from speech_helpers import SENTENCES, sox, spoken_sentence, word_errors
-from whisper_weights import whisper_tiny_en_path
+from speech_helpers import SENTENCES, sox, speech_daemon, spoken_sentence, word_errors
 
 from mullama.errors import BadRequestError
 from mullama.http.voice import MAX_HISTORY_CHARS, Query, voice_request
@@ -146,9 +145,7 @@ class VoiceClient:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, model_path):
-    with running(tmp_path_factory.mktemp("voice")) as server:
-        create_model(server.server_address[1], whisper_tiny_en_path(), SPEECH)
-        create_model(server.server_address[1], model_path, "smol")
+    with speech_daemon(tmp_path_factory.mktemp("voice"), model_path) as server:
         yield server
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import ipaddress
 import os
 import signal
 import socket
@@ -20,6 +19,7 @@ import time
 from collections.abc import Callable
 
 from mullama import config
+from mullama.client import is_loopback
 from mullama.engine.rpc import DEFAULT_PORT, check_worker
 from mullama.errors import BadRequestError, ForbiddenError, MullamaError
 from mullama.ffi import load
@@ -40,16 +40,6 @@ def add_rpc_server_verb(verb: Callable[..., argparse.ArgumentParser]) -> None:
     sub.add_argument("--allow-remote", action="store_true",
                      help="listen on an address other machines can reach; the protocol has NO authentication, "
                           "so only on a network where every host is trusted")
-
-
-def is_loopback(host: str) -> bool:
-    """True for ``localhost`` and loopback addresses, the only ones served without ``--allow-remote``."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def cmd_rpc_server(args: argparse.Namespace) -> int:

@@ -31,6 +31,7 @@ from types import ModuleType
 from typing import Any, cast
 
 from mullama import __version__, config
+from mullama.client import is_loopback
 from mullama.engine.residency import ModelManager, parse_keep_alive
 from mullama.errors import ModelNotFoundError, MullamaError
 from mullama.http.server import (
@@ -41,7 +42,6 @@ from mullama.http.server import (
     Request,
     Router,
     Server,
-    is_loopback,
     parse_address,
 )
 from mullama.ops import systemd

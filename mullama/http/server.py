@@ -723,16 +723,6 @@ def parse_address(value: str | None) -> tuple[str, int]:
     return ("0.0.0.0" if host == "" else parsed.host), parsed.port
 
 
-def is_loopback(host: str) -> bool:
-    """Whether ``host`` (a name or an address) is this machine's loopback."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 class Server(ThreadingHTTPServer):
     """The HTTP server; request threads are daemons so shutdown never waits on a stuck client.
 
