@@ -23,16 +23,18 @@ from webui_browser import CHROMIUM, Page, api, ui  # noqa: F401 (ui: fixture)
 from whisper_weights import whisper_tiny_en_path
 
 SPEECH = "whisper:tiny.en"
-QUESTION = "What is the capital of France?"
+#: A question Whisper tiny.en hears right wherever the page cuts it and whatever the encoder's window (some are
+#: not: "the capital of France" came back as "the capital and friends" in most cuts, under either window).
+QUESTION = "Why is the sky blue?"
 SYSTEM = "You are a pirate. Answer every message as a pirate would."
 TYPED = "My name is Ada."
 
 
 def spoken_question() -> Path:
     """The question spoken, as 16 kHz mono with a second of silence before it and eight after (cached)."""
-    dest = cache_dir() / "question-france-16000.wav"
+    dest = cache_dir() / "question-sky-16000.wav"
     if not dest.exists():
-        raw = speak(QUESTION, cache_dir() / "question-france-raw.wav")
+        raw = speak(QUESTION, cache_dir() / "question-sky-raw.wav")
         sox(raw, "-r", "16000", "-c", "1", "-b", "16", dest, "pad", "1", "8")
     return dest
 
