@@ -2,7 +2,7 @@
 """Engine speed against llama-bench, built from the same llama.cpp source.
 
     python build_native.py --with-tools      # once: builds llama-bench beside the libraries
-    python bench/engine.py [--model PATH|fast] [--threads N] [--rounds 3] [--json]
+    python bench/engine.py [--model PATH|fast] [--threads N] [--rounds 3] [--backend-sampling] [--json]
 
 Prompt processing (512 tokens in one batch, as llama-bench's pp512) and
 decoding (128 tokens one at a time, as tg128) are measured for Mullama's
@@ -18,7 +18,9 @@ llama-bench's on the same context, round by round: ``decode_cpu_ratio`` is
 engine / bare, the share of a decode step the engine's own work (sampling,
 text, scheduling) costs. ``--model fast`` is the test model cut to two layers
 (tests/fast_model.py): a decode step as short as a GPU's, with the real
-vocabulary, so the host's work per token shows.
+vocabulary, so the host's work per token shows. ``--backend-sampling``
+has llama.cpp sample inside the model's graph (the option
+``backend_sampling``), which spares a GPU the logits' copy to the host.
 """
 
 from __future__ import annotations
@@ -76,25 +78,25 @@ def llama_bench_round(exe: Path, model: Path, threads: int) -> tuple[float, floa
     return prompt, decode
 
 
-def engine_round(model: mullama.Model, rng: random.Random) -> tuple[float, float]:
+def engine_round(model: mullama.Model, rng: random.Random, in_graph: bool) -> tuple[float, float]:
     """(prompt tokens/s, decode tokens/s) through the engine's public generation path."""
     prompt = [rng.randrange(100, model.n_vocab) for _ in range(N_PROMPT)]
     model.context.forget(0)
-    pp = model.complete(prompt, temperature=0, num_predict=1).timings
+    pp = model.complete(prompt, temperature=0, num_predict=1, backend_sampling=in_graph).timings
     model.context.forget(0)
     tokens = model.tokenize(ESSAY)
-    tg = model.complete(tokens, temperature=0, num_predict=N_GEN).timings
+    tg = model.complete(tokens, temperature=0, num_predict=N_GEN, backend_sampling=in_graph).timings
     return pp.prompt_eval_count / pp.prompt_eval_duration * 1e9, tg.eval_count / tg.eval_duration * 1e9
 
 
 ESSAY = "<|im_start|>user\nWrite a very long essay about the history of Rome.<|im_end|>\n<|im_start|>assistant\n"
 
 
-def cpu_round(model: mullama.Model) -> tuple[float, float]:
+def cpu_round(model: mullama.Model, in_graph: bool) -> tuple[float, float]:
     """(engine, bare loop) decode tokens per CPU second, over the same tokens after the same prompt."""
     tokens = model.tokenize(ESSAY)
     model.context.forget(0)
-    generation = model.generate(tokens, temperature=0, num_predict=N_GEN + 1)
+    generation = model.generate(tokens, temperature=0, num_predict=N_GEN + 1, backend_sampling=in_graph)
     pieces = iter(generation)
     next(pieces)  # the prompt and the first token
     started = time.process_time()
@@ -126,17 +128,18 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--llama-bench", help="path of llama-bench (default: from the build cache)")
     parser.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
+    parser.add_argument("--backend-sampling", action="store_true", help="the engine samples in the model's graph")
     args = parser.parse_args()
     model_path = resolve_model(args.model)
     exe = find_llama_bench(args.llama_bench)
     rng = random.Random(0)
     ours, theirs, cpu = [], [], []
     with mullama.Model(model_path, num_ctx=N_PROMPT + N_GEN + 64, num_batch=N_PROMPT, num_thread=args.threads) as model:
-        engine_round(model, rng)  # warm-up: page in the weights, build the graphs
+        engine_round(model, rng, args.backend_sampling)  # warm-up: page in the weights, build the graphs
         for i in range(args.rounds):
             theirs.append(llama_bench_round(exe, model_path, args.threads))
-            ours.append(engine_round(model, rng))
-            cpu.append(cpu_round(model))
+            ours.append(engine_round(model, rng, args.backend_sampling))
+            cpu.append(cpu_round(model, args.backend_sampling))
             print(f"round {i + 1}: engine pp {ours[-1][0]:8.1f} tg {ours[-1][1]:7.1f} | "
                   f"llama-bench pp {theirs[-1][0]:8.1f} tg {theirs[-1][1]:7.1f} tokens/s | CPU time: "
                   f"engine tg {cpu[-1][0]:7.1f} bare loop tg {cpu[-1][1]:7.1f} tokens/s", flush=True)

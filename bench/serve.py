@@ -2,7 +2,8 @@
 """Mullama's daemon against llama-server, same GGUF, threads and slots, in one run.
 
     python build_native.py --with-tools      # once: llama-server from the same llama.cpp source
-    python bench/serve.py [--model PATH|fast] [--threads N] [--slots 8] [--tokens 64] [--requests 4] [--json]
+    python bench/serve.py [--model PATH|fast] [--threads N] [--slots 8] [--tokens 64] [--requests 4]
+                          [--backend-sampling] [--json]
 
 Both servers get the same load through the same OpenAI-compatible streaming
 endpoint, interleaved run by run: streaming chat at concurrency 1, 4 and 8,
@@ -232,6 +233,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--requests", type=int, default=4, help="questions each stream asks in turn")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--backend-sampling", action="store_true",
+                        help="both servers sample in the model's graph (the request field backend_sampling)")
     args = parser.parse_args()
     if args.model is None or args.model == "fast":
         sys.path.insert(0, str(ROOT / "tests"))
@@ -252,6 +255,8 @@ def main() -> int:
                    start_llama_server(exe, args.model, args.threads, args.slots, args.ctx, home / "ls.log")]
         try:
             for server in servers:
+                if args.backend_sampling:
+                    server.extra["backend_sampling"] = True
                 server.wait_ready()
             # Round 0 warms both servers up (first-use costs, page faults) and is not recorded.
             for round_number in range(args.rounds + 1):

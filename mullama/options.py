@@ -137,6 +137,9 @@ class Options:
     think: bool = False
     #: Mullama's own: false keeps a request from using the model's draft model (speculative decoding).
     draft: bool = True
+    #: Mullama's own (llama-server's ``backend_sampling``): llama.cpp samples inside the model's graph, so
+    #: the logits never leave the GPU; off by default, as in llama-server, where it is experimental.
+    backend_sampling: bool = False
 
     def merged(self, *layers: dict[str, Any]) -> Options:
         """Return a copy with each layer of parsed values applied in turn.

@@ -169,7 +169,7 @@ class Request:
     def __init__(self, batcher: Batcher, tokens: list[int], truncated: int, sampler: Sampler,
                  stream: TextStream, num_predict: int, logprobs: bool = False, top_logprobs: int = 0,
                  images: Sequence[ImageChunk] = (), draft_limit: int = 0, draft_p_min: float = 0.0,
-                 draft_ngram: int = 0) -> None:
+                 draft_ngram: int = 0, backend_sampling: bool = False) -> None:
         #: The prompt as the model reads it (after any truncation); placeholder ids where images go.
         self.tokens = tokens
         #: The prompt's images, in order.
@@ -208,6 +208,8 @@ class Request:
         self._draft_p_min = draft_p_min
         #: Draft from the sequence's own text with n-grams of this size instead of the draft model (0: not).
         self._draft_ngram = draft_ngram
+        #: Whether to ask llama.cpp to sample in the model's graph once the request holds a sequence.
+        self._backend_sampling = backend_sampling
         self._drafted: list[int] = []
         self._pieces: list[str] = []
         #: Logprobs of sampled tokens whose text the stream still holds back.
@@ -282,6 +284,11 @@ class Request:
             raise self.error
         assert self.result is not None
         return self.result
+
+    @property
+    def sampled_in_graph(self) -> bool:
+        """Whether llama.cpp samples this request's tokens inside the model's graph (``backend_sampling``)."""
+        return self._sampler.in_graph
 
     @property
     def done(self) -> bool:
@@ -418,6 +425,10 @@ class Batcher:
             draft_p_min = float(_value(get, "draft_p_min", Options.draft_p_min))
             if not 0.0 <= draft_p_min <= 1.0:
                 raise ValueError(f"draft_p_min must be between 0 and 1, not {draft_p_min}")
+            # Logprobs, a grammar and the draft's verification read the logits on the host; images are
+            # left to the plain path, as for drafting.
+            backend_sampling = (bool(_value(get, "backend_sampling", Options.backend_sampling))
+                                and not (grammar or logprobs or images or draft_limit))
         except (TypeError, ValueError) as exc:
             raise BadRequestError(f"invalid option: {exc}") from None
         top_logprobs = check_top_logprobs(top_logprobs)
@@ -431,7 +442,7 @@ class Batcher:
         stream = TextStream(stop=[stop] if isinstance(stop, str) else list(stop))
         sampler = Sampler(self.model.lib, self.model.vocab, params, grammar)
         request = Request(self, tokens, truncated, sampler, stream, num_predict, bool(logprobs), top_logprobs,
-                          images, draft_limit, draft_p_min, draft_ngram)
+                          images, draft_limit, draft_p_min, draft_ngram, backend_sampling)
         with self._wakeup:
             if self._closing:
                 sampler.close()
@@ -682,6 +693,8 @@ class Batcher:
         if coming > request._fed and self._worth_copying(coming - request._fed):
             request._awaits, request._awaited = reader, coming
         request._completion.timings.prompt_eval_count = len(tokens) - request._fed
+        if request._backend_sampling:
+            request._sampler.attach(ctx.ptr, seq)
         # Start encoding what this request will read itself, so it is ready by the time the text before it is read.
         for image in request.images:
             if image.start >= max(request._fed, request._awaited if request._awaits else 0):

@@ -68,6 +68,11 @@ class Sampler:
     chain is applied to candidates copied here rather than through
     ``llama_sampler_sample``, which would also accept a rejected token into
     stateful samplers (penalties); the chosen token alone is accepted.
+
+    :meth:`attach` has llama.cpp run the chain inside the model's graph
+    instead (llama-server's ``backend_sampling``): the logits then never
+    leave the device, which saves a GPU's step the copy and the host's pass
+    over the whole vocabulary.
     """
 
     def __init__(self, lib: ctypes.CDLL, vocab: int, params: SamplingParams, grammar: str | None = None) -> None:
@@ -91,6 +96,10 @@ class Sampler:
             raise
         self._one = L.llama_token_data()
         self._single = L.llama_token_data_array(ctypes.pointer(self._one), 1, -1, False)
+        #: The context and sequence whose graph runs the chain (see :meth:`attach`), until :meth:`close`.
+        self._attached: tuple[int, int] | None = None
+        #: Whether the chain was ever run in a graph (it stays true once the sampler is closed).
+        self.in_graph = False
 
     def sample(self, ctx: int, index: int) -> int:
         """Pick the next token from the logits at output ``index`` (and accept it)."""
@@ -137,8 +146,35 @@ class Sampler:
             self._lib.llama_sampler_accept_nogil(self._grammar, token)
         self._lib.llama_sampler_accept(self._chain, token)
 
+    @property
+    def offloadable(self) -> bool:
+        """Whether llama.cpp can run the whole chain in a graph: every stage has a backend version.
+
+        A grammar, mirostat and typical sampling have none; a chain split
+        between the graph and the host is not offered.
+        """
+        p = self.params
+        return self._grammar is None and (p.temperature <= 0 or (p.mirostat == 0 and not 0 < p.typical_p < 1))
+
+    def attach(self, ctx: int, seq: int) -> bool:
+        """Run the chain in ``ctx``'s graph for sequence ``seq`` from its next decode; whether llama.cpp took it.
+
+        :meth:`sample` then reads the token the graph picked. Only the
+        thread that decodes may call it (the next decode rebuilds the
+        graph); a chain is attached once, and :meth:`close` detaches it.
+        """
+        if self._attached is None and self.offloadable and self._chain:
+            if self._lib.llama_set_sampler(ctx, seq, self._chain):
+                self._attached = (ctx, seq)
+                self.in_graph = True
+        return self._attached is not None
+
     def close(self) -> None:
-        """Free the chain and the grammar; safe to call twice."""
+        """Detach the chain from its graph, free it and the grammar; safe to call twice."""
+        if self._attached is not None:
+            ctx, seq = self._attached
+            self._lib.llama_set_sampler(ctx, seq, None)
+            self._attached = None
         for name in ("_chain", "_grammar"):
             sampler = getattr(self, name)
             if sampler:

@@ -452,6 +452,8 @@ FUNCTIONS: dict[str, tuple[object, list[object]]] = {
     "llama_sampler_init_penalties": (p, [c_int32, c_int32, c_float, c_float, c_float]),
     "llama_sampler_init_dry": (p, [p, c_float, c_float, c_int32, c_int32, POINTER(c_char_p), c_size_t]),
     "llama_sampler_init_logit_bias": (p, [c_int32, c_int32, POINTER(llama_logit_bias)]),
+    # backend sampling: a sequence's chain runs in the model's graph
+    "llama_set_sampler": (c_bool, [p, llama_seq_id, p]),
     # performance counters
     "llama_perf_context": (llama_perf_context_data, [p]),
     "llama_perf_context_reset": (None, [p]),
