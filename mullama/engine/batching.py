@@ -367,6 +367,8 @@ class Batcher:
         self._last_used = [0] * self._ctx.n_seq
         self._admissions = 0
         self._closing = False
+        #: Set by :meth:`strand`: the engine thread may still be inside a decode that never returns.
+        self._stranded = False
         self._logprobs = LogprobReader(model.lib, model.token_bytes)
         self._draft = model.draft
         self._embedder = EmbeddingBatcher(model)
@@ -536,6 +538,7 @@ class Batcher:
         """
         with self._wakeup:
             self._closing = True
+            self._stranded = True
             waiting = list(self._waiting)
             self._waiting.clear()
         for request in waiting:
@@ -1075,7 +1078,10 @@ class Batcher:
             request._done.set()
 
     def _release(self, request: Request) -> None:
-        request._sampler.close()
+        # A chain running in the graph is detached from the context before it is freed, which only the
+        # engine thread may do; a stranded engine's context never decodes again, and its chains are left.
+        if not (self._stranded and request._sampler.attached):
+            request._sampler.close()
         request._release_images()
         request._pending = -1
         with self._lock:

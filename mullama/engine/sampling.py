@@ -156,6 +156,11 @@ class Sampler:
         p = self.params
         return self._grammar is None and (p.temperature <= 0 or (p.mirostat == 0 and not 0 < p.typical_p < 1))
 
+    @property
+    def attached(self) -> bool:
+        """Whether the chain runs in a graph now (:meth:`close` detaches it)."""
+        return self._attached is not None
+
     def attach(self, ctx: int, seq: int) -> bool:
         """Run the chain in ``ctx``'s graph for sequence ``seq`` from its next decode; whether llama.cpp took it.
 
