@@ -18,32 +18,15 @@ from __future__ import annotations
 import ollama
 import pytest
 from daemon import create_model, openai_client, running
-from test_sampling_outputs import CASES, CHAT, N_CTX, N_PREDICT, QUESTIONS, reference
+from test_sampling_outputs import CASES, CHAT, N_CTX, N_PREDICT, QUESTIONS, reference, shared, single  # noqa: F401
+from test_speculative import forget_all
 
-import mullama
 from mullama.engine.batching import Batcher
 
 #: The cases whose every stage has a graph version in llama.cpp (not mirostat, not typical sampling).
 IN_GRAPH = [c for c in CASES if not c.get("mirostat") and not 0 < c.get("typical_p", 1.0) < 1]
 #: Those whose draw is over a bounded number of candidates, or greedy: the host's tokens exactly.
 EXACT = [c for c in IN_GRAPH if c.get("temperature", 0.8) <= 0 or c.get("top_k", 40) > 0]
-
-
-@pytest.fixture(scope="module")
-def single(model_path):
-    with mullama.Model(model_path, num_ctx=N_CTX, num_parallel=1, num_thread=1) as loaded:
-        yield loaded
-
-
-@pytest.fixture(scope="module")
-def shared(model_path):
-    with mullama.Model(model_path, num_ctx=N_CTX, num_parallel=4, num_thread=1) as loaded:
-        yield loaded
-
-
-def forget_all(model):
-    for seq in range(model.context.n_seq):
-        model.context.forget(seq)
 
 
 def run_together(model, prompts, cases):
