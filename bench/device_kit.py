@@ -29,7 +29,7 @@ import build_native  # noqa: E402
 
 KIT = ROOT / ".device"
 #: What a build of the libraries, llama-bench and llama-server reads from llama.cpp's tree.
-BUILD_INPUTS = ("CMakeLists.txt", "cmake", "include", "src", "ggml", "common", "tools", "vendor", "LICENSE")
+BUILD_INPUTS = ("CMakeLists.txt", "cmake", "include", "src", "ggml", "common", "tools", "vendor", "scripts", "LICENSE")
 #: The device tool's limit on what travels, less room for the repository itself.
 BUDGET = 58 * 2**20
 

@@ -80,6 +80,10 @@ class Sampler:
         self.params = params
         self._grammar = None
         self._candidates: _Candidates | None = None
+        #: The context and sequence whose graph runs the chain (see :meth:`attach`), until :meth:`close`.
+        self._attached: tuple[int, int] | None = None
+        #: Whether the chain was ever run in a graph (it stays true once the sampler is closed).
+        self.in_graph = False
         chain_params = lib.llama_sampler_chain_default_params()
         chain_params.no_perf = False
         self._chain = lib.llama_sampler_chain_init(chain_params)
@@ -96,10 +100,6 @@ class Sampler:
             raise
         self._one = L.llama_token_data()
         self._single = L.llama_token_data_array(ctypes.pointer(self._one), 1, -1, False)
-        #: The context and sequence whose graph runs the chain (see :meth:`attach`), until :meth:`close`.
-        self._attached: tuple[int, int] | None = None
-        #: Whether the chain was ever run in a graph (it stays true once the sampler is closed).
-        self.in_graph = False
 
     def sample(self, ctx: int, index: int) -> int:
         """Pick the next token from the logits at output ``index`` (and accept it)."""
