@@ -21,6 +21,7 @@ from daemon import create_model, openai_client, running
 from test_sampling_outputs import CASES, CHAT, N_CTX, N_PREDICT, QUESTIONS, reference, shared, single  # noqa: F401
 from test_speculative import forget_all
 
+import mullama
 from mullama.engine.batching import Batcher
 
 #: The cases whose every stage has a graph version in llama.cpp (not mirostat, not typical sampling).
@@ -81,6 +82,26 @@ def test_a_batch_mixing_graph_and_host_sampling_gives_each_its_own_output(single
     again = run_together(shared, prompts, cases)
     assert [(r.result.tokens, r.result.text) for r in again] == expected
     assert not any(r.sampled_in_graph for r in again)
+
+
+def test_a_sequence_s_next_request_that_samples_alike_takes_its_chain_over(model_path, single):
+    """Attaching a chain re-plans the graph: while requests queue, one that samples alike reuses it, reset."""
+    prompt = CHAT.format(QUESTIONS[1])
+    seeded, greedy = {"seed": 42}, {"temperature": 0}
+    expected = [reference(single, prompt, o) for o in (seeded, seeded, greedy)]
+    with mullama.Model(model_path, num_ctx=N_CTX, num_parallel=1, num_thread=1) as model:
+        with Batcher(model, thread=False) as batcher:
+            requests = [batcher.submit(model.tokenize(prompt), dict(o, num_predict=N_PREDICT, backend_sampling=True))
+                        for o in (seeded, seeded, greedy)]
+            for request in requests:
+                request.wait(300)
+            # Idle again: the context samples on the host for whoever decodes next.
+            assert batcher._graph_samplers == [None]
+        assert reference(model, prompt, greedy) == expected[2]
+    assert [(r.result.tokens, r.result.text) for r in requests] == expected
+    assert all(r.sampled_in_graph for r in requests)
+    first, second, third = (r._sampler for r in requests)
+    assert second is first and third is not first
 
 
 def test_what_the_graph_cannot_sample_is_sampled_on_the_host(single):

@@ -367,8 +367,10 @@ class Batcher:
         self._last_used = [0] * self._ctx.n_seq
         self._admissions = 0
         self._closing = False
-        #: Set by :meth:`strand`: the engine thread may still be inside a decode that never returns.
-        self._stranded = False
+        #: Per sequence, the sampler chain left running in the graph by its last request (``backend_sampling``):
+        #: attaching a chain re-plans the graph at the next decode, so while the batcher is busy a next request
+        #: on the sequence that samples the same way takes it over instead.
+        self._graph_samplers: list[Sampler | None] = [None] * self._ctx.n_seq
         self._logprobs = LogprobReader(model.lib, model.token_bytes)
         self._draft = model.draft
         self._embedder = EmbeddingBatcher(model)
@@ -538,7 +540,6 @@ class Batcher:
         """
         with self._wakeup:
             self._closing = True
-            self._stranded = True
             waiting = list(self._waiting)
             self._waiting.clear()
         for request in waiting:
@@ -633,6 +634,9 @@ class Batcher:
                 self._finish(request, "cancel")
             if self._running and not self._step():
                 self._wait_for_an_image()
+            if not self._running and not self._waiting:
+                # Idle: the context is anyone's (Model.context), and it outlives the batcher.
+                self._drop_graph_samplers()
         except Exception as exc:  # the loop must outlive any request's failure
             log.exception("generation step failed")
             self._fail(list(self._running), exc)
@@ -647,7 +651,15 @@ class Batcher:
         """End what still runs once the batcher closes; safe to call twice."""
         for request in list(self._running):
             self._finish(request, "cancel")
+        self._drop_graph_samplers()
         self._logprobs.close()
+
+    def _drop_graph_samplers(self) -> None:
+        """Detach and free the chains left in the graph, so that whoever decodes next samples on the host."""
+        for seq, sampler in enumerate(self._graph_samplers):
+            if sampler is not None:
+                sampler.close()
+                self._graph_samplers[seq] = None
 
     def _admit(self) -> list[Request]:
         """Give free sequences to waiting requests, FIFO (called with the lock held)."""
@@ -696,12 +708,26 @@ class Batcher:
         if coming > request._fed and self._worth_copying(coming - request._fed):
             request._awaits, request._awaited = reader, coming
         request._completion.timings.prompt_eval_count = len(tokens) - request._fed
-        if request._backend_sampling:
-            request._sampler.attach(ctx.ptr, seq)
+        self._sample_in_graph(request)
         # Start encoding what this request will read itself, so it is ready by the time the text before it is read.
         for image in request.images:
             if image.start >= max(request._fed, request._awaited if request._awaits else 0):
                 image.encode()
+
+    def _sample_in_graph(self, request: Request) -> None:
+        """Give ``request``'s sequence the graph sampling it asks for: its own chain, the same one reset, or none."""
+        seq, kept = request._seq, self._graph_samplers[request._seq]
+        wanted = request._backend_sampling and request._sampler.offloadable
+        if wanted and kept is not None and kept.params == request._sampler.params:
+            request._sampler.close()
+            kept.reset()
+            request._sampler = kept
+            return
+        if kept is not None:
+            kept.close()
+            self._graph_samplers[seq] = None
+        if wanted and request._sampler.attach(self._ctx.ptr, seq):
+            self._graph_samplers[seq] = request._sampler
 
     def _donor(self, seq: int, tokens: list[int]) -> tuple[int, int]:
         """The other sequence whose cache shares most of ``tokens`` (busy or not), and how much.
@@ -1078,9 +1104,9 @@ class Batcher:
             request._done.set()
 
     def _release(self, request: Request) -> None:
-        # A chain running in the graph is detached from the context before it is freed, which only the
-        # engine thread may do; a stranded engine's context never decodes again, and its chains are left.
-        if not (self._stranded and request._sampler.attached):
+        # A chain running in the graph stays there for the sequence's next request (see _sample_in_graph), and
+        # is detached before it is freed, by the engine's thread: this may run in another (Batcher.strand).
+        if self._graph_samplers[request._seq] is not request._sampler:
             request._sampler.close()
         request._release_images()
         request._pending = -1

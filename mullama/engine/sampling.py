@@ -156,11 +156,6 @@ class Sampler:
         p = self.params
         return self._grammar is None and (p.temperature <= 0 or (p.mirostat == 0 and not 0 < p.typical_p < 1))
 
-    @property
-    def attached(self) -> bool:
-        """Whether the chain runs in a graph now (:meth:`close` detaches it)."""
-        return self._attached is not None
-
     def attach(self, ctx: int, seq: int) -> bool:
         """Run the chain in ``ctx``'s graph for sequence ``seq`` from its next decode; whether llama.cpp took it.
 
@@ -173,6 +168,12 @@ class Sampler:
                 self._attached = (ctx, seq)
                 self.in_graph = True
         return self._attached is not None
+
+    def reset(self) -> None:
+        """Start over, as a new sampler with the same options would: penalties forget, a seed starts again."""
+        self._lib.llama_sampler_reset(self._chain)
+        if self._grammar:
+            self._lib.llama_sampler_reset(self._grammar)
 
     def close(self) -> None:
         """Detach the chain from its graph, free it and the grammar; safe to call twice."""
