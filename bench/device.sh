@@ -28,19 +28,16 @@ build)
     echo "built in $(( $(date +%s) - started )) s"
     ;;
 bench)
-    for mode in host graph; do
-        flag=""
-        [ "$mode" = graph ] && flag=--backend-sampling
-        python3 bench/engine.py --model .device/fast.gguf --rounds 5 $flag --json > "$out/engine-$mode.txt" 2>&1 \
-            || { tail -n 20 "$out/engine-$mode.txt"; exit 1; }
-        tail -n 4 "$out/engine-$mode.txt"
-    done
-    for mode in host graph; do
-        flag=""
-        [ "$mode" = graph ] && flag=--backend-sampling
-        python3 bench/serve.py --model .device/fast.gguf --tokens 256 $flag --json > "$out/serve-$mode.txt" 2>&1 \
-            || { tail -n 20 "$out/serve-$mode.txt"; exit 1; }
-        tail -n 20 "$out/serve-$mode.txt" | head -n 17
+    for script in engine serve; do
+        for mode in host graph; do
+            flags=""
+            [ "$mode" = graph ] && flags=--backend-sampling
+            [ "$script" = engine ] && flags="$flags --rounds 5" || flags="$flags --tokens 256"
+            log="$out/$script-$mode.txt"
+            python3 "bench/$script.py" --model .device/fast.gguf $flags --json > "$log" 2>&1 \
+                || { tail -n 20 "$log"; exit 1; }
+            grep -v '^{' "$log" | tail -n 20
+        done
     done
     ;;
 *)

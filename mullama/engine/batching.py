@@ -717,7 +717,7 @@ class Batcher:
     def _sample_in_graph(self, request: Request) -> None:
         """Give ``request``'s sequence the graph sampling it asks for: its own chain, the same one reset, or none."""
         seq, kept = request._seq, self._graph_samplers[request._seq]
-        wanted = request._backend_sampling and request._sampler.offloadable
+        wanted = request._backend_sampling
         if wanted and kept is not None and kept.params == request._sampler.params:
             request._sampler.close()
             kept.reset()

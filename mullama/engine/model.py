@@ -991,9 +991,9 @@ def check_top_n(top_n: int | None) -> None:
 def rank(scores: Sequence[float], top_n: int | None = None) -> list[RankedDocument]:
     """Documents by score, the best first, cut to ``top_n``, as llama-server's ``format_response_rerank`` orders them.
 
-    Equal scores keep the documents' order (llama-server's sort leaves theirs unspecified).
+    Equal scores keep the documents' order (llama-server's sort leaves theirs unspecified); callers check
+    ``top_n`` (:func:`check_top_n`) before the scoring.
     """
-    check_top_n(top_n)
     ranked = sorted((RankedDocument(index, score) for index, score in enumerate(scores)),
                     key=lambda document: -document.relevance_score)
     return ranked if top_n is None else ranked[:top_n]

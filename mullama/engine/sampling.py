@@ -163,7 +163,7 @@ class Sampler:
         thread that decodes may call it (the next decode rebuilds the
         graph); a chain is attached once, and :meth:`close` detaches it.
         """
-        if self._attached is None and self.offloadable and self._chain:
+        if self._attached is None and self.offloadable:
             if self._lib.llama_set_sampler(ctx, seq, self._chain):
                 self._attached = (ctx, seq)
                 self.in_graph = True
